@@ -1,0 +1,135 @@
+//! What the CLI subcommands do, as library functions so tests drive them directly.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::{Device, Tensor, TensorData};
+use image::RgbImage;
+
+use crate::infer::{DeviceChoice, EmbedSession};
+use crate::model::efficientnet::{EfficientNetLite0, Lite0Classifier};
+use crate::model::embedder::BackboneKind;
+use crate::model::{export, import, Embedder, EmbedderConfig, TensorMap};
+use crate::package::{InputPolicy, Manifest, Package, PackageContents, Provenance, FORMAT_VERSION};
+use crate::train::cluster::{cluster_images, list_images, ClusterReport, MAX_CLUSTER_VECTORS};
+use crate::train::kmeans::KMeansConfig;
+
+/// The seed of the default package's FPN initialisation.
+pub const DEFAULT_FPN_SEED: u64 = 0;
+
+pub fn cpu_device() -> Device {
+    Device::flex()
+}
+
+/// `picie weights import`: torch checkpoint -> safetensors with `backbone.` names. Returns the tensor count.
+pub fn import_weights(kind: BackboneKind, checkpoint: &Path, out: &Path) -> Result<usize> {
+    let map = import::import_backbone(kind, checkpoint)?;
+    map.save_safetensors(out)?;
+    Ok(map.len())
+}
+
+/// An RGB image as a 1 x 3 x H x W tensor in [0, 1].
+pub fn image_tensor(img: &RgbImage, device: &Device) -> Tensor<4> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut data = vec![0f32; 3 * w * h];
+    for (x, y, p) in img.enumerate_pixels() {
+        for c in 0..3 {
+            data[c * w * h + y as usize * w + x as usize] = p[c] as f32 / 255.0;
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [1, 3, h, w]), device)
+}
+
+/// ImageNet top-5 (class index, probability) of the Lite0 classifier shipped with the checkpoint:
+/// the check that an import is right. The image is resized to 256 on the short side and
+/// centre-cropped to 224, the usual ImageNet evaluation.
+pub fn imagenet_top5(weights: &Path, image: &Path) -> Result<Vec<(usize, f32)>> {
+    let map = TensorMap::load_safetensors(weights)?.sub("backbone");
+    let device = cpu_device();
+    let backbone = EfficientNetLite0::load(&map, &device)?;
+    let classifier = Lite0Classifier::load(&map, &device)?;
+    let img = crate::infer::preprocess::decode_file(image)?;
+    let scale = 256.0 / img.width().min(img.height()) as f32;
+    let (w, h) = ((img.width() as f32 * scale).round() as u32, (img.height() as f32 * scale).round() as u32);
+    let resized = image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle);
+    let crop = image::imageops::crop_imm(&resized, (w - 224) / 2, (h - 224) / 2, 224, 224).to_image();
+    let x = crate::model::embedder::imagenet_normalize(image_tensor(&crop, &device));
+    let [_, _, _, c5] = backbone.forward(x);
+    let probs = burn::tensor::activation::softmax(classifier.forward(c5), 1);
+    let p: Vec<f32> = probs.into_data().try_to_vec().expect("f32");
+    let mut idx: Vec<usize> = (0..p.len()).collect();
+    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+    Ok(idx.into_iter().take(5).map(|i| (i, p[i])).collect())
+}
+
+pub struct InitPackage {
+    pub backbone: BackboneKind,
+    pub backbone_weights: PathBuf,
+    pub images: PathBuf,
+    pub k: usize,
+    pub seed: u64,
+    pub out: PathBuf,
+    pub name: String,
+    pub policy: InputPolicy,
+    pub replace: bool,
+    pub command: String,
+}
+
+/// `picie package init`: pretrained backbone + seeded FPN, exported to ONNX, centroids from
+/// k-means on `images`. The manifest says the embedder is untrained.
+pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
+    let device = cpu_device();
+    let weights = TensorMap::load_safetensors(&args.backbone_weights)?;
+    let config = EmbedderConfig::new(args.backbone);
+    let embedder = Embedder::from_backbone(config, &weights.sub("backbone"), args.seed, &device)?;
+    let paths = list_images(&args.images)?;
+    if paths.is_empty() {
+        bail!("{}: no images found", args.images.display());
+    }
+    let onnx = export::to_onnx_bytes(&embedder, config)?;
+    // The session needs a file; it lives next to the package until the package is written.
+    let scratch = args.out.with_extension(format!("onnx-scratch-{}", std::process::id()));
+    crate::util::write_atomic(&scratch, &onnx)?;
+    let clustered = (|| {
+        let session = EmbedSession::load(&scratch, DeviceChoice::Auto, None)?;
+        cluster_images(&session, &args.policy, &paths, KMeansConfig::new(args.k, args.seed), MAX_CLUSTER_VECTORS, |_, _| true)
+    })();
+    let _ = std::fs::remove_file(&scratch);
+    let (centroids, report) = clustered?;
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        name: args.name.clone(),
+        embedder: config,
+        k: centroids.k(),
+        input: args.policy,
+        provenance: Provenance {
+            created_at: crate::package::now_rfc3339(),
+            picie_version: env!("CARGO_PKG_VERSION").into(),
+            command: args.command.clone(),
+            backbone_weights: args.backbone_weights.display().to_string(),
+            trained: false,
+            parent: None,
+            details: BTreeMap::from([
+                ("fpn_seed".into(), serde_json::json!(args.seed)),
+                ("kmeans_seed".into(), serde_json::json!(args.seed)),
+                ("cluster_images".into(), serde_json::json!(report.images_used)),
+                ("cluster_vectors".into(), serde_json::json!(report.vectors)),
+            ]),
+        },
+        metrics: BTreeMap::new(),
+        sha256: BTreeMap::new(),
+    };
+    let tensors = embedder.to_tensor_map("picie");
+    let pkg = Package::write(&args.out, PackageContents { manifest, onnx: &onnx, weights: &tensors, centroids: &centroids }, args.replace)?;
+    Ok((pkg, report))
+}
+
+/// `picie export`: the ONNX graph of a package's burn weights.
+pub fn export_package(model: &Path, out: &Path) -> Result<()> {
+    let pkg = Package::load(model)?;
+    let weights = pkg.load_weights()?;
+    let embedder = Embedder::load(pkg.manifest.embedder, &weights, &cpu_device())
+        .with_context(|| format!("loading {}", pkg.weights_path().display()))?;
+    export::export_onnx(&embedder, pkg.manifest.embedder, out)
+}

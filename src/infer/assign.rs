@@ -1,0 +1,106 @@
+//! Pixels to classes: cosine similarity of each feature to each centroid at stride 4, then
+//! bilinear interpolation of the similarities to every pixel of the original image and an
+//! argmax. Interpolating the K scores rather than the labels gives smooth boundaries; doing it
+//! per output pixel avoids upsampling a 128-channel map.
+
+use rayon::prelude::*;
+
+use super::preprocess::Geometry;
+use crate::model::embedder::OUTPUT_STRIDE;
+
+/// A label per pixel, row-major, at the original image size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LabelMask {
+    pub width: u32,
+    pub height: u32,
+    pub labels: Vec<u8>,
+}
+
+impl LabelMask {
+    /// The fraction of pixels in each class.
+    pub fn class_fractions(&self, k: usize) -> Vec<f64> {
+        let mut counts = vec![0u64; k];
+        for &l in &self.labels {
+            if (l as usize) < k {
+                counts[l as usize] += 1;
+            }
+        }
+        let total = self.labels.len().max(1) as f64;
+        counts.into_iter().map(|c| c as f64 / total).collect()
+    }
+}
+
+/// Cosine similarities, K x (h x w), of a dim x h x w feature map (unit vectors) to K unit centroids.
+pub fn similarities(features: &[f32], dim: usize, hw: usize, centroids: &[f32]) -> Vec<f32> {
+    let k = centroids.len() / dim;
+    let mut out = vec![0f32; k * hw];
+    out.par_chunks_mut(hw).enumerate().for_each(|(c, row)| {
+        let mu = &centroids[c * dim..(c + 1) * dim];
+        for (d, &m) in mu.iter().enumerate() {
+            let f = &features[d * hw..(d + 1) * hw];
+            for (o, &v) in row.iter_mut().zip(f) {
+                *o += m * v;
+            }
+        }
+    });
+    out
+}
+
+/// Nearest centroid per feature pixel (no interpolation): the labels that clustering sees.
+pub fn nearest(features: &[f32], dim: usize, hw: usize, centroids: &[f32]) -> Vec<u8> {
+    let k = centroids.len() / dim;
+    let sims = similarities(features, dim, hw, centroids);
+    (0..hw)
+        .map(|p| {
+            let mut best = 0;
+            for c in 1..k {
+                if sims[c * hw + p] > sims[best * hw + p] {
+                    best = c;
+                }
+            }
+            best as u8
+        })
+        .collect()
+}
+
+/// Labels at the original size from K score maps of size `feat` = (w, h) at stride 4 of the padded input.
+pub fn labels_at_original_size(scores: &[f32], k: usize, feat: (usize, usize), geom: &Geometry) -> LabelMask {
+    let (fw, fh) = feat;
+    let (ow, oh) = (geom.original.0 as usize, geom.original.1 as usize);
+    let sx = geom.resized.0 as f32 / ow as f32;
+    let sy = geom.resized.1 as f32 / oh as f32;
+    let stride = OUTPUT_STRIDE as f32;
+    // Half-pixel centres: original pixel -> resized pixel -> feature cell.
+    let coord = |o: usize, scale: f32, n: usize| -> (usize, usize, f32) {
+        let r = (o as f32 + 0.5) * scale - 0.5;
+        let f = ((r + 0.5) / stride - 0.5).clamp(0.0, (n - 1) as f32);
+        let i0 = f.floor() as usize;
+        let i1 = (i0 + 1).min(n - 1);
+        (i0, i1, f - i0 as f32)
+    };
+    let xs: Vec<_> = (0..ow).map(|x| coord(x, sx, fw)).collect();
+    let mut labels = vec![0u8; ow * oh];
+    labels.par_chunks_mut(ow).enumerate().for_each(|(y, row)| {
+        let (y0, y1, wy) = coord(y, sy, fh);
+        for (x, out) in row.iter_mut().enumerate() {
+            let (x0, x1, wx) = xs[x];
+            let (a, b, c, d) = (y0 * fw + x0, y0 * fw + x1, y1 * fw + x0, y1 * fw + x1);
+            let w00 = (1.0 - wx) * (1.0 - wy);
+            let w01 = wx * (1.0 - wy);
+            let w10 = (1.0 - wx) * wy;
+            let w11 = wx * wy;
+            let mut best = 0usize;
+            let mut best_score = f32::NEG_INFINITY;
+            for cls in 0..k {
+                let s = &scores[cls * fw * fh..(cls + 1) * fw * fh];
+                let v = w00 * s[a] + w01 * s[b] + w10 * s[c] + w11 * s[d];
+                if v > best_score {
+                    best_score = v;
+                    best = cls;
+                }
+            }
+            *out = best as u8;
+        }
+    });
+    LabelMask { width: ow as u32, height: oh as u32, labels }
+}

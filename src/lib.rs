@@ -1,0 +1,10 @@
+//! picie: unsupervised semantic segmentation (PiCIE, Cho et al., CVPR 2021).
+//!
+//! Dependencies point one way: `server` -> `infer`/`train` -> `model`/`package`.
+
+pub mod commands;
+pub mod infer;
+pub mod model;
+pub mod package;
+pub mod train;
+pub mod util;

@@ -1,0 +1,156 @@
+//! The embedder f: RGB in [0, 1] -> ImageNet normalisation -> backbone -> FPN -> unit vectors.
+
+use anyhow::{Context, Result};
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::efficientnet::{self, EfficientNetLite0};
+use super::fpn::Fpn;
+use super::layers::{SeededInit, WeightSource};
+use super::onnx_graph::GraphBuilder;
+use super::resnet::{self, ResNet18};
+use super::weights::TensorMap;
+
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// Guard against division by zero in the L2 normalisation (PyTorch's F.normalize default).
+pub const NORM_EPS: f32 = 1e-12;
+/// Feature maps are 1/4 of the input in height and width.
+pub const OUTPUT_STRIDE: usize = 4;
+/// Inputs must be multiples of this (the deepest tap is at stride 32).
+pub const INPUT_MULTIPLE: usize = 32;
+pub const DEFAULT_DIM: usize = 128;
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackboneKind {
+    EfficientnetLite0,
+    Resnet18,
+}
+
+impl BackboneKind {
+    pub fn tap_channels(self) -> [usize; 4] {
+        match self {
+            BackboneKind::EfficientnetLite0 => efficientnet::TAP_CHANNELS,
+            BackboneKind::Resnet18 => resnet::TAP_CHANNELS,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EmbedderConfig {
+    pub backbone: BackboneKind,
+    /// Width of the per-pixel features.
+    pub dim: usize,
+}
+
+impl EmbedderConfig {
+    pub fn new(backbone: BackboneKind) -> Self {
+        Self { backbone, dim: DEFAULT_DIM }
+    }
+}
+
+#[derive(Module, Debug)]
+pub enum Backbone {
+    Lite0(EfficientNetLite0),
+    ResNet18(ResNet18),
+}
+
+impl Backbone {
+    pub fn load(kind: BackboneKind, src: &dyn WeightSource, device: &Device) -> Result<Self> {
+        Ok(match kind {
+            BackboneKind::EfficientnetLite0 => Backbone::Lite0(EfficientNetLite0::load(src, device)?),
+            BackboneKind::Resnet18 => Backbone::ResNet18(ResNet18::load(src, device)?),
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> [Tensor<4>; 4] {
+        match self {
+            Backbone::Lite0(m) => m.forward(x),
+            Backbone::ResNet18(m) => m.forward(x),
+        }
+    }
+
+    pub fn export(&self, out: &mut TensorMap) {
+        match self {
+            Backbone::Lite0(m) => m.export(out),
+            Backbone::ResNet18(m) => m.export(out),
+        }
+    }
+
+    pub fn emit(&self, g: &mut GraphBuilder, x: &str) -> [String; 4] {
+        match self {
+            Backbone::Lite0(m) => m.emit(g, x),
+            Backbone::ResNet18(m) => m.emit(g, x),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Embedder {
+    pub backbone: Backbone,
+    pub fpn: Fpn,
+}
+
+impl Embedder {
+    /// Loads a full embedder from one tensor map (`backbone.*`, `fpn.*`).
+    pub fn load(config: EmbedderConfig, weights: &TensorMap, device: &Device) -> Result<Self> {
+        let backbone = Backbone::load(config.backbone, &weights.sub("backbone"), device)?;
+        let fpn = Fpn::load(&weights.sub("fpn"), config.backbone.tap_channels(), config.dim, device)?;
+        Ok(Self { backbone, fpn })
+    }
+
+    /// A pretrained backbone with a freshly initialised decoder (fixed seed: same weights everywhere).
+    pub fn from_backbone(config: EmbedderConfig, backbone: &TensorMap, fpn_seed: u64, device: &Device) -> Result<Self> {
+        let backbone = Backbone::load(config.backbone, backbone, device)
+            .with_context(|| format!("loading the {:?} backbone", config.backbone))?;
+        let fpn = Fpn::load(&SeededInit { seed: fpn_seed }, config.backbone.tap_channels(), config.dim, device)?;
+        Ok(Self { backbone, fpn })
+    }
+
+    /// Every weight from a seeded random source (tests, benchmarks).
+    pub fn seeded(config: EmbedderConfig, seed: u64, device: &Device) -> Result<Self> {
+        let src = SeededInit { seed };
+        Ok(Self {
+            backbone: Backbone::load(config.backbone, &src, device)?,
+            fpn: Fpn::load(&src, config.backbone.tap_channels(), config.dim, device)?,
+        })
+    }
+
+    pub fn to_tensor_map(&self, source: &str) -> TensorMap {
+        let mut out = TensorMap::new(source);
+        let mut b = TensorMap::new(source);
+        self.backbone.export(&mut b);
+        out.extend_prefixed("backbone", b);
+        let mut f = TensorMap::new(source);
+        self.fpn.export(&mut f);
+        out.extend_prefixed("fpn", f);
+        out
+    }
+
+    /// `x`: N x 3 x H x W, RGB in [0, 1], H and W multiples of 32. Returns N x dim x H/4 x W/4 unit vectors.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let feats = self.forward_raw(x);
+        l2_normalize(feats)
+    }
+
+    /// The FPN output before L2 normalisation.
+    pub fn forward_raw(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = imagenet_normalize(x);
+        self.fpn.forward(self.backbone.forward(x))
+    }
+}
+
+pub fn imagenet_normalize(x: Tensor<4>) -> Tensor<4> {
+    let device = x.device();
+    let mean = Tensor::<1>::from_floats(IMAGENET_MEAN, &device).reshape([1, 3, 1, 1]);
+    let std = Tensor::<1>::from_floats(IMAGENET_STD, &device).reshape([1, 3, 1, 1]);
+    (x - mean) / std
+}
+
+/// Unit L2 norm over the channel axis.
+pub fn l2_normalize(x: Tensor<4>) -> Tensor<4> {
+    let norm = x.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(NORM_EPS);
+    x / norm
+}

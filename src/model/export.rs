@@ -1,0 +1,57 @@
+//! ONNX export of the embedder. The contract outside tools rely on:
+//! input `image`: float32 N x 3 x H x W, RGB in [0, 1] (ImageNet normalisation is inside);
+//! output `features`: N x dim x H/4 x W/4, unit L2 norm over channels. N, H and W are dynamic
+//! (H and W multiples of 32). Batch norm is folded into the convolutions.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use protobuf::Message;
+
+use super::embedder::{Embedder, EmbedderConfig, IMAGENET_MEAN, IMAGENET_STD, NORM_EPS};
+use super::onnx_graph::{attr_int, value_info_f32, Dim, GraphBuilder};
+
+pub const INPUT_NAME: &str = "image";
+pub const OUTPUT_NAME: &str = "features";
+
+pub fn to_onnx_bytes(embedder: &Embedder, config: EmbedderConfig) -> Result<Vec<u8>> {
+    let mut g = GraphBuilder::new();
+    let mean = g.constant_f32("imagenet_mean", &[1, 3, 1, 1], IMAGENET_MEAN.to_vec());
+    let std = g.constant_f32("imagenet_std", &[1, 3, 1, 1], IMAGENET_STD.to_vec());
+    let centred = g.node("Sub", &[INPUT_NAME, &mean], vec![]);
+    let x = g.node("Div", &[&centred, &std], vec![]);
+
+    let taps = embedder.backbone.emit(&mut g, &x);
+    let raw = embedder.fpn.emit(&mut g, &taps);
+
+    // L2 normalisation over channels: x / max(sqrt(sum(x^2)), eps), as in burn's forward.
+    let sq = g.node("Mul", &[&raw, &raw], vec![]);
+    let axes = g.constant_i64("channel_axis", vec![1]);
+    let sum = g.node("ReduceSum", &[&sq, &axes], vec![attr_int("keepdims", 1)]);
+    let norm = g.node("Sqrt", &[&sum], vec![]);
+    let eps = g.constant_f32("norm_eps", &[], vec![NORM_EPS]);
+    let safe = g.node("Max", &[&norm, &eps], vec![]);
+    g.node("Div", &[&raw, &safe], vec![]);
+    g.rename_last_output(OUTPUT_NAME);
+
+    let input = value_info_f32(
+        INPUT_NAME,
+        &[Dim::Symbol("N"), Dim::Fixed(3), Dim::Symbol("H"), Dim::Symbol("W")],
+    );
+    let output = value_info_f32(
+        OUTPUT_NAME,
+        &[Dim::Symbol("N"), Dim::Fixed(config.dim as i64), Dim::Symbol("H/4"), Dim::Symbol("W/4")],
+    );
+    let doc = format!(
+        "picie embedder ({:?} + FPN {}). Input: RGB in [0,1], N x 3 x H x W, H and W multiples of 32. \
+         Output: unit-norm features N x {} x H/4 x W/4.",
+        config.backbone, config.dim, config.dim
+    );
+    let model = g.finish(vec![input], vec![output], &doc);
+    model.write_to_bytes().context("serialising the ONNX model")
+}
+
+pub fn export_onnx(embedder: &Embedder, config: EmbedderConfig, path: &Path) -> Result<()> {
+    let bytes = to_onnx_bytes(embedder, config)?;
+    crate::util::write_atomic(path, &bytes)
+}

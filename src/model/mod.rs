@@ -1,0 +1,14 @@
+//! The embedder: backbones, FPN decoder, weights in and out, ONNX export.
+
+pub mod efficientnet;
+pub mod embedder;
+pub mod export;
+pub mod fpn;
+pub mod import;
+pub mod layers;
+pub mod onnx_graph;
+pub mod resnet;
+pub mod weights;
+
+pub use embedder::{BackboneKind, Embedder, EmbedderConfig};
+pub use weights::{NamedTensor, TensorMap};

@@ -1,0 +1,312 @@
+//! The model package: one folder with everything needed to segment and to keep training.
+//!
+//! ```text
+//! manifest.json        format version, embedder config, K, input policy, provenance, metrics, checksums
+//! embedder.onnx        the embedder for ONNX Runtime (batch norm folded)
+//! weights.safetensors  the same embedder's burn weights, to train on
+//! centroids.json       K unit vectors (dim each), with optional names and colours
+//! ```
+//!
+//! Packages are written to a temporary sibling folder and renamed into place, and every load
+//! checks the manifest, the checksums and the centroids, so a reader never sees half a package.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::model::{EmbedderConfig, TensorMap};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const ONNX_FILE: &str = "embedder.onnx";
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+pub const CENTROIDS_FILE: &str = "centroids.json";
+/// Class indices are written into 8-bit masks.
+pub const MAX_CLASSES: usize = 255;
+/// How far from unit length a stored centroid may be.
+const UNIT_TOLERANCE: f32 = 1e-3;
+
+/// How an image is brought to the network: the short side resized to `short_side` (the long side
+/// capped at `max_long_side`), then padded to a multiple of `multiple`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputPolicy {
+    pub short_side: u32,
+    pub max_long_side: u32,
+    pub multiple: u32,
+}
+
+impl Default for InputPolicy {
+    fn default() -> Self {
+        // CamVid frames are 480x360: a short side of 352 keeps them near native resolution.
+        Self { short_side: 352, max_long_side: 1024, multiple: 32 }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Provenance {
+    pub created_at: String,
+    pub picie_version: String,
+    /// The command line that made this package.
+    pub command: String,
+    /// Where the backbone weights came from.
+    pub backbone_weights: String,
+    /// Whether the embedder was trained with PiCIE (false: pretrained backbone, seeded FPN).
+    pub trained: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub name: String,
+    pub embedder: EmbedderConfig,
+    pub k: usize,
+    pub input: InputPolicy,
+    pub provenance: Provenance,
+    /// Quality numbers measured on this package (e.g. `camvid_val_pixel_acc`).
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    /// SHA-256 of each file in the package.
+    pub sha256: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ClassInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub color: Option<[u8; 3]>,
+    pub centroid: Vec<f32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Centroids {
+    pub dim: usize,
+    pub classes: Vec<ClassInfo>,
+}
+
+impl Centroids {
+    pub fn from_vectors(dim: usize, vectors: Vec<Vec<f32>>) -> Self {
+        Self { dim, classes: vectors.into_iter().map(|c| ClassInfo { name: None, color: None, centroid: c }).collect() }
+    }
+
+    pub fn k(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// Row-major K x dim matrix.
+    pub fn matrix(&self) -> Vec<f32> {
+        self.classes.iter().flat_map(|c| c.centroid.iter().copied()).collect()
+    }
+
+    /// The class's colour, or a fixed distinct colour from the default palette.
+    pub fn color(&self, class: usize) -> [u8; 3] {
+        self.classes.get(class).and_then(|c| c.color).unwrap_or_else(|| default_color(class))
+    }
+
+    pub fn name(&self, class: usize) -> String {
+        self.classes.get(class).and_then(|c| c.name.clone()).unwrap_or_else(|| format!("class {class}"))
+    }
+
+    pub fn validate(&self, source: &str, expected_dim: usize) -> Result<()> {
+        if self.dim != expected_dim {
+            bail!("{source}: centroids have dim {}, the embedder outputs {expected_dim}", self.dim);
+        }
+        if self.classes.len() < 2 || self.classes.len() > MAX_CLASSES {
+            bail!("{source}: {} centroids; a package needs between 2 and {MAX_CLASSES}", self.classes.len());
+        }
+        for (i, c) in self.classes.iter().enumerate() {
+            if c.centroid.len() != self.dim {
+                bail!("{source}: centroid {i} has {} values, expected {}", c.centroid.len(), self.dim);
+            }
+            if c.centroid.iter().any(|v| !v.is_finite()) {
+                bail!("{source}: centroid {i} holds a non-finite value");
+            }
+            let norm = c.centroid.iter().map(|v| v * v).sum::<f32>().sqrt();
+            if (norm - 1.0).abs() > UNIT_TOLERANCE {
+                bail!("{source}: centroid {i} has norm {norm:.4}; centroids must be unit vectors");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A palette of distinct colours (CamVid-like for the first classes, then golden-angle hues).
+pub fn default_color(class: usize) -> [u8; 3] {
+    const BASE: [[u8; 3]; 12] = [
+        [128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], [60, 40, 222], [128, 128, 0],
+        [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0], [0, 128, 192], [255, 160, 0],
+    ];
+    if class < BASE.len() {
+        return BASE[class];
+    }
+    let h = (class as f32 * 137.508) % 360.0;
+    hsv_to_rgb(h, 0.65, 0.9)
+}
+
+fn hsv_to_rgb(h: f32, s: f32, v: f32) -> [u8; 3] {
+    let c = v * s;
+    let x = c * (1.0 - ((h / 60.0) % 2.0 - 1.0).abs());
+    let m = v - c;
+    let (r, g, b) = match (h / 60.0) as u32 {
+        0 => (c, x, 0.0),
+        1 => (x, c, 0.0),
+        2 => (0.0, c, x),
+        3 => (0.0, x, c),
+        4 => (x, 0.0, c),
+        _ => (c, 0.0, x),
+    };
+    [((r + m) * 255.0) as u8, ((g + m) * 255.0) as u8, ((b + m) * 255.0) as u8]
+}
+
+/// A package as loaded and checked. The ONNX file is read by the inference session; the burn
+/// weights only when training.
+#[derive(Clone, Debug)]
+pub struct Package {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub centroids: Centroids,
+}
+
+/// What a new package is made of.
+pub struct PackageContents<'a> {
+    pub manifest: Manifest,
+    pub onnx: &'a [u8],
+    pub weights: &'a TensorMap,
+    pub centroids: &'a Centroids,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl Package {
+    pub fn onnx_path(&self) -> PathBuf {
+        self.dir.join(ONNX_FILE)
+    }
+
+    pub fn weights_path(&self) -> PathBuf {
+        self.dir.join(WEIGHTS_FILE)
+    }
+
+    /// A short identifier of this exact package: the manifest name and the first bytes of the
+    /// ONNX checksum.
+    pub fn version(&self) -> String {
+        let sum = self.manifest.sha256.get(CENTROIDS_FILE).map(|s| &s[..8.min(s.len())]).unwrap_or("");
+        format!("{}@{}", self.manifest.name, sum)
+    }
+
+    /// Loads and validates a package; every failure names the file at fault.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&manifest_path)
+            .with_context(|| format!("{}: cannot read the package manifest", manifest_path.display()))?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{}: broken manifest: {e}", manifest_path.display()))?;
+        if manifest.format_version != FORMAT_VERSION {
+            bail!(
+                "{}: format version {} is not supported (this picie reads version {FORMAT_VERSION})",
+                manifest_path.display(),
+                manifest.format_version
+            );
+        }
+        for file in [ONNX_FILE, WEIGHTS_FILE, CENTROIDS_FILE] {
+            let path = dir.join(file);
+            let bytes = std::fs::read(&path).with_context(|| format!("{}: missing from the package", path.display()))?;
+            let expected = manifest
+                .sha256
+                .get(file)
+                .ok_or_else(|| anyhow!("{}: no checksum for {file}", manifest_path.display()))?;
+            if &sha256_hex(&bytes) != expected {
+                bail!("{}: checksum mismatch (the file is corrupt or was changed by hand)", path.display());
+            }
+        }
+        let centroids_path = dir.join(CENTROIDS_FILE);
+        let centroids: Centroids = serde_json::from_slice(&std::fs::read(&centroids_path)?)
+            .map_err(|e| anyhow!("{}: broken centroids file: {e}", centroids_path.display()))?;
+        let source = centroids_path.display().to_string();
+        centroids.validate(&source, manifest.embedder.dim)?;
+        if centroids.k() != manifest.k {
+            bail!("{source}: {} centroids but the manifest says K = {}", centroids.k(), manifest.k);
+        }
+        Ok(Self { dir: dir.to_path_buf(), manifest, centroids })
+    }
+
+    pub fn load_weights(&self) -> Result<TensorMap> {
+        TensorMap::load_safetensors(&self.weights_path())
+    }
+
+    /// Writes a package into `dir` atomically. With `replace`, an existing package there is
+    /// swapped out only once the new one is complete.
+    pub fn write(dir: &Path, contents: PackageContents<'_>, replace: bool) -> Result<Package> {
+        let PackageContents { mut manifest, onnx, weights, centroids } = contents;
+        centroids.validate("new package", manifest.embedder.dim)?;
+        manifest.k = centroids.k();
+        manifest.format_version = FORMAT_VERSION;
+        if dir.exists() && !replace {
+            bail!("{} already exists", dir.display());
+        }
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        let name = dir.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow!("bad package path {}", dir.display()))?;
+        let tmp = parent.join(format!(".{name}.partial-{}-{}", std::process::id(), crate::util::unique()));
+        let result = (|| -> Result<()> {
+            std::fs::create_dir_all(&tmp)?;
+            let weights_bytes = weights.to_safetensors_bytes()?;
+            let centroid_bytes = serde_json::to_vec_pretty(centroids)?;
+            manifest.sha256 = BTreeMap::from([
+                (ONNX_FILE.to_string(), sha256_hex(onnx)),
+                (WEIGHTS_FILE.to_string(), sha256_hex(&weights_bytes)),
+                (CENTROIDS_FILE.to_string(), sha256_hex(&centroid_bytes)),
+            ]);
+            std::fs::write(tmp.join(ONNX_FILE), onnx)?;
+            std::fs::write(tmp.join(WEIGHTS_FILE), &weights_bytes)?;
+            std::fs::write(tmp.join(CENTROIDS_FILE), &centroid_bytes)?;
+            std::fs::write(tmp.join(MANIFEST_FILE), serde_json::to_vec_pretty(&manifest)?)?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e.context(format!("writing package {}", dir.display())));
+        }
+        if dir.exists() {
+            let old = parent.join(format!(".{name}.old-{}-{}", std::process::id(), crate::util::unique()));
+            std::fs::rename(dir, &old)?;
+            std::fs::rename(&tmp, dir)?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            std::fs::rename(&tmp, dir)?;
+        }
+        Package::load(dir)
+    }
+
+    /// Rewrites only the centroids file (names, colours) and the manifest's checksum, atomically.
+    pub fn update_centroids(&mut self, centroids: Centroids) -> Result<()> {
+        centroids.validate("updated centroids", self.manifest.embedder.dim)?;
+        if centroids.k() != self.manifest.k {
+            bail!("updated centroids have K = {}, the package has {}", centroids.k(), self.manifest.k);
+        }
+        let bytes = serde_json::to_vec_pretty(&centroids)?;
+        let mut manifest = self.manifest.clone();
+        manifest.sha256.insert(CENTROIDS_FILE.into(), sha256_hex(&bytes));
+        // Centroids first, then the manifest: a crash in between leaves a checksum mismatch that
+        // `load` reports, never a silently wrong package.
+        crate::util::write_atomic(&self.dir.join(CENTROIDS_FILE), &bytes)?;
+        crate::util::write_atomic(&self.dir.join(MANIFEST_FILE), &serde_json::to_vec_pretty(&manifest)?)?;
+        self.manifest = manifest;
+        self.centroids = centroids;
+        Ok(())
+    }
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

@@ -1,0 +1,190 @@
+//! Model packages and the inference library.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use picie::commands::{init_package, InitPackage};
+use picie::infer::{decode_image, DecodeError, DeviceChoice, Segmenter};
+use picie::model::BackboneKind;
+use picie::package::{InputPolicy, Package, MANIFEST_FILE, ONNX_FILE};
+
+const K: usize = 5;
+
+/// One small untrained package per test binary (short side 128 keeps it quick).
+fn package_dir() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, p) = DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("pkg");
+        init_package(&InitPackage {
+            backbone: BackboneKind::EfficientnetLite0,
+            backbone_weights: common::lite0_safetensors().to_path_buf(),
+            images: common::root().join("fixtures/images"),
+            k: K,
+            seed: 0,
+            out: out.clone(),
+            name: "test".into(),
+            policy: InputPolicy { short_side: 128, ..InputPolicy::default() },
+            replace: false,
+            command: "test".into(),
+        })
+        .unwrap();
+        (dir, out)
+    });
+    p
+}
+
+/// A copy of the shared package that a test may damage.
+fn scratch_copy() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("pkg");
+    std::fs::create_dir(&dst).unwrap();
+    for e in std::fs::read_dir(package_dir()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    (dir, dst)
+}
+
+fn load_fixture(name: &str) -> image::RgbImage {
+    decode_image(&std::fs::read(common::fixture(name)).unwrap(), 1 << 30).unwrap()
+}
+
+#[test]
+fn init_writes_a_valid_untrained_package() {
+    let pkg = Package::load(package_dir()).unwrap();
+    assert_eq!(pkg.manifest.k, K);
+    assert_eq!(pkg.centroids.k(), K);
+    assert!(!pkg.manifest.provenance.trained);
+    assert_eq!(pkg.manifest.embedder.backbone, BackboneKind::EfficientnetLite0);
+    for c in &pkg.centroids.classes {
+        let n: f32 = c.centroid.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((n - 1.0).abs() < 1e-4);
+    }
+    // No scratch or partial files are left beside the package.
+    let leftovers: Vec<_> = std::fs::read_dir(package_dir().parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n != "pkg")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn segments_at_the_original_size() {
+    let seg = Segmenter::load(package_dir(), DeviceChoice::Auto, None).unwrap();
+    assert_eq!(seg.provider(), picie::infer::Provider::Cpu, "no GPU here: auto falls back to CPU");
+    let cat = load_fixture("chelsea.png");
+    let coffee = load_fixture("coffee.jpg");
+    let masks = seg.segment_batch(&[cat.clone(), coffee.clone()]).unwrap();
+    assert_eq!((masks[0].width, masks[0].height), (cat.width(), cat.height()));
+    assert_eq!((masks[1].width, masks[1].height), (coffee.width(), coffee.height()));
+    for m in &masks {
+        assert!(m.labels.iter().all(|&l| (l as usize) < K));
+        let used = m.class_fractions(K).iter().filter(|&&f| f > 0.01).count();
+        assert!(used >= 2, "a real photo should use several classes");
+        assert!((m.class_fractions(K).iter().sum::<f64>() - 1.0).abs() < 1e-9);
+    }
+    // Alone or in a batch, the cat is segmented nearly the same (padding differs).
+    let alone = seg.segment(&cat).unwrap();
+    let same = alone.labels.iter().zip(&masks[0].labels).filter(|(a, b)| a == b).count();
+    assert!(same as f64 / alone.labels.len() as f64 > 0.9);
+}
+
+#[test]
+fn package_problems_are_reported_by_file() {
+    // Broken manifest.
+    let (_d, p) = scratch_copy();
+    std::fs::write(p.join(MANIFEST_FILE), b"{ not json").unwrap();
+    let e = format!("{:#}", Package::load(&p).unwrap_err());
+    assert!(e.contains("manifest.json") && e.contains("broken manifest"), "{e}");
+
+    // K in the manifest disagrees with the centroids.
+    let (_d, p) = scratch_copy();
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(p.join(MANIFEST_FILE)).unwrap()).unwrap();
+    m["k"] = serde_json::json!(K + 1);
+    std::fs::write(p.join(MANIFEST_FILE), serde_json::to_vec(&m).unwrap()).unwrap();
+    let e = format!("{:#}", Package::load(&p).unwrap_err());
+    assert!(e.contains("centroids.json") && e.contains(&format!("K = {}", K + 1)), "{e}");
+
+    // A corrupted ONNX file.
+    let (_d, p) = scratch_copy();
+    let mut onnx = std::fs::read(p.join(ONNX_FILE)).unwrap();
+    onnx.truncate(onnx.len() / 2);
+    std::fs::write(p.join(ONNX_FILE), onnx).unwrap();
+    let e = format!("{:#}", Package::load(&p).unwrap_err());
+    assert!(e.contains("embedder.onnx") && e.contains("checksum"), "{e}");
+
+    // Missing folder.
+    let e = format!("{:#}", Package::load(Path::new("/nonexistent/pkg")).unwrap_err());
+    assert!(e.contains("/nonexistent/pkg/manifest.json"), "{e}");
+}
+
+#[test]
+fn class_names_and_colours_are_saved() {
+    let (_d, p) = scratch_copy();
+    let mut pkg = Package::load(&p).unwrap();
+    let mut c = pkg.centroids.clone();
+    c.classes[1].name = Some("sky".into());
+    c.classes[1].color = Some([10, 20, 30]);
+    pkg.update_centroids(c).unwrap();
+    let again = Package::load(&p).unwrap();
+    assert_eq!(again.centroids.name(1), "sky");
+    assert_eq!(again.centroids.color(1), [10, 20, 30]);
+    assert_eq!(again.centroids.name(0), "class 0");
+
+    // A wrong K is refused and nothing changes.
+    let mut bad = again.centroids.clone();
+    bad.classes.pop();
+    let mut pkg = again;
+    assert!(pkg.update_centroids(bad).is_err());
+    assert_eq!(Package::load(&p).unwrap().centroids.k(), K);
+}
+
+#[test]
+fn export_command_reproduces_the_package_onnx() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("again.onnx");
+    picie::commands::export_package(package_dir(), &out).unwrap();
+    assert_eq!(std::fs::read(out).unwrap(), std::fs::read(package_dir().join(ONNX_FILE)).unwrap());
+}
+
+/// A JPEG with an EXIF APP1 segment carrying `orientation`.
+fn jpeg_with_orientation(w: u32, h: u32, orientation: u16) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, _| if x < w / 2 { image::Rgb([255, 0, 0]) } else { image::Rgb([0, 0, 255]) });
+    let mut jpeg = vec![];
+    image::DynamicImage::ImageRgb8(img).write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+    // TIFF header (little endian), one IFD entry: Orientation (0x0112), SHORT, count 1.
+    let mut tiff = b"II*\0\x08\0\0\0".to_vec();
+    tiff.extend(1u16.to_le_bytes());
+    tiff.extend(0x0112u16.to_le_bytes());
+    tiff.extend(3u16.to_le_bytes());
+    tiff.extend(1u32.to_le_bytes());
+    tiff.extend(orientation.to_le_bytes());
+    tiff.extend([0, 0]);
+    tiff.extend(0u32.to_le_bytes());
+    let mut app1 = b"Exif\0\0".to_vec();
+    app1.extend(tiff);
+    let mut out = jpeg[..2].to_vec();
+    out.extend([0xFF, 0xE1]);
+    out.extend(((app1.len() + 2) as u16).to_be_bytes());
+    out.extend(app1);
+    out.extend(&jpeg[2..]);
+    out
+}
+
+#[test]
+fn decoding_applies_exif_orientation_and_rejects_bad_bytes() {
+    let rotated = decode_image(&jpeg_with_orientation(64, 32, 6), 1 << 30).unwrap();
+    assert_eq!((rotated.width(), rotated.height()), (32, 64), "orientation 6 rotates by 90 degrees");
+    let upright = decode_image(&jpeg_with_orientation(64, 32, 1), 1 << 30).unwrap();
+    assert_eq!((upright.width(), upright.height()), (64, 32));
+
+    assert!(matches!(decode_image(b"", 1 << 30), Err(DecodeError::Empty)));
+    assert!(matches!(decode_image(b"definitely not an image", 1 << 30), Err(DecodeError::UnknownFormat)));
+    let png = std::fs::read(common::fixture("chelsea.png")).unwrap();
+    assert!(matches!(decode_image(&png[..png.len() / 2], 1 << 30), Err(DecodeError::Corrupt(_))));
+    assert!(matches!(decode_image(&png, 1000), Err(DecodeError::TooLarge { width: 451, height: 300, .. })));
+}

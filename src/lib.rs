@@ -6,5 +6,6 @@ pub mod commands;
 pub mod infer;
 pub mod model;
 pub mod package;
+pub mod server;
 pub mod train;
 pub mod util;

@@ -17,6 +17,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the HTTP server.
+    Serve(picie::server::ServeConfig),
+    /// Print the OpenAPI document.
+    Openapi,
     /// Backbone weights: import torch checkpoints, check them on ImageNet.
     Weights {
         #[command(subcommand)]
@@ -106,6 +110,10 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve(cfg) => {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(picie::server::serve(cfg))?;
+        }
+        Command::Openapi => println!("{}", picie::server::openapi_json()),
         Command::Weights { command: WeightsCommand::Import { backbone, checkpoint, out } } => {
             let n = commands::import_weights(backbone, &checkpoint, &out)?;
             println!("wrote {} ({n} tensors)", out.display());
@@ -126,7 +134,7 @@ fn run(cli: Cli) -> Result<()> {
                 name,
                 policy: InputPolicy { short_side, ..InputPolicy::default() },
                 replace: force,
-                command: std::env::args().collect::<Vec<_>>().join(" "),
+                command: std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
             };
             let (pkg, report) = commands::init_package(&args)?;
             println!(

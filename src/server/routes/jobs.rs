@@ -1,0 +1,104 @@
+//! Background jobs: submit, list, show, cancel, follow (SSE).
+
+use std::convert::Infallible;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::Json;
+use tokio_stream::{Stream, StreamExt};
+
+use crate::package::MAX_CLASSES;
+use crate::server::error::{ApiError, ApiResult, ErrorBody};
+use crate::server::jobs::{Job, JobSpec};
+use crate::server::state::AppState;
+use crate::server::store::valid_name;
+
+/// Submit a job, e.g. `{"type": "recluster", "dataset": "ds-...", "k": 11}`.
+#[utoipa::path(post, path = "/jobs", tag = "jobs", request_body = JobSpec, security(("api_key" = [])),
+    responses((status = 202, body = Job), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn submit(State(state): State<AppState>, Json(spec): Json<JobSpec>) -> ApiResult<(StatusCode, Json<Job>)> {
+    match &spec {
+        JobSpec::Recluster { dataset, k, name, .. } => {
+            if *k < 2 || *k > MAX_CLASSES {
+                return Err(ApiError::BadRequest(format!("k must be between 2 and {MAX_CLASSES} (got {k})")));
+            }
+            let ds = state.datasets.get(dataset)?;
+            if ds.num_images == 0 {
+                return Err(ApiError::BadRequest(format!("dataset `{dataset}` has no images")));
+            }
+            if let Some(n) = name {
+                if !valid_name(n) {
+                    return Err(ApiError::BadRequest(format!("`{n}` is not a valid model name (letters, digits, . _ -)")));
+                }
+                if state.models.resolve(n).is_some() {
+                    return Err(ApiError::Conflict(format!("model `{n}` already exists")));
+                }
+            }
+        }
+        JobSpec::Finetune { .. } => {
+            return Err(ApiError::BadRequest("fine-tuning jobs are not available in this version; use recluster".into()));
+        }
+    }
+    let (source, _) = state.models.active();
+    Ok((StatusCode::ACCEPTED, Json(state.jobs.submit(spec, source))))
+}
+
+/// All jobs, newest first.
+#[utoipa::path(get, path = "/jobs", tag = "jobs", responses((status = 200, body = Vec<Job>)))]
+pub async fn list(State(state): State<AppState>) -> Json<Vec<Job>> {
+    Json(state.jobs.list())
+}
+
+/// One job: state, stage, progress, result.
+#[utoipa::path(get, path = "/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = Job), (status = 404, body = ErrorBody)))]
+pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+    Ok(Json(state.jobs.get(&id)?))
+}
+
+/// Cancel a queued or running job (a running one stops at its next step).
+#[utoipa::path(post, path = "/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)), security(("api_key" = [])),
+    responses((status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+    Ok(Json(state.jobs.cancel(&id)?))
+}
+
+/// Server-sent events: the job's snapshot now and after every change, until it ends.
+#[utoipa::path(get, path = "/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, content_type = "text/event-stream", body = String), (status = 404, body = ErrorBody)))]
+pub async fn events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    // Subscribe before reading the snapshot so no change falls between them.
+    let mut updates = state.jobs.subscribe();
+    let job = state.jobs.get(&id)?;
+    let jobs = state.jobs.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Job>(16);
+    tokio::spawn(async move {
+        let done = job.state.is_terminal();
+        if tx.send(job).await.is_err() || done {
+            return;
+        }
+        loop {
+            let next = match updates.recv().await {
+                Ok(j) if j.id == id => j,
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => match jobs.get(&id) {
+                    Ok(j) => j,
+                    Err(_) => return,
+                },
+                Err(_) => return,
+            };
+            let done = next.state.is_terminal();
+            if tx.send(next).await.is_err() || done {
+                return;
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|j| {
+        Ok(Event::default().event(if j.state.is_terminal() { "end" } else { "progress" }).json_data(&j).unwrap_or_default())
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

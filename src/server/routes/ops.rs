@@ -1,0 +1,76 @@
+//! Public operational routes: health, info, metrics.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::server::state::AppState;
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    pub status: &'static str,
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/health/live", tag = "operations", responses((status = 200, body = Health)))]
+pub async fn live() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// The model is loaded and warmed up, and the server is not shutting down.
+#[utoipa::path(get, path = "/health/ready", tag = "operations",
+    responses((status = 200, body = Health), (status = 503, body = Health)))]
+pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    if state.is_ready() {
+        (StatusCode::OK, Json(Health { status: "ready" }))
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "not ready" }))
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Info {
+    pub version: &'static str,
+    pub model: String,
+    pub model_version: String,
+    pub num_classes: usize,
+    pub backbone: String,
+    pub trained: bool,
+    /// Execution provider in use: `cpu` or `cuda`.
+    pub execution_provider: &'static str,
+    pub requested_device: String,
+}
+
+/// Server version, active model and the execution provider in use.
+#[utoipa::path(get, path = "/info", tag = "operations", responses((status = 200, body = Info)))]
+pub async fn info(State(state): State<AppState>) -> Json<Info> {
+    let (name, model) = state.models.active();
+    let m = &model.package.manifest;
+    Json(Info {
+        version: env!("CARGO_PKG_VERSION"),
+        model: name,
+        model_version: model.package.version(),
+        num_classes: model.k(),
+        backbone: format!("{:?}", m.embedder.backbone),
+        trained: m.provenance.trained,
+        execution_provider: model.provider().as_str(),
+        requested_device: state.requested_device.clone(),
+    })
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "text/plain", body = String)))]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let (name, model) = state.models.active();
+    let jobs = state.jobs.counts_by_state();
+    let snapshot = crate::server::metrics::Snapshot {
+        queue_depth: state.worker.queue_depth(),
+        jobs_by_state: jobs.iter().map(|(s, n)| (s.as_str(), *n)).collect(),
+        provider: model.provider().as_str(),
+        model: &name,
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&snapshot))
+}

@@ -1,0 +1,174 @@
+//! `POST /segment`: image in, label mask out.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Multipart, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::server::error::{ApiError, ApiResult, ErrorBody};
+use crate::server::render;
+use crate::server::state::AppState;
+
+#[derive(Deserialize, Serialize, ToSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// Single-channel 8-bit PNG, pixel = class index.
+    #[default]
+    Mask,
+    /// Indexed PNG with the model's class colours.
+    Palette,
+    /// The photo with class colours blended over it (RGB PNG).
+    Overlay,
+    /// Sizes, per-class pixel fractions and the mask as base64 PNG.
+    Json,
+}
+
+#[derive(Deserialize, IntoParams)]
+pub struct SegmentQuery {
+    /// Response format (default `mask`).
+    pub format: Option<OutputFormat>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ClassShare {
+    pub index: usize,
+    pub name: String,
+    /// RGB colour.
+    pub color: [u8; 3],
+    /// Fraction of the image's pixels in this class.
+    pub fraction: f64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SegmentJson {
+    pub width: u32,
+    pub height: u32,
+    pub model: String,
+    pub num_classes: usize,
+    pub classes: Vec<ClassShare>,
+    /// The single-channel label mask PNG, base64.
+    pub mask_png_base64: String,
+}
+
+/// Reads the image bytes: the raw body (`image/*` or `application/octet-stream`) or the
+/// multipart field `image`.
+async fn image_bytes(headers: &HeaderMap, request: Request, state: &AppState) -> ApiResult<Bytes> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let bytes = if ct.starts_with("multipart/form-data") {
+        let mut mp = Multipart::from_request(request, state).await.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        let mut found = None;
+        while let Some(field) = mp.next_field().await.map_err(multipart_error)? {
+            if field.name() == Some("image") {
+                found = Some(field.bytes().await.map_err(multipart_error)?);
+                break;
+            }
+        }
+        found.ok_or_else(|| ApiError::BadRequest("multipart body has no `image` field".into()))?
+    } else if ct.is_empty() || ct.starts_with("image/") || ct.starts_with("application/octet-stream") {
+        Bytes::from_request(request, state).await.map_err(|e| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge(format!("the body exceeds the limit of {} bytes", state.limits.max_body_bytes))
+            } else {
+                ApiError::BadRequest(e.body_text())
+            }
+        })?
+    } else {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "content type `{ct}` is not an image; send image/* , application/octet-stream or multipart/form-data"
+        )));
+    };
+    if bytes.is_empty() {
+        return Err(ApiError::BadRequest("the request carries no image".into()));
+    }
+    Ok(bytes)
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge(e.body_text())
+    } else {
+        ApiError::BadRequest(e.body_text())
+    }
+}
+
+/// Segment an image: every pixel gets the class of its nearest centroid.
+#[utoipa::path(
+    post,
+    path = "/segment",
+    tag = "segment",
+    params(SegmentQuery),
+    request_body(content = Vec<u8>, content_type = "image/*", description = "An image (JPEG, PNG, WebP, BMP, TIFF, GIF) as the raw body, or as the multipart field `image`."),
+    responses(
+        (status = 200, description = "Label mask PNG (formats mask, palette, overlay) or JSON (format json)", content_type = "image/png", body = Vec<u8>,
+         headers(("X-Model-Version" = String, description = "model name and checksum"), ("X-Num-Classes" = u32, description = "K"))),
+        (status = 400, description = "Empty body or malformed multipart", body = ErrorBody),
+        (status = 413, description = "Body or image too large", body = ErrorBody),
+        (status = 415, description = "Not an image content type", body = ErrorBody),
+        (status = 422, description = "The bytes are not a decodable image", body = ErrorBody),
+        (status = 429, description = "Concurrency limit reached; see Retry-After", body = ErrorBody),
+        (status = 504, description = "Timed out", body = ErrorBody),
+    )
+)]
+pub async fn segment(
+    State(state): State<AppState>,
+    Query(query): Query<SegmentQuery>,
+    headers: HeaderMap,
+    request: Request,
+) -> ApiResult<Response> {
+    let _permit = state.inference_permits.clone().try_acquire_owned().map_err(|_| ApiError::Busy)?;
+    let bytes = image_bytes(&headers, request, &state).await?;
+    let max_pixels = state.limits.max_image_pixels;
+    let image = tokio::task::spawn_blocking(move || crate::infer::decode_image(&bytes, max_pixels))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let (_, model) = state.models.active();
+    let timeout = Duration::from_secs(state.limits.request_timeout_secs);
+    let (mask, elapsed) = tokio::time::timeout(timeout, state.worker.segment(model.clone(), image.clone()))
+        .await
+        .map_err(|_| ApiError::Timeout(format!("segmentation took longer than {}s", timeout.as_secs())))??;
+    state.metrics.observe_inference(elapsed);
+
+    let format = query.format.unwrap_or_default();
+    let version = model.package.version();
+    let k = model.k();
+    let body = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<u8>, &'static str)> {
+        let classes = &model.package.centroids;
+        Ok(match format {
+            OutputFormat::Mask => (render::mask_png(&mask)?, "image/png"),
+            OutputFormat::Palette => (render::palette_png(&mask, classes)?, "image/png"),
+            OutputFormat::Overlay => (render::overlay_png(&image, &mask, classes)?, "image/png"),
+            OutputFormat::Json => {
+                let fractions = mask.class_fractions(k);
+                let json = SegmentJson {
+                    width: mask.width,
+                    height: mask.height,
+                    model: model.package.version(),
+                    num_classes: k,
+                    classes: fractions
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &f)| ClassShare { index: i, name: classes.name(i), color: classes.color(i), fraction: f })
+                        .collect(),
+                    mask_png_base64: base64::engine::general_purpose::STANDARD.encode(render::mask_png(&mask)?),
+                };
+                (serde_json::to_vec(&json)?, "application/json")
+            }
+        })
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+
+    let mut resp = (body.0).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(body.1));
+    h.insert("x-model-version", HeaderValue::from_str(&version).unwrap_or(HeaderValue::from_static("unknown")));
+    h.insert("x-num-classes", HeaderValue::from(k));
+    h.insert("x-inference-ms", HeaderValue::from(elapsed.as_millis() as u64));
+    Ok(resp)
+}
+

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
 
@@ -84,44 +85,64 @@ pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
     let config = EmbedderConfig::new(args.backbone);
     let embedder = Embedder::from_backbone(config, &weights.sub("backbone"), args.seed, &device)?;
     let paths = list_images(&args.images)?;
+    let provenance = Provenance {
+        created_at: crate::package::now_rfc3339(),
+        picie_version: env!("CARGO_PKG_VERSION").into(),
+        command: args.command.clone(),
+        backbone_weights: args.backbone_weights.display().to_string(),
+        trained: false,
+        parent: None,
+        details: BTreeMap::from([("fpn_seed".into(), serde_json::json!(args.seed))]),
+    };
+    let target = PackageTarget { out: &args.out, name: &args.name, policy: args.policy, replace: args.replace };
+    package_from_embedder(&embedder, config, &paths, KMeansConfig::new(args.k, args.seed), provenance, &target)
+}
+
+/// Where and how a new package is written.
+pub struct PackageTarget<'a> {
+    pub out: &'a Path,
+    pub name: &'a str,
+    pub policy: InputPolicy,
+    pub replace: bool,
+}
+
+/// Exports `embedder` to ONNX, clusters `paths` with it, and writes the package.
+pub fn package_from_embedder(
+    embedder: &Embedder,
+    config: EmbedderConfig,
+    paths: &[PathBuf],
+    kmeans: KMeansConfig,
+    mut provenance: Provenance,
+    target: &PackageTarget<'_>,
+) -> Result<(Package, ClusterReport)> {
     if paths.is_empty() {
-        bail!("{}: no images found", args.images.display());
+        bail!("no images to cluster");
     }
-    let onnx = export::to_onnx_bytes(&embedder, config)?;
+    let onnx = export::to_onnx_bytes(embedder, config)?;
     // The session needs a file; it lives next to the package until the package is written.
-    let scratch = args.out.with_extension(format!("onnx-scratch-{}", std::process::id()));
+    let scratch = target.out.with_extension(format!("onnx-scratch-{}", std::process::id()));
     crate::util::write_atomic(&scratch, &onnx)?;
     let clustered = (|| {
         let session = EmbedSession::load(&scratch, DeviceChoice::Auto, None)?;
-        cluster_images(&session, &args.policy, &paths, KMeansConfig::new(args.k, args.seed), MAX_CLUSTER_VECTORS, |_, _| true)
+        cluster_images(&session, &target.policy, paths, kmeans, MAX_CLUSTER_VECTORS, |_, _| true)
     })();
     let _ = std::fs::remove_file(&scratch);
     let (centroids, report) = clustered?;
+    provenance.details.insert("kmeans_seed".into(), serde_json::json!(kmeans.seed));
+    provenance.details.insert("cluster_images".into(), serde_json::json!(report.images_used));
+    provenance.details.insert("cluster_vectors".into(), serde_json::json!(report.vectors));
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
-        name: args.name.clone(),
+        name: target.name.to_string(),
         embedder: config,
         k: centroids.k(),
-        input: args.policy,
-        provenance: Provenance {
-            created_at: crate::package::now_rfc3339(),
-            picie_version: env!("CARGO_PKG_VERSION").into(),
-            command: args.command.clone(),
-            backbone_weights: args.backbone_weights.display().to_string(),
-            trained: false,
-            parent: None,
-            details: BTreeMap::from([
-                ("fpn_seed".into(), serde_json::json!(args.seed)),
-                ("kmeans_seed".into(), serde_json::json!(args.seed)),
-                ("cluster_images".into(), serde_json::json!(report.images_used)),
-                ("cluster_vectors".into(), serde_json::json!(report.vectors)),
-            ]),
-        },
+        input: target.policy,
+        provenance,
         metrics: BTreeMap::new(),
         sha256: BTreeMap::new(),
     };
     let tensors = embedder.to_tensor_map("picie");
-    let pkg = Package::write(&args.out, PackageContents { manifest, onnx: &onnx, weights: &tensors, centroids: &centroids }, args.replace)?;
+    let pkg = Package::write(target.out, PackageContents { manifest, onnx: &onnx, weights: &tensors, centroids: &centroids }, target.replace)?;
     Ok((pkg, report))
 }
 
@@ -132,4 +153,82 @@ pub fn export_package(model: &Path, out: &Path) -> Result<()> {
     let embedder = Embedder::load(pkg.manifest.embedder, &weights, &cpu_device())
         .with_context(|| format!("loading {}", pkg.weights_path().display()))?;
     export::export_onnx(&embedder, pkg.manifest.embedder, out)
+}
+
+/// Where `picie train` starts from.
+pub enum TrainInit {
+    /// The pretrained backbone with a seeded FPN.
+    Backbone { kind: BackboneKind, weights: PathBuf },
+    /// An existing package's embedder (fine-tuning).
+    Package(PathBuf),
+}
+
+pub struct TrainArgs {
+    pub images: PathBuf,
+    pub out: PathBuf,
+    pub init: TrainInit,
+    pub config: crate::train::picie::TrainConfig,
+    /// K of the written package (default: the training K).
+    pub package_k: Option<usize>,
+    pub checkpoint: PathBuf,
+    pub resume: bool,
+    pub name: String,
+    pub replace: bool,
+    pub command: String,
+}
+
+/// `picie train`: PiCIE on the images, then a package clustered with the trained embedder.
+/// Returns None when `on` stopped it (the last epoch's checkpoint is kept).
+pub fn train(args: &TrainArgs, on: &mut dyn FnMut(&crate::train::picie::Progress) -> bool) -> Result<Option<(Package, ClusterReport)>> {
+    use crate::train::picie::{Frames, Trainer};
+    let paths = list_images(&args.images)?;
+    let frames = Frames::load(&paths, args.config.size);
+    if !frames.skipped.is_empty() {
+        tracing::warn!(skipped = frames.skipped.len(), files = ?frames.skipped, "unreadable images skipped");
+    }
+    args.config.validate(frames.frames.len())?;
+    let (embedder_config, weights, source, policy) = match &args.init {
+        TrainInit::Backbone { kind, weights } => {
+            let config = EmbedderConfig::new(*kind);
+            let backbone = TensorMap::load_safetensors(weights)?;
+            let e = Embedder::from_backbone(config, &backbone.sub("backbone"), args.config.seed, &cpu_device())?;
+            (config, e.to_tensor_map("init"), weights.display().to_string(), InputPolicy::default())
+        }
+        TrainInit::Package(dir) => {
+            let pkg = Package::load(dir)?;
+            (pkg.manifest.embedder, pkg.load_weights()?, pkg.version(), pkg.manifest.input)
+        }
+    };
+    let mut trainer = if args.resume && args.checkpoint.join(crate::train::picie::CHECKPOINT_STATE).exists() {
+        let t = Trainer::resume(args.config.clone(), embedder_config, &args.checkpoint)?;
+        tracing::info!(epochs_done = t.epochs_done, "resuming from {}", args.checkpoint.display());
+        t
+    } else {
+        if args.resume {
+            tracing::warn!("no checkpoint at {}: starting from the beginning", args.checkpoint.display());
+        }
+        Trainer::new(args.config.clone(), embedder_config, &weights)?
+    };
+    if !trainer.run(&frames, &args.checkpoint, on)? {
+        return Ok(None);
+    }
+    let model = trainer.model.valid();
+    let provenance = Provenance {
+        created_at: crate::package::now_rfc3339(),
+        picie_version: env!("CARGO_PKG_VERSION").into(),
+        command: args.command.clone(),
+        backbone_weights: source,
+        trained: true,
+        parent: None,
+        details: BTreeMap::from([
+            ("train".into(), serde_json::to_value(&args.config)?),
+            ("train_images".into(), serde_json::json!(frames.frames.len())),
+            ("skipped".into(), serde_json::json!(frames.skipped)),
+            ("epoch_losses".into(), serde_json::json!(trainer.losses)),
+        ]),
+    };
+    let k = args.package_k.unwrap_or(args.config.k);
+    let target = PackageTarget { out: &args.out, name: &args.name, policy, replace: args.replace };
+    let readable: Vec<PathBuf> = paths.iter().filter(|p| !frames.skipped.contains(&p.display().to_string())).cloned().collect();
+    package_from_embedder(&model, embedder_config, &readable, KMeansConfig::new(k, args.config.seed), provenance, &target).map(Some)
 }

@@ -3,6 +3,7 @@
 //! Dependencies point one way: `server` -> `infer`/`train` -> `model`/`package`.
 
 pub mod commands;
+pub mod eval;
 pub mod infer;
 pub mod model;
 pub mod package;

@@ -21,6 +21,10 @@ enum Command {
     Serve(picie::server::ServeConfig),
     /// Print the OpenAPI document.
     Openapi,
+    /// Train the embedder with PiCIE on unlabeled images and write a package.
+    Train(TrainCli),
+    /// Score packages on labelled images (PiCIE protocol: Hungarian-matched pixel accuracy and mIoU).
+    Eval(EvalCli),
     /// Backbone weights: import torch checkpoints, check them on ImageNet.
     Weights {
         #[command(subcommand)]
@@ -48,6 +52,82 @@ enum Command {
         device: DeviceChoice,
         images: Vec<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct TrainCli {
+    /// Folder of unlabeled training images.
+    #[arg(long)]
+    images: PathBuf,
+    /// The package to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Fine-tune this package's embedder instead of starting from the pretrained backbone.
+    #[arg(long)]
+    from: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "efficientnet-lite0")]
+    backbone: BackboneKind,
+    #[arg(long, default_value = ".weights/efficientnet-lite0.safetensors")]
+    backbone_weights: PathBuf,
+    #[arg(long, default_value_t = 27)]
+    k: usize,
+    #[arg(long, default_value_t = 100)]
+    k2: usize,
+    /// K of the written package's centroids (default: --k).
+    #[arg(long)]
+    package_k: Option<usize>,
+    #[arg(long, default_value_t = 5)]
+    epochs: usize,
+    #[arg(long, default_value_t = 320)]
+    size: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "frequency")]
+    balance: picie::train::loss::Balance,
+    /// Keep backbone layers up to this stride frozen (0, 4, 8, 16, 32).
+    #[arg(long, default_value_t = 0)]
+    freeze_stride: usize,
+    /// Checkpoint folder (default: OUT.checkpoint).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Continue from the checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, default_value = "picie")]
+    name: String,
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
+struct EvalCli {
+    #[arg(long, default_value = "models/default")]
+    model: PathBuf,
+    /// Also score this package (e.g. the untrained default) in the same run.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    #[arg(long)]
+    images: PathBuf,
+    #[arg(long)]
+    labels: PathBuf,
+    /// Images whose features the fresh k-means runs on (default: the package's own centroids).
+    #[arg(long)]
+    cluster_images: Option<PathBuf>,
+    /// Number of label classes (default: the largest label + 1, 255 ignored).
+    #[arg(long)]
+    classes: Option<usize>,
+    /// Names of the label classes, comma-separated, for the per-class table.
+    #[arg(long)]
+    class_names: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the reports as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -114,6 +194,8 @@ fn run(cli: Cli) -> Result<()> {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(picie::server::serve(cfg))?;
         }
         Command::Openapi => println!("{}", picie::server::openapi_json()),
+        Command::Train(t) => train(t)?,
+        Command::Eval(e) => eval(e)?,
         Command::Weights { command: WeightsCommand::Import { backbone, checkpoint, out } } => {
             let n = commands::import_weights(backbone, &checkpoint, &out)?;
             println!("wrote {} ({n} tensors)", out.display());
@@ -168,6 +250,134 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{} -> {}", path.display(), dest.display());
             }
         }
+    }
+    Ok(())
+}
+
+fn train(t: TrainCli) -> Result<()> {
+    use picie::commands::{TrainArgs, TrainInit};
+    use picie::train::picie::TrainConfig;
+    let config = TrainConfig {
+        k: t.k,
+        k2: t.k2,
+        epochs: t.epochs,
+        size: t.size,
+        batch: t.batch,
+        lr: t.lr,
+        seed: t.seed,
+        balance: t.balance,
+        freeze_stride: t.freeze_stride,
+        ..TrainConfig::default()
+    };
+    let init = match t.from {
+        Some(p) => TrainInit::Package(p),
+        None => TrainInit::Backbone { kind: t.backbone, weights: t.backbone_weights },
+    };
+    let args = TrainArgs {
+        checkpoint: t.checkpoint.unwrap_or_else(|| t.out.with_extension("checkpoint")),
+        images: t.images,
+        out: t.out,
+        init,
+        config,
+        package_k: t.package_k,
+        resume: t.resume,
+        name: t.name,
+        replace: t.force,
+        command: std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
+    };
+    let start = std::time::Instant::now();
+    let mut bar = ProgressBar::default();
+    match picie::commands::train(&args, &mut |p| {
+        bar.draw(p, start.elapsed());
+        true
+    })? {
+        Some((pkg, report)) => {
+            eprintln!();
+            println!("wrote {} (K = {}, trained on {} images)", pkg.dir.display(), pkg.manifest.k, report.images_used);
+        }
+        None => println!("stopped; the last checkpoint is in {}", args.checkpoint.display()),
+    }
+    Ok(())
+}
+
+/// A one-line progress bar on stderr: phase, step, loss, pixels/s and ETA.
+#[derive(Default)]
+struct ProgressBar {
+    last_draw: Option<std::time::Instant>,
+}
+
+impl ProgressBar {
+    fn draw(&mut self, p: &picie::train::picie::Progress, elapsed: std::time::Duration) {
+        let now = std::time::Instant::now();
+        if self.last_draw.is_some_and(|t| now - t < std::time::Duration::from_millis(250)) && p.step != p.steps {
+            return;
+        }
+        self.last_draw = Some(now);
+        let f = p.fraction();
+        let width = 30;
+        let filled = (f * width as f64).round() as usize;
+        let eta = if f > 0.0 { elapsed.as_secs_f64() * (1.0 - f) / f } else { 0.0 };
+        let loss = p.loss.map(|l| format!(" loss {l:.4}")).unwrap_or_default();
+        eprint!(
+            "\r[{}{}] {:>5.1}% epoch {}/{} {} {}/{}{loss} | {:.0} kpx/s | ETA {:02}:{:02}:{:02}   ",
+            "#".repeat(filled),
+            ".".repeat(width - filled),
+            100.0 * f,
+            p.epoch + 1,
+            p.epochs,
+            p.phase,
+            p.step,
+            p.steps,
+            p.pixels_per_sec / 1000.0,
+            eta as u64 / 3600,
+            eta as u64 / 60 % 60,
+            eta as u64 % 60
+        );
+        if p.phase == "train" && p.step == p.steps {
+            eprintln!();
+        }
+    }
+}
+
+fn eval(e: EvalCli) -> Result<()> {
+    use picie::eval::{evaluate, paired_files, table, Clusters};
+    let pairs = paired_files(&e.images, &e.labels)?;
+    let classes = match e.classes {
+        Some(c) => c,
+        None => {
+            let mut max = 0u8;
+            for (_, l) in &pairs {
+                for p in image::open(l)?.to_luma8().pixels() {
+                    if p[0] != picie::eval::IGNORE_LABEL {
+                        max = max.max(p[0]);
+                    }
+                }
+            }
+            max as usize + 1
+        }
+    };
+    let cluster_paths = match &e.cluster_images {
+        Some(d) => Some(picie::train::cluster::list_images(d)?),
+        None => None,
+    };
+    let clusters = || match &cluster_paths {
+        Some(p) => Clusters::Fresh { images: p, seed: e.seed },
+        None => Clusters::Package,
+    };
+    let mut reports = vec![];
+    for model in e.baseline.iter().chain(std::iter::once(&e.model)) {
+        let mut r = evaluate(model, &pairs, classes, clusters(), DeviceChoice::Auto)?;
+        r.model = model.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
+        reports.push(r);
+    }
+    let names: Vec<String> = match &e.class_names {
+        Some(n) => n.split(',').map(|s| s.trim().to_string()).collect(),
+        None => (0..classes).map(|c| format!("class {c}")).collect(),
+    };
+    println!("{} images, {} classes, {}", pairs.len(), classes, if e.cluster_images.is_some() { "fresh k-means per model" } else { "package centroids" });
+    print!("{}", table(&reports, &names));
+    if let Some(j) = e.json {
+        std::fs::write(&j, serde_json::to_vec_pretty(&reports)?)?;
     }
     Ok(())
 }

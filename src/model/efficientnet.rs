@@ -27,7 +27,7 @@ const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
 ];
 
 /// Indices of the blocks whose outputs are the stride 4, 8, 16 and 32 features.
-const TAP_BLOCKS: [usize; 4] = [2, 4, 10, 15];
+pub const TAP_BLOCKS: [usize; 4] = [2, 4, 10, 15];
 pub const TAP_CHANNELS: [usize; 4] = [24, 40, 112, 320];
 
 #[derive(Clone, Copy, Debug)]

@@ -79,6 +79,32 @@ impl Backbone {
         }
     }
 
+    /// Freezes (no gradient, batch norm on running statistics) every layer up to and including
+    /// the one that produces the tap at `stride` (4, 8, 16 or 32); 0 freezes nothing.
+    pub fn freeze_through(self, stride: usize) -> Self {
+        let taps = match stride {
+            0 => return self,
+            4 => 1,
+            8 => 2,
+            16 => 3,
+            _ => 4,
+        };
+        match self {
+            Backbone::Lite0(mut m) => {
+                m.stem = m.stem.freeze();
+                let last = super::efficientnet::TAP_BLOCKS[taps - 1];
+                m.blocks = m.blocks.into_iter().enumerate().map(|(i, b)| if i <= last { b.freeze() } else { b }).collect();
+                Backbone::Lite0(m)
+            }
+            Backbone::ResNet18(mut m) => {
+                m.stem = m.stem.freeze();
+                let last = 2 * taps - 1;
+                m.blocks = m.blocks.into_iter().enumerate().map(|(i, b)| if i <= last { b.freeze() } else { b }).collect();
+                Backbone::ResNet18(m)
+            }
+        }
+    }
+
     pub fn emit(&self, g: &mut GraphBuilder, x: &str) -> [String; 4] {
         match self {
             Backbone::Lite0(m) => m.emit(g, x),

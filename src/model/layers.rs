@@ -55,6 +55,14 @@ fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
+/// A trainable parameter whose id derives from its tensor name, so an optimizer state saved
+/// with a checkpoint finds its parameters again after the weights are reloaded.
+pub fn named_param<const D: usize>(name: &str, value: Tensor<D>) -> burn::module::Param<Tensor<D>> {
+    let mut p = burn::module::Param::from_tensor(value);
+    p.id = burn::module::ParamId::from(fnv1a(name));
+    p
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
     Identity,
@@ -176,14 +184,13 @@ impl ConvBn {
         device: &Device,
     ) -> Result<Self> {
         let mut conv = spec.empty_conv(false, device);
-        conv.weight = burn::module::Param::from_tensor(
-            src.tensor(&format!("{conv_key}.weight"), &spec.weight_shape())?.to_burn(device),
-        );
+        let wname = format!("{conv_key}.weight");
+        conv.weight = named_param(&wname, src.tensor(&wname, &spec.weight_shape())?.to_burn(device));
         let c = spec.c_out;
         let mut bn = BatchNormConfig::new(c).with_epsilon(bn_eps).init(device);
         let t = |s: &str| src.tensor(&format!("{bn_key}.{s}"), &[c]);
-        bn.gamma = burn::module::Param::from_tensor(t("weight")?.to_burn(device));
-        bn.beta = burn::module::Param::from_tensor(t("bias")?.to_burn(device));
+        bn.gamma = named_param(&format!("{bn_key}.weight"), t("weight")?.to_burn(device));
+        bn.beta = named_param(&format!("{bn_key}.bias"), t("bias")?.to_burn(device));
         bn.running_mean = burn::module::RunningState::new(t("running_mean")?.to_burn(device));
         bn.running_var = burn::module::RunningState::new(t("running_var")?.to_burn(device));
         Ok(Self { conv, bn, activation })
@@ -228,10 +235,9 @@ impl ConvBn {
 /// Convolution with bias and no normalisation (the FPN laterals).
 pub fn load_conv_bias(src: &dyn WeightSource, key: &str, spec: ConvSpec, device: &Device) -> Result<Conv2d> {
     let mut conv = spec.empty_conv(true, device);
-    conv.weight = burn::module::Param::from_tensor(src.tensor(&format!("{key}.weight"), &spec.weight_shape())?.to_burn(device));
-    conv.bias = Some(burn::module::Param::from_tensor(
-        src.tensor(&format!("{key}.bias"), &[spec.c_out])?.to_burn(device),
-    ));
+    let (wname, bname) = (format!("{key}.weight"), format!("{key}.bias"));
+    conv.weight = named_param(&wname, src.tensor(&wname, &spec.weight_shape())?.to_burn(device));
+    conv.bias = Some(named_param(&bname, src.tensor(&bname, &[spec.c_out])?.to_burn(device)));
     Ok(conv)
 }
 

@@ -40,24 +40,43 @@ pub fn normalize(v: &mut [f32]) {
     }
 }
 
-/// Nearest centroid (highest dot product) and that similarity, for each row of `data`.
+/// Rows scored per matrix product when assigning.
+const ASSIGN_CHUNK: usize = 4096;
+
+/// Nearest centroid (highest dot product) and that similarity, for each row of `data`: one
+/// matrix product per chunk of rows (SIMD sgemm), chunks in parallel.
 pub fn assign(data: &[f32], dim: usize, centroids: &[f32]) -> (Vec<u32>, Vec<f32>) {
     let k = centroids.len() / dim;
-    data.par_chunks(dim)
-        .map(|x| {
-            let mut best = 0u32;
-            let mut best_s = f32::NEG_INFINITY;
-            for c in 0..k {
-                let mu = &centroids[c * dim..(c + 1) * dim];
-                let s: f32 = x.iter().zip(mu).map(|(a, b)| a * b).sum();
-                if s > best_s {
-                    best_s = s;
-                    best = c as u32;
+    let mu_t = ndarray::ArrayView2::from_shape((k, dim), centroids).expect("K x dim centroids").t().to_owned();
+    let per_chunk: Vec<(Vec<u32>, Vec<f32>)> = data
+        .par_chunks(ASSIGN_CHUNK * dim)
+        .map(|chunk| {
+            let rows = chunk.len() / dim;
+            let x = ndarray::ArrayView2::from_shape((rows, dim), chunk).expect("rows x dim");
+            let sims = x.dot(&mu_t);
+            let mut labels = Vec::with_capacity(rows);
+            let mut best = Vec::with_capacity(rows);
+            for row in sims.rows() {
+                let (mut bi, mut bs) = (0u32, f32::NEG_INFINITY);
+                for (c, &s) in row.iter().enumerate() {
+                    if s > bs {
+                        bs = s;
+                        bi = c as u32;
+                    }
                 }
+                labels.push(bi);
+                best.push(bs);
             }
-            (best, best_s)
+            (labels, best)
         })
-        .unzip()
+        .collect();
+    let mut labels = Vec::with_capacity(data.len() / dim);
+    let mut sims = Vec::with_capacity(data.len() / dim);
+    for (l, s) in per_chunk {
+        labels.extend(l);
+        sims.extend(s);
+    }
+    (labels, sims)
 }
 
 impl SphericalKMeans {

@@ -1,4 +1,8 @@
-//! Unsupervised learning: clustering of pixel features (and, later, PiCIE training).
+//! Unsupervised learning: photometric and geometric views, clustering of pixel features, the
+//! PiCIE loss and training loop.
 
+pub mod augment;
 pub mod cluster;
 pub mod kmeans;
+pub mod loss;
+pub mod picie;

@@ -1,0 +1,204 @@
+//! The PiCIE evaluation protocol (needs labels; only for measuring): fresh spherical k-means with
+//! K = number of label classes on the cluster images' features (or the package's own
+//! centroids), every labelled pixel assigned, a K x C confusion matrix with the ignore label
+//! left out, Hungarian matching of clusters to classes (maximising matched pixels), then pixel
+//! accuracy, per-class IoU and mIoU under that matching.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use pathfinding::prelude::{kuhn_munkres, Matrix};
+use serde::Serialize;
+
+use crate::infer::{preprocess, DeviceChoice, Segmenter};
+use crate::package::Package;
+use crate::train::cluster::{cluster_images, list_images, MAX_CLUSTER_VECTORS};
+use crate::train::kmeans::KMeansConfig;
+
+pub const IGNORE_LABEL: u8 = 255;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalReport {
+    pub model: String,
+    pub k: usize,
+    pub classes: usize,
+    pub pixels: u64,
+    pub pixel_accuracy: f64,
+    pub miou: f64,
+    /// IoU per label class (NaN where a class never occurs and is never predicted).
+    pub class_iou: Vec<f64>,
+    /// `matching[cluster] = class` (None for clusters left unmatched when K > C).
+    pub matching: Vec<Option<usize>>,
+    /// K x C counts: confusion[cluster][class].
+    pub confusion: Vec<Vec<u64>>,
+}
+
+/// Pairs of (image, label mask) by file stem.
+pub fn paired_files(images: &Path, labels: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
+    let imgs = list_images(images)?;
+    let mut out = vec![];
+    for i in imgs {
+        let stem = i.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let label = labels.join(format!("{stem}.png"));
+        if !label.exists() {
+            bail!("{}: no label mask {}", i.display(), label.display());
+        }
+        out.push((i, label));
+    }
+    if out.is_empty() {
+        bail!("{}: no images", images.display());
+    }
+    Ok(out)
+}
+
+/// The Hungarian matching that maximises matched pixels: `matching[cluster] = class`.
+pub fn hungarian(confusion: &[Vec<u64>]) -> Vec<Option<usize>> {
+    let k = confusion.len();
+    let c = confusion.first().map_or(0, |r| r.len());
+    let n = k.max(c);
+    // Square it with zero rows/columns; kuhn_munkres maximises.
+    let mut weights = Matrix::new(n, n, 0i64);
+    for (i, row) in confusion.iter().enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            weights[(i, j)] = v as i64;
+        }
+    }
+    let (_, assignment) = kuhn_munkres(&weights);
+    (0..k).map(|i| (assignment[i] < c).then_some(assignment[i])).collect()
+}
+
+/// Scores a confusion matrix under its Hungarian matching.
+pub fn score(confusion: Vec<Vec<u64>>, model: String) -> EvalReport {
+    let k = confusion.len();
+    let c = confusion.first().map_or(0, |r| r.len());
+    let matching = hungarian(&confusion);
+    let total: u64 = confusion.iter().flatten().sum();
+    let matched: u64 = matching.iter().enumerate().filter_map(|(i, m)| m.map(|j| confusion[i][j])).sum();
+    let class_iou: Vec<f64> = (0..c)
+        .map(|j| {
+            let gt: u64 = (0..k).map(|i| confusion[i][j]).sum();
+            let clusters: Vec<usize> = (0..k).filter(|&i| matching[i] == Some(j)).collect();
+            let tp: u64 = clusters.iter().map(|&i| confusion[i][j]).sum();
+            let pred: u64 = clusters.iter().map(|&i| confusion[i].iter().sum::<u64>()).sum();
+            let union = gt + pred - tp;
+            if union == 0 { f64::NAN } else { tp as f64 / union as f64 }
+        })
+        .collect();
+    let valid: Vec<f64> = class_iou.iter().copied().filter(|v| !v.is_nan()).collect();
+    EvalReport {
+        model,
+        k,
+        classes: c,
+        pixels: total,
+        pixel_accuracy: if total == 0 { 0.0 } else { matched as f64 / total as f64 },
+        miou: if valid.is_empty() { 0.0 } else { valid.iter().sum::<f64>() / valid.len() as f64 },
+        class_iou,
+        matching,
+        confusion,
+    }
+}
+
+/// How clusters are chosen for evaluation.
+pub enum Clusters<'a> {
+    /// Fresh k-means with K = number of classes on these images' features.
+    Fresh { images: &'a [PathBuf], seed: u64 },
+    /// The package's own centroids.
+    Package,
+}
+
+pub fn evaluate(model_dir: &Path, pairs: &[(PathBuf, PathBuf)], classes: usize, clusters: Clusters<'_>, device: DeviceChoice) -> Result<EvalReport> {
+    let pkg = Package::load(model_dir)?;
+    let name = pkg.manifest.name.clone();
+    let seg = match clusters {
+        Clusters::Package => Segmenter::from_package(pkg, device, None)?,
+        Clusters::Fresh { images, seed } => {
+            let base = Segmenter::from_package(pkg.clone(), device, None)?;
+            let (centroids, _) = cluster_images(base.session(), &pkg.manifest.input, images, KMeansConfig::new(classes, seed), MAX_CLUSTER_VECTORS, |_, _| true)?;
+            let mut fresh = pkg;
+            fresh.manifest.k = centroids.k();
+            fresh.centroids = centroids;
+            Segmenter::from_package(fresh, device, None)?
+        }
+    };
+    let k = seg.k();
+    let mut confusion = vec![vec![0u64; classes]; k];
+    for (img_path, label_path) in pairs {
+        let img = preprocess::decode_file(img_path)?;
+        let labels = image::open(label_path).with_context(|| format!("reading {}", label_path.display()))?.to_luma8();
+        if (labels.width(), labels.height()) != (img.width(), img.height()) {
+            bail!("{}: label size {}x{} differs from the image's {}x{}", label_path.display(), labels.width(), labels.height(), img.width(), img.height());
+        }
+        let mask = seg.segment(&img)?;
+        for (&p, l) in mask.labels.iter().zip(labels.pixels()) {
+            let l = l[0];
+            if l == IGNORE_LABEL {
+                continue;
+            }
+            if l as usize >= classes {
+                bail!("{}: label {l} is not below the class count {classes}", label_path.display());
+            }
+            confusion[p as usize][l as usize] += 1;
+        }
+    }
+    Ok(score(confusion, name))
+}
+
+/// A table of reports side by side, then per-class IoU.
+pub fn table(reports: &[EvalReport], class_names: &[String]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<28} {:>4} {:>10} {:>8}", "model", "K", "pixel acc", "mIoU");
+    for r in reports {
+        let _ = writeln!(out, "{:<28} {:>4} {:>10.2} {:>8.2}", r.model, r.k, 100.0 * r.pixel_accuracy, 100.0 * r.miou);
+    }
+    let _ = writeln!(out, "\nIoU per class (%)");
+    let _ = write!(out, "{:<14}", "class");
+    for r in reports {
+        let _ = write!(out, " {:>14}", r.model.chars().take(14).collect::<String>());
+    }
+    out.push('\n');
+    for (j, name) in class_names.iter().enumerate() {
+        let _ = write!(out, "{name:<14}");
+        for r in reports {
+            let _ = write!(out, " {:>14.1}", 100.0 * r.class_iou.get(j).copied().unwrap_or(f64::NAN));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hungarian_finds_the_best_matching() {
+        // Cluster 0 is mostly class 1, cluster 1 mostly class 0, cluster 2 small.
+        let conf = vec![vec![1, 10, 0], vec![8, 2, 0], vec![0, 1, 3]];
+        assert_eq!(hungarian(&conf), vec![Some(1), Some(0), Some(2)]);
+        let r = score(conf, "t".into());
+        assert_eq!(r.pixels, 25);
+        assert!((r.pixel_accuracy - 21.0 / 25.0).abs() < 1e-12);
+        // Class 0: tp 8, gt 9, predicted 10 -> 8 / 11.
+        assert!((r.class_iou[0] - 8.0 / 11.0).abs() < 1e-12);
+        assert!((r.class_iou[2] - 3.0 / 4.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn more_clusters_than_classes_leaves_some_unmatched() {
+        let conf = vec![vec![5, 0], vec![0, 5], vec![3, 1]];
+        let m = hungarian(&conf);
+        assert_eq!(m.iter().filter(|x| x.is_none()).count(), 1);
+        assert_eq!((m[0], m[1]), (Some(0), Some(1)));
+        let r = score(conf, "t".into());
+        assert!((r.pixel_accuracy - 10.0 / 14.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn absent_classes_are_left_out_of_the_mean() {
+        let conf = vec![vec![4, 0], vec![0, 0]];
+        let r = score(conf, "t".into());
+        assert!(r.class_iou[1].is_nan());
+        assert!((r.miou - 1.0).abs() < 1e-12);
+    }
+}

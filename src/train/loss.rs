@@ -1,0 +1,144 @@
+//! The PiCIE clustering loss: cross-entropy over logits -d(z, mu) (cosine distance to frozen
+//! centroids), labels = nearest centroid, within each view and across views, with a balance
+//! weight per cluster; two heads (K1 and the over-clustering K2) weighted by log K.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor};
+
+/// How each cluster's weight follows from its size n_k (N pixels in all).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    /// w_k = n_k / N, as the authors' code does (large clusters weigh more).
+    Frequency,
+    /// w_k = N / (K n_k), the usual class balancing (small clusters weigh more).
+    Inverse,
+    /// Every cluster weighs 1.
+    None,
+}
+
+impl Balance {
+    pub fn weights(self, counts: &[u64]) -> Vec<f32> {
+        let total: u64 = counts.iter().sum();
+        let k = counts.len() as f32;
+        counts
+            .iter()
+            .map(|&n| match self {
+                Balance::Frequency => n as f32 / total.max(1) as f32,
+                Balance::Inverse if n == 0 => 0.0,
+                Balance::Inverse => total as f32 / (k * n as f32),
+                Balance::None => 1.0,
+            })
+            .collect()
+    }
+}
+
+/// Pixels as rows: N x D x H x W -> (N H W) x D.
+pub fn pixels(z: Tensor<4>) -> Tensor<2> {
+    let [_, d, _, _] = z.dims();
+    z.permute([0, 2, 3, 1]).reshape([-1, d as i32])
+}
+
+/// Nearest centroid of each row (no gradient).
+pub fn nearest_labels(z: &Tensor<2>, centroids: &Tensor<2>) -> Tensor<1, Int> {
+    z.clone().detach().matmul(centroids.clone().transpose()).argmax(1).flatten(0, 1)
+}
+
+/// Weighted cross-entropy over logits -d(z, mu) = <z, mu> - 1 (z and mu unit vectors):
+/// sum_i w[y_i] * -log softmax(-d(z_i, .))[y_i] / sum_i w[y_i].
+pub fn cluster_loss(z: Tensor<2>, labels: Tensor<1, Int>, centroids: Tensor<2>, class_weights: Tensor<1>) -> Tensor<1> {
+    let [p, _] = z.dims();
+    let logits = z.matmul(centroids.transpose()) - 1.0;
+    let logp = log_softmax(logits, 1);
+    let nll = logp.gather(1, labels.clone().reshape([p as i32, 1])).reshape([p as i32]).neg();
+    let w = class_weights.select(0, labels);
+    (nll * w.clone()).sum() / w.sum().clamp_min(1e-12)
+}
+
+/// Frozen centroids and balance weights of one head for both views.
+pub struct HeadTargets {
+    pub centroids: [Tensor<2>; 2],
+    pub weights: [Tensor<1>; 2],
+}
+
+/// ((CE11 + CE22) / 2 + (CE12 + CE21) / 2) / 2 for one head, where CEab scores view a's
+/// features against view b's labels and centroids.
+pub fn head_loss(z: [&Tensor<2>; 2], head: &HeadTargets) -> Tensor<1> {
+    let labels = [nearest_labels(z[0], &head.centroids[0]), nearest_labels(z[1], &head.centroids[1])];
+    let ce = |a: usize, b: usize| cluster_loss(z[a].clone(), labels[b].clone(), head.centroids[b].clone(), head.weights[b].clone());
+    let within = (ce(0, 0) + ce(1, 1)) / 2.0;
+    let cross = (ce(0, 1) + ce(1, 0)) / 2.0;
+    (within + cross) / 2.0
+}
+
+/// The two heads combined as the paper writes it: log K2 / (log K1 + log K2) * L_K1 +
+/// log K1 / (log K1 + log K2) * L_K2. Cross-entropy grows with log K; the weights even them out.
+pub fn head_weights(k1: usize, k2: usize) -> (f32, f32) {
+    let (l1, l2) = ((k1 as f32).ln(), (k2 as f32).ln());
+    (l2 / (l1 + l2), l1 / (l1 + l2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    fn t2(v: Vec<f32>, shape: [usize; 2]) -> Tensor<2> {
+        Tensor::from_data(TensorData::new(v, shape), &Device::flex())
+    }
+
+    #[test]
+    fn cross_entropy_by_hand() {
+        // Two unit centroids on the axes, one pixel on each axis.
+        let mu = t2(vec![1.0, 0.0, 0.0, 1.0], [2, 2]);
+        let z = t2(vec![1.0, 0.0, 0.0, 1.0], [2, 2]);
+        let labels = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1], [2]), &Device::flex());
+        let w = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 1.0], [2]), &Device::flex());
+        // logits for pixel 0: [0, -1]; -log softmax[0] = log(1 + e^-1).
+        let expected = (1.0f32 + (-1.0f32).exp()).ln();
+        let got: f32 = cluster_loss(z.clone(), labels.clone(), mu.clone(), w).into_scalar();
+        assert!((got - expected).abs() < 1e-6, "{got} vs {expected}");
+
+        // Weights: only pixel 1's class counts when class 0 weighs nothing; with wrong labels
+        // the loss is log(1 + e^1).
+        let w = Tensor::<1>::from_data(TensorData::new(vec![0.0f32, 2.0], [2]), &Device::flex());
+        let swapped = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 0], [2]), &Device::flex());
+        let got: f32 = cluster_loss(z, swapped, mu, w).into_scalar();
+        assert!((got - (1.0f32 + 1.0f32.exp()).ln()).abs() < 1e-6, "{got}");
+    }
+
+    #[test]
+    fn nearest_labels_pick_the_closest_centroid() {
+        let mu = t2(vec![1.0, 0.0, 0.0, 1.0], [2, 2]);
+        let z = t2(vec![0.9, 0.1, 0.2, 0.8, 0.6, 0.4], [3, 2]);
+        let l: Vec<i64> = nearest_labels(&z, &mu).into_data().convert::<i64>().try_to_vec().unwrap();
+        assert_eq!(l, vec![0, 1, 0]);
+    }
+
+    #[test]
+    fn balance_weights_by_hand() {
+        assert_eq!(Balance::Frequency.weights(&[1, 3]), vec![0.25, 0.75]);
+        assert_eq!(Balance::Inverse.weights(&[1, 3, 0]), vec![4.0 / 3.0, 4.0 / 9.0, 0.0]);
+        assert_eq!(Balance::None.weights(&[5, 0]), vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn head_weights_follow_log_k() {
+        let (a, b) = head_weights(27, 100);
+        assert!((a + b - 1.0).abs() < 1e-6);
+        assert!((a - 100f32.ln() / (27f32.ln() + 100f32.ln())).abs() < 1e-6);
+        assert!(a > b, "the smaller K gets the larger weight");
+    }
+
+    #[test]
+    fn within_and_cross_terms_are_averaged() {
+        // Identical views and centroids: within = cross, so the head loss equals one CE term.
+        let mu = t2(vec![1.0, 0.0, 0.0, 1.0], [2, 2]);
+        let z = t2(vec![0.8, 0.6, 0.6, 0.8], [2, 2]);
+        let w = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 1.0], [2]), &Device::flex());
+        let head = HeadTargets { centroids: [mu.clone(), mu.clone()], weights: [w.clone(), w.clone()] };
+        let l: f32 = head_loss([&z, &z], &head).into_scalar();
+        let single: f32 = cluster_loss(z.clone(), nearest_labels(&z, &mu), mu, w).into_scalar();
+        assert!((l - single).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,424 @@
+//! The PiCIE training loop.
+//!
+//! Every epoch: draw two photometric views P1, P2 and one geometric transform G per image;
+//! cluster view 1 = f(G(P1 x)) and view 2 = G(f(P2 x)) separately with mini-batch spherical
+//! k-means (K1 and the over-clustering K2); then train f with the clustering loss against those
+//! frozen centroids, within and across views. Adam, batch norm in training mode, a checkpoint
+//! after every epoch.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::augment::{square_frame, Geometric, Photometric, PhotometricConfig};
+use super::kmeans::{KMeansConfig, SphericalKMeans};
+use super::loss::{head_loss, head_weights, pixels, Balance, HeadTargets};
+use crate::model::embedder::OUTPUT_STRIDE;
+use crate::model::{Embedder, EmbedderConfig, TensorMap};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Clusters of the main head during training.
+    pub k: usize,
+    /// Clusters of the over-clustering head.
+    pub k2: usize,
+    pub epochs: usize,
+    /// Side of the square training frames (a multiple of 32).
+    pub size: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub seed: u64,
+    pub balance: Balance,
+    /// Smallest crop side as a fraction of the frame.
+    pub min_crop: f32,
+    /// Batches whose features initialise k-means (k-means++ and Lloyd) each epoch.
+    pub init_batches: usize,
+    /// Pixel features per image and view that go into clustering.
+    pub vectors_per_image: usize,
+    /// Backbone layers up to this stride (4, 8, 16, 32) stay frozen; 0 trains everything.
+    /// Freezing the high-resolution layers keeps the ImageNet features of a small dataset
+    /// from being destroyed and skips the most expensive part of the backward pass.
+    pub freeze_stride: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            k: 27,
+            k2: 100,
+            epochs: 5,
+            size: 320,
+            batch: 8,
+            lr: 1e-4,
+            seed: 0,
+            balance: Balance::Frequency,
+            min_crop: 0.5,
+            init_batches: 20,
+            vectors_per_image: 2000,
+            freeze_stride: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self, images: usize) -> Result<()> {
+        if self.k < 2 {
+            bail!("k must be at least 2 (got {})", self.k);
+        }
+        if self.k2 <= self.k {
+            bail!("k2 must be larger than k (got k = {}, k2 = {})", self.k, self.k2);
+        }
+        if self.size == 0 || self.size % 32 != 0 {
+            bail!("size must be a positive multiple of 32 (got {})", self.size);
+        }
+        if self.batch == 0 || self.epochs == 0 {
+            bail!("batch and epochs must be positive");
+        }
+        if ![0, 4, 8, 16, 32].contains(&self.freeze_stride) {
+            bail!("freeze stride must be 0, 4, 8, 16 or 32 (got {})", self.freeze_stride);
+        }
+        if images < 2 {
+            bail!("training needs at least 2 readable images (got {images})");
+        }
+        if images * self.vectors_per_image.min(self.cells() * self.cells()) < self.k2 {
+            bail!("{images} images give too few pixel features for k2 = {} clusters", self.k2);
+        }
+        Ok(())
+    }
+
+    fn cells(&self) -> usize {
+        self.size / OUTPUT_STRIDE
+    }
+}
+
+/// What the loop reports after each step.
+#[derive(Clone, Debug, Serialize)]
+pub struct Progress {
+    pub epoch: usize,
+    pub epochs: usize,
+    /// `cluster` or `train`.
+    pub phase: &'static str,
+    pub step: usize,
+    pub steps: usize,
+    /// Mean loss of the epoch so far (train phase).
+    pub loss: Option<f32>,
+    pub pixels_per_sec: f64,
+}
+
+impl Progress {
+    /// Overall fraction done, counting the clustering pass as a third of an epoch.
+    pub fn fraction(&self) -> f64 {
+        let within = match self.phase {
+            "cluster" => self.step as f64 / self.steps.max(1) as f64 / 3.0,
+            _ => 1.0 / 3.0 + 2.0 / 3.0 * self.step as f64 / self.steps.max(1) as f64,
+        };
+        (self.epoch as f64 + within) / self.epochs.max(1) as f64
+    }
+}
+
+/// Training frames, prepared once: square `size` crops in [0, 1].
+pub struct Frames {
+    pub size: usize,
+    pub frames: Vec<Vec<f32>>,
+    pub skipped: Vec<String>,
+}
+
+impl Frames {
+    pub fn load(paths: &[PathBuf], size: usize) -> Self {
+        let mut frames = vec![];
+        let mut skipped = vec![];
+        for p in paths {
+            match crate::infer::preprocess::decode_file(p) {
+                Ok(img) => frames.push(square_frame(&img, size as u32)),
+                Err(e) => {
+                    tracing::warn!(file = %p.display(), error = %e, "skipping unreadable image");
+                    skipped.push(p.display().to_string());
+                }
+            }
+        }
+        Self { size, frames, skipped }
+    }
+}
+
+/// The draws of one image for one epoch.
+#[derive(Clone, Copy, Debug)]
+struct Draw {
+    p1: Photometric,
+    p2: Photometric,
+    g: Geometric,
+}
+
+/// Crops each image of the batch to its box (in cells of `scale` pixels), resizes it back to
+/// the full size (bilinear, half-pixel), and flips it when drawn: G on images (scale 4) and on
+/// feature maps (scale 1).
+fn apply_geometric(x: Tensor<4>, geos: &[Geometric], scale: usize) -> Tensor<4> {
+    let [n, c, h, w] = x.dims();
+    let parts: Vec<Tensor<4>> = (0..n)
+        .map(|i| {
+            let g = geos[i];
+            let (y0, x0, side) = (g.y0 * scale, g.x0 * scale, g.side * scale);
+            let mut t = x.clone().slice([i..i + 1, 0..c, y0..y0 + side, x0..x0 + side]);
+            if side != h || side != w {
+                t = interpolate(t, InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([h, w]));
+            }
+            if g.flip {
+                t = t.flip([3]);
+            }
+            t
+        })
+        .collect();
+    Tensor::cat(parts, 0)
+}
+
+/// The two network inputs of a batch: P1(x) (G applied later, on the tensor) and P2(x).
+fn photometric_batch(frames: &Frames, idx: &[usize], draws: &[Draw], device: &Device) -> (Tensor<4>, Tensor<4>) {
+    let s = frames.size;
+    let mut a = Vec::with_capacity(idx.len() * 3 * s * s);
+    let mut b = Vec::with_capacity(idx.len() * 3 * s * s);
+    for &i in idx {
+        let mut v1 = frames.frames[i].clone();
+        draws[i].p1.apply(&mut v1, s, s);
+        a.extend(v1);
+        let mut v2 = frames.frames[i].clone();
+        draws[i].p2.apply(&mut v2, s, s);
+        b.extend(v2);
+    }
+    let shape = [idx.len(), 3, s, s];
+    (Tensor::from_data(TensorData::new(a, shape), device), Tensor::from_data(TensorData::new(b, shape), device))
+}
+
+/// View 1 = f(G(P1 x)), view 2 = G(f(P2 x)), both N x D x cells x cells.
+fn views(model: &Embedder, p1: Tensor<4>, p2: Tensor<4>, geos: &[Geometric]) -> (Tensor<4>, Tensor<4>) {
+    let z1 = model.forward(apply_geometric(p1, geos, OUTPUT_STRIDE));
+    let z2 = apply_geometric(model.forward(p2), geos, 1);
+    (z1, z2)
+}
+
+/// Everything needed to continue a run.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct CheckpointState {
+    pub epochs_done: usize,
+    pub config: TrainConfig,
+    pub embedder: EmbedderConfig,
+    pub losses: Vec<f32>,
+}
+
+pub const CHECKPOINT_WEIGHTS: &str = "weights.safetensors";
+pub const CHECKPOINT_OPTIM: &str = "optimizer.bpk";
+pub const CHECKPOINT_STATE: &str = "state.json";
+
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub embedder_config: EmbedderConfig,
+    pub model: Embedder,
+    optim: ModuleOptimizer,
+    device: Device,
+    pub epochs_done: usize,
+    pub losses: Vec<f32>,
+}
+
+impl Trainer {
+    /// Starts from weights (a pretrained backbone with a seeded FPN, or a package's embedder).
+    pub fn new(config: TrainConfig, embedder_config: EmbedderConfig, weights: &TensorMap) -> Result<Self> {
+        let device = Device::flex().autodiff();
+        let mut model = Embedder::load(embedder_config, weights, &device)?;
+        model.backbone = model.backbone.freeze_through(config.freeze_stride);
+        Ok(Self { config, embedder_config, model, optim: AdamConfig::new().with_epsilon(1e-8).init(), device, epochs_done: 0, losses: vec![] })
+    }
+
+    /// Continues from a checkpoint folder; its settings must match `config` (the epoch count may grow).
+    pub fn resume(config: TrainConfig, embedder_config: EmbedderConfig, dir: &Path) -> Result<Self> {
+        let state_path = dir.join(CHECKPOINT_STATE);
+        let state: CheckpointState = serde_json::from_slice(&std::fs::read(&state_path).with_context(|| format!("reading {}", state_path.display()))?)
+            .with_context(|| format!("{}: broken checkpoint state", state_path.display()))?;
+        let same = TrainConfig { epochs: state.config.epochs, ..config.clone() };
+        if same != state.config || state.embedder != embedder_config {
+            bail!(
+                "{}: the checkpoint was made with different settings ({:?}, {:?}); rerun with those or start without --resume",
+                dir.display(),
+                state.config,
+                state.embedder
+            );
+        }
+        let weights = TensorMap::load_safetensors(&dir.join(CHECKPOINT_WEIGHTS))?;
+        let mut t = Self::new(config, embedder_config, &weights)?;
+        let record = burn::optim::OptimizerRecord::load(dir.join(CHECKPOINT_OPTIM))
+            .map_err(|e| anyhow::anyhow!("{}: {e:?}", dir.join(CHECKPOINT_OPTIM).display()))?;
+        t.optim = AdamConfig::new().with_epsilon(1e-8).init().load_record(record);
+        t.epochs_done = state.epochs_done;
+        t.losses = state.losses;
+        Ok(t)
+    }
+
+    fn draws(&self, epoch: usize, n: usize) -> Vec<Draw> {
+        let c = PhotometricConfig::default();
+        let cells = self.config.cells();
+        (0..n)
+            .map(|i| {
+                let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ ((epoch as u64) << 32) ^ (i as u64).wrapping_mul(0x9E37_79B9));
+                Draw {
+                    p1: Photometric::sample(&mut rng, &c),
+                    p2: Photometric::sample(&mut rng, &c),
+                    g: Geometric::sample(&mut rng, cells, self.config.min_crop),
+                }
+            })
+            .collect()
+    }
+
+    fn batches(&self, epoch: usize, n: usize) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(self.config.seed.wrapping_add(epoch as u64 * 7919)));
+        order.chunks(self.config.batch).map(|c| c.to_vec()).collect()
+    }
+
+    /// The clustering pass: four mini-batch k-means (two views x two heads) on this epoch's views.
+    fn cluster(&self, frames: &Frames, draws: &[Draw], batches: &[Vec<usize>], epoch: usize, on: &mut dyn FnMut(&Progress) -> bool) -> Result<Option<[[SphericalKMeans; 2]; 2]>> {
+        let model = self.model.valid();
+        let plain = Device::flex();
+        let dim = self.embedder_config.dim;
+        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ 0xC1u64 ^ epoch as u64);
+        let mut sample = [Vec::<f32>::new(), Vec::<f32>::new()];
+        let mut km: Option<[[SphericalKMeans; 2]; 2]> = None;
+        let init_batches = self.config.init_batches.min(batches.len()).max(1);
+        let start = Instant::now();
+        for (b, idx) in batches.iter().enumerate() {
+            let (p1, p2) = photometric_batch(frames, idx, draws, &plain);
+            let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
+            let (z1, z2) = views(&model, p1, p2, &geos);
+            let per_image = self.config.vectors_per_image.min(self.config.cells() * self.config.cells());
+            let mut rows = [vec![], vec![]];
+            for (v, z) in [z1, z2].into_iter().enumerate() {
+                let data: Vec<f32> = pixels(z).into_data().try_to_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let per = self.config.cells() * self.config.cells();
+                for img in 0..idx.len() {
+                    for _ in 0..per_image {
+                        let p = img * per + rng.random_range(0..per);
+                        rows[v].extend_from_slice(&data[p * dim..(p + 1) * dim]);
+                    }
+                }
+            }
+            match &mut km {
+                None => {
+                    sample[0].extend_from_slice(&rows[0]);
+                    sample[1].extend_from_slice(&rows[1]);
+                    if b + 1 == init_batches {
+                        let init = |v: usize, k: usize, salt: u64| SphericalKMeans::init(&sample[v], dim, KMeansConfig::new(k, self.config.seed ^ salt ^ epoch as u64));
+                        km = Some([
+                            [init(0, self.config.k, 1)?, init(1, self.config.k, 2)?],
+                            [init(0, self.config.k2, 3)?, init(1, self.config.k2, 4)?],
+                        ]);
+                    }
+                }
+                Some(km) => {
+                    for head in km.iter_mut() {
+                        head[0].update(&rows[0]);
+                        head[1].update(&rows[1]);
+                    }
+                }
+            }
+            let px = ((b + 1) * self.config.batch * 2 * self.config.size * self.config.size) as f64;
+            let p = Progress { epoch, epochs: self.config.epochs, phase: "cluster", step: b + 1, steps: batches.len(), loss: None, pixels_per_sec: px / start.elapsed().as_secs_f64() };
+            if !on(&p) {
+                return Ok(None);
+            }
+        }
+        Ok(km)
+    }
+
+    /// Runs the remaining epochs. `on` sees every step and returns false to stop; the last
+    /// completed epoch's checkpoint is kept. Returns whether all epochs ran.
+    pub fn run(&mut self, frames: &Frames, checkpoint_dir: &Path, on: &mut dyn FnMut(&Progress) -> bool) -> Result<bool> {
+        self.config.validate(frames.frames.len())?;
+        let (w1, w2) = head_weights(self.config.k, self.config.k2);
+        while self.epochs_done < self.config.epochs {
+            let epoch = self.epochs_done;
+            let draws = self.draws(epoch, frames.frames.len());
+            let batches = self.batches(epoch, frames.frames.len());
+            let Some(km) = self.cluster(frames, &draws, &batches, epoch, on)? else { return Ok(false) };
+            let targets: Vec<HeadTargets> = km
+                .iter()
+                .map(|head| {
+                    let c = |v: usize| {
+                        let h = &head[v];
+                        Tensor::<2>::from_data(TensorData::new(h.centroids.clone(), [h.k, h.dim]), &self.device)
+                    };
+                    let w = |v: usize| {
+                        let ws = self.config.balance.weights(&head[v].counts);
+                        Tensor::<1>::from_data(TensorData::new(ws.clone(), [ws.len()]), &self.device)
+                    };
+                    HeadTargets { centroids: [c(0), c(1)], weights: [w(0), w(1)] }
+                })
+                .collect();
+
+            let start = Instant::now();
+            let mut total = 0.0f64;
+            for (b, idx) in batches.iter().enumerate() {
+                let (p1, p2) = photometric_batch(frames, idx, &draws, &self.device);
+                let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
+                let (z1, z2) = views(&self.model, p1, p2, &geos);
+                let (z1, z2) = (pixels(z1), pixels(z2));
+                let loss = head_loss([&z1, &z2], &targets[0]) * w1 + head_loss([&z1, &z2], &targets[1]) * w2;
+                let value: f32 = loss.clone().into_scalar();
+                if !value.is_finite() {
+                    bail!("the loss became {value} at epoch {} step {}; lower the learning rate", epoch + 1, b + 1);
+                }
+                let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+                self.model = self.optim.step(self.config.lr, self.model.clone(), grads);
+                total += value as f64;
+                let px = ((b + 1) * self.config.batch * 2 * self.config.size * self.config.size) as f64;
+                let p = Progress {
+                    epoch,
+                    epochs: self.config.epochs,
+                    phase: "train",
+                    step: b + 1,
+                    steps: batches.len(),
+                    loss: Some((total / (b + 1) as f64) as f32),
+                    pixels_per_sec: px / start.elapsed().as_secs_f64(),
+                };
+                if !on(&p) {
+                    return Ok(false);
+                }
+            }
+            self.losses.push((total / batches.len() as f64) as f32);
+            self.epochs_done += 1;
+            self.save_checkpoint(checkpoint_dir)?;
+        }
+        Ok(true)
+    }
+
+    /// Writes weights, optimizer state and progress to a temporary folder, then swaps it in.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)?;
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
+        let tmp = parent.join(format!(".{name}.partial-{}", crate::util::unique()));
+        std::fs::create_dir_all(&tmp)?;
+        self.weights().save_safetensors(&tmp.join(CHECKPOINT_WEIGHTS))?;
+        self.optim.to_record().save(tmp.join(CHECKPOINT_OPTIM)).map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"))?;
+        let state = CheckpointState { epochs_done: self.epochs_done, config: self.config.clone(), embedder: self.embedder_config, losses: self.losses.clone() };
+        std::fs::write(tmp.join(CHECKPOINT_STATE), serde_json::to_vec_pretty(&state)?)?;
+        if dir.exists() {
+            let old = parent.join(format!(".{name}.old-{}", crate::util::unique()));
+            std::fs::rename(dir, &old)?;
+            std::fs::rename(&tmp, dir)?;
+            let _ = std::fs::remove_dir_all(old);
+        } else {
+            std::fs::rename(&tmp, dir)?;
+        }
+        Ok(())
+    }
+
+    pub fn weights(&self) -> TensorMap {
+        self.model.valid().to_tensor_map("picie train")
+    }
+}

@@ -1,0 +1,129 @@
+//! PiCIE training end to end on the shipped photos (tiny sizes), resume, bad input, and eval.
+
+mod common;
+
+use std::path::PathBuf;
+
+use picie::commands::{train, TrainArgs, TrainInit};
+use picie::model::BackboneKind;
+use picie::package::Package;
+use picie::train::loss::Balance;
+use picie::train::picie::{TrainConfig, CHECKPOINT_STATE};
+
+fn tiny(epochs: usize) -> TrainConfig {
+    TrainConfig { k: 3, k2: 5, epochs, size: 64, batch: 2, lr: 1e-4, seed: 7, balance: Balance::Frequency, init_batches: 1, vectors_per_image: 64, freeze_stride: 4, ..TrainConfig::default() }
+}
+
+fn args(dir: &std::path::Path, config: TrainConfig, resume: bool) -> TrainArgs {
+    TrainArgs {
+        images: common::root().join("fixtures/images"),
+        out: dir.join("pkg"),
+        init: TrainInit::Backbone { kind: BackboneKind::EfficientnetLite0, weights: common::lite0_safetensors().to_path_buf() },
+        config,
+        package_k: Some(4),
+        checkpoint: dir.join("ckpt"),
+        resume,
+        name: "tiny".into(),
+        replace: true,
+        command: "test".into(),
+    }
+}
+
+#[test]
+fn trains_checkpoints_resumes_and_writes_a_package() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two epochs straight.
+    let mut steps = 0;
+    let (pkg, report) = train(&args(dir.path(), tiny(2), false), &mut |p| {
+        assert!(p.fraction() >= 0.0 && p.fraction() <= 1.0);
+        steps += 1;
+        true
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(report.images_used, 4);
+    assert_eq!(pkg.manifest.k, 4);
+    assert!(pkg.manifest.provenance.trained);
+    let losses = pkg.manifest.provenance.details["epoch_losses"].as_array().unwrap().clone();
+    assert_eq!(losses.len(), 2);
+    assert!(losses.iter().all(|l| l.as_f64().unwrap().is_finite() && l.as_f64().unwrap() > 0.0));
+    assert_eq!(steps, 2 * (2 + 2), "two epochs of two clustering and two training steps");
+    Package::load(&pkg.dir).unwrap();
+
+    // Training changed the embedder but not the frozen stem.
+    let trained = pkg.load_weights().unwrap();
+    let init = picie::model::TensorMap::load_safetensors(common::lite0_safetensors()).unwrap();
+    let stem = |m: &picie::model::TensorMap| m.tensors["backbone._conv_stem.weight"].clone();
+    assert_eq!(stem(&trained), stem(&init));
+    let late = "backbone._blocks.15._project_conv.weight";
+    assert_ne!(trained.tensors[late], init.tensors[late]);
+
+    // One epoch, then resume for the second: same weights as the straight run (seeded, same draws).
+    let dir2 = tempfile::tempdir().unwrap();
+    let stopped = train(&args(dir2.path(), tiny(2), false), &mut |p| !(p.epoch == 1 && p.phase == "cluster")).unwrap();
+    assert!(stopped.is_none(), "stopping returns no package");
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir2.path().join("ckpt").join(CHECKPOINT_STATE)).unwrap()).unwrap();
+    assert_eq!(state["epochs_done"], 1);
+    assert!(!dir2.path().join("pkg").exists(), "no half-written package");
+    let (resumed, _) = train(&args(dir2.path(), tiny(2), true), &mut |_| true).unwrap().unwrap();
+    let a = pkg.load_weights().unwrap();
+    let b = resumed.load_weights().unwrap();
+    let max_diff = a
+        .tensors
+        .iter()
+        .map(|(k, t)| t.data.iter().zip(&b.tensors[k].data).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max))
+        .fold(0f32, f32::max);
+    assert!(max_diff < 1e-5, "resumed run differs by {max_diff}");
+}
+
+#[test]
+fn bad_training_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |c: TrainConfig| train(&args(dir.path(), c, false), &mut |_| true).err().map(|e| format!("{e:#}")).unwrap_or_default();
+    assert!(run(TrainConfig { k: 1, ..tiny(1) }).contains("k must be at least 2"));
+    assert!(run(TrainConfig { k2: 3, ..tiny(1) }).contains("k2 must be larger than k"));
+    assert!(run(TrainConfig { size: 70, ..tiny(1) }).contains("multiple of 32"));
+
+    // Unreadable files are skipped and named; too few readable images is an error.
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    std::fs::copy(common::fixture("chelsea.png"), imgs.join("cat.png")).unwrap();
+    std::fs::write(imgs.join("broken.jpg"), b"nope").unwrap();
+    let mut a = args(dir.path(), tiny(1), false);
+    a.images = imgs;
+    let e = format!("{:#}", train(&a, &mut |_| true).err().unwrap());
+    assert!(e.contains("at least 2 readable images"), "{e}");
+
+    // A checkpoint from other settings is not resumed.
+    let ok = args(dir.path(), tiny(1), false);
+    train(&ok, &mut |_| true).unwrap().unwrap();
+    let e = format!("{:#}", train(&args(dir.path(), TrainConfig { k: 4, ..tiny(2) }, true), &mut |_| true).err().unwrap());
+    assert!(e.contains("different settings"), "{e}");
+    assert!(Package::load(&dir.path().join("pkg")).is_ok(), "the earlier package is untouched");
+}
+
+#[test]
+fn eval_scores_a_package_against_labels() {
+    // Labels made from the package's own predictions: the package scores 100 %.
+    let dir = tempfile::tempdir().unwrap();
+    let (imgs, labels) = (dir.path().join("i"), dir.path().join("l"));
+    std::fs::create_dir_all(&imgs).unwrap();
+    std::fs::create_dir_all(&labels).unwrap();
+    let model = common::root().join("models/default");
+    let seg = picie::infer::Segmenter::load(&model, picie::infer::DeviceChoice::Cpu, None).unwrap();
+    for name in ["chelsea.png", "coffee.jpg"] {
+        std::fs::copy(common::fixture(name), imgs.join(name)).unwrap();
+        let img = picie::infer::preprocess::decode_file(&common::fixture(name)).unwrap();
+        let mut mask = seg.segment(&img).unwrap();
+        // Relabel through a permutation and mark a stripe as ignored.
+        mask.labels.iter_mut().for_each(|l| *l = (*l + 3) % 11);
+        mask.labels[..100].fill(255);
+        let stem = PathBuf::from(name).file_stem().unwrap().to_str().unwrap().to_string();
+        image::GrayImage::from_raw(mask.width, mask.height, mask.labels).unwrap().save(labels.join(format!("{stem}.png"))).unwrap();
+    }
+    let pairs = picie::eval::paired_files(&imgs, &labels).unwrap();
+    let r = picie::eval::evaluate(&model, &pairs, 11, picie::eval::Clusters::Package, picie::infer::DeviceChoice::Cpu).unwrap();
+    assert!((r.pixel_accuracy - 1.0).abs() < 1e-12, "{}", r.pixel_accuracy);
+    assert_eq!(r.pixels, (451 * 300 + 600 * 400 - 200) as u64);
+    assert_eq!(r.matching[0], Some(3));
+}

@@ -351,9 +351,26 @@ async fn dataset_recluster_activate_segment_cycle() {
     assert_eq!(s.client.get(s.url("/models/street-k3")).send().await.unwrap().status(), 404);
 
     // Bad job requests.
-    for body in [json!({"type": "recluster", "dataset": id, "k": 1}), json!({"type": "recluster", "dataset": id, "k": 3, "name": "../x"}), json!({"type": "finetune", "dataset": id})] {
+    // Fine-tuning (tiny frames to keep the test short) writes a trained version.
+    let r = s.client.post(s.url("/jobs")).json(&json!({"type": "finetune", "dataset": id, "k": 3, "k2": 5, "epochs": 1, "size": 64, "batch": 2, "package_k": 4, "name": "tuned"})).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let job: Value = r.json().await.unwrap();
+    let done = s.wait_job(job["id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["result"]["k"], 4);
+    let tuned: Value = s.client.get(s.url("/models/tuned")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(tuned["manifest"]["provenance"]["trained"], true);
+
+    for body in [
+        json!({"type": "recluster", "dataset": id, "k": 1}),
+        json!({"type": "recluster", "dataset": id, "k": 3, "name": "../x"}),
+        json!({"type": "finetune", "dataset": id, "k": 5, "k2": 5}),
+        json!({"type": "finetune", "dataset": id, "size": 100}),
+        json!({"type": "recluster", "dataset": id, "k": 3, "name": "tuned"}),
+    ] {
         let r = s.client.post(s.url("/jobs")).json(&body).send().await.unwrap();
-        assert_eq!(r.status(), 400, "{body}");
+        let expected = if body.get("name") == Some(&json!("tuned")) { 409 } else { 400 };
+        assert_eq!(r.status(), expected, "{body}");
     }
     assert_eq!(s.client.delete(s.url(&format!("/datasets/{id}"))).send().await.unwrap().status(), 204);
     s.stop().await;

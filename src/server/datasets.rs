@@ -165,6 +165,11 @@ impl DatasetStore {
         Ok(self.read_index(id)?.images.iter().map(|e| dir.join("images").join(&e.file)).collect())
     }
 
+    /// The folder holding the dataset's image files.
+    pub fn images_dir(&self, id: &str) -> ApiResult<PathBuf> {
+        Ok(self.path(id)?.join("images"))
+    }
+
     pub async fn delete(&self, id: &str) -> ApiResult<()> {
         let lock = self.lock(id);
         let _g = lock.lock().await;

@@ -60,12 +60,68 @@ pub enum JobSpec {
         #[serde(default)]
         name: Option<String>,
     },
-    /// Fine-tune the embedder with PiCIE on a dataset (not available yet).
+    /// Fine-tune the active model's embedder with PiCIE on a dataset; writes a new model version
+    /// whose centroids are re-clustered on the dataset.
     Finetune {
         dataset: String,
+        /// Clusters of the training head (default 27).
         #[serde(default)]
         k: Option<usize>,
+        /// Over-clustering head (default 100).
+        #[serde(default)]
+        k2: Option<usize>,
+        /// Default 1.
+        #[serde(default)]
+        epochs: Option<usize>,
+        /// Default 1e-4.
+        #[serde(default)]
+        lr: Option<f64>,
+        #[serde(default)]
+        seed: Option<u64>,
+        /// Side of the square training frames, a multiple of 32 (default 320).
+        #[serde(default)]
+        size: Option<usize>,
+        /// Images per step (default 8).
+        #[serde(default)]
+        batch: Option<usize>,
+        /// K of the new model's centroids (default: the source model's K).
+        #[serde(default)]
+        package_k: Option<usize>,
+        /// Name of the new model version (default `finetune-<job id>`).
+        #[serde(default)]
+        name: Option<String>,
     },
+}
+
+impl JobSpec {
+    pub fn dataset(&self) -> &str {
+        match self {
+            JobSpec::Recluster { dataset, .. } | JobSpec::Finetune { dataset, .. } => dataset,
+        }
+    }
+
+    pub fn model_name(&self) -> Option<&str> {
+        match self {
+            JobSpec::Recluster { name, .. } | JobSpec::Finetune { name, .. } => name.as_deref(),
+        }
+    }
+}
+
+/// The training settings of a fine-tuning job, defaults filled in.
+pub fn finetune_config(spec: &JobSpec) -> Option<crate::train::picie::TrainConfig> {
+    let JobSpec::Finetune { k, k2, epochs, lr, seed, size, batch, .. } = spec else { return None };
+    let d = crate::train::picie::TrainConfig::default();
+    Some(crate::train::picie::TrainConfig {
+        k: k.unwrap_or(d.k),
+        k2: k2.unwrap_or(d.k2),
+        epochs: epochs.unwrap_or(1),
+        lr: lr.unwrap_or(d.lr),
+        seed: seed.unwrap_or(0),
+        size: size.unwrap_or(d.size),
+        batch: batch.unwrap_or(d.batch),
+        freeze_stride: 4,
+        ..d
+    })
 }
 
 #[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]

@@ -151,7 +151,7 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
     tracing::info!(model = %name, provider = seg.provider().as_str(), "model loaded and warmed up");
 
     let datasets = Arc::new(datasets::DatasetStore::open(&cfg.data_dir, cfg.max_image_pixels)?);
-    let jobs = JobManager::open(&cfg.data_dir, job_runner(models.clone(), datasets.clone()))?;
+    let jobs = JobManager::open(&cfg.data_dir, job_runner(models.clone(), datasets.clone(), cfg.data_dir.join("checkpoints")))?;
     Ok(AppState {
         models,
         worker: worker::WorkerHandle::start(cfg.max_concurrent, cfg.max_batch),
@@ -166,7 +166,7 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
     })
 }
 
-fn job_runner(models: Arc<store::ModelRegistry>, datasets: Arc<datasets::DatasetStore>) -> Runner {
+fn job_runner(models: Arc<store::ModelRegistry>, datasets: Arc<datasets::DatasetStore>, checkpoints: PathBuf) -> Runner {
     Arc::new(move |job, ctx| match &job.spec {
         JobSpec::Recluster { dataset, k, seed, name } => {
             ctx.progress("loading", 0.0);
@@ -196,7 +196,37 @@ fn job_runner(models: Arc<store::ModelRegistry>, datasets: Arc<datasets::Dataset
                 "vectors": report.vectors,
             }))
         }
-        JobSpec::Finetune { .. } => anyhow::bail!("fine-tuning jobs are not available in this version"),
+        JobSpec::Finetune { dataset, package_k, name, .. } => {
+            ctx.progress("loading", 0.0);
+            let source = models.package(&job.source_model)?;
+            let config = jobs::finetune_config(&job.spec).expect("a finetune spec");
+            let name = name.clone().unwrap_or_else(|| format!("finetune-{}", job.id.trim_start_matches("job-")));
+            let images = datasets.images_dir(dataset)?;
+            let args = crate::commands::TrainArgs {
+                images,
+                out: models.models_dir().join(&name),
+                init: crate::commands::TrainInit::Package(source.dir.clone()),
+                config,
+                package_k: Some(package_k.unwrap_or(source.manifest.k)),
+                checkpoint: checkpoints.join(format!("{}.checkpoint", job.id)),
+                resume: true,
+                name: name.clone(),
+                replace: false,
+                command: format!("finetune dataset={dataset} (job {})", job.id),
+            };
+            let outcome = crate::commands::train(&args, &mut |p| {
+                ctx.progress(&format!("{} epoch {}/{}", p.phase, p.epoch + 1, p.epochs), 0.95 * p.fraction());
+                !ctx.canceled()
+            })?;
+            let Some((pkg, _)) = outcome else { anyhow::bail!("canceled") };
+            let _ = std::fs::remove_dir_all(&args.checkpoint);
+            Ok(serde_json::json!({
+                "model": name,
+                "k": pkg.manifest.k,
+                "epochs": args.config.epochs,
+                "epoch_losses": pkg.manifest.provenance.details.get("epoch_losses"),
+            }))
+        }
     })
 }
 

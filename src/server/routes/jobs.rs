@@ -10,34 +10,48 @@ use tokio_stream::{Stream, StreamExt};
 
 use crate::package::MAX_CLASSES;
 use crate::server::error::{ApiError, ApiResult, ErrorBody};
-use crate::server::jobs::{Job, JobSpec};
+use crate::server::jobs::{finetune_config, Job, JobSpec};
+
+/// The most epochs a fine-tuning job may ask for.
+const MAX_EPOCHS: usize = 100;
 use crate::server::state::AppState;
 use crate::server::store::valid_name;
 
-/// Submit a job, e.g. `{"type": "recluster", "dataset": "ds-...", "k": 11}`.
+/// Submit a job: `{"type": "recluster", "dataset": "ds-...", "k": 11}` or
+/// `{"type": "finetune", "dataset": "ds-...", "epochs": 1}`.
 #[utoipa::path(post, path = "/jobs", tag = "jobs", request_body = JobSpec, security(("api_key" = [])),
     responses((status = 202, body = Job), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn submit(State(state): State<AppState>, Json(spec): Json<JobSpec>) -> ApiResult<(StatusCode, Json<Job>)> {
+    let ds = state.datasets.get(spec.dataset())?;
     match &spec {
-        JobSpec::Recluster { dataset, k, name, .. } => {
+        JobSpec::Recluster { k, .. } => {
             if *k < 2 || *k > MAX_CLASSES {
                 return Err(ApiError::BadRequest(format!("k must be between 2 and {MAX_CLASSES} (got {k})")));
             }
-            let ds = state.datasets.get(dataset)?;
             if ds.num_images == 0 {
-                return Err(ApiError::BadRequest(format!("dataset `{dataset}` has no images")));
-            }
-            if let Some(n) = name {
-                if !valid_name(n) {
-                    return Err(ApiError::BadRequest(format!("`{n}` is not a valid model name (letters, digits, . _ -)")));
-                }
-                if state.models.resolve(n).is_some() {
-                    return Err(ApiError::Conflict(format!("model `{n}` already exists")));
-                }
+                return Err(ApiError::BadRequest(format!("dataset `{}` has no images", ds.id)));
             }
         }
-        JobSpec::Finetune { .. } => {
-            return Err(ApiError::BadRequest("fine-tuning jobs are not available in this version; use recluster".into()));
+        JobSpec::Finetune { package_k, epochs, lr, .. } => {
+            let config = finetune_config(&spec).expect("a finetune spec");
+            config.validate(ds.num_images).map_err(|e| ApiError::BadRequest(format!("{e:#}")))?;
+            if package_k.is_some_and(|k| !(2..=MAX_CLASSES).contains(&k)) {
+                return Err(ApiError::BadRequest(format!("package_k must be between 2 and {MAX_CLASSES}")));
+            }
+            if epochs.is_some_and(|e| e > MAX_EPOCHS) {
+                return Err(ApiError::BadRequest(format!("at most {MAX_EPOCHS} epochs")));
+            }
+            if lr.is_some_and(|lr| !(lr > 0.0 && lr < 1.0)) {
+                return Err(ApiError::BadRequest("lr must be in (0, 1)".into()));
+            }
+        }
+    }
+    if let Some(n) = spec.model_name() {
+        if !valid_name(n) {
+            return Err(ApiError::BadRequest(format!("`{n}` is not a valid model name (letters, digits, . _ -)")));
+        }
+        if state.models.resolve(n).is_some() {
+            return Err(ApiError::Conflict(format!("model `{n}` already exists")));
         }
     }
     let (source, _) = state.models.active();

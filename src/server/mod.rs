@@ -286,7 +286,9 @@ pub fn router(state: AppState) -> Router {
         .route("/health/ready", get(routes::ops::ready))
         .route("/info", get(routes::ops::info))
         .route("/metrics", get(routes::ops::metrics))
-        .route("/", get(|| async { axum::response::Redirect::temporary("/docs/") }));
+        .route("/", get(routes::web::index))
+        .route("/static/app.js", get(routes::web::app_js))
+        .route("/static/style.css", get(routes::web::style));
     Router::new()
         .merge(public)
         .merge(guarded)

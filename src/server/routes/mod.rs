@@ -5,3 +5,4 @@ pub mod jobs;
 pub mod models;
 pub mod ops;
 pub mod segment;
+pub mod web;

@@ -1,0 +1,261 @@
+// picie web page: segment an image, rename classes, upload image sets, run jobs.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const state = { info: null, result: null, mask: null, photo: null, colors: [], names: [] };
+
+function apiKey() { return localStorage.getItem("picie-api-key") || ""; }
+function headers(extra) {
+  const h = Object.assign({}, extra || {});
+  if (apiKey()) h["x-api-key"] = apiKey();
+  return h;
+}
+
+function showError(message) {
+  const e = $("error");
+  e.textContent = message;
+  e.hidden = !message;
+}
+
+// Every failed call shows the server's JSON message.
+async function call(method, path, body, extraHeaders) {
+  const opts = { method, headers: headers(extraHeaders) };
+  if (body !== undefined) opts.body = body;
+  const r = await fetch(path, opts);
+  if (!r.ok) {
+    let msg = `${r.status} ${r.statusText}`;
+    try { const j = await r.json(); if (j.error) msg = j.error.message; } catch (_) {}
+    throw new Error(msg);
+  }
+  return r;
+}
+const json = (method, path, obj) => call(method, path, JSON.stringify(obj), { "content-type": "application/json" }).then((r) => r.json());
+
+async function loadInfo() {
+  state.info = await (await call("GET", "/info")).json();
+  $("model-info").textContent = `model ${state.info.model} · K=${state.info.num_classes} · ${state.info.execution_provider}${state.info.trained ? "" : " · untrained"}`;
+}
+
+// ---- segment view
+
+function hex(rgb) { return "#" + rgb.map((v) => v.toString(16).padStart(2, "0")).join(""); }
+function rgb(hexColor) { return [1, 3, 5].map((i) => parseInt(hexColor.slice(i, i + 2), 16)); }
+
+async function segment(file) {
+  showError("");
+  try {
+    const r = await call("POST", "/segment?format=json", file, { "content-type": file.type || "application/octet-stream" });
+    const result = await r.json();
+    const photo = await createImageBitmap(file, { imageOrientation: "from-image" }).catch(() => null);
+    const mask = await decodeMask(result.mask_png_base64, result.width, result.height);
+    Object.assign(state, { result, mask, photo });
+    state.colors = result.classes.map((c) => c.color);
+    state.names = result.classes.map((c) => c.name);
+    $("download").href = "data:image/png;base64," + result.mask_png_base64;
+    $("result").hidden = false;
+    draw();
+    legend();
+  } catch (e) {
+    showError(`Could not segment ${file.name || "the image"}: ${e.message}`);
+  }
+}
+
+async function decodeMask(b64, w, h) {
+  const img = new Image();
+  img.src = "data:image/png;base64," + b64;
+  await img.decode();
+  const c = document.createElement("canvas");
+  c.width = w; c.height = h;
+  const ctx = c.getContext("2d");
+  ctx.drawImage(img, 0, 0);
+  const px = ctx.getImageData(0, 0, w, h).data;
+  const labels = new Uint8Array(w * h);
+  for (let i = 0; i < labels.length; i++) labels[i] = px[4 * i];
+  return labels;
+}
+
+function draw() {
+  const { result, mask, photo } = state;
+  const w = result.width, h = result.height;
+  for (const id of ["photo", "overlay"]) { $(id).width = w; $(id).height = h; }
+  const pctx = $("photo").getContext("2d");
+  if (photo) pctx.drawImage(photo, 0, 0, w, h);
+  const octx = $("overlay").getContext("2d");
+  const alpha = $("alpha").value / 100;
+  if (photo) octx.drawImage(photo, 0, 0, w, h);
+  const base = photo ? octx.getImageData(0, 0, w, h) : octx.createImageData(w, h);
+  const d = base.data;
+  for (let i = 0; i < mask.length; i++) {
+    const c = state.colors[mask[i]] || [0, 0, 0];
+    for (let k = 0; k < 3; k++) d[4 * i + k] = photo ? d[4 * i + k] * (1 - alpha) + c[k] * alpha : c[k];
+    d[4 * i + 3] = 255;
+  }
+  octx.putImageData(base, 0, 0);
+}
+
+function legend() {
+  const body = $("legend").querySelector("tbody");
+  body.innerHTML = "";
+  state.result.classes.forEach((c, i) => {
+    const tr = document.createElement("tr");
+    tr.dataset.index = i;
+    tr.innerHTML = `<td><span class="swatch"></span></td><td class="name"></td><td>${(100 * c.fraction).toFixed(1)} %</td>
+      <td class="rename"><input type="text" aria-label="name of class ${i}"><input type="color" aria-label="colour of class ${i}"><button>Save</button></td>`;
+    tr.querySelector(".swatch").style.background = hex(state.colors[i]);
+    tr.querySelector(".name").textContent = state.names[i];
+    tr.querySelector("input[type=text]").value = state.names[i];
+    tr.querySelector("input[type=color]").value = hex(state.colors[i]);
+    tr.querySelector("button").onclick = () => rename(i, tr);
+    body.appendChild(tr);
+  });
+}
+
+async function rename(i, tr) {
+  showError("");
+  const name = tr.querySelector("input[type=text]").value;
+  const color = rgb(tr.querySelector("input[type=color]").value);
+  try {
+    await json("PUT", `/models/${encodeURIComponent(state.info.model)}/classes`, { classes: [{ index: i, name, color }] });
+    state.names[i] = name;
+    state.colors[i] = color;
+    tr.querySelector(".name").textContent = name;
+    tr.querySelector(".swatch").style.background = hex(color);
+    draw();
+  } catch (e) {
+    showError(`Could not rename class ${i}: ${e.message}`);
+  }
+}
+
+function hover(ev) {
+  if (!state.mask) return;
+  const c = $("overlay");
+  const r = c.getBoundingClientRect();
+  const x = Math.floor((ev.clientX - r.left) * c.width / r.width);
+  const y = Math.floor((ev.clientY - r.top) * c.height / r.height);
+  if (x < 0 || y < 0 || x >= c.width || y >= c.height) return;
+  const k = state.mask[y * c.width + x];
+  $("hover").textContent = `· (${x}, ${y}): ${state.names[k]}`;
+}
+
+// ---- datasets, jobs, models
+
+async function loadDatasets(select) {
+  const list = await (await call("GET", "/datasets")).json();
+  const s = $("dataset-select");
+  s.innerHTML = list.map((d) => `<option value="${d.id}">${d.name.replace(/</g, "&lt;")} (${d.num_images} images)</option>`).join("") || "<option value=''>no datasets yet</option>";
+  if (select) s.value = select;
+}
+
+async function loadModels() {
+  const list = await (await call("GET", "/models")).json();
+  const body = $("models").querySelector("tbody");
+  body.innerHTML = "";
+  for (const m of list) {
+    const tr = document.createElement("tr");
+    tr.innerHTML = `<td></td><td>${m.k}</td><td>${m.trained ? "yes" : "no"}</td><td></td>`;
+    tr.cells[0].textContent = m.name + (m.active ? " (active)" : "");
+    if (!m.active) {
+      const b = document.createElement("button");
+      b.textContent = "Activate";
+      b.onclick = () => activate(m.name);
+      tr.cells[3].appendChild(b);
+    }
+    body.appendChild(tr);
+  }
+}
+
+async function activate(name) {
+  showError("");
+  try {
+    await call("POST", `/models/${encodeURIComponent(name)}/activate`);
+    await Promise.all([loadModels(), loadInfo()]);
+  } catch (e) { showError(`Could not activate ${name}: ${e.message}`); }
+}
+
+async function createDataset() {
+  showError("");
+  try {
+    const d = await json("POST", "/datasets", { name: $("dataset-name").value || "images" });
+    await loadDatasets(d.id);
+  } catch (e) { showError(`Could not create the dataset: ${e.message}`); }
+}
+
+async function upload() {
+  showError("");
+  const id = $("dataset-select").value;
+  const files = $("dataset-files").files;
+  if (!id) return showError("Create a dataset first.");
+  if (!files.length) return showError("Pick some images first.");
+  const form = new FormData();
+  for (const f of files) form.append("files", f, f.name);
+  try {
+    const r = await (await call("POST", `/datasets/${id}/images`, form)).json();
+    const rejected = r.rejected.map((x) => `${x.name} (${x.reason})`).join(", ");
+    $("upload-report").textContent = `${r.added.length} added, ${r.duplicates.length} duplicates, ${r.rejected.length} rejected${rejected ? ": " + rejected : ""}. ${r.num_images} images in the set.`;
+    await loadDatasets(id);
+  } catch (e) { showError(`Upload failed: ${e.message}`); }
+}
+
+async function startJob() {
+  showError("");
+  const dataset = $("dataset-select").value;
+  if (!dataset) return showError("Create a dataset and upload images first.");
+  const type = $("job-type").value;
+  const k = parseInt($("job-k").value, 10);
+  const spec = type === "recluster" ? { type, dataset, k } : { type, dataset, package_k: k, epochs: parseInt($("job-epochs").value, 10) };
+  try {
+    const job = await json("POST", "/jobs", spec);
+    follow(job.id);
+  } catch (e) { showError(`Could not start the job: ${e.message}`); }
+}
+
+function follow(id) {
+  $("job-result").innerHTML = "";
+  const es = new EventSource(`/jobs/${id}/events`);
+  const update = (ev) => {
+    const j = JSON.parse(ev.data);
+    $("job-bar").style.width = `${Math.round(100 * j.progress)}%`;
+    $("job-status").textContent = `${j.id}: ${j.state} · ${j.stage} · ${Math.round(100 * j.progress)} %`;
+    if (["succeeded", "failed", "canceled", "interrupted"].includes(j.state)) {
+      es.close();
+      if (j.state === "succeeded") {
+        const name = j.result.model;
+        $("job-result").innerHTML = `<p>New model <b></b> (K=${j.result.k}). <button id="activate-new">Activate it</button></p>`;
+        $("job-result").querySelector("b").textContent = name;
+        $("activate-new").onclick = () => activate(name);
+        loadModels();
+      } else if (j.error) {
+        showError(`Job ${j.state}: ${j.error}`);
+      }
+    }
+  };
+  es.addEventListener("progress", update);
+  es.addEventListener("end", update);
+}
+
+// ---- wiring
+
+function setView(name) {
+  for (const v of ["segment", "train"]) {
+    $(`view-${v}`).hidden = v !== name;
+    $(`tab-${v}`).classList.toggle("active", v === name);
+  }
+  if (name === "train") Promise.all([loadDatasets(), loadModels()]).catch((e) => showError(e.message));
+}
+
+window.addEventListener("DOMContentLoaded", () => {
+  document.querySelectorAll("button.tab").forEach((b) => (b.onclick = () => setView(b.dataset.view)));
+  $("file").onchange = (e) => e.target.files[0] && segment(e.target.files[0]);
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); if (e.dataTransfer.files[0]) segment(e.dataTransfer.files[0]); });
+  $("alpha").oninput = () => state.mask && draw();
+  $("overlay").addEventListener("mousemove", hover);
+  $("dataset-create").onclick = createDataset;
+  $("dataset-upload").onclick = upload;
+  $("job-start").onclick = startJob;
+  $("job-type").onchange = () => ($("epochs-label").hidden = $("job-type").value !== "finetune");
+  $("api-key").value = apiKey();
+  $("api-key").onchange = (e) => localStorage.setItem("picie-api-key", e.target.value);
+  loadInfo().catch((e) => showError(e.message));
+});

@@ -1,0 +1,143 @@
+// The web page in headless Chromium against the real server on loopback.
+// Screenshots go to target/browser-artifacts/.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { cpSync, mkdtempSync, mkdirSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const artifacts = path.join(root, "target/browser-artifacts");
+const fixture = (n) => path.join(root, "fixtures/images", n);
+const binary = process.env.PICIE_BIN || path.join(root, "target/debug/picie");
+const port = 18000 + Math.floor(Math.random() * 2000);
+const base = `http://127.0.0.1:${port}`;
+let server, browser;
+
+before(async () => {
+  mkdirSync(artifacts, { recursive: true });
+  const data = mkdtempSync(path.join(tmpdir(), "picie-web-"));
+  // A copy of the shipped models: renaming classes writes into the package.
+  const models = path.join(data, "shipped-models");
+  cpSync(path.join(root, "models"), models, { recursive: true });
+  server = spawn(binary, ["serve", "--host", "127.0.0.1", "--port", String(port), "--data-dir", path.join(data, "data"), "--models-dir", models], {
+    cwd: root,
+    stdio: ["ignore", "ignore", process.env.PICIE_LOG ? "inherit" : "ignore"],
+  });
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    try {
+      if ((await fetch(`${base}/health/ready`)).ok) break;
+    } catch (_) {}
+    if (Date.now() > deadline) throw new Error("the server did not become ready");
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  server?.kill("SIGTERM");
+});
+
+async function page(viewport = { width: 1200, height: 900 }) {
+  const p = await browser.newPage({ viewport });
+  p.on("pageerror", (e) => { throw e; });
+  await p.goto(base + "/");
+  await p.waitForFunction(() => document.getElementById("model-info").textContent.includes("K="));
+  return p;
+}
+
+test("segments an image and shows the overlay and legend", async () => {
+  const p = await page();
+  await p.setInputFiles("#file", fixture("chelsea.png"));
+  await p.waitForSelector("#legend tbody tr");
+  const rows = await p.$$eval("#legend tbody tr", (trs) => trs.map((tr) => ({
+    name: tr.querySelector(".name").textContent,
+    share: parseFloat(tr.cells[2].textContent),
+    swatch: getComputedStyle(tr.querySelector(".swatch")).backgroundColor,
+  })));
+  assert.equal(rows.length, 11);
+  assert.ok(Math.abs(rows.reduce((s, r) => s + r.share, 0) - 100) < 1, "shares add up to 100 %");
+  assert.ok(rows.every((r) => r.swatch.startsWith("rgb")));
+  const size = await p.$eval("#overlay", (c) => [c.width, c.height]);
+  assert.deepEqual(size, [451, 300], "the overlay is at the photo's size");
+  // The overlay differs from the photo: colours were blended in.
+  const differs = await p.evaluate(() => {
+    const a = document.getElementById("photo").getContext("2d").getImageData(0, 0, 451, 300).data;
+    const b = document.getElementById("overlay").getContext("2d").getImageData(0, 0, 451, 300).data;
+    let n = 0;
+    for (let i = 0; i < a.length; i += 4) if (a[i] !== b[i] || a[i + 1] !== b[i + 1]) n++;
+    return n / (a.length / 4);
+  });
+  assert.ok(differs > 0.5, `overlay differs from the photo on ${differs}`);
+  // Hovering names a class.
+  const box = await p.$eval("#overlay", (c) => { const r = c.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; });
+  await p.mouse.move(box[0], box[1]);
+  assert.match(await p.textContent("#hover"), /\(\d+, \d+\): class \d+/);
+  const href = await p.getAttribute("#download", "href");
+  assert.ok(href.startsWith("data:image/png;base64,"));
+  await p.screenshot({ path: path.join(artifacts, "segment.png"), fullPage: true });
+
+  // Phone width: nothing wider than the screen.
+  const phone = await page({ width: 390, height: 844 });
+  await phone.setInputFiles("#file", fixture("coffee.jpg"));
+  await phone.waitForSelector("#legend tbody tr");
+  const overflow = await phone.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 1, `page overflows a phone screen by ${overflow}px`);
+  await phone.screenshot({ path: path.join(artifacts, "segment-phone.png"), fullPage: true });
+});
+
+test("renames a class and keeps it", async () => {
+  const p = await page();
+  await p.setInputFiles("#file", fixture("coffee.jpg"));
+  await p.waitForSelector("#legend tbody tr");
+  const row = p.locator("#legend tbody tr").nth(2);
+  await row.locator("input[type=text]").fill("cup");
+  await row.locator("input[type=color]").fill("#ff0000");
+  await row.locator("button").click();
+  await p.waitForFunction(() => document.querySelectorAll("#legend tbody tr")[2].querySelector(".name").textContent === "cup");
+  const r = await fetch(`${base}/models/default`).then((r) => r.json());
+  assert.equal(r.classes[2].name, "cup");
+  assert.deepEqual(r.classes[2].color, [255, 0, 0]);
+});
+
+test("runs a recluster job from the page and activates the result", async () => {
+  const p = await page();
+  await p.click("#tab-train");
+  await p.fill("#dataset-name", "photos");
+  await p.click("#dataset-create");
+  await p.waitForFunction(() => document.getElementById("dataset-select").selectedOptions[0]?.textContent.startsWith("photos"));
+  await p.setInputFiles("#dataset-files", [fixture("chelsea.png"), fixture("coffee.jpg"), fixture("rocket.jpg")]);
+  await p.click("#dataset-upload");
+  await p.waitForFunction(() => document.getElementById("upload-report").textContent.includes("3 added"));
+  await p.fill("#job-k", "3");
+  await p.click("#job-start");
+  await p.waitForSelector("#activate-new", { timeout: 120_000 });
+  assert.match(await p.textContent("#job-status"), /succeeded/);
+  assert.equal(await p.$eval("#job-bar", (b) => b.style.width), "100%");
+  await p.screenshot({ path: path.join(artifacts, "recluster.png"), fullPage: true });
+  await p.click("#activate-new");
+  await p.waitForFunction(() => document.getElementById("model-info").textContent.includes("K=3"));
+  const info = await fetch(`${base}/info`).then((r) => r.json());
+  assert.equal(info.num_classes, 3);
+  await fetch(`${base}/models/default/activate`, { method: "POST" });
+});
+
+test("an invalid file shows a readable error", async () => {
+  const p = await page();
+  const bogus = path.join(mkdtempSync(path.join(tmpdir(), "picie-bad-")), "holiday.png");
+  writeFileSync(bogus, "this is not a picture");
+  await p.setInputFiles("#file", bogus);
+  await p.waitForSelector("#error:not([hidden])");
+  const text = await p.textContent("#error");
+  assert.match(text, /Could not segment holiday\.png: .*(image|format)/i);
+  await p.screenshot({ path: path.join(artifacts, "invalid-file.png"), fullPage: true });
+});

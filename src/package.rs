@@ -275,14 +275,7 @@ impl Package {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e.context(format!("writing package {}", dir.display())));
         }
-        if dir.exists() {
-            let old = parent.join(format!(".{name}.old-{}-{}", std::process::id(), crate::util::unique()));
-            std::fs::rename(dir, &old)?;
-            std::fs::rename(&tmp, dir)?;
-            let _ = std::fs::remove_dir_all(&old);
-        } else {
-            std::fs::rename(&tmp, dir)?;
-        }
+        crate::util::replace_dir(&tmp, dir)?;
         Package::load(dir)
     }
 

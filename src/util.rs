@@ -30,3 +30,19 @@ pub fn unique() -> u64 {
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
 }
+
+/// Moves the complete folder `tmp` to `dir`, replacing what was there only once `tmp` is in
+/// place, so readers see the old folder or the new one.
+pub fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
+    if dir.exists() {
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("dir");
+        let old = parent.join(format!(".{name}.old-{}-{}", std::process::id(), unique()));
+        std::fs::rename(dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
+        std::fs::rename(tmp, dir).with_context(|| format!("renaming into {}", dir.display()))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(tmp, dir).with_context(|| format!("renaming into {}", dir.display()))?;
+    }
+    Ok(())
+}

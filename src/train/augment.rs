@@ -145,24 +145,23 @@ pub fn gaussian_blur(plane: &mut [f32], w: usize, h: usize, sigma: f32) {
     let sum: f32 = kernel.iter().sum();
     let kernel: Vec<f32> = kernel.iter().map(|k| k / sum).collect();
     let mut tmp = vec![0f32; plane.len()];
-    for y in 0..h {
-        for x in 0..w {
+    // Rows then columns: the same 1-D pass with the roles of x and y swapped.
+    convolve_1d(plane, &mut tmp, w, h, 1, w, &kernel, radius);
+    convolve_1d(&tmp, plane, h, w, w, 1, &kernel, radius);
+}
+
+/// Convolves `lines` lines of `len` samples each (sample step `step`, line step `line_step`)
+/// with `kernel`, replicating the edges.
+#[allow(clippy::too_many_arguments)]
+fn convolve_1d(src: &[f32], dst: &mut [f32], len: usize, lines: usize, step: usize, line_step: usize, kernel: &[f32], radius: isize) {
+    for line in 0..lines {
+        for i in 0..len {
             let mut acc = 0.0;
             for (k, kv) in kernel.iter().enumerate() {
-                let xx = (x as isize + k as isize - radius).clamp(0, w as isize - 1) as usize;
-                acc += kv * plane[y * w + xx];
+                let j = (i as isize + k as isize - radius).clamp(0, len as isize - 1) as usize;
+                acc += kv * src[line * line_step + j * step];
             }
-            tmp[y * w + x] = acc;
-        }
-    }
-    for y in 0..h {
-        for x in 0..w {
-            let mut acc = 0.0;
-            for (k, kv) in kernel.iter().enumerate() {
-                let yy = (y as isize + k as isize - radius).clamp(0, h as isize - 1) as usize;
-                acc += kv * tmp[yy * w + x];
-            }
-            plane[y * w + x] = acc;
+            dst[line * line_step + i * step] = acc;
         }
     }
 }

@@ -107,15 +107,21 @@ impl SphericalKMeans {
         Self::init(data, dim, config)
     }
 
-    fn lloyd_step(&mut self, data: &[f32]) {
-        let (labels, sims) = assign(data, self.dim, &self.centroids);
+    /// Per-cluster sums of the rows and their counts.
+    fn cluster_sums(&self, data: &[f32], labels: &[u32]) -> (Vec<f32>, Vec<u64>) {
         let mut sums = vec![0f32; self.k * self.dim];
-        let mut counts = vec![0usize; self.k];
-        for (x, &l) in data.chunks(self.dim).zip(&labels) {
+        let mut counts = vec![0u64; self.k];
+        for (x, &l) in data.chunks(self.dim).zip(labels) {
             let l = l as usize;
             counts[l] += 1;
             sums[l * self.dim..(l + 1) * self.dim].iter_mut().zip(x).for_each(|(s, v)| *s += v);
         }
+        (sums, counts)
+    }
+
+    fn lloyd_step(&mut self, data: &[f32]) {
+        let (labels, sims) = assign(data, self.dim, &self.centroids);
+        let (mut sums, counts) = self.cluster_sums(data, &labels);
         let mut taken = vec![false; labels.len()];
         for c in 0..self.k {
             let row = &mut sums[c * self.dim..(c + 1) * self.dim];
@@ -136,13 +142,7 @@ impl SphericalKMeans {
     /// One mini-batch: assign, move each centroid toward its batch mean with rate n_batch / n_total.
     pub fn update(&mut self, batch: &[f32]) {
         let (labels, sims) = assign(batch, self.dim, &self.centroids);
-        let mut sums = vec![0f32; self.k * self.dim];
-        let mut counts = vec![0u64; self.k];
-        for (x, &l) in batch.chunks(self.dim).zip(&labels) {
-            let l = l as usize;
-            counts[l] += 1;
-            sums[l * self.dim..(l + 1) * self.dim].iter_mut().zip(x).for_each(|(s, v)| *s += v);
-        }
+        let (sums, counts) = self.cluster_sums(batch, &labels);
         for c in 0..self.k {
             if counts[c] == 0 {
                 continue;

@@ -407,15 +407,7 @@ impl Trainer {
         self.optim.to_record().save(tmp.join(CHECKPOINT_OPTIM)).map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"))?;
         let state = CheckpointState { epochs_done: self.epochs_done, config: self.config.clone(), embedder: self.embedder_config, losses: self.losses.clone() };
         std::fs::write(tmp.join(CHECKPOINT_STATE), serde_json::to_vec_pretty(&state)?)?;
-        if dir.exists() {
-            let old = parent.join(format!(".{name}.old-{}", crate::util::unique()));
-            std::fs::rename(dir, &old)?;
-            std::fs::rename(&tmp, dir)?;
-            let _ = std::fs::remove_dir_all(old);
-        } else {
-            std::fs::rename(&tmp, dir)?;
-        }
-        Ok(())
+        crate::util::replace_dir(&tmp, dir)
     }
 
     pub fn weights(&self) -> TensorMap {

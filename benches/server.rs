@@ -33,6 +33,9 @@ fn main() -> anyhow::Result<()> {
     cfg.threads = Some(threads);
     cfg.max_concurrent = 64;
 
+    // The job runner inside the state is spawned on this runtime.
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let guard = rt.enter();
     // Bare inference: decode + embed + assign, no HTTP.
     let state = build_state(&cfg)?;
     let (_, seg) = state.models.active();
@@ -44,7 +47,7 @@ fn main() -> anyhow::Result<()> {
         bare.push(t.elapsed());
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    drop(guard);
     let (http, throughput) = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/segment", listener.local_addr()?);

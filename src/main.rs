@@ -142,6 +142,10 @@ struct EvalCli {
     /// Write the reports as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Name the model's own clusters after the label classes they match (Hungarian), with
+    /// --class-names, and save the names in the package. Needs no --cluster-images.
+    #[arg(long)]
+    write_names: bool,
 }
 
 #[derive(Subcommand)]
@@ -395,8 +399,22 @@ fn eval(e: EvalCli) -> Result<()> {
     };
     println!("{} images, {} classes, {}", pairs.len(), classes, if e.cluster_images.is_some() { "fresh k-means per model" } else { "package centroids" });
     print!("{}", table(&reports, &names));
-    if let Some(j) = e.json {
-        std::fs::write(&j, serde_json::to_vec_pretty(&reports)?)?;
+    if let Some(j) = &e.json {
+        std::fs::write(j, serde_json::to_vec_pretty(&reports)?)?;
+    }
+    if e.write_names {
+        anyhow::ensure!(e.cluster_images.is_none() && e.class_names.is_some(), "--write-names needs --class-names and the package's own centroids");
+        let report = reports.last().expect("the model's report");
+        let mut pkg = picie::package::Package::load(&e.model)?;
+        let mut centroids = pkg.centroids.clone();
+        for (cluster, class) in report.matching.iter().enumerate() {
+            if let Some(c) = class {
+                centroids.classes[cluster].name = Some(names[*c].clone());
+                centroids.classes[cluster].color = Some(picie::package::default_color(*c));
+            }
+        }
+        pkg.update_centroids(centroids)?;
+        println!("named the classes of {}", pkg.dir.display());
     }
     Ok(())
 }

@@ -133,7 +133,8 @@ impl ServeConfig {
     }
 }
 
-/// Loads the model, warms it up, and builds the shared state.
+/// Loads the model, warms it up, and builds the shared state. Call it inside a Tokio runtime
+/// (the job runner is spawned on it).
 pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
     let limits = Limits {
         max_body_bytes: cfg.max_body_bytes,

@@ -13,5 +13,5 @@ if ! command -v chromium >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
+# Screenshots land in target/browser-artifacts/.
 (cd tests/browser && npm ci --no-audit --no-fund --silent && PICIE_BIN="$PWD/../../target/debug/picie" node --test)
-echo "browser screenshots: target/browser-artifacts/" >&2

@@ -484,3 +484,31 @@ async fn healthcheck_command_sees_the_server() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_picie")).args(["healthcheck", "--port", &port]).output().await.unwrap();
     assert!(!out.status.success(), "nothing listens any more");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zip_bomb_entry_is_rejected_by_name() {
+    let s = Server::fresh(|_| {}).await;
+    let ds: Value = s.client.post(s.url("/datasets")).json(&json!({"name": "bomb"})).send().await.unwrap().json().await.unwrap();
+    let id = ds["id"].as_str().unwrap().to_string();
+    let mut zipped = vec![];
+    {
+        let mut z = zip::ZipWriter::new(std::io::Cursor::new(&mut zipped));
+        let o = zip::write::SimpleFileOptions::default().large_file(true);
+        z.start_file("huge.png", o).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..=(picie::server::datasets::MAX_ENTRY_BYTES >> 20) {
+            std::io::Write::write_all(&mut z, &zeros).unwrap();
+        }
+        z.start_file("rocket.jpg", o).unwrap();
+        std::io::Write::write_all(&mut z, &fixture_bytes("rocket.jpg")).unwrap();
+        z.finish().unwrap();
+    }
+    assert!(zipped.len() < 2 << 20, "the bomb itself is small");
+    let r = s.client.post(s.url(&format!("/datasets/{id}/images"))).header("content-type", "application/zip").body(zipped).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let report: Value = r.json().await.unwrap();
+    assert_eq!(report["rejected"][0]["name"], "archive/huge.png");
+    assert!(report["rejected"][0]["reason"].as_str().unwrap().contains("unpacks to more than"));
+    assert_eq!(report["added"], json!(["archive/rocket.jpg"]));
+    s.stop().await;
+}

@@ -236,6 +236,19 @@ fn is_tar(b: &[u8]) -> bool {
     b.len() > 262 && &b[257..262] == b"ustar"
 }
 
+/// No single file inside an archive may unpack to more than this (zip bombs).
+pub const MAX_ENTRY_BYTES: u64 = 256 << 20;
+
+/// Reads at most MAX_ENTRY_BYTES; a larger entry is an error, not an allocation.
+fn read_capped(r: impl std::io::Read) -> std::io::Result<Vec<u8>> {
+    let mut bytes = vec![];
+    std::io::Read::read_to_end(&mut r.take(MAX_ENTRY_BYTES + 1), &mut bytes)?;
+    if bytes.len() as u64 > MAX_ENTRY_BYTES {
+        return Err(std::io::Error::other(format!("unpacks to more than {MAX_ENTRY_BYTES} bytes")));
+    }
+    Ok(bytes)
+}
+
 /// Replaces zip and tar uploads by the files inside them (folders flattened, hidden files skipped).
 fn expand_archives(uploads: Vec<Upload>, report: &mut UploadReport) -> Vec<Upload> {
     let mut out = vec![];
@@ -244,7 +257,7 @@ fn expand_archives(uploads: Vec<Upload>, report: &mut UploadReport) -> Vec<Uploa
             match zip::ZipArchive::new(std::io::Cursor::new(&u.bytes)) {
                 Ok(mut z) => {
                     for i in 0..z.len() {
-                        let Ok(mut entry) = z.by_index(i) else { continue };
+                        let Ok(entry) = z.by_index(i) else { continue };
                         if entry.is_dir() {
                             continue;
                         }
@@ -252,9 +265,8 @@ fn expand_archives(uploads: Vec<Upload>, report: &mut UploadReport) -> Vec<Uploa
                         if hidden(entry.name()) {
                             continue;
                         }
-                        let mut bytes = vec![];
-                        match std::io::Read::read_to_end(&mut entry, &mut bytes) {
-                            Ok(_) => out.push(Upload { name, bytes }),
+                        match read_capped(entry) {
+                            Ok(bytes) => out.push(Upload { name, bytes }),
                             Err(e) => report.rejected.push(Rejected { name, reason: format!("unreadable archive entry: {e}") }),
                         }
                     }
@@ -266,7 +278,7 @@ fn expand_archives(uploads: Vec<Upload>, report: &mut UploadReport) -> Vec<Uploa
             match archive.entries() {
                 Ok(entries) => {
                     for entry in entries {
-                        let mut entry = match entry {
+                        let entry = match entry {
                             Ok(e) => e,
                             Err(e) => {
                                 report.rejected.push(Rejected { name: u.name.clone(), reason: format!("broken tar archive: {e}") });
@@ -281,9 +293,8 @@ fn expand_archives(uploads: Vec<Upload>, report: &mut UploadReport) -> Vec<Uploa
                             continue;
                         }
                         let name = format!("{}/{inner}", u.name);
-                        let mut bytes = vec![];
-                        match std::io::Read::read_to_end(&mut entry, &mut bytes) {
-                            Ok(_) => out.push(Upload { name, bytes }),
+                        match read_capped(entry) {
+                            Ok(bytes) => out.push(Upload { name, bytes }),
                             Err(e) => report.rejected.push(Rejected { name, reason: format!("unreadable archive entry: {e}") }),
                         }
                     }

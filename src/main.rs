@@ -146,6 +146,9 @@ struct EvalCli {
     /// --class-names, and save the names in the package. Needs no --cluster-images.
     #[arg(long)]
     write_names: bool,
+    /// Record the model's scores in its manifest as `<PREFIX>_pixel_acc` and `<PREFIX>_miou`.
+    #[arg(long)]
+    record_metrics: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -401,6 +404,15 @@ fn eval(e: EvalCli) -> Result<()> {
     print!("{}", table(&reports, &names));
     if let Some(j) = &e.json {
         std::fs::write(j, serde_json::to_vec_pretty(&reports)?)?;
+    }
+    if let Some(prefix) = &e.record_metrics {
+        let report = reports.last().expect("the model's report");
+        let mut pkg = picie::package::Package::load(&e.model)?;
+        pkg.record_metrics([
+            (format!("{prefix}_pixel_acc"), (10_000.0 * report.pixel_accuracy).round() / 100.0),
+            (format!("{prefix}_miou"), (10_000.0 * report.miou).round() / 100.0),
+        ])?;
+        println!("recorded the scores in {}", pkg.dir.join(picie::package::MANIFEST_FILE).display());
     }
     if e.write_names {
         anyhow::ensure!(e.cluster_images.is_none() && e.class_names.is_some(), "--write-names needs --class-names and the package's own centroids");

@@ -279,6 +279,15 @@ impl Package {
         Package::load(dir)
     }
 
+    /// Records quality numbers in the manifest (atomically).
+    pub fn record_metrics(&mut self, metrics: impl IntoIterator<Item = (String, f64)>) -> Result<()> {
+        let mut manifest = self.manifest.clone();
+        manifest.metrics.extend(metrics);
+        crate::util::write_atomic(&self.dir.join(MANIFEST_FILE), &serde_json::to_vec_pretty(&manifest)?)?;
+        self.manifest = manifest;
+        Ok(())
+    }
+
     /// Rewrites only the centroids file (names, colours) and the manifest's checksum, atomically.
     pub fn update_centroids(&mut self, centroids: Centroids) -> Result<()> {
         centroids.validate("updated centroids", self.manifest.embedder.dim)?;

@@ -188,3 +188,12 @@ fn decoding_applies_exif_orientation_and_rejects_bad_bytes() {
     assert!(matches!(decode_image(&png[..png.len() / 2], 1 << 30), Err(DecodeError::Corrupt(_))));
     assert!(matches!(decode_image(&png, 1000), Err(DecodeError::TooLarge { width: 451, height: 300, .. })));
 }
+
+#[test]
+fn metrics_are_recorded_in_the_manifest() {
+    let (_d, p) = scratch_copy();
+    let mut pkg = Package::load(&p).unwrap();
+    pkg.record_metrics([("camvid_val_pixel_acc".to_string(), 53.76)]).unwrap();
+    let again = Package::load(&p).unwrap();
+    assert_eq!(again.manifest.metrics["camvid_val_pixel_acc"], 53.76);
+}

@@ -139,6 +139,10 @@ struct EvalCli {
     class_names: Option<String>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Repeat the fresh k-means with this many seeds (seed, seed+1, ...) and report the mean:
+    /// a single k-means run moves the scores by a few points.
+    #[arg(long, default_value_t = 1)]
+    seeds: u64,
     /// Write the reports as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -386,15 +390,24 @@ fn eval(e: EvalCli) -> Result<()> {
         Some(d) => Some(picie::train::cluster::list_images(d)?),
         None => None,
     };
-    let clusters = || match &cluster_paths {
-        Some(p) => Clusters::Fresh { images: p, seed: e.seed },
-        None => Clusters::Package,
-    };
+    let seeds = if cluster_paths.is_some() { e.seeds.max(1) } else { 1 };
     let mut reports = vec![];
+    let mut means = vec![];
     for model in e.baseline.iter().chain(std::iter::once(&e.model)) {
-        let mut r = evaluate(model, &pairs, classes, clusters(), DeviceChoice::Auto)?;
-        r.model = model.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
-        reports.push(r);
+        let label = model.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
+        let mut runs = vec![];
+        for s in 0..seeds {
+            let clusters = match &cluster_paths {
+                Some(p) => Clusters::Fresh { images: p, seed: e.seed + s },
+                None => Clusters::Package,
+            };
+            let mut r = evaluate(model, &pairs, classes, clusters, DeviceChoice::Auto)?;
+            r.model = label.clone();
+            runs.push(r);
+        }
+        let n = runs.len() as f64;
+        means.push((label, runs.iter().map(|r| r.pixel_accuracy).sum::<f64>() / n, runs.iter().map(|r| r.miou).sum::<f64>() / n));
+        reports.extend(runs);
     }
     let names: Vec<String> = match &e.class_names {
         Some(n) => n.split(',').map(|s| s.trim().to_string()).collect(),
@@ -402,6 +415,12 @@ fn eval(e: EvalCli) -> Result<()> {
     };
     println!("{} images, {} classes, {}", pairs.len(), classes, if e.cluster_images.is_some() { "fresh k-means per model" } else { "package centroids" });
     print!("{}", table(&reports, &names));
+    if seeds > 1 {
+        println!("\nmean over {seeds} k-means seeds");
+        for (model, acc, miou) in &means {
+            println!("{model:<28} {:>10.2} {:>8.2}", 100.0 * acc, 100.0 * miou);
+        }
+    }
     if let Some(j) = &e.json {
         std::fs::write(j, serde_json::to_vec_pretty(&reports)?)?;
     }

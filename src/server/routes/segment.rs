@@ -120,7 +120,12 @@ pub async fn segment(
     headers: HeaderMap,
     request: Request,
 ) -> ApiResult<Response> {
-    let _permit = state.inference_permits.clone().try_acquire_owned().map_err(|_| ApiError::Busy)?;
+    let Ok(_permit) = state.inference_permits.clone().try_acquire_owned() else {
+        // Read and drop the body (cheap next to decoding and inference) so the client gets
+        // the 429 instead of a connection reset in the middle of its upload.
+        let _ = axum::body::to_bytes(request.into_body(), state.limits.max_body_bytes).await;
+        return Err(ApiError::Busy);
+    };
     let bytes = image_bytes(&headers, request, &state).await?;
     let max_pixels = state.limits.max_image_pixels;
     let image = tokio::task::spawn_blocking(move || crate::infer::decode_image(&bytes, max_pixels))

@@ -47,6 +47,16 @@ pub struct ErrorDetail {
 }
 
 impl ApiError {
+    /// A failed read of a request body (raw or multipart): 413 naming `limit` when the body
+    /// limit stopped it, 400 with the extractor's text otherwise.
+    pub fn body_read(status: StatusCode, text: String, limit: usize) -> Self {
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!("the body exceeds the limit of {limit} bytes"))
+        } else {
+            ApiError::BadRequest(text)
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,

@@ -58,7 +58,7 @@ pub async fn upload(
 ) -> ApiResult<Json<UploadReport>> {
     state.datasets.get(&id)?;
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
-    let too_large = || ApiError::PayloadTooLarge(format!("the upload exceeds {} bytes", state.limits.max_upload_bytes));
+    let limit = state.limits.max_upload_bytes;
     let mut uploads = vec![];
     if ct.starts_with("multipart/form-data") {
         let mut mp = Multipart::from_request(request, &state).await.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -66,19 +66,16 @@ pub async fn upload(
             let field = match mp.next_field().await {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(too_large()),
-                Err(e) => return Err(ApiError::BadRequest(e.body_text())),
+                Err(e) => return Err(ApiError::body_read(e.status(), e.body_text(), limit)),
             };
             let name = field.file_name().or(field.name()).unwrap_or("upload").to_string();
-            let bytes = field.bytes().await.map_err(|e| {
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE { too_large() } else { ApiError::BadRequest(e.body_text()) }
-            })?;
+            let bytes = field.bytes().await.map_err(|e| ApiError::body_read(e.status(), e.body_text(), limit))?;
             uploads.push(Upload { name, bytes: bytes.to_vec() });
         }
     } else if ct.starts_with("application/zip") || ct.starts_with("application/x-tar") || ct.starts_with("application/octet-stream") {
         let bytes = Bytes::from_request(request, &state)
             .await
-            .map_err(|e| if e.status() == StatusCode::PAYLOAD_TOO_LARGE { too_large() } else { ApiError::BadRequest(e.body_text()) })?;
+            .map_err(|e| ApiError::body_read(e.status(), e.body_text(), limit))?;
         uploads.push(Upload { name: "archive".into(), bytes: bytes.to_vec() });
     } else {
         return Err(ApiError::UnsupportedMediaType(format!(

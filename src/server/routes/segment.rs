@@ -58,25 +58,20 @@ pub struct SegmentJson {
 /// Reads the image bytes: the raw body (`image/*` or `application/octet-stream`) or the
 /// multipart field `image`.
 async fn image_bytes(headers: &HeaderMap, request: Request, state: &AppState) -> ApiResult<Bytes> {
+    let limit = state.limits.max_body_bytes;
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let bytes = if ct.starts_with("multipart/form-data") {
         let mut mp = Multipart::from_request(request, state).await.map_err(|e| ApiError::BadRequest(e.body_text()))?;
         let mut found = None;
-        while let Some(field) = mp.next_field().await.map_err(multipart_error)? {
+        while let Some(field) = mp.next_field().await.map_err(|e| ApiError::body_read(e.status(), e.body_text(), limit))? {
             if field.name() == Some("image") {
-                found = Some(field.bytes().await.map_err(multipart_error)?);
+                found = Some(field.bytes().await.map_err(|e| ApiError::body_read(e.status(), e.body_text(), limit))?);
                 break;
             }
         }
         found.ok_or_else(|| ApiError::BadRequest("multipart body has no `image` field".into()))?
     } else if ct.is_empty() || ct.starts_with("image/") || ct.starts_with("application/octet-stream") {
-        Bytes::from_request(request, state).await.map_err(|e| {
-            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(format!("the body exceeds the limit of {} bytes", state.limits.max_body_bytes))
-            } else {
-                ApiError::BadRequest(e.body_text())
-            }
-        })?
+        Bytes::from_request(request, state).await.map_err(|e| ApiError::body_read(e.status(), e.body_text(), limit))?
     } else {
         return Err(ApiError::UnsupportedMediaType(format!(
             "content type `{ct}` is not an image; send image/* , application/octet-stream or multipart/form-data"
@@ -86,14 +81,6 @@ async fn image_bytes(headers: &HeaderMap, request: Request, state: &AppState) ->
         return Err(ApiError::BadRequest("the request carries no image".into()));
     }
     Ok(bytes)
-}
-
-fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
-    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::PayloadTooLarge(e.body_text())
-    } else {
-        ApiError::BadRequest(e.body_text())
-    }
 }
 
 /// Segment an image: every pixel gets the class of its nearest centroid.

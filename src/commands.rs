@@ -33,12 +33,7 @@ pub fn import_weights(kind: BackboneKind, checkpoint: &Path, out: &Path) -> Resu
 /// An RGB image as a 1 x 3 x H x W tensor in [0, 1].
 pub fn image_tensor(img: &RgbImage, device: &Device) -> Tensor<4> {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let mut data = vec![0f32; 3 * w * h];
-    for (x, y, p) in img.enumerate_pixels() {
-        for c in 0..3 {
-            data[c * w * h + y as usize * w + x as usize] = p[c] as f32 / 255.0;
-        }
-    }
+    let data = crate::infer::preprocess::rgb_planes(img);
     Tensor::from_data(TensorData::new(data, [1, 3, h, w]), device)
 }
 

@@ -182,7 +182,8 @@ pub struct PackageContents<'a> {
     pub centroids: &'a Centroids,
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// Lower-case hex SHA-256: package checksums and dataset content hashes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 

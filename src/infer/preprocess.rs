@@ -87,6 +87,18 @@ pub fn geometry(width: u32, height: u32, policy: &InputPolicy) -> Geometry {
     }
 }
 
+/// An RGB image as a 3 x H x W plane in [0, 1].
+pub fn rgb_planes(img: &RgbImage) -> Vec<f32> {
+    let n = (img.width() * img.height()) as usize;
+    let mut out = vec![0f32; 3 * n];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * n + i] = p[c] as f32 / 255.0;
+        }
+    }
+    out
+}
+
 /// Writes the image, resized per `geom`, into a 3 x H x W plane (RGB in [0, 1]) of a padded
 /// canvas of `canvas` = (W, H). Padding is the ImageNet mean colour, which the network sees as 0.
 pub fn fill_input(img: &RgbImage, geom: &Geometry, canvas: (u32, u32), out: &mut [f32]) {

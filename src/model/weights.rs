@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use burn::module::{Param, RunningState};
 use burn::tensor::{Device, Tensor, TensorData};
 
 /// One tensor: its shape and row-major f32 values.
@@ -77,14 +76,6 @@ impl TensorMap {
             bail!("{}: tensor `{name}` holds a non-finite value at index {bad}", self.source);
         }
         Ok(t)
-    }
-
-    pub fn param<const D: usize>(&self, name: &str, expected: [usize; D], device: &Device) -> Result<Param<Tensor<D>>> {
-        Ok(Param::from_tensor(self.get(name, &expected)?.to_burn(device)))
-    }
-
-    pub fn running<const D: usize>(&self, name: &str, expected: [usize; D], device: &Device) -> Result<RunningState<Tensor<D>>> {
-        Ok(RunningState::new(self.get(name, &expected)?.to_burn(device)))
     }
 
     /// Only the tensors under `prefix.`, with the prefix removed.

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult};
@@ -192,7 +191,7 @@ impl DatasetStore {
             let mut report = UploadReport::default();
             let files = expand_archives(uploads, &mut report);
             for f in files {
-                let hash = hex::encode(Sha256::digest(&f.bytes));
+                let hash = crate::package::sha256_hex(&f.bytes);
                 if index.images.iter().any(|e| e.sha256 == hash) {
                     report.duplicates.push(f.name);
                     continue;

@@ -198,14 +198,7 @@ pub fn square_frame(img: &image::RgbImage, size: u32) -> Vec<f32> {
     let h = ((img.height() as f32 * scale).round() as u32).max(size);
     let resized = image::imageops::resize(img, w, h, image::imageops::FilterType::Triangle);
     let crop = image::imageops::crop_imm(&resized, (w - size) / 2, (h - size) / 2, size, size).to_image();
-    let n = (size * size) as usize;
-    let mut out = vec![0f32; 3 * n];
-    for (i, p) in crop.pixels().enumerate() {
-        for c in 0..3 {
-            out[c * n + i] = p[c] as f32 / 255.0;
-        }
-    }
-    out
+    crate::infer::preprocess::rgb_planes(&crop)
 }
 
 #[cfg(test)]

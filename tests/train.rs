@@ -33,10 +33,12 @@ fn args(dir: &std::path::Path, config: TrainConfig, resume: bool) -> TrainArgs {
 fn trains_checkpoints_resumes_and_writes_a_package() {
     let dir = tempfile::tempdir().unwrap();
     // Two epochs straight.
-    let mut steps = 0;
+    let mut phases = vec![];
+    let mut last_fraction = 0.0;
     let (pkg, report) = train(&args(dir.path(), tiny(2), false), &mut |p| {
-        assert!(p.fraction() >= 0.0 && p.fraction() <= 1.0);
-        steps += 1;
+        assert!(p.fraction() >= last_fraction && p.fraction() <= 1.0, "progress only moves forward");
+        last_fraction = p.fraction();
+        phases.push(p.phase);
         true
     })
     .unwrap()
@@ -47,7 +49,8 @@ fn trains_checkpoints_resumes_and_writes_a_package() {
     let losses = pkg.manifest.provenance.details["epoch_losses"].as_array().unwrap().clone();
     assert_eq!(losses.len(), 2);
     assert!(losses.iter().all(|l| l.as_f64().unwrap().is_finite() && l.as_f64().unwrap() > 0.0));
-    assert_eq!(steps, 2 * (2 + 2), "two epochs of two clustering and two training steps");
+    let epoch = ["cluster", "cluster", "label", "label", "train", "train"];
+    assert_eq!(phases, [epoch, epoch].concat(), "per epoch: two clustering, two labelling and two training steps");
     Package::load(&pkg.dir).unwrap();
 
     // Training changed the embedder but not the frozen stem.

@@ -39,11 +39,6 @@ pub fn pixels(z: Tensor<4>) -> Tensor<2> {
     z.permute([0, 2, 3, 1]).reshape([-1, d as i32])
 }
 
-/// Nearest centroid of each row (no gradient).
-pub fn nearest_labels(z: &Tensor<2>, centroids: &Tensor<2>) -> Tensor<1, Int> {
-    z.clone().detach().matmul(centroids.clone().transpose()).argmax(1).flatten(0, 1)
-}
-
 /// Weighted cross-entropy over logits -d(z, mu) = <z, mu> - 1 (z and mu unit vectors):
 /// sum_i w[y_i] * -log softmax(-d(z_i, .))[y_i] / sum_i w[y_i].
 pub fn cluster_loss(z: Tensor<2>, labels: Tensor<1, Int>, centroids: Tensor<2>, class_weights: Tensor<1>) -> Tensor<1> {
@@ -63,8 +58,7 @@ pub struct HeadTargets {
 
 /// ((CE11 + CE22) / 2 + (CE12 + CE21) / 2) / 2 for one head, where CEab scores view a's
 /// features against view b's labels and centroids.
-pub fn head_loss(z: [&Tensor<2>; 2], head: &HeadTargets) -> Tensor<1> {
-    let labels = [nearest_labels(z[0], &head.centroids[0]), nearest_labels(z[1], &head.centroids[1])];
+pub fn head_loss(z: [&Tensor<2>; 2], labels: [Tensor<1, Int>; 2], head: &HeadTargets) -> Tensor<1> {
     let ce = |a: usize, b: usize| cluster_loss(z[a].clone(), labels[b].clone(), head.centroids[b].clone(), head.weights[b].clone());
     let within = (ce(0, 0) + ce(1, 1)) / 2.0;
     let cross = (ce(0, 1) + ce(1, 0)) / 2.0;
@@ -82,6 +76,11 @@ pub fn head_weights(k1: usize, k2: usize) -> (f32, f32) {
 mod tests {
     use super::*;
     use burn::tensor::{Device, TensorData};
+
+/// Nearest centroid of each row (no gradient).
+fn nearest_labels(z: &Tensor<2>, centroids: &Tensor<2>) -> Tensor<1, Int> {
+    z.clone().detach().matmul(centroids.clone().transpose()).argmax(1).flatten(0, 1)
+}
 
     fn t2(v: Vec<f32>, shape: [usize; 2]) -> Tensor<2> {
         Tensor::from_data(TensorData::new(v, shape), &Device::flex())
@@ -137,8 +136,29 @@ mod tests {
         let z = t2(vec![0.8, 0.6, 0.6, 0.8], [2, 2]);
         let w = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 1.0], [2]), &Device::flex());
         let head = HeadTargets { centroids: [mu.clone(), mu.clone()], weights: [w.clone(), w.clone()] };
-        let l: f32 = head_loss([&z, &z], &head).into_scalar();
+        let l: f32 = head_loss([&z, &z], [nearest_labels(&z, &mu), nearest_labels(&z, &mu)], &head).into_scalar();
         let single: f32 = cluster_loss(z.clone(), nearest_labels(&z, &mu), mu, w).into_scalar();
         assert!((l - single).abs() < 1e-6);
+    }
+
+    #[test]
+    fn cross_terms_score_each_view_against_the_other_views_labels_and_centroids() {
+        let mu1 = t2(vec![1.0, 0.0, 0.0, 1.0], [2, 2]);
+        let mu2 = t2(vec![0.6, 0.8, 0.8, -0.6], [2, 2]);
+        let z1 = t2(vec![0.8, 0.6, 0.0, 1.0], [2, 2]);
+        let z2 = t2(vec![1.0, 0.0, 0.6, 0.8], [2, 2]);
+        let y1 = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1], [2]), &Device::flex());
+        let y2 = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 1], [2]), &Device::flex());
+        let w1 = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 3.0], [2]), &Device::flex());
+        let w2 = Tensor::<1>::from_data(TensorData::new(vec![2.0f32, 1.0], [2]), &Device::flex());
+        let head = HeadTargets { centroids: [mu1.clone(), mu2.clone()], weights: [w1.clone(), w2.clone()] };
+        let got: f32 = head_loss([&z1, &z2], [y1.clone(), y2.clone()], &head).into_scalar();
+        let ce = |z: &Tensor<2>, y: &Tensor<1, Int>, mu: &Tensor<2>, w: &Tensor<1>| -> f32 { cluster_loss(z.clone(), y.clone(), mu.clone(), w.clone()).into_scalar() };
+        let within = (ce(&z1, &y1, &mu1, &w1) + ce(&z2, &y2, &mu2, &w2)) / 2.0;
+        let cross = (ce(&z1, &y2, &mu2, &w2) + ce(&z2, &y1, &mu1, &w1)) / 2.0;
+        assert!((got - (within + cross) / 2.0).abs() < 1e-6, "{got} vs {}", (within + cross) / 2.0);
+        // Swapping the views' labels changes the loss: the labels are not recomputed inside.
+        let swapped: f32 = head_loss([&z1, &z2], [y2, y1], &head).into_scalar();
+        assert!((swapped - got).abs() > 1e-3);
     }
 }

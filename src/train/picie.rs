@@ -14,14 +14,14 @@ use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::augment::{square_frame, Geometric, Photometric, PhotometricConfig};
-use super::kmeans::{KMeansConfig, SphericalKMeans};
+use super::kmeans::{assign, KMeansConfig, SphericalKMeans};
 use super::loss::{head_loss, head_weights, pixels, Balance, HeadTargets};
 use crate::model::embedder::OUTPUT_STRIDE;
 use crate::model::{Embedder, EmbedderConfig, TensorMap};
@@ -78,6 +78,9 @@ impl TrainConfig {
         if self.k2 <= self.k {
             bail!("k2 must be larger than k (got k = {}, k2 = {})", self.k, self.k2);
         }
+        if self.k2 > u16::MAX as usize {
+            bail!("k2 must be at most {} (got {})", u16::MAX, self.k2);
+        }
         if self.size == 0 || self.size % 32 != 0 {
             bail!("size must be a positive multiple of 32 (got {})", self.size);
         }
@@ -106,7 +109,7 @@ impl TrainConfig {
 pub struct Progress {
     pub epoch: usize,
     pub epochs: usize,
-    /// `cluster` or `train`.
+    /// `cluster`, `label` or `train`.
     pub phase: &'static str,
     pub step: usize,
     pub steps: usize,
@@ -116,11 +119,14 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Overall fraction done, counting the clustering pass as a third of an epoch.
+    /// Overall fraction done: the clustering and labelling passes (forward only) count a
+    /// fifth of an epoch each, training the rest.
     pub fn fraction(&self) -> f64 {
+        let step = self.step as f64 / self.steps.max(1) as f64;
         let within = match self.phase {
-            "cluster" => self.step as f64 / self.steps.max(1) as f64 / 3.0,
-            _ => 1.0 / 3.0 + 2.0 / 3.0 * self.step as f64 / self.steps.max(1) as f64,
+            "cluster" => step / 5.0,
+            "label" => 0.2 + step / 5.0,
+            _ => 0.4 + 0.6 * step,
         };
         (self.epoch as f64 + within) / self.epochs.max(1) as f64
     }
@@ -156,6 +162,28 @@ struct Draw {
     p1: Photometric,
     p2: Photometric,
     g: Geometric,
+}
+
+/// One epoch's training targets: every pixel's nearest centroid, per head and view, computed
+/// in one pass with the clustering model (batch norm in inference mode) once the centroids are
+/// final, as the authors' compute_labels does. Fixed labels keep the target still while the
+/// embedder moves; labelling each training batch afresh from its own (training-mode) features
+/// lets the target chase the model.
+struct EpochLabels {
+    /// [head][view]: image i's cells at i * cells^2 ..
+    labels: [[Vec<u16>; 2]; 2],
+    /// [head][view]: pixels per cluster, for the balance weights.
+    counts: [[Vec<u64>; 2]; 2],
+    cells: usize,
+}
+
+impl EpochLabels {
+    fn batch(&self, head: usize, view: usize, idx: &[usize], device: &Device) -> Tensor<1, Int> {
+        let per = self.cells * self.cells;
+        let rows: Vec<i64> = idx.iter().flat_map(|&i| self.labels[head][view][i * per..(i + 1) * per].iter().map(|&l| l as i64)).collect();
+        let n = rows.len();
+        Tensor::from_data(TensorData::new(rows, [n]), device)
+    }
 }
 
 /// Crops each image of the batch to its box (in cells of `scale` pixels), resizes it back to
@@ -335,6 +363,42 @@ impl Trainer {
         Ok(km)
     }
 
+    /// The labelling pass: each view's pixels against the final centroids of both heads.
+    fn label(&self, frames: &Frames, draws: &[Draw], batches: &[Vec<usize>], km: &[[SphericalKMeans; 2]; 2], epoch: usize, on: &mut dyn FnMut(&Progress) -> bool) -> Result<Option<EpochLabels>> {
+        let model = self.model.valid();
+        let plain = Device::flex();
+        let dim = self.embedder_config.dim;
+        let cells = self.config.cells();
+        let per = cells * cells;
+        let n = frames.frames.len();
+        let mut labels: [[Vec<u16>; 2]; 2] = std::array::from_fn(|_| std::array::from_fn(|_| vec![0u16; n * per]));
+        let mut counts: [[Vec<u64>; 2]; 2] = std::array::from_fn(|h| std::array::from_fn(|v| vec![0u64; km[h][v].k]));
+        let start = Instant::now();
+        for (b, idx) in batches.iter().enumerate() {
+            let (p1, p2) = photometric_batch(frames, idx, draws, &plain);
+            let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
+            let (z1, z2) = views(&model, p1, p2, &geos);
+            for (v, z) in [z1, z2].into_iter().enumerate() {
+                let data: Vec<f32> = pixels(z).into_data().try_to_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                for h in 0..2 {
+                    let (nearest, _) = assign(&data, dim, &km[h][v].centroids);
+                    for (j, &i) in idx.iter().enumerate() {
+                        for (dst, &l) in labels[h][v][i * per..(i + 1) * per].iter_mut().zip(&nearest[j * per..(j + 1) * per]) {
+                            *dst = l as u16;
+                            counts[h][v][l as usize] += 1;
+                        }
+                    }
+                }
+            }
+            let px = ((b + 1) * self.config.batch * 2 * self.config.size * self.config.size) as f64;
+            let p = Progress { epoch, epochs: self.config.epochs, phase: "label", step: b + 1, steps: batches.len(), loss: None, pixels_per_sec: px / start.elapsed().as_secs_f64() };
+            if !on(&p) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(EpochLabels { labels, counts, cells }))
+    }
+
     /// Runs the remaining epochs. `on` sees every step and returns false to stop; the last
     /// completed epoch's checkpoint is kept. Returns whether all epochs ran.
     pub fn run(&mut self, frames: &Frames, checkpoint_dir: &Path, on: &mut dyn FnMut(&Progress) -> bool) -> Result<bool> {
@@ -345,15 +409,17 @@ impl Trainer {
             let draws = self.draws(epoch, frames.frames.len());
             let batches = self.batches(epoch, frames.frames.len());
             let Some(km) = self.cluster(frames, &draws, &batches, epoch, on)? else { return Ok(false) };
+            let Some(labels) = self.label(frames, &draws, &batches, &km, epoch, on)? else { return Ok(false) };
             let targets: Vec<HeadTargets> = km
                 .iter()
-                .map(|head| {
+                .enumerate()
+                .map(|(h, head)| {
                     let c = |v: usize| {
-                        let h = &head[v];
-                        Tensor::<2>::from_data(TensorData::new(h.centroids.clone(), [h.k, h.dim]), &self.device)
+                        let km = &head[v];
+                        Tensor::<2>::from_data(TensorData::new(km.centroids.clone(), [km.k, km.dim]), &self.device)
                     };
                     let w = |v: usize| {
-                        let ws = self.config.balance.weights(&head[v].counts);
+                        let ws = self.config.balance.weights(&labels.counts[h][v]);
                         Tensor::<1>::from_data(TensorData::new(ws.clone(), [ws.len()]), &self.device)
                     };
                     HeadTargets { centroids: [c(0), c(1)], weights: [w(0), w(1)] }
@@ -367,7 +433,8 @@ impl Trainer {
                 let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
                 let (z1, z2) = views(&self.model, p1, p2, &geos);
                 let (z1, z2) = (pixels(z1), pixels(z2));
-                let loss = head_loss([&z1, &z2], &targets[0]) * w1 + head_loss([&z1, &z2], &targets[1]) * w2;
+                let y = |h: usize| [labels.batch(h, 0, idx, &self.device), labels.batch(h, 1, idx, &self.device)];
+                let loss = head_loss([&z1, &z2], y(0), &targets[0]) * w1 + head_loss([&z1, &z2], y(1), &targets[1]) * w2;
                 let value: f32 = loss.clone().into_scalar();
                 if !value.is_finite() {
                     bail!("the loss became {value} at epoch {} step {}; lower the learning rate", epoch + 1, b + 1);

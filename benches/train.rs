@@ -22,7 +22,8 @@ fn main() -> anyhow::Result<()> {
     let config = EmbedderConfig::new(BackboneKind::EfficientnetLite0);
     let init = picie::model::Embedder::from_backbone(config, &backbone.sub("backbone"), 0, &burn::tensor::Device::flex())?;
 
-    // Two steps on `batch` copies of the shipped photos (one epoch = one clustering + train pass).
+    // Two steps on `batch` copies of the shipped photos (one epoch = clustering, labelling and
+    // training passes).
     let photos: Vec<_> = picie::train::cluster::list_images(&root.join("fixtures/images"))?;
     let paths: Vec<_> = photos.iter().cycle().take(batch * 2).cloned().collect();
     let frames = Frames::load(&paths, size);
@@ -30,14 +31,15 @@ fn main() -> anyhow::Result<()> {
     let mut trainer = Trainer::new(cfg, config, &init.to_tensor_map("bench"))?;
     let mut train_times = vec![];
     let mut cluster_time = 0.0;
+    let mut label_time = 0.0;
     let mut last = Instant::now();
     let t0 = Instant::now();
     trainer.run(&frames, &dir.path().join("ckpt"), &mut |p| {
         let now = Instant::now();
-        if p.phase == "train" {
-            train_times.push((now - last).as_secs_f64());
-        } else {
-            cluster_time += (now - last).as_secs_f64();
+        match p.phase {
+            "train" => train_times.push((now - last).as_secs_f64()),
+            "label" => label_time += (now - last).as_secs_f64(),
+            _ => cluster_time += (now - last).as_secs_f64(),
         }
         last = now;
         true
@@ -59,6 +61,7 @@ fn main() -> anyhow::Result<()> {
     println!("{:<52} {:>12.2}", "train step (2 views, fwd + bwd + Adam), per batch", step);
     println!("{:<52} {:>12.2}", "train step, per image", step / batch as f64);
     println!("{:<52} {:>12.2}", "clustering pass (2 views, no grad), per image", cluster_time / (2 * batch) as f64);
+    println!("{:<52} {:>12.2}", "labelling pass (2 views, no grad), per image", label_time / (2 * batch) as f64);
     println!("{:<52} {:>12.2}", "whole epoch incl. checkpoint, per image", total / (2 * batch) as f64);
     println!("{:<52} {:>12.2}", "spherical k-means 1M x 128, K=27, ++ + 20 iters", km);
     println!("reference (steering, PyTorch 2 threads, 288x384 batch 8): 0.66 s/image per step; faiss 20 iters: 7.1 s");

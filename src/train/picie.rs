@@ -232,6 +232,16 @@ fn views(model: &Embedder, p1: Tensor<4>, p2: Tensor<4>, geos: &[Geometric]) -> 
     (z1, z2)
 }
 
+/// Both views of a batch through the clustering model (no gradient), as pixel rows:
+/// [view] -> (N cells^2) x D, image-major. The clustering and labelling passes see the same.
+fn view_rows(model: &Embedder, frames: &Frames, idx: &[usize], draws: &[Draw]) -> Result<[Vec<f32>; 2]> {
+    let (p1, p2) = photometric_batch(frames, idx, draws, &Device::flex());
+    let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
+    let (z1, z2) = views(model, p1, p2, &geos);
+    let rows = |z: Tensor<4>| pixels(z).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"));
+    Ok([rows(z1)?, rows(z2)?])
+}
+
 /// Everything needed to continue a run.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct CheckpointState {
@@ -309,10 +319,15 @@ impl Trainer {
         order.chunks(self.config.batch).map(|c| c.to_vec()).collect()
     }
 
+    /// Progress after `step` batches of a pass begun at `start` (two views per image).
+    fn progress(&self, epoch: usize, phase: &'static str, step: usize, steps: usize, loss: Option<f32>, start: Instant) -> Progress {
+        let px = (step * self.config.batch * 2 * self.config.size * self.config.size) as f64;
+        Progress { epoch, epochs: self.config.epochs, phase, step, steps, loss, pixels_per_sec: px / start.elapsed().as_secs_f64() }
+    }
+
     /// The clustering pass: four mini-batch k-means (two views x two heads) on this epoch's views.
     fn cluster(&self, frames: &Frames, draws: &[Draw], batches: &[Vec<usize>], epoch: usize, on: &mut dyn FnMut(&Progress) -> bool) -> Result<Option<[[SphericalKMeans; 2]; 2]>> {
         let model = self.model.valid();
-        let plain = Device::flex();
         let dim = self.embedder_config.dim;
         let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ 0xC1u64 ^ epoch as u64);
         let mut sample = [Vec::<f32>::new(), Vec::<f32>::new()];
@@ -320,13 +335,9 @@ impl Trainer {
         let init_batches = self.config.init_batches.min(batches.len()).max(1);
         let start = Instant::now();
         for (b, idx) in batches.iter().enumerate() {
-            let (p1, p2) = photometric_batch(frames, idx, draws, &plain);
-            let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
-            let (z1, z2) = views(&model, p1, p2, &geos);
             let per_image = self.config.vectors_per_image.min(self.config.cells() * self.config.cells());
             let mut rows = [vec![], vec![]];
-            for (v, z) in [z1, z2].into_iter().enumerate() {
-                let data: Vec<f32> = pixels(z).into_data().try_to_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            for (v, data) in view_rows(&model, frames, idx, draws)?.into_iter().enumerate() {
                 let per = self.config.cells() * self.config.cells();
                 for img in 0..idx.len() {
                     for _ in 0..per_image {
@@ -354,8 +365,7 @@ impl Trainer {
                     }
                 }
             }
-            let px = ((b + 1) * self.config.batch * 2 * self.config.size * self.config.size) as f64;
-            let p = Progress { epoch, epochs: self.config.epochs, phase: "cluster", step: b + 1, steps: batches.len(), loss: None, pixels_per_sec: px / start.elapsed().as_secs_f64() };
+            let p = self.progress(epoch, "cluster", b + 1, batches.len(), None, start);
             if !on(&p) {
                 return Ok(None);
             }
@@ -366,7 +376,6 @@ impl Trainer {
     /// The labelling pass: each view's pixels against the final centroids of both heads.
     fn label(&self, frames: &Frames, draws: &[Draw], batches: &[Vec<usize>], km: &[[SphericalKMeans; 2]; 2], epoch: usize, on: &mut dyn FnMut(&Progress) -> bool) -> Result<Option<EpochLabels>> {
         let model = self.model.valid();
-        let plain = Device::flex();
         let dim = self.embedder_config.dim;
         let cells = self.config.cells();
         let per = cells * cells;
@@ -375,11 +384,7 @@ impl Trainer {
         let mut counts: [[Vec<u64>; 2]; 2] = std::array::from_fn(|h| std::array::from_fn(|v| vec![0u64; km[h][v].k]));
         let start = Instant::now();
         for (b, idx) in batches.iter().enumerate() {
-            let (p1, p2) = photometric_batch(frames, idx, draws, &plain);
-            let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
-            let (z1, z2) = views(&model, p1, p2, &geos);
-            for (v, z) in [z1, z2].into_iter().enumerate() {
-                let data: Vec<f32> = pixels(z).into_data().try_to_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            for (v, data) in view_rows(&model, frames, idx, draws)?.into_iter().enumerate() {
                 for h in 0..2 {
                     let (nearest, _) = assign(&data, dim, &km[h][v].centroids);
                     for (j, &i) in idx.iter().enumerate() {
@@ -390,8 +395,7 @@ impl Trainer {
                     }
                 }
             }
-            let px = ((b + 1) * self.config.batch * 2 * self.config.size * self.config.size) as f64;
-            let p = Progress { epoch, epochs: self.config.epochs, phase: "label", step: b + 1, steps: batches.len(), loss: None, pixels_per_sec: px / start.elapsed().as_secs_f64() };
+            let p = self.progress(epoch, "label", b + 1, batches.len(), None, start);
             if !on(&p) {
                 return Ok(None);
             }
@@ -442,16 +446,7 @@ impl Trainer {
                 let grads = GradientsParams::from_grads(loss.backward(), &self.model);
                 self.model = self.optim.step(self.config.lr, self.model.clone(), grads);
                 total += value as f64;
-                let px = ((b + 1) * self.config.batch * 2 * self.config.size * self.config.size) as f64;
-                let p = Progress {
-                    epoch,
-                    epochs: self.config.epochs,
-                    phase: "train",
-                    step: b + 1,
-                    steps: batches.len(),
-                    loss: Some((total / (b + 1) as f64) as f32),
-                    pixels_per_sec: px / start.elapsed().as_secs_f64(),
-                };
+                let p = self.progress(epoch, "train", b + 1, batches.len(), Some((total / (b + 1) as f64) as f32), start);
                 if !on(&p) {
                     return Ok(false);
                 }

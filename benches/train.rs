@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
     // training passes).
     let photos: Vec<_> = picie::train::cluster::list_images(&root.join("fixtures/images"))?;
     let paths: Vec<_> = photos.iter().cycle().take(batch * 2).cloned().collect();
-    let frames = Frames::load(&paths, size);
+    let frames = Frames::load(&paths, (size, size));
     let cfg = TrainConfig { k: 4, k2: 8, epochs: 1, size, batch, init_batches: 1, vectors_per_image: 500, ..TrainConfig::default() };
     let mut trainer = Trainer::new(cfg, config, &init.to_tensor_map("bench"))?;
     let mut train_times = vec![];

@@ -177,7 +177,8 @@ pub struct TrainArgs {
 pub fn train(args: &TrainArgs, on: &mut dyn FnMut(&crate::train::picie::Progress) -> bool) -> Result<Option<(Package, ClusterReport)>> {
     use crate::train::picie::{Frames, Trainer};
     let paths = list_images(&args.images)?;
-    let frames = Frames::load(&paths, args.config.size);
+    args.config.check()?;
+    let frames = Frames::load(&paths, args.config.frame());
     if !frames.skipped.is_empty() {
         tracing::warn!(skipped = frames.skipped.len(), files = ?frames.skipped, "unreadable images skipped");
     }

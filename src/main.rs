@@ -92,8 +92,13 @@ struct TrainCli {
     package_k: Option<usize>,
     #[arg(long, default_value_t = 5)]
     epochs: usize,
+    /// Training frame height, and width unless --width is given (square centre crops).
     #[arg(long, default_value_t = 320)]
     size: usize,
+    /// Training frame width: frames keep more of the image when this matches its aspect
+    /// ratio (e.g. --size 352 --width 480 for 4:3 street scenes).
+    #[arg(long)]
+    width: Option<usize>,
     #[arg(long, default_value_t = 8)]
     batch: usize,
     #[arg(long, default_value_t = 1e-4)]
@@ -292,6 +297,7 @@ fn train(t: TrainCli) -> Result<()> {
         k2: t.k2,
         epochs: t.epochs,
         size: t.size,
+        width: t.width,
         batch: t.batch,
         lr: t.lr,
         seed: t.seed,

@@ -80,12 +80,34 @@ fn trains_checkpoints_resumes_and_writes_a_package() {
 }
 
 #[test]
+fn trains_on_frames_with_the_images_aspect_ratio() {
+    // 96 x 64 frames: 24 x 16 feature cells, crop boxes that keep 3:2.
+    let dir = tempfile::tempdir().unwrap();
+    let wide = TrainConfig { width: Some(96), ..tiny(1) };
+    let mut pixels_per_sec = vec![];
+    let (pkg, _) = train(&args(dir.path(), wide.clone(), false), &mut |p| {
+        pixels_per_sec.push(p.pixels_per_sec);
+        true
+    })
+    .unwrap()
+    .unwrap();
+    assert!(pixels_per_sec.iter().all(|v| v.is_finite() && *v > 0.0));
+    assert_eq!(pkg.manifest.provenance.details["train"]["width"], 96);
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("ckpt").join(CHECKPOINT_STATE)).unwrap()).unwrap();
+    assert_eq!((state["config"]["size"].as_u64(), state["config"]["width"].as_u64()), (Some(64), Some(96)));
+    // The same run with square frames is another run: its checkpoint is not resumed.
+    let e = train(&args(dir.path(), TrainConfig { epochs: 2, ..tiny(1) }, true), &mut |_| true).err().map(|e| format!("{e:#}")).unwrap_or_default();
+    assert!(e.contains("different settings"), "{e}");
+}
+
+#[test]
 fn bad_training_input_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let run = |c: TrainConfig| train(&args(dir.path(), c, false), &mut |_| true).err().map(|e| format!("{e:#}")).unwrap_or_default();
     assert!(run(TrainConfig { k: 1, ..tiny(1) }).contains("k must be at least 2"));
     assert!(run(TrainConfig { k2: 3, ..tiny(1) }).contains("k2 must be larger than k"));
     assert!(run(TrainConfig { size: 70, ..tiny(1) }).contains("multiple of 32"));
+    assert!(run(TrainConfig { width: Some(100), ..tiny(1) }).contains("width must be a positive multiple of 32"));
 
     // Unreadable files are skipped and named; too few readable images is an error.
     let imgs = dir.path().join("imgs");

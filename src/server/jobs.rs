@@ -78,9 +78,13 @@ pub enum JobSpec {
         lr: Option<f64>,
         #[serde(default)]
         seed: Option<u64>,
-        /// Side of the square training frames, a multiple of 32 (default 320).
+        /// Height of the training frames, a multiple of 32 (default 320); square frames
+        /// unless `width` is given.
         #[serde(default)]
         size: Option<usize>,
+        /// Width of the training frames, a multiple of 32 (default: `size`).
+        #[serde(default)]
+        width: Option<usize>,
         /// Images per step (default 8).
         #[serde(default)]
         batch: Option<usize>,
@@ -109,7 +113,7 @@ impl JobSpec {
 
 /// The training settings of a fine-tuning job, defaults filled in.
 pub fn finetune_config(spec: &JobSpec) -> Option<crate::train::picie::TrainConfig> {
-    let JobSpec::Finetune { k, k2, epochs, lr, seed, size, batch, .. } = spec else { return None };
+    let JobSpec::Finetune { k, k2, epochs, lr, seed, size, width, batch, .. } = spec else { return None };
     let d = crate::train::picie::TrainConfig::default();
     Some(crate::train::picie::TrainConfig {
         k: k.unwrap_or(d.k),
@@ -118,6 +122,7 @@ pub fn finetune_config(spec: &JobSpec) -> Option<crate::train::picie::TrainConfi
         lr: lr.unwrap_or(d.lr),
         seed: seed.unwrap_or(0),
         size: size.unwrap_or(d.size),
+        width: *width,
         batch: batch.unwrap_or(d.batch),
         freeze_stride: 4,
         ..d

@@ -166,38 +166,42 @@ fn convolve_1d(src: &[f32], dst: &mut [f32], len: usize, lines: usize, step: usi
     }
 }
 
-/// A crop box in feature cells of a square `cells` x `cells` map, and a flip.
+/// A crop box in feature cells of a `cells_w` x `cells_h` map (the frame's aspect ratio kept),
+/// and a flip.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometric {
     pub x0: usize,
     pub y0: usize,
-    pub side: usize,
+    pub w: usize,
+    pub h: usize,
     pub flip: bool,
 }
 
 impl Geometric {
-    /// Side fraction uniform in [min_fraction, 1], position uniform, flip with p = 0.5.
-    pub fn sample(rng: &mut impl Rng, cells: usize, min_fraction: f32) -> Self {
-        let min_side = ((cells as f32 * min_fraction).round() as usize).clamp(1, cells);
-        let side = rng.random_range(min_side..=cells);
-        let x0 = rng.random_range(0..=cells - side);
-        let y0 = rng.random_range(0..=cells - side);
-        Self { x0, y0, side, flip: rng.random_bool(0.5) }
+    /// Side fraction uniform in [min_fraction, 1] (drawn on the height, the width follows the
+    /// frame's aspect ratio), position uniform, flip with p = 0.5.
+    pub fn sample(rng: &mut impl Rng, cells_w: usize, cells_h: usize, min_fraction: f32) -> Self {
+        let min_side = ((cells_h as f32 * min_fraction).round() as usize).clamp(1, cells_h);
+        let h = rng.random_range(min_side..=cells_h);
+        let w = ((h * cells_w) as f32 / cells_h as f32).round().clamp(1.0, cells_w as f32) as usize;
+        let x0 = rng.random_range(0..=cells_w - w);
+        let y0 = rng.random_range(0..=cells_h - h);
+        Self { x0, y0, w, h, flip: rng.random_bool(0.5) }
     }
 
-    pub fn identity(cells: usize) -> Self {
-        Self { x0: 0, y0: 0, side: cells, flip: false }
+    pub fn identity(cells_w: usize, cells_h: usize) -> Self {
+        Self { x0: 0, y0: 0, w: cells_w, h: cells_h, flip: false }
     }
 }
 
-/// Resizes the short side to `size` (bilinear) and centre-crops `size` x `size`: the square
-/// training frame. Returns a 3 x size x size plane in [0, 1].
-pub fn square_frame(img: &image::RgbImage, size: u32) -> Vec<f32> {
-    let scale = size as f32 / img.width().min(img.height()) as f32;
-    let w = ((img.width() as f32 * scale).round() as u32).max(size);
-    let h = ((img.height() as f32 * scale).round() as u32).max(size);
+/// Resizes the image to cover `width` x `height` (bilinear, aspect ratio kept) and centre-crops
+/// it to that: the training frame. Returns a 3 x height x width plane in [0, 1].
+pub fn training_frame(img: &image::RgbImage, width: u32, height: u32) -> Vec<f32> {
+    let scale = (width as f32 / img.width() as f32).max(height as f32 / img.height() as f32);
+    let w = ((img.width() as f32 * scale).round() as u32).max(width);
+    let h = ((img.height() as f32 * scale).round() as u32).max(height);
     let resized = image::imageops::resize(img, w, h, image::imageops::FilterType::Triangle);
-    let crop = image::imageops::crop_imm(&resized, (w - size) / 2, (h - size) / 2, size, size).to_image();
+    let crop = image::imageops::crop_imm(&resized, (w - width) / 2, (h - height) / 2, width, height).to_image();
     crate::infer::preprocess::rgb_planes(&crop)
 }
 
@@ -272,18 +276,31 @@ mod tests {
         assert!(draws.iter().filter_map(|d| d.hue).all(|h| (-0.1..=0.1).contains(&h)));
         assert!(draws.iter().filter_map(|d| d.blur_sigma).all(|s| (0.1..=2.0).contains(&s)));
 
-        let g: Vec<Geometric> = (0..2000).map(|_| Geometric::sample(&mut rng, 80, 0.5)).collect();
-        assert!(g.iter().all(|g| g.side >= 40 && g.side <= 80 && g.x0 + g.side <= 80 && g.y0 + g.side <= 80));
+        let g: Vec<Geometric> = (0..2000).map(|_| Geometric::sample(&mut rng, 80, 80, 0.5)).collect();
+        assert!(g.iter().all(|g| g.h >= 40 && g.h <= 80 && g.w == g.h && g.x0 + g.w <= 80 && g.y0 + g.h <= 80));
         let flips = g.iter().filter(|g| g.flip).count() as f64 / g.len() as f64;
         assert!((flips - 0.5).abs() < 0.05);
+        // Wide frames: the box keeps the 4:3 aspect ratio (to a cell) and stays inside.
+        let g: Vec<Geometric> = (0..2000).map(|_| Geometric::sample(&mut rng, 120, 88, 0.5)).collect();
+        assert!(g.iter().all(|g| g.h >= 44 && g.h <= 88 && g.x0 + g.w <= 120 && g.y0 + g.h <= 88));
+        assert!(g.iter().all(|g| (g.w as f32 - g.h as f32 * 120.0 / 88.0).abs() <= 0.5), "{:?}", g.iter().find(|g| (g.w as f32 - g.h as f32 * 120.0 / 88.0).abs() > 0.5));
+        assert!(g.iter().any(|g| g.h == 88 && g.w == 120));
     }
 
     #[test]
-    fn square_frame_centre_crops() {
+    fn training_frame_centre_crops() {
         let img = image::RgbImage::from_fn(8, 4, |x, _| image::Rgb([if x < 2 || x >= 6 { 255 } else { 0 }, 0, 0]));
-        let f = square_frame(&img, 4);
+        let f = training_frame(&img, 4, 4);
         assert_eq!(f.len(), 3 * 16);
         // The white side bands are cropped away.
         assert!(f[..16].iter().all(|&v| v < 0.01), "{:?}", &f[..16]);
+        // A frame with the image's own aspect ratio keeps everything: the bands survive.
+        let f = training_frame(&img, 8, 4);
+        assert_eq!(f.len(), 3 * 32);
+        assert!(f[0] > 0.99 && f[7] > 0.99 && f[3] < 0.01, "{:?}", &f[..8]);
+        // A portrait frame from a landscape image covers the height and crops the width.
+        let f = training_frame(&img, 2, 4);
+        assert_eq!(f.len(), 3 * 8);
+        assert!(f[..8].iter().all(|&v| v < 0.01));
     }
 }

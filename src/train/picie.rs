@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::augment::{square_frame, Geometric, Photometric, PhotometricConfig};
+use super::augment::{training_frame, Geometric, Photometric, PhotometricConfig};
 use super::kmeans::{assign, KMeansConfig, SphericalKMeans};
 use super::loss::{head_loss, head_weights, pixels, Balance, HeadTargets};
 use crate::model::embedder::OUTPUT_STRIDE;
@@ -33,8 +33,13 @@ pub struct TrainConfig {
     /// Clusters of the over-clustering head.
     pub k2: usize,
     pub epochs: usize,
-    /// Side of the square training frames (a multiple of 32).
+    /// Height of the training frames, and their width unless `width` is set (a multiple of 32).
     pub size: usize,
+    /// Width of the training frames (a multiple of 32); unset means square `size` x `size`
+    /// centre crops. A frame with the images' own aspect ratio (480 x 352 for 4:3 street
+    /// scenes) keeps their edges, which square crops cut off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<usize>,
     pub batch: usize,
     pub lr: f64,
     pub seed: u64,
@@ -58,6 +63,7 @@ impl Default for TrainConfig {
             k2: 100,
             epochs: 5,
             size: 320,
+            width: None,
             batch: 8,
             lr: 1e-4,
             seed: 0,
@@ -71,7 +77,8 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    pub fn validate(&self, images: usize) -> Result<()> {
+    /// The settings on their own, before any image is read.
+    pub fn check(&self) -> Result<()> {
         if self.k < 2 {
             bail!("k must be at least 2 (got {})", self.k);
         }
@@ -84,23 +91,44 @@ impl TrainConfig {
         if self.size == 0 || self.size % 32 != 0 {
             bail!("size must be a positive multiple of 32 (got {})", self.size);
         }
+        if let Some(w) = self.width.filter(|w| *w == 0 || w % 32 != 0) {
+            bail!("width must be a positive multiple of 32 (got {w})");
+        }
         if self.batch == 0 || self.epochs == 0 {
             bail!("batch and epochs must be positive");
         }
         if ![0, 4, 8, 16, 32].contains(&self.freeze_stride) {
             bail!("freeze stride must be 0, 4, 8, 16 or 32 (got {})", self.freeze_stride);
         }
+        Ok(())
+    }
+
+    /// The settings against the number of readable training images.
+    pub fn validate(&self, images: usize) -> Result<()> {
+        self.check()?;
         if images < 2 {
             bail!("training needs at least 2 readable images (got {images})");
         }
-        if images * self.vectors_per_image.min(self.cells() * self.cells()) < self.k2 {
+        if images * self.vectors_per_image.min(self.cells_per_image()) < self.k2 {
             bail!("{images} images give too few pixel features for k2 = {} clusters", self.k2);
         }
         Ok(())
     }
 
-    fn cells(&self) -> usize {
-        self.size / OUTPUT_STRIDE
+    /// Training frame (width, height) in pixels.
+    pub fn frame(&self) -> (usize, usize) {
+        (self.width.unwrap_or(self.size), self.size)
+    }
+
+    /// Feature map (width, height) of a training frame.
+    fn cells(&self) -> (usize, usize) {
+        let (w, h) = self.frame();
+        (w / OUTPUT_STRIDE, h / OUTPUT_STRIDE)
+    }
+
+    fn cells_per_image(&self) -> usize {
+        let (w, h) = self.cells();
+        w * h
     }
 }
 
@@ -132,27 +160,28 @@ impl Progress {
     }
 }
 
-/// Training frames, prepared once: square `size` crops in [0, 1].
+/// Training frames, prepared once: `width` x `height` centre crops in [0, 1].
 pub struct Frames {
-    pub size: usize,
+    pub width: usize,
+    pub height: usize,
     pub frames: Vec<Vec<f32>>,
     pub skipped: Vec<String>,
 }
 
 impl Frames {
-    pub fn load(paths: &[PathBuf], size: usize) -> Self {
+    pub fn load(paths: &[PathBuf], (width, height): (usize, usize)) -> Self {
         let mut frames = vec![];
         let mut skipped = vec![];
         for p in paths {
             match crate::infer::preprocess::decode_file(p) {
-                Ok(img) => frames.push(square_frame(&img, size as u32)),
+                Ok(img) => frames.push(training_frame(&img, width as u32, height as u32)),
                 Err(e) => {
                     tracing::warn!(file = %p.display(), error = %e, "skipping unreadable image");
                     skipped.push(p.display().to_string());
                 }
             }
         }
-        Self { size, frames, skipped }
+        Self { width, height, frames, skipped }
     }
 }
 
@@ -170,16 +199,16 @@ struct Draw {
 /// embedder moves; labelling each training batch afresh from its own (training-mode) features
 /// lets the target chase the model.
 struct EpochLabels {
-    /// [head][view]: image i's cells at i * cells^2 ..
+    /// [head][view]: image i's cells at i * per_image ..
     labels: [[Vec<u16>; 2]; 2],
     /// [head][view]: pixels per cluster, for the balance weights.
     counts: [[Vec<u64>; 2]; 2],
-    cells: usize,
+    per_image: usize,
 }
 
 impl EpochLabels {
     fn batch(&self, head: usize, view: usize, idx: &[usize], device: &Device) -> Tensor<1, Int> {
-        let per = self.cells * self.cells;
+        let per = self.per_image;
         let rows: Vec<i64> = idx.iter().flat_map(|&i| self.labels[head][view][i * per..(i + 1) * per].iter().map(|&l| l as i64)).collect();
         let n = rows.len();
         Tensor::from_data(TensorData::new(rows, [n]), device)
@@ -194,9 +223,9 @@ fn apply_geometric(x: Tensor<4>, geos: &[Geometric], scale: usize) -> Tensor<4> 
     let parts: Vec<Tensor<4>> = (0..n)
         .map(|i| {
             let g = geos[i];
-            let (y0, x0, side) = (g.y0 * scale, g.x0 * scale, g.side * scale);
-            let mut t = x.clone().slice([i..i + 1, 0..c, y0..y0 + side, x0..x0 + side]);
-            if side != h || side != w {
+            let (y0, x0, bh, bw) = (g.y0 * scale, g.x0 * scale, g.h * scale, g.w * scale);
+            let mut t = x.clone().slice([i..i + 1, 0..c, y0..y0 + bh, x0..x0 + bw]);
+            if bh != h || bw != w {
                 t = interpolate(t, InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([h, w]));
             }
             if g.flip {
@@ -210,22 +239,22 @@ fn apply_geometric(x: Tensor<4>, geos: &[Geometric], scale: usize) -> Tensor<4> 
 
 /// The two network inputs of a batch: P1(x) (G applied later, on the tensor) and P2(x).
 fn photometric_batch(frames: &Frames, idx: &[usize], draws: &[Draw], device: &Device) -> (Tensor<4>, Tensor<4>) {
-    let s = frames.size;
-    let mut a = Vec::with_capacity(idx.len() * 3 * s * s);
-    let mut b = Vec::with_capacity(idx.len() * 3 * s * s);
+    let (w, h) = (frames.width, frames.height);
+    let mut a = Vec::with_capacity(idx.len() * 3 * w * h);
+    let mut b = Vec::with_capacity(idx.len() * 3 * w * h);
     for &i in idx {
         let mut v1 = frames.frames[i].clone();
-        draws[i].p1.apply(&mut v1, s, s);
+        draws[i].p1.apply(&mut v1, w, h);
         a.extend(v1);
         let mut v2 = frames.frames[i].clone();
-        draws[i].p2.apply(&mut v2, s, s);
+        draws[i].p2.apply(&mut v2, w, h);
         b.extend(v2);
     }
-    let shape = [idx.len(), 3, s, s];
+    let shape = [idx.len(), 3, h, w];
     (Tensor::from_data(TensorData::new(a, shape), device), Tensor::from_data(TensorData::new(b, shape), device))
 }
 
-/// View 1 = f(G(P1 x)), view 2 = G(f(P2 x)), both N x D x cells x cells.
+/// View 1 = f(G(P1 x)), view 2 = G(f(P2 x)), both N x D x cells_h x cells_w.
 fn views(model: &Embedder, p1: Tensor<4>, p2: Tensor<4>, geos: &[Geometric]) -> (Tensor<4>, Tensor<4>) {
     let z1 = model.forward(apply_geometric(p1, geos, OUTPUT_STRIDE));
     let z2 = apply_geometric(model.forward(p2), geos, 1);
@@ -233,7 +262,7 @@ fn views(model: &Embedder, p1: Tensor<4>, p2: Tensor<4>, geos: &[Geometric]) -> 
 }
 
 /// Both views of a batch through the clustering model (no gradient), as pixel rows:
-/// [view] -> (N cells^2) x D, image-major. The clustering and labelling passes see the same.
+/// [view] -> (N cells) x D, image-major. The clustering and labelling passes see the same.
 fn view_rows(model: &Embedder, frames: &Frames, idx: &[usize], draws: &[Draw]) -> Result<[Vec<f32>; 2]> {
     let (p1, p2) = photometric_batch(frames, idx, draws, &Device::flex());
     let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
@@ -300,14 +329,14 @@ impl Trainer {
 
     fn draws(&self, epoch: usize, n: usize) -> Vec<Draw> {
         let c = PhotometricConfig::default();
-        let cells = self.config.cells();
+        let (cells_w, cells_h) = self.config.cells();
         (0..n)
             .map(|i| {
                 let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ ((epoch as u64) << 32) ^ (i as u64).wrapping_mul(0x9E37_79B9));
                 Draw {
                     p1: Photometric::sample(&mut rng, &c),
                     p2: Photometric::sample(&mut rng, &c),
-                    g: Geometric::sample(&mut rng, cells, self.config.min_crop),
+                    g: Geometric::sample(&mut rng, cells_w, cells_h, self.config.min_crop),
                 }
             })
             .collect()
@@ -321,7 +350,8 @@ impl Trainer {
 
     /// Progress after `step` batches of a pass begun at `start` (two views per image).
     fn progress(&self, epoch: usize, phase: &'static str, step: usize, steps: usize, loss: Option<f32>, start: Instant) -> Progress {
-        let px = (step * self.config.batch * 2 * self.config.size * self.config.size) as f64;
+        let (w, h) = self.config.frame();
+        let px = (step * self.config.batch * 2 * w * h) as f64;
         Progress { epoch, epochs: self.config.epochs, phase, step, steps, loss, pixels_per_sec: px / start.elapsed().as_secs_f64() }
     }
 
@@ -335,10 +365,10 @@ impl Trainer {
         let init_batches = self.config.init_batches.min(batches.len()).max(1);
         let start = Instant::now();
         for (b, idx) in batches.iter().enumerate() {
-            let per_image = self.config.vectors_per_image.min(self.config.cells() * self.config.cells());
+            let per = self.config.cells_per_image();
+            let per_image = self.config.vectors_per_image.min(per);
             let mut rows = [vec![], vec![]];
             for (v, data) in view_rows(&model, frames, idx, draws)?.into_iter().enumerate() {
-                let per = self.config.cells() * self.config.cells();
                 for img in 0..idx.len() {
                     for _ in 0..per_image {
                         let p = img * per + rng.random_range(0..per);
@@ -377,8 +407,7 @@ impl Trainer {
     fn label(&self, frames: &Frames, draws: &[Draw], batches: &[Vec<usize>], km: &[[SphericalKMeans; 2]; 2], epoch: usize, on: &mut dyn FnMut(&Progress) -> bool) -> Result<Option<EpochLabels>> {
         let model = self.model.valid();
         let dim = self.embedder_config.dim;
-        let cells = self.config.cells();
-        let per = cells * cells;
+        let per = self.config.cells_per_image();
         let n = frames.frames.len();
         let mut labels: [[Vec<u16>; 2]; 2] = std::array::from_fn(|_| std::array::from_fn(|_| vec![0u16; n * per]));
         let mut counts: [[Vec<u64>; 2]; 2] = std::array::from_fn(|h| std::array::from_fn(|v| vec![0u64; km[h][v].k]));
@@ -400,7 +429,7 @@ impl Trainer {
                 return Ok(None);
             }
         }
-        Ok(Some(EpochLabels { labels, counts, cells }))
+        Ok(Some(EpochLabels { labels, counts, per_image: per }))
     }
 
     /// Runs the remaining epochs. `on` sees every step and returns false to stop; the last
@@ -474,5 +503,23 @@ impl Trainer {
 
     pub fn weights(&self) -> TensorMap {
         self.model.valid().to_tensor_map("picie train")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn square_settings_read_and_write_as_before_width_existed() {
+        // Checkpoints written before `width` existed resume as square frames, and square runs
+        // still write the same settings.
+        let old = serde_json::to_value(TrainConfig::default()).unwrap();
+        assert!(old.get("width").is_none());
+        let read: TrainConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(read, TrainConfig::default());
+        assert_eq!(read.frame(), (320, 320));
+        let wide = TrainConfig { size: 352, width: Some(480), ..TrainConfig::default() };
+        assert_eq!((wide.frame(), wide.cells(), wide.cells_per_image()), ((480, 352), (120, 88), 120 * 88));
     }
 }

@@ -401,16 +401,13 @@ fn eval(e: EvalCli) -> Result<()> {
     let mut means = vec![];
     for model in e.baseline.iter().chain(std::iter::once(&e.model)) {
         let label = model.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
-        let mut runs = vec![];
-        for s in 0..seeds {
-            let clusters = match &cluster_paths {
-                Some(p) => Clusters::Fresh { images: p, seed: e.seed + s },
-                None => Clusters::Package,
-            };
-            let mut r = evaluate(model, &pairs, classes, clusters, DeviceChoice::Auto)?;
-            r.model = label.clone();
-            runs.push(r);
-        }
+        let seed_list: Vec<u64> = (0..seeds).map(|s| e.seed + s).collect();
+        let clusters = match &cluster_paths {
+            Some(p) => Clusters::Fresh { images: p, seeds: &seed_list },
+            None => Clusters::Package,
+        };
+        let mut runs = evaluate(model, &pairs, classes, clusters, DeviceChoice::Auto)?;
+        runs.iter_mut().for_each(|r| r.model = label.clone());
         let n = runs.len() as f64;
         means.push((label, runs.iter().map(|r| r.pixel_accuracy).sum::<f64>() / n, runs.iter().map(|r| r.miou).sum::<f64>() / n));
         reports.extend(runs);

@@ -147,8 +147,21 @@ fn eval_scores_a_package_against_labels() {
         image::GrayImage::from_raw(mask.width, mask.height, mask.labels).unwrap().save(labels.join(format!("{stem}.png"))).unwrap();
     }
     let pairs = picie::eval::paired_files(&imgs, &labels).unwrap();
-    let r = picie::eval::evaluate(&model, &pairs, 11, picie::eval::Clusters::Package, picie::infer::DeviceChoice::Cpu).unwrap();
+    let r = picie::eval::evaluate(&model, &pairs, 11, picie::eval::Clusters::Package, picie::infer::DeviceChoice::Cpu).unwrap().remove(0);
     assert!((r.pixel_accuracy - 1.0).abs() < 1e-12, "{}", r.pixel_accuracy);
     assert_eq!(r.pixels, (451 * 300 + 600 * 400 - 200) as u64);
     assert_eq!(r.matching[0], Some(3));
+
+    // Fresh k-means with several seeds shares one embedding pass and gives, seed by seed, what
+    // a single-seed evaluation gives.
+    use picie::eval::{evaluate, Clusters};
+    let cluster_imgs = picie::train::cluster::list_images(&common::root().join("fixtures/images")).unwrap();
+    let cpu = picie::infer::DeviceChoice::Cpu;
+    let both = evaluate(&model, &pairs, 11, Clusters::Fresh { images: &cluster_imgs, seeds: &[0, 1] }, cpu).unwrap();
+    assert_eq!(both.len(), 2);
+    for (seed, r) in [0u64, 1].into_iter().zip(&both) {
+        let alone = evaluate(&model, &pairs, 11, Clusters::Fresh { images: &cluster_imgs, seeds: &[seed] }, cpu).unwrap().remove(0);
+        assert_eq!((r.k, &r.confusion), (alone.k, &alone.confusion), "seed {seed}");
+    }
+    assert_ne!(both[0].confusion, both[1].confusion, "the seeds give different clusterings");
 }

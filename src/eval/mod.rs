@@ -10,9 +10,9 @@ use anyhow::{bail, Context, Result};
 use pathfinding::prelude::{kuhn_munkres, Matrix};
 use serde::Serialize;
 
-use crate::infer::{preprocess, DeviceChoice, Segmenter};
+use crate::infer::{assign_to, preprocess, DeviceChoice, Segmenter};
 use crate::package::Package;
-use crate::train::cluster::{cluster_images, list_images, MAX_CLUSTER_VECTORS};
+use crate::train::cluster::{embed_images, list_images, MAX_CLUSTER_VECTORS};
 use crate::train::kmeans::KMeansConfig;
 
 pub const IGNORE_LABEL: u8 = 255;
@@ -100,47 +100,55 @@ pub fn score(confusion: Vec<Vec<u64>>, model: String) -> EvalReport {
 
 /// How clusters are chosen for evaluation.
 pub enum Clusters<'a> {
-    /// Fresh k-means with K = number of classes on these images' features.
-    Fresh { images: &'a [PathBuf], seed: u64 },
+    /// Fresh k-means with K = number of classes on these images' features, once per seed.
+    Fresh { images: &'a [PathBuf], seeds: &'a [u64] },
     /// The package's own centroids.
     Package,
 }
 
-pub fn evaluate(model_dir: &Path, pairs: &[(PathBuf, PathBuf)], classes: usize, clusters: Clusters<'_>, device: DeviceChoice) -> Result<EvalReport> {
+/// Scores a package: one report per k-means seed (one for the package's own centroids). The
+/// cluster images and the scored images are embedded once and shared by all seeds.
+pub fn evaluate(model_dir: &Path, pairs: &[(PathBuf, PathBuf)], classes: usize, clusters: Clusters<'_>, device: DeviceChoice) -> Result<Vec<EvalReport>> {
     let pkg = Package::load(model_dir)?;
     let name = pkg.manifest.name.clone();
-    let seg = match clusters {
-        Clusters::Package => Segmenter::from_package(pkg, device, None)?,
-        Clusters::Fresh { images, seed } => {
-            let base = Segmenter::from_package(pkg.clone(), device, None)?;
-            let (centroids, _) = cluster_images(base.session(), &pkg.manifest.input, images, KMeansConfig::new(classes, seed), MAX_CLUSTER_VECTORS, |_, _| true)?;
-            let mut fresh = pkg;
-            fresh.manifest.k = centroids.k();
-            fresh.centroids = centroids;
-            Segmenter::from_package(fresh, device, None)?
+    let seg = Segmenter::from_package(pkg.clone(), device, None)?;
+    // Row-major k x dim centroid matrices, one per report.
+    let centroid_sets: Vec<(usize, Vec<f32>)> = match clusters {
+        Clusters::Package => vec![(pkg.centroids.k(), pkg.centroids.matrix())],
+        Clusters::Fresh { images, seeds } => {
+            let features = embed_images(seg.session(), &pkg.manifest.input, images, |_, _| true)?;
+            seeds
+                .iter()
+                .map(|&seed| {
+                    let (c, _) = features.fit(KMeansConfig::new(classes, seed), MAX_CLUSTER_VECTORS)?;
+                    Ok((c.k(), c.matrix()))
+                })
+                .collect::<Result<_>>()?
         }
     };
-    let k = seg.k();
-    let mut confusion = vec![vec![0u64; classes]; k];
+    let mut confusions: Vec<Vec<Vec<u64>>> = centroid_sets.iter().map(|(k, _)| vec![vec![0u64; classes]; *k]).collect();
     for (img_path, label_path) in pairs {
         let img = preprocess::decode_file(img_path)?;
         let labels = image::open(label_path).with_context(|| format!("reading {}", label_path.display()))?.to_luma8();
         if (labels.width(), labels.height()) != (img.width(), img.height()) {
             bail!("{}: label size {}x{} differs from the image's {}x{}", label_path.display(), labels.width(), labels.height(), img.width(), img.height());
         }
-        let mask = seg.segment(&img)?;
-        for (&p, l) in mask.labels.iter().zip(labels.pixels()) {
-            let l = l[0];
-            if l == IGNORE_LABEL {
-                continue;
+        let features = seg.embed(std::slice::from_ref(&img))?.remove(0);
+        for ((k, centroids), confusion) in centroid_sets.iter().zip(&mut confusions) {
+            let mask = assign_to(&features, centroids, *k);
+            for (&p, l) in mask.labels.iter().zip(labels.pixels()) {
+                let l = l[0];
+                if l == IGNORE_LABEL {
+                    continue;
+                }
+                if l as usize >= classes {
+                    bail!("{}: label {l} is not below the class count {classes}", label_path.display());
+                }
+                confusion[p as usize][l as usize] += 1;
             }
-            if l as usize >= classes {
-                bail!("{}: label {l} is not below the class count {classes}", label_path.display());
-            }
-            confusion[p as usize][l as usize] += 1;
         }
     }
-    Ok(score(confusion, name))
+    Ok(confusions.into_iter().map(|c| score(c, name.clone())).collect())
 }
 
 /// A table of reports side by side, then per-class IoU.

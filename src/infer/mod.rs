@@ -67,6 +67,13 @@ pub fn embed_batch(session: &EmbedSession, policy: &InputPolicy, images: &[RgbIm
         .collect())
 }
 
+/// Assigns each pixel of the original image to its nearest of `k` centroids (row-major k x dim).
+pub fn assign_to(features: &FeatureMap, centroids: &[f32], k: usize) -> LabelMask {
+    let hw = features.width * features.height;
+    let scores = assign::similarities(&features.data, features.dim, hw, centroids);
+    assign::labels_at_original_size(&scores, k, (features.width, features.height), &features.geometry)
+}
+
 /// A loaded package ready to segment.
 pub struct Segmenter {
     pub package: Package,
@@ -104,9 +111,7 @@ impl Segmenter {
 
     /// Assigns each pixel of the original image to its nearest centroid.
     pub fn assign(&self, features: &FeatureMap) -> LabelMask {
-        let hw = features.width * features.height;
-        let scores = assign::similarities(&features.data, features.dim, hw, &self.centroids);
-        assign::labels_at_original_size(&scores, self.k(), (features.width, features.height), &features.geometry)
+        assign_to(features, &self.centroids, self.k())
     }
 
     pub fn segment_batch(&self, images: &[RgbImage]) -> Result<Vec<LabelMask>> {

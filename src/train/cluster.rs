@@ -42,8 +42,48 @@ pub fn cluster_images(
     paths: &[PathBuf],
     config: KMeansConfig,
     max_vectors: usize,
-    mut progress: impl FnMut(usize, usize) -> bool,
+    progress: impl FnMut(usize, usize) -> bool,
 ) -> Result<(Centroids, ClusterReport)> {
+    let features = embed_images(session, policy, paths, progress)?;
+    let (centroids, vectors) = features.fit(config, max_vectors)?;
+    Ok((centroids, ClusterReport { images_used: features.images_used, skipped: features.skipped, vectors }))
+}
+
+/// The pixel features of a set of images, embedded once so several k-means fits (seeds) can
+/// share them.
+pub struct ImageFeatures {
+    pub dim: usize,
+    /// Row vectors, image after image, only the cells that cover the image (not the padding).
+    pub vectors: Vec<f32>,
+    pub images_used: usize,
+    pub skipped: Vec<String>,
+}
+
+impl ImageFeatures {
+    /// Spherical k-means on at most `max_vectors` of the features, drawn uniformly with the
+    /// k-means seed. Returns the centroids and the number of vectors used.
+    pub fn fit(&self, config: KMeansConfig, max_vectors: usize) -> Result<(Centroids, usize)> {
+        let dim = self.dim;
+        let n = self.vectors.len() / dim;
+        let sampled;
+        let vectors = if n > max_vectors {
+            let mut idx: Vec<usize> = (0..n).collect();
+            idx.shuffle(&mut ChaCha8Rng::seed_from_u64(config.seed));
+            idx.truncate(max_vectors);
+            idx.sort_unstable();
+            sampled = idx.iter().flat_map(|&i| self.vectors[i * dim..(i + 1) * dim].to_vec()).collect::<Vec<f32>>();
+            &sampled
+        } else {
+            &self.vectors
+        };
+        let km = SphericalKMeans::fit(vectors, dim, config)?;
+        Ok((Centroids::from_vectors(dim, km.centroid_rows()), vectors.len() / dim))
+    }
+}
+
+/// Embeds every readable image; unreadable ones are skipped, named and logged. `progress`
+/// returning false cancels.
+pub fn embed_images(session: &EmbedSession, policy: &InputPolicy, paths: &[PathBuf], mut progress: impl FnMut(usize, usize) -> bool) -> Result<ImageFeatures> {
     let mut vectors: Vec<f32> = Vec::new();
     let mut dim = 0;
     let mut skipped = vec![];
@@ -68,17 +108,7 @@ pub fn cluster_images(
     if used == 0 {
         bail!("none of the {} images could be read", paths.len());
     }
-    let n = vectors.len() / dim;
-    if n > max_vectors {
-        let mut idx: Vec<usize> = (0..n).collect();
-        idx.shuffle(&mut ChaCha8Rng::seed_from_u64(config.seed));
-        idx.truncate(max_vectors);
-        idx.sort_unstable();
-        vectors = idx.iter().flat_map(|&i| vectors[i * dim..(i + 1) * dim].to_vec()).collect();
-    }
-    let km = SphericalKMeans::fit(&vectors, dim, config)?;
-    let report = ClusterReport { images_used: used, skipped, vectors: vectors.len() / dim };
-    Ok((Centroids::from_vectors(dim, km.centroid_rows()), report))
+    Ok(ImageFeatures { dim, vectors, images_used: used, skipped })
 }
 
 /// A new package with the same embedder as `source` and centroids clustered on `paths`.

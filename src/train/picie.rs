@@ -88,7 +88,7 @@ impl TrainConfig {
         if self.k2 > u16::MAX as usize {
             bail!("k2 must be at most {} (got {})", u16::MAX, self.k2);
         }
-        if self.size == 0 || self.size % 32 != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(32) {
             bail!("size must be a positive multiple of 32 (got {})", self.size);
         }
         if let Some(w) = self.width.filter(|w| *w == 0 || w % 32 != 0) {

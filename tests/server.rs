@@ -352,7 +352,7 @@ async fn dataset_recluster_activate_segment_cycle() {
 
     // Bad job requests.
     // Fine-tuning (tiny frames to keep the test short) writes a trained version.
-    let r = s.client.post(s.url("/jobs")).json(&json!({"type": "finetune", "dataset": id, "k": 3, "k2": 5, "epochs": 1, "size": 64, "batch": 2, "package_k": 4, "name": "tuned"})).send().await.unwrap();
+    let r = s.client.post(s.url("/jobs")).json(&json!({"type": "finetune", "dataset": id, "k": 3, "k2": 5, "epochs": 1, "size": 64, "width": 96, "freeze_stride": 8, "batch": 2, "package_k": 4, "name": "tuned"})).send().await.unwrap();
     assert_eq!(r.status(), 202);
     let job: Value = r.json().await.unwrap();
     let done = s.wait_job(job["id"].as_str().unwrap()).await;
@@ -360,12 +360,16 @@ async fn dataset_recluster_activate_segment_cycle() {
     assert_eq!(done["result"]["k"], 4);
     let tuned: Value = s.client.get(s.url("/models/tuned")).send().await.unwrap().json().await.unwrap();
     assert_eq!(tuned["manifest"]["provenance"]["trained"], true);
+    let settings = &tuned["manifest"]["provenance"]["details"]["train"];
+    assert_eq!((&settings["size"], &settings["width"], &settings["freeze_stride"]), (&json!(64), &json!(96), &json!(8)), "{settings}");
 
     for body in [
         json!({"type": "recluster", "dataset": id, "k": 1}),
         json!({"type": "recluster", "dataset": id, "k": 3, "name": "../x"}),
         json!({"type": "finetune", "dataset": id, "k": 5, "k2": 5}),
         json!({"type": "finetune", "dataset": id, "size": 100}),
+        json!({"type": "finetune", "dataset": id, "width": 100}),
+        json!({"type": "finetune", "dataset": id, "freeze_stride": 5}),
         json!({"type": "recluster", "dataset": id, "k": 3, "name": "tuned"}),
     ] {
         let r = s.client.post(s.url("/jobs")).json(&body).send().await.unwrap();

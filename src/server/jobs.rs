@@ -85,6 +85,11 @@ pub enum JobSpec {
         /// Width of the training frames, a multiple of 32 (default: `size`).
         #[serde(default)]
         width: Option<usize>,
+        /// Backbone layers up to this stride stay frozen: 0, 4, 8, 16 or 32 (default 16, the
+        /// setting the shipped model was trained with: it kept the ImageNet features of a few
+        /// hundred images and trained fastest).
+        #[serde(default)]
+        freeze_stride: Option<usize>,
         /// Images per step (default 8).
         #[serde(default)]
         batch: Option<usize>,
@@ -111,9 +116,12 @@ impl JobSpec {
     }
 }
 
+/// Default frozen backbone depth of a fine-tuning job (see `freeze_stride`).
+pub const FINETUNE_FREEZE_STRIDE: usize = 16;
+
 /// The training settings of a fine-tuning job, defaults filled in.
 pub fn finetune_config(spec: &JobSpec) -> Option<crate::train::picie::TrainConfig> {
-    let JobSpec::Finetune { k, k2, epochs, lr, seed, size, width, batch, .. } = spec else { return None };
+    let JobSpec::Finetune { k, k2, epochs, lr, seed, size, width, freeze_stride, batch, .. } = spec else { return None };
     let d = crate::train::picie::TrainConfig::default();
     Some(crate::train::picie::TrainConfig {
         k: k.unwrap_or(d.k),
@@ -124,7 +132,7 @@ pub fn finetune_config(spec: &JobSpec) -> Option<crate::train::picie::TrainConfi
         size: size.unwrap_or(d.size),
         width: *width,
         batch: batch.unwrap_or(d.batch),
-        freeze_stride: 4,
+        freeze_stride: freeze_stride.unwrap_or(FINETUNE_FREEZE_STRIDE),
         ..d
     })
 }

@@ -340,6 +340,8 @@ fn train(t: TrainCli) -> Result<()> {
 #[derive(Default)]
 struct ProgressBar {
     last_draw: Option<std::time::Instant>,
+    /// Where this process started: a resumed run's ETA counts only the work done here.
+    first_fraction: Option<f64>,
 }
 
 impl ProgressBar {
@@ -352,7 +354,8 @@ impl ProgressBar {
         let f = p.fraction();
         let width = 30;
         let filled = (f * width as f64).round() as usize;
-        let eta = if f > 0.0 { elapsed.as_secs_f64() * (1.0 - f) / f } else { 0.0 };
+        let f0 = *self.first_fraction.get_or_insert(p.epoch as f64 / p.epochs.max(1) as f64);
+        let eta = if f > f0 { elapsed.as_secs_f64() * (1.0 - f) / (f - f0) } else { 0.0 };
         let loss = p.loss.map(|l| format!(" loss {l:.4}")).unwrap_or_default();
         eprint!(
             "\r[{}{}] {:>5.1}% epoch {}/{} {} {}/{}{loss} | {:.0} kpx/s | ETA {:02}:{:02}:{:02}   ",

@@ -90,7 +90,7 @@ struct TrainCli {
     /// K of the written package's centroids (default: --k).
     #[arg(long)]
     package_k: Option<usize>,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 6)]
     epochs: usize,
     /// Training frame height, and width unless --width is given (square centre crops).
     #[arg(long, default_value_t = 320)]
@@ -101,14 +101,14 @@ struct TrainCli {
     width: Option<usize>,
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 3e-4)]
     lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, value_enum, default_value = "frequency")]
+    #[arg(long, value_enum, default_value = "inverse")]
     balance: picie::train::loss::Balance,
     /// Keep backbone layers up to this stride frozen (0, 4, 8, 16, 32).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 16)]
     freeze_stride: usize,
     /// Checkpoint folder (default: OUT.checkpoint).
     #[arg(long)]

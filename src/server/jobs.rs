@@ -73,7 +73,7 @@ pub enum JobSpec {
         /// Default 1.
         #[serde(default)]
         epochs: Option<usize>,
-        /// Default 1e-4.
+        /// Default 3e-4.
         #[serde(default)]
         lr: Option<f64>,
         #[serde(default)]
@@ -116,9 +116,6 @@ impl JobSpec {
     }
 }
 
-/// Default frozen backbone depth of a fine-tuning job (see `freeze_stride`).
-pub const FINETUNE_FREEZE_STRIDE: usize = 16;
-
 /// The training settings of a fine-tuning job, defaults filled in.
 pub fn finetune_config(spec: &JobSpec) -> Option<crate::train::picie::TrainConfig> {
     let JobSpec::Finetune { k, k2, epochs, lr, seed, size, width, freeze_stride, batch, .. } = spec else { return None };
@@ -132,7 +129,7 @@ pub fn finetune_config(spec: &JobSpec) -> Option<crate::train::picie::TrainConfi
         size: size.unwrap_or(d.size),
         width: *width,
         batch: batch.unwrap_or(d.batch),
-        freeze_stride: freeze_stride.unwrap_or(FINETUNE_FREEZE_STRIDE),
+        freeze_stride: freeze_stride.unwrap_or(d.freeze_stride),
         ..d
     })
 }

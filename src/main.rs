@@ -402,9 +402,9 @@ fn eval(e: EvalCli) -> Result<()> {
     let seeds = if cluster_paths.is_some() { e.seeds.max(1) } else { 1 };
     let mut reports = vec![];
     let mut means = vec![];
+    let seed_list: Vec<u64> = (0..seeds).map(|s| e.seed + s).collect();
     for model in e.baseline.iter().chain(std::iter::once(&e.model)) {
         let label = model.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
-        let seed_list: Vec<u64> = (0..seeds).map(|s| e.seed + s).collect();
         let clusters = match &cluster_paths {
             Some(p) => Clusters::Fresh { images: p, seeds: &seed_list },
             None => Clusters::Package,

@@ -188,10 +188,6 @@ impl Geometric {
         let y0 = rng.random_range(0..=cells_h - h);
         Self { x0, y0, w, h, flip: rng.random_bool(0.5) }
     }
-
-    pub fn identity(cells_w: usize, cells_h: usize) -> Self {
-        Self { x0: 0, y0: 0, w: cells_w, h: cells_h, flip: false }
-    }
 }
 
 /// Resizes the image to cover `width` x `height` (bilinear, aspect ratio kept) and centre-crops
@@ -289,7 +285,7 @@ mod tests {
 
     #[test]
     fn training_frame_centre_crops() {
-        let img = image::RgbImage::from_fn(8, 4, |x, _| image::Rgb([if x < 2 || x >= 6 { 255 } else { 0 }, 0, 0]));
+        let img = image::RgbImage::from_fn(8, 4, |x, _| image::Rgb([if !(2..6).contains(&x) { 255 } else { 0 }, 0, 0]));
         let f = training_frame(&img, 4, 4);
         assert_eq!(f.len(), 3 * 16);
         // The white side bands are cropped away.

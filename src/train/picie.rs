@@ -90,11 +90,10 @@ impl TrainConfig {
         if self.k2 > u16::MAX as usize {
             bail!("k2 must be at most {} (got {})", u16::MAX, self.k2);
         }
-        if self.size == 0 || !self.size.is_multiple_of(32) {
-            bail!("size must be a positive multiple of 32 (got {})", self.size);
-        }
-        if let Some(w) = self.width.filter(|w| *w == 0 || w % 32 != 0) {
-            bail!("width must be a positive multiple of 32 (got {w})");
+        for (name, side) in [("size", Some(self.size)), ("width", self.width)] {
+            if let Some(v) = side.filter(|v| *v == 0 || !v.is_multiple_of(32)) {
+                bail!("{name} must be a positive multiple of 32 (got {v})");
+            }
         }
         if self.batch == 0 || self.epochs == 0 {
             bail!("batch and epochs must be positive");
@@ -365,10 +364,10 @@ impl Trainer {
         let mut sample = [Vec::<f32>::new(), Vec::<f32>::new()];
         let mut km: Option<[[SphericalKMeans; 2]; 2]> = None;
         let init_batches = self.config.init_batches.min(batches.len()).max(1);
+        let per = self.config.cells_per_image();
+        let per_image = self.config.vectors_per_image.min(per);
         let start = Instant::now();
         for (b, idx) in batches.iter().enumerate() {
-            let per = self.config.cells_per_image();
-            let per_image = self.config.vectors_per_image.min(per);
             let mut rows = [vec![], vec![]];
             for (v, data) in view_rows(&model, frames, idx, draws)?.into_iter().enumerate() {
                 for img in 0..idx.len() {

@@ -33,6 +33,10 @@ COPY --from=ort /cpu/ /opt/onnxruntime/lib/
 COPY models /opt/picie/models
 ENV ORT_DYLIB_PATH=/opt/onnxruntime/lib/libonnxruntime.so \
     PICIE_MODELS_DIR=/opt/picie/models PICIE_DATA_DIR=/data PICIE_PORT=8080 PICIE_DEVICE=cpu
+# Without PICIE_API_KEY only loopback clients (inside the container) may change state: from
+# outside, uploads, jobs and model activation answer 403. Pass a key to manage it remotely:
+#   docker run -e PICIE_API_KEY=... ; clients send it as `x-api-key` or `Authorization: Bearer`.
+ENV PICIE_API_KEY=
 VOLUME /data
 USER picie
 EXPOSE 8080
@@ -47,6 +51,10 @@ COPY --from=ort /gpu/ /opt/onnxruntime/lib/
 COPY models /opt/picie/models
 ENV ORT_DYLIB_PATH=/opt/onnxruntime/lib/libonnxruntime.so LD_LIBRARY_PATH=/opt/onnxruntime/lib \
     PICIE_MODELS_DIR=/opt/picie/models PICIE_DATA_DIR=/data PICIE_PORT=8080 PICIE_DEVICE=auto
+# Without PICIE_API_KEY only loopback clients (inside the container) may change state: from
+# outside, uploads, jobs and model activation answer 403. Pass a key to manage it remotely:
+#   docker run -e PICIE_API_KEY=... ; clients send it as `x-api-key` or `Authorization: Bearer`.
+ENV PICIE_API_KEY=
 VOLUME /data
 USER picie
 EXPOSE 8080

@@ -321,14 +321,15 @@ fn train(t: TrainCli) -> Result<()> {
         replace: t.force,
         command: std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
     };
-    let start = std::time::Instant::now();
     let mut bar = ProgressBar::default();
     match picie::commands::train(&args, &mut |p| {
-        bar.draw(p, start.elapsed());
+        bar.draw(p);
         true
     })? {
         Some((pkg, report)) => {
-            eprintln!();
+            if let Some(b) = bar.bar.take() {
+                b.finish();
+            }
             println!("wrote {} (K = {}, trained on {} images)", pkg.dir.display(), pkg.manifest.k, report.images_used);
         }
         None => println!("stopped; the last checkpoint is in {}", args.checkpoint.display()),
@@ -336,44 +337,43 @@ fn train(t: TrainCli) -> Result<()> {
     Ok(())
 }
 
-/// A one-line progress bar on stderr: phase, step, loss, pixels/s and ETA.
+/// The training progress bar on stderr (indicatif): phase, step, loss, pixels/s and ETA. Its
+/// position starts where a resumed run starts, so the ETA counts only this process's work.
 #[derive(Default)]
 struct ProgressBar {
-    last_draw: Option<std::time::Instant>,
-    /// Where this process started: a resumed run's ETA counts only the work done here.
-    first_fraction: Option<f64>,
+    bar: Option<indicatif::ProgressBar>,
 }
 
+/// Positions per run: fractions of the whole run in 1/10000.
+const PROGRESS_STEPS: u64 = 10_000;
+
 impl ProgressBar {
-    fn draw(&mut self, p: &picie::train::picie::Progress, elapsed: std::time::Duration) {
-        let now = std::time::Instant::now();
-        if self.last_draw.is_some_and(|t| now - t < std::time::Duration::from_millis(250)) && p.step != p.steps {
-            return;
-        }
-        self.last_draw = Some(now);
-        let f = p.fraction();
-        let width = 30;
-        let filled = (f * width as f64).round() as usize;
-        let f0 = *self.first_fraction.get_or_insert(p.epoch as f64 / p.epochs.max(1) as f64);
-        let eta = if f > f0 { elapsed.as_secs_f64() * (1.0 - f) / (f - f0) } else { 0.0 };
+    fn draw(&mut self, p: &picie::train::picie::Progress) {
+        let bar = self.bar.get_or_insert_with(|| {
+            let bar = indicatif::ProgressBar::new(PROGRESS_STEPS);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("[{bar:30}] {percent:>3}% {msg} | ETA {eta_precise}")
+                    .expect("a valid template")
+                    .progress_chars("#>."),
+            );
+            bar.set_position((PROGRESS_STEPS as f64 * p.epoch as f64 / p.epochs.max(1) as f64) as u64);
+            bar.reset_eta();
+            bar
+        });
         let loss = p.loss.map(|l| format!(" loss {l:.4}")).unwrap_or_default();
-        eprint!(
-            "\r[{}{}] {:>5.1}% epoch {}/{} {} {}/{}{loss} | {:.0} kpx/s | ETA {:02}:{:02}:{:02}   ",
-            "#".repeat(filled),
-            ".".repeat(width - filled),
-            100.0 * f,
+        bar.set_message(format!(
+            "epoch {}/{} {} {}/{}{loss} | {:.0} kpx/s",
             p.epoch + 1,
             p.epochs,
             p.phase,
             p.step,
             p.steps,
-            p.pixels_per_sec / 1000.0,
-            eta as u64 / 3600,
-            eta as u64 / 60 % 60,
-            eta as u64 % 60
-        );
+            p.pixels_per_sec / 1000.0
+        ));
+        bar.set_position((PROGRESS_STEPS as f64 * p.fraction()) as u64);
         if p.phase == "train" && p.step == p.steps {
-            eprintln!();
+            // Keep each finished epoch's line in the log.
+            bar.println(format!("epoch {}/{} done{loss}", p.epoch + 1, p.epochs));
         }
     }
 }

@@ -16,11 +16,34 @@ function showError(message) {
   e.hidden = !message;
 }
 
-// Every failed call shows the server's JSON message.
-async function call(method, path, body, extraHeaders) {
+// Asks for the API key (the server answered 401); resolves to true when one was entered.
+function askForKey(message) {
+  const dialog = $("key-dialog");
+  $("key-dialog-message").textContent = message;
+  $("key-dialog-input").value = "";
+  return new Promise((resolve) => {
+    dialog.onclose = () => {
+      const key = $("key-dialog-input").value.trim();
+      if (dialog.returnValue === "ok" && key) {
+        localStorage.setItem("picie-api-key", key);
+        $("api-key").value = key;
+        resolve(true);
+      } else resolve(false);
+    };
+    dialog.showModal();
+  });
+}
+
+// Every failed call shows the server's JSON message. A 401 asks for the API key once and
+// retries with it.
+async function call(method, path, body, extraHeaders, retried) {
   const opts = { method, headers: headers(extraHeaders) };
   if (body !== undefined) opts.body = body;
   const r = await fetch(path, opts);
+  if (r.status === 401 && !retried) {
+    const why = apiKey() ? "The API key was not accepted. Enter the server's API key:" : "This server requires an API key for this action. Enter it:";
+    if (await askForKey(why)) return call(method, path, body, extraHeaders, true);
+  }
   if (!r.ok) {
     let msg = `${r.status} ${r.statusText}`;
     try { const j = await r.json(); if (j.error) msg = j.error.message; } catch (_) {}

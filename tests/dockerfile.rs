@@ -66,6 +66,7 @@ fn runtime_stages_are_safe_and_healthy() {
         assert!(has("VOLUME /data") && has("EXPOSE 8080") && has("ENTRYPOINT [\"picie\", \"serve\"]"), "{}", stage.name);
         assert!(stage.lines.iter().any(|l| l.contains("ORT_DYLIB_PATH=")), "{}: tells picie where ONNX Runtime is", stage.name);
         assert!(stage.lines.iter().any(|l| l.starts_with("COPY models ")), "{}: ships the default model", stage.name);
+        assert!(stage.lines.iter().any(|l| l.starts_with("ENV PICIE_API_KEY")), "{}: documents PICIE_API_KEY", stage.name);
     }
 }
 

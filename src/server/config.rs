@@ -40,6 +40,10 @@ pub struct ServeConfig {
     pub max_concurrent: usize,
     #[arg(long, env = "PICIE_REQUEST_TIMEOUT_SECS", default_value_t = Limits::default().request_timeout_secs)]
     pub request_timeout_secs: u64,
+    /// Refuse /segment with 429 (and Retry-After) when the inference queue's expected wait,
+    /// images ahead times the measured time per image, is longer than this.
+    #[arg(long, env = "PICIE_MAX_QUEUE_MS", default_value_t = Limits::default().max_queue_ms)]
+    pub max_queue_ms: u64,
     /// Images per inference batch when requests queue up.
     #[arg(long, env = "PICIE_MAX_BATCH", default_value_t = 4)]
     pub max_batch: usize,
@@ -63,6 +67,7 @@ impl ServeConfig {
             max_image_pixels: l.max_image_pixels,
             max_concurrent: l.max_concurrent,
             request_timeout_secs: l.request_timeout_secs,
+            max_queue_ms: l.max_queue_ms,
             max_batch: 4,
         }
     }

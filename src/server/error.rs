@@ -11,6 +11,20 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
+    InvalidJson(String),
+    #[error("{0}")]
+    InvalidQuery(String),
+    #[error("{0}")]
+    InvalidPath(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    Forbidden(String),
+    /// Any other status, with the code derived from it (the catch-all for answers that did not
+    /// come from a handler, e.g. a layer's plain-text rejection).
+    #[error("{1}")]
+    Status(StatusCode, String),
+    #[error("{0}")]
     InvalidImage(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -24,8 +38,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("a valid API key is required")]
     Unauthorized,
-    #[error("the server is at its concurrency limit, retry shortly")]
-    Busy,
+    /// Too much work queued; retry after this many seconds.
+    #[error("the server is busy (its queue would make this request wait too long); retry in {0} s")]
+    Busy(u64),
     #[error("{0}")]
     Timeout(String),
     #[error("{0}")]
@@ -59,14 +74,19 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::InvalidJson(_) | ApiError::InvalidQuery(_) | ApiError::InvalidPath(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Status(s, _) => *s,
             ApiError::InvalidImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge(_) | ApiError::ImageTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Busy => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -76,6 +96,12 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::InvalidQuery(_) => "invalid_query",
+            ApiError::InvalidPath(_) => "invalid_path",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::Status(s, _) => code_for_status(*s),
             ApiError::InvalidImage(_) => "invalid_image",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
@@ -83,11 +109,34 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::Unauthorized => "unauthorized",
-            ApiError::Busy => "too_many_requests",
+            ApiError::Busy(_) => "too_many_requests",
             ApiError::Timeout(_) => "timeout",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
+    }
+}
+
+/// axum's default body limit, which JSON bodies keep.
+pub const JSON_BODY_LIMIT: usize = 2 << 20;
+
+/// The stable code of an answer that only has a status.
+pub fn code_for_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 | 504 => "timeout",
+        409 => "conflict",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        422 => "unprocessable",
+        429 => "too_many_requests",
+        503 => "unavailable",
+        s if s >= 500 => "internal",
+        _ => "bad_request",
     }
 }
 
@@ -99,8 +148,8 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let body = ErrorBody { error: ErrorDetail { code: self.code(), message: self.to_string() } };
         let mut resp = (status, axum::Json(body)).into_response();
-        if matches!(self, ApiError::Busy) {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if let ApiError::Busy(secs) = self {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         resp
     }
@@ -113,6 +162,42 @@ impl From<crate::infer::DecodeError> for ApiError {
             D::TooLarge { .. } => ApiError::ImageTooLarge(e.to_string()),
             D::Empty => ApiError::BadRequest(e.to_string()),
             D::UnknownFormat | D::Corrupt(_) => ApiError::InvalidImage(e.to_string()),
+        }
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(r: axum::extract::rejection::JsonRejection) -> Self {
+        use axum::extract::rejection::JsonRejection as J;
+        match r {
+            J::MissingJsonContentType(_) => ApiError::UnsupportedMediaType("send the body as application/json".into()),
+            J::BytesRejection(b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::PayloadTooLarge(format!("the JSON body exceeds the limit of {JSON_BODY_LIMIT} bytes"))
+            }
+            J::BytesRejection(b) => ApiError::BadRequest(b.body_text()),
+            other => ApiError::InvalidJson(other.body_text()),
+        }
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(r: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::InvalidQuery(r.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(r: axum::extract::rejection::PathRejection) -> Self {
+        ApiError::InvalidPath(r.body_text())
+    }
+}
+
+impl From<super::worker::InferenceError> for ApiError {
+    fn from(e: super::worker::InferenceError) -> Self {
+        use super::worker::InferenceError as I;
+        match e {
+            I::Stopped => ApiError::Unavailable(e.to_string()),
+            I::Panicked(_) | I::Failed(_) => ApiError::Internal(e.to_string()),
         }
     }
 }

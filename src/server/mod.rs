@@ -5,6 +5,7 @@
 pub mod config;
 pub mod datasets;
 pub mod error;
+pub mod extract;
 pub mod jobs;
 pub mod metrics;
 pub mod openapi;
@@ -37,6 +38,7 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
         max_image_pixels: cfg.max_image_pixels,
         max_concurrent: cfg.max_concurrent,
         request_timeout_secs: cfg.request_timeout_secs,
+        max_queue_ms: cfg.max_queue_ms,
     };
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let models = Arc::new(store::ModelRegistry::open(&cfg.models_dir, &cfg.data_dir, cfg.model.as_deref(), cfg.device, cfg.threads)?);
@@ -50,7 +52,11 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
     let jobs = JobManager::open(&cfg.data_dir, runner::job_runner(models.clone(), datasets.clone(), cfg.data_dir.join("checkpoints")))?;
     Ok(AppState {
         models,
-        worker: worker::WorkerHandle::start(cfg.max_concurrent, cfg.max_batch),
+        worker: worker::WorkerHandle::start(worker::WorkerConfig {
+            capacity: cfg.max_concurrent,
+            max_batch: cfg.max_batch,
+            stall_after: std::time::Duration::from_secs(cfg.request_timeout_secs.max(1)),
+        }),
         inference_permits: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent)),
         metrics: Default::default(),
         datasets,
@@ -81,9 +87,16 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let ready = state.ready.clone();
+    if state.api_key.is_none() {
+        tracing::warn!(
+            "no --api-key (PICIE_API_KEY) set: routes that change state (uploads, jobs, model activation) accept only loopback clients; segmentation and reads are open to all"
+        );
+    } else {
+        tracing::info!("routes that change state require the API key");
+    }
     let app = router(state);
     tracing::info!(address = %listener.local_addr()?, "picie listening");
-    axum::serve(listener, app)
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move {
             shutdown.await;
             ready.store(false, Ordering::Relaxed);

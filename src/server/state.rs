@@ -23,6 +23,14 @@ pub struct Limits {
     /// Segment requests in flight (decoding, queued or running); more get 429.
     pub max_concurrent: usize,
     pub request_timeout_secs: u64,
+    /// A segment request is refused (429) when the inference queue's expected wait is longer.
+    pub max_queue_ms: u64,
+}
+
+impl Limits {
+    pub fn max_queue_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.max_queue_ms)
+    }
 }
 
 impl Default for Limits {
@@ -33,6 +41,7 @@ impl Default for Limits {
             max_image_pixels: 40_000_000,
             max_concurrent: 32,
             request_timeout_secs: 60,
+            max_queue_ms: 1000,
         }
     }
 }

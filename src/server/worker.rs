@@ -2,8 +2,15 @@
 //! channel. Requests that arrive together for the same model and input size are run as one
 //! batch. Each request carries the model it arrived under, so a hot swap never changes the
 //! model of a request already accepted.
+//!
+//! The thread cannot fail silently: a panic inside a batch is caught and answered as an error to
+//! that batch's requests only, the thread goes on with the next one, and `is_live` turns false
+//! when the thread has ended or a batch has run longer than the stall limit (readiness reads it).
+//! It also keeps a running estimate of the time per image, so the HTTP layer can refuse work
+//! (429 with Retry-After) before the queue's wait grows past a configured bound.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,60 +19,170 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::infer::{preprocess, LabelMask, Segmenter};
 
+/// What the thread runs for one batch: the model's `segment_batch`, or a stand-in in tests.
+pub type Engine = Arc<dyn Fn(&Segmenter, &[RgbImage]) -> anyhow::Result<Vec<LabelMask>> + Send + Sync>;
+
+/// Why a request got no mask.
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    #[error("the inference thread has stopped")]
+    Stopped,
+    #[error("inference failed on this batch: {0}")]
+    Panicked(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
 pub struct InferenceRequest {
     pub model: Arc<Segmenter>,
     pub image: RgbImage,
-    pub reply: oneshot::Sender<anyhow::Result<(LabelMask, Duration)>>,
+    pub reply: oneshot::Sender<Result<(LabelMask, Duration), InferenceError>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Requests that may wait in the channel.
+    pub capacity: usize,
+    /// Images per run.
+    pub max_batch: usize,
+    /// A batch running longer than this marks the worker not live (readiness answers 503).
+    pub stall_after: Duration,
+}
+
+/// Shared between the thread and the handles.
+struct Health {
+    alive: AtomicBool,
+    origin: Instant,
+    /// Milliseconds since `origin` when the running batch started, plus one; 0 when idle.
+    busy_since: AtomicU64,
+    /// Images in the batch being run.
+    in_flight: AtomicUsize,
+    /// Running mean of the time per image, in microseconds (0 until the first batch).
+    per_image_us: AtomicU64,
+    stall_after: Duration,
+}
+
+impl Health {
+    fn elapsed_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+}
+
+/// Marks the worker dead when its thread ends, however it ends.
+struct AliveGuard(Arc<Health>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::Relaxed);
+    }
 }
 
 #[derive(Clone)]
 pub struct WorkerHandle {
     tx: mpsc::Sender<InferenceRequest>,
     queued: Arc<AtomicUsize>,
+    health: Arc<Health>,
 }
 
 impl WorkerHandle {
-    /// Starts the backend thread. `capacity` bounds the queue; `max_batch` the images per run.
-    pub fn start(capacity: usize, max_batch: usize) -> Self {
-        let (tx, mut rx) = mpsc::channel::<InferenceRequest>(capacity.max(1));
+    /// Starts the backend thread running the models' own `segment_batch`.
+    pub fn start(config: WorkerConfig) -> Self {
+        Self::start_with(config, Arc::new(|model: &Segmenter, images: &[RgbImage]| model.segment_batch(images)))
+    }
+
+    /// Starts the backend thread with another engine (tests inject failures this way).
+    pub fn start_with(config: WorkerConfig, engine: Engine) -> Self {
+        let (tx, mut rx) = mpsc::channel::<InferenceRequest>(config.capacity.max(1));
         let queued = Arc::new(AtomicUsize::new(0));
-        let q = queued.clone();
+        let health = Arc::new(Health {
+            alive: AtomicBool::new(true),
+            origin: Instant::now(),
+            busy_since: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            per_image_us: AtomicU64::new(0),
+            stall_after: config.stall_after,
+        });
+        let (q, h) = (queued.clone(), health.clone());
+        let max_batch = config.max_batch.max(1);
         std::thread::Builder::new()
             .name("picie-inference".into())
             .spawn(move || {
+                let _guard = AliveGuard(h.clone());
                 while let Some(first) = rx.blocking_recv() {
                     let mut pending = vec![first];
-                    while pending.len() < max_batch.max(1) {
+                    while pending.len() < max_batch {
                         match rx.try_recv() {
                             Ok(r) => pending.push(r),
                             Err(_) => break,
                         }
                     }
                     q.fetch_sub(pending.len(), Ordering::Relaxed);
-                    run_grouped(pending);
+                    // Grouping itself should not panic; if it does, the requests of this round
+                    // are dropped (their handlers answer 500) and the thread goes on.
+                    if catch_unwind(AssertUnwindSafe(|| run_grouped(pending, &engine, &h))).is_err() {
+                        tracing::error!("the inference thread recovered from a panic outside a batch");
+                        h.busy_since.store(0, Ordering::Relaxed);
+                        h.in_flight.store(0, Ordering::Relaxed);
+                    }
                 }
             })
             .expect("spawning the inference thread");
-        Self { tx, queued }
+        Self { tx, queued, health }
     }
 
     pub fn queue_depth(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
 
-    pub async fn segment(&self, model: Arc<Segmenter>, image: RgbImage) -> anyhow::Result<(LabelMask, Duration)> {
+    /// The thread is running and no batch has been running for longer than the stall limit.
+    pub fn is_live(&self) -> bool {
+        let h = &self.health;
+        if !h.alive.load(Ordering::Relaxed) || self.tx.is_closed() {
+            return false;
+        }
+        match h.busy_since.load(Ordering::Relaxed) {
+            0 => true,
+            since => h.elapsed_ms().saturating_sub(since - 1) <= h.stall_after.as_millis() as u64,
+        }
+    }
+
+    /// The expected wait of a request queued now: images ahead of it (queued and running)
+    /// times the running mean time per image. Zero until the first batch has run.
+    pub fn estimated_wait(&self) -> Duration {
+        let per_image = self.health.per_image_us.load(Ordering::Relaxed);
+        let ahead = self.queue_depth() + self.health.in_flight.load(Ordering::Relaxed);
+        Duration::from_micros(per_image.saturating_mul(ahead as u64))
+    }
+
+    /// The mean time per image of recent batches.
+    pub fn time_per_image(&self) -> Duration {
+        Duration::from_micros(self.health.per_image_us.load(Ordering::Relaxed))
+    }
+
+    pub async fn segment(&self, model: Arc<Segmenter>, image: RgbImage) -> Result<(LabelMask, Duration), InferenceError> {
         let (reply, rx) = oneshot::channel();
         self.queued.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(InferenceRequest { model, image, reply }).await.is_err() {
             self.queued.fetch_sub(1, Ordering::Relaxed);
-            anyhow::bail!("the inference thread has stopped");
+            return Err(InferenceError::Stopped);
         }
-        rx.await.map_err(|_| anyhow::anyhow!("the inference thread dropped the request"))?
+        rx.await.map_err(|_| InferenceError::Panicked("the inference thread dropped the request".into()))?
     }
 }
 
+/// Weight of the newest batch in the running mean time per image.
+const EWMA_WEIGHT: f64 = 0.2;
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// Runs requests in groups that share a model and a padded input size.
-fn run_grouped(mut pending: Vec<InferenceRequest>) {
+fn run_grouped(mut pending: Vec<InferenceRequest>, engine: &Engine, health: &Health) {
     while !pending.is_empty() {
         let key = |r: &InferenceRequest| {
             let g = preprocess::geometry(r.image.width(), r.image.height(), &r.model.package.manifest.input);
@@ -76,19 +193,40 @@ fn run_grouped(mut pending: Vec<InferenceRequest>) {
         pending = rest;
         let model = group[0].model.clone();
         let images: Vec<RgbImage> = group.iter().map(|r| r.image.clone()).collect();
+        health.in_flight.store(images.len(), Ordering::Relaxed);
+        health.busy_since.store(health.elapsed_ms() + 1, Ordering::Relaxed);
         let start = Instant::now();
-        let result = model.segment_batch(&images);
+        let result = catch_unwind(AssertUnwindSafe(|| engine(&model, &images)));
         let elapsed = start.elapsed();
+        health.busy_since.store(0, Ordering::Relaxed);
+        health.in_flight.store(0, Ordering::Relaxed);
         match result {
-            Ok(masks) => {
+            Ok(Ok(masks)) if masks.len() == group.len() => {
+                let per_image = elapsed.as_micros() as f64 / group.len() as f64;
+                let old = health.per_image_us.load(Ordering::Relaxed) as f64;
+                let new = if old == 0.0 { per_image } else { old + EWMA_WEIGHT * (per_image - old) };
+                health.per_image_us.store(new.round() as u64, Ordering::Relaxed);
                 for (r, m) in group.into_iter().zip(masks) {
                     let _ = r.reply.send(Ok((m, elapsed)));
                 }
             }
-            Err(e) => {
+            Ok(Ok(masks)) => {
+                let msg = format!("the engine returned {} masks for {} images", masks.len(), group.len());
+                for r in group {
+                    let _ = r.reply.send(Err(InferenceError::Failed(msg.clone())));
+                }
+            }
+            Ok(Err(e)) => {
                 let msg = format!("{e:#}");
                 for r in group {
-                    let _ = r.reply.send(Err(anyhow::anyhow!(msg.clone())));
+                    let _ = r.reply.send(Err(InferenceError::Failed(msg.clone())));
+                }
+            }
+            Err(payload) => {
+                let msg = panic_message(payload.as_ref());
+                tracing::error!(panic = %msg, images = group.len(), "inference panicked; answering this batch with 500");
+                for r in group {
+                    let _ = r.reply.send(Err(InferenceError::Panicked(msg.clone())));
                 }
             }
         }

@@ -142,3 +142,36 @@ test("an invalid file shows a readable error", async () => {
   assert.match(text, /Could not segment holiday\.png: .*(image|format)/i);
   await p.screenshot({ path: path.join(artifacts, "invalid-file.png"), fullPage: true });
 });
+
+test("asks for the API key when the server answers 401, then retries", async () => {
+  const keyedPort = port + 1;
+  const keyedBase = `http://127.0.0.1:${keyedPort}`;
+  const data = mkdtempSync(path.join(tmpdir(), "picie-web-key-"));
+  const keyed = spawn(binary, ["serve", "--host", "127.0.0.1", "--port", String(keyedPort), "--data-dir", data,
+    "--models-dir", path.join(root, "models"), "--api-key", "sesame"], { cwd: root, stdio: "ignore" });
+  try {
+    const deadline = Date.now() + 60_000;
+    for (;;) {
+      try { if ((await fetch(`${keyedBase}/health/ready`)).ok) break; } catch (_) {}
+      if (Date.now() > deadline) throw new Error("the keyed server did not become ready");
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    const p = await browser.newPage({ viewport: { width: 1200, height: 900 } });
+    p.on("pageerror", (e) => { throw e; });
+    await p.goto(keyedBase + "/");
+    await p.click("#tab-train");
+    await p.fill("#dataset-name", "guarded");
+    await p.click("#dataset-create");
+    await p.waitForSelector("#key-dialog[open]");
+    assert.match(await p.textContent("#key-dialog-message"), /API key/);
+    await p.screenshot({ path: path.join(artifacts, "api-key-dialog.png") });
+    await p.fill("#key-dialog-input", "sesame");
+    await p.click("#key-dialog-ok");
+    await p.waitForFunction(() => document.getElementById("dataset-select").selectedOptions[0]?.textContent.startsWith("guarded"));
+    assert.equal(await p.evaluate(() => localStorage.getItem("picie-api-key")), "sesame");
+    const list = await fetch(`${keyedBase}/datasets`).then((r) => r.json());
+    assert.equal(list.length, 1);
+  } finally {
+    keyed.kill("SIGTERM");
+  }
+});

@@ -7,6 +7,8 @@ use std::sync::OnceLock;
 
 use picie::model::{NamedTensor, TensorMap};
 
+pub mod server;
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

@@ -1,14 +1,14 @@
 //! Uploaded image sets.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::Json;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
 use crate::server::datasets::{Dataset, Upload, UploadReport};
 use crate::server::error::{ApiError, ApiResult, ErrorBody};
+use crate::server::extract::{Json, Path};
 use crate::server::state::AppState;
 
 #[derive(Deserialize, ToSchema)]

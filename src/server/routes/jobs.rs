@@ -2,14 +2,15 @@
 
 use std::convert::Infallible;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::Json;
+
 use tokio_stream::{Stream, StreamExt};
 
 use crate::package::MAX_CLASSES;
 use crate::server::error::{ApiError, ApiResult, ErrorBody};
+use crate::server::extract::{Json, Path};
 use crate::server::jobs::{finetune_config, Job, JobSpec};
 
 /// The most epochs a fine-tuning job may ask for.

@@ -1,12 +1,13 @@
 //! Model versions: list, show, activate, delete, rename classes.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
+
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::server::error::{ApiError, ApiResult, ErrorBody};
+use crate::server::extract::{Json, Path};
 use crate::server::state::AppState;
 use crate::server::store::ModelSummary;
 

@@ -20,14 +20,17 @@ pub async fn live() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// The model is loaded and warmed up, and the server is not shutting down.
+/// The model is loaded and warmed up, the inference thread is alive and not stuck in a batch,
+/// and the server is not shutting down.
 #[utoipa::path(get, path = "/health/ready", tag = "operations",
     responses((status = 200, body = Health), (status = 503, body = Health)))]
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    if state.is_ready() {
-        (StatusCode::OK, Json(Health { status: "ready" }))
-    } else {
+    if !state.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "not ready" }))
+    } else if !state.worker.is_live() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "inference worker not live" }))
+    } else {
+        (StatusCode::OK, Json(Health { status: "ready" }))
     }
 }
 
@@ -68,6 +71,8 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let jobs = state.jobs.counts_by_state();
     let snapshot = crate::server::metrics::Snapshot {
         queue_depth: state.worker.queue_depth(),
+        expected_wait: state.worker.estimated_wait(),
+        worker_live: state.worker.is_live(),
         jobs_by_state: jobs.iter().map(|(s, n)| (s.as_str(), *n)).collect(),
         provider: model.provider().as_str(),
         model: &name,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Multipart, Query, Request, State};
+use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::server::error::{ApiError, ApiResult, ErrorBody};
+use crate::server::extract::Query;
 use crate::server::render;
 use crate::server::state::AppState;
 
@@ -55,6 +56,15 @@ pub struct SegmentJson {
     pub mask_png_base64: String,
 }
 
+/// The multipart form of `/segment`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct SegmentForm {
+    /// The image file.
+    #[schema(value_type = String, format = Binary)]
+    pub image: Vec<u8>,
+}
+
 /// Reads the image bytes: the raw body (`image/*` or `application/octet-stream`) or the
 /// multipart field `image`.
 async fn image_bytes(headers: &HeaderMap, request: Request, state: &AppState) -> ApiResult<Bytes> {
@@ -89,15 +99,20 @@ async fn image_bytes(headers: &HeaderMap, request: Request, state: &AppState) ->
     path = "/segment",
     tag = "segment",
     params(SegmentQuery),
-    request_body(content = Vec<u8>, content_type = "image/*", description = "An image (JPEG, PNG, WebP, BMP, TIFF, GIF) as the raw body, or as the multipart field `image`."),
+    request_body(description = "An image (JPEG, PNG, WebP, BMP, TIFF, GIF) as the raw body, or as the multipart field `image`.",
+        content((Vec<u8> = "image/*"), (Vec<u8> = "application/octet-stream"), (SegmentForm = "multipart/form-data"))),
     responses(
-        (status = 200, description = "Label mask PNG (formats mask, palette, overlay) or JSON (format json)", content_type = "image/png", body = Vec<u8>,
+        (status = 200, description = "Label mask PNG (formats mask, palette, overlay) or JSON (format json)",
+         content((Vec<u8> = "image/png"), (SegmentJson = "application/json")),
          headers(("X-Model-Version" = String, description = "model name and checksum"), ("X-Num-Classes" = u32, description = "K"))),
         (status = 400, description = "Empty body or malformed multipart", body = ErrorBody),
         (status = 413, description = "Body or image too large", body = ErrorBody),
         (status = 415, description = "Not an image content type", body = ErrorBody),
         (status = 422, description = "The bytes are not a decodable image", body = ErrorBody),
-        (status = 429, description = "Concurrency limit reached; see Retry-After", body = ErrorBody),
+        (status = 429, description = "Busy: too many requests in flight, or the queue's expected wait is over --max-queue-ms; retry after the Retry-After header's seconds", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "seconds"))),
+        (status = 500, description = "Inference failed for this request's batch", body = ErrorBody),
+        (status = 503, description = "The inference thread has stopped", body = ErrorBody),
         (status = 504, description = "Timed out", body = ErrorBody),
     )
 )]
@@ -107,12 +122,18 @@ pub async fn segment(
     headers: HeaderMap,
     request: Request,
 ) -> ApiResult<Response> {
-    let Ok(_permit) = state.inference_permits.clone().try_acquire_owned() else {
+    // Admission: a hard cap on requests in flight, and a bound on the queue's expected wait so
+    // latency stays bounded under load and clients are told when to come back.
+    let wait = state.worker.estimated_wait();
+    let permit = state.inference_permits.clone().try_acquire_owned();
+    if permit.is_err() || wait > state.limits.max_queue_wait() {
         // Read and drop the body (cheap next to decoding and inference) so the client gets
         // the 429 instead of a connection reset in the middle of its upload.
         let _ = axum::body::to_bytes(request.into_body(), state.limits.max_body_bytes).await;
-        return Err(ApiError::Busy);
-    };
+        state.metrics.observe_rejection();
+        return Err(ApiError::Busy(wait.as_secs_f64().ceil() as u64));
+    }
+    let _permit = permit;
     let bytes = image_bytes(&headers, request, &state).await?;
     let max_pixels = state.limits.max_image_pixels;
     let image = tokio::task::spawn_blocking(move || crate::infer::decode_image(&bytes, max_pixels))

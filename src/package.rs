@@ -183,6 +183,49 @@ pub struct PackageContents<'a> {
     pub centroids: &'a Centroids,
 }
 
+/// Reads the files of one package folder. On Linux through a handle on the folder itself: once
+/// opened, every read comes from that folder even if another one is swapped in at its path.
+struct FolderReader {
+    dir: PathBuf,
+    #[cfg(target_os = "linux")]
+    handle: Option<std::fs::File>,
+}
+
+impl FolderReader {
+    fn open(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            #[cfg(target_os = "linux")]
+            handle: std::fs::File::open(dir).ok(),
+        }
+    }
+
+    fn read(&self, name: &str) -> std::io::Result<Vec<u8>> {
+        #[cfg(target_os = "linux")]
+        if let Some(handle) = &self.handle {
+            use rustix::fs::{openat, Mode, OFlags};
+            use std::io::Read;
+            let fd = openat(handle, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+            let mut bytes = vec![];
+            std::fs::File::from(fd).read_to_end(&mut bytes)?;
+            return Ok(bytes);
+        }
+        std::fs::read(self.dir.join(name))
+    }
+
+    /// Whether the path now names another folder than the one read (it was replaced).
+    fn replaced(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let (Some(handle), Ok(now)) = (&self.handle, std::fs::metadata(&self.dir)) else { return false };
+            handle.metadata().is_ok_and(|m| (m.dev(), m.ino()) != (now.dev(), now.ino()))
+        }
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
+}
+
 /// Lower-case hex SHA-256: package checksums and dataset content hashes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -204,12 +247,28 @@ impl Package {
         format!("{}@{}", self.manifest.name, sum)
     }
 
-    /// Loads and validates a package; every failure names the file at fault.
+    /// Loads and validates a package; every failure names the file at fault. The files are read
+    /// through one handle on the folder (Linux), so a package replaced meanwhile (a class edit,
+    /// a new version under the same name) is read whole, old or new, never mixed; should the
+    /// old folder be removed in the middle of the read, the new one is read.
     pub fn load(dir: &Path) -> Result<Self> {
+        let mut attempt = 0;
+        loop {
+            let folder = FolderReader::open(dir);
+            match Self::load_from(dir, &folder) {
+                Err(e) if attempt < 3 && folder.replaced() => {
+                    tracing::debug!(dir = %dir.display(), error = %format!("{e:#}"), "package replaced while read; reading again");
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn load_from(dir: &Path, folder: &FolderReader) -> Result<Self> {
         let manifest_path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&manifest_path)
-            .with_context(|| format!("{}: cannot read the package manifest", manifest_path.display()))?;
-        let manifest: Manifest = serde_json::from_str(&text)
+        let text = folder.read(MANIFEST_FILE).with_context(|| format!("{}: cannot read the package manifest", manifest_path.display()))?;
+        let manifest: Manifest = serde_json::from_slice(&text)
             .map_err(|e| anyhow!("{}: broken manifest: {e}", manifest_path.display()))?;
         if manifest.format_version != FORMAT_VERSION {
             bail!(
@@ -218,9 +277,10 @@ impl Package {
                 manifest.format_version
             );
         }
+        let mut centroid_bytes = vec![];
         for file in [ONNX_FILE, WEIGHTS_FILE, CENTROIDS_FILE] {
             let path = dir.join(file);
-            let bytes = std::fs::read(&path).with_context(|| format!("{}: missing from the package", path.display()))?;
+            let bytes = folder.read(file).with_context(|| format!("{}: missing from the package", path.display()))?;
             let expected = manifest
                 .sha256
                 .get(file)
@@ -228,9 +288,12 @@ impl Package {
             if &sha256_hex(&bytes) != expected {
                 bail!("{}: checksum mismatch (the file is corrupt or was changed by hand)", path.display());
             }
+            if file == CENTROIDS_FILE {
+                centroid_bytes = bytes;
+            }
         }
         let centroids_path = dir.join(CENTROIDS_FILE);
-        let centroids: Centroids = serde_json::from_slice(&std::fs::read(&centroids_path)?)
+        let centroids: Centroids = serde_json::from_slice(&centroid_bytes)
             .map_err(|e| anyhow!("{}: broken centroids file: {e}", centroids_path.display()))?;
         let source = centroids_path.display().to_string();
         centroids.validate(&source, manifest.embedder.dim)?;
@@ -422,6 +485,38 @@ mod tests {
         // The staged folder is a complete package, and a leftover that startup cleanup removes.
         assert_eq!(Package::load(&staged).unwrap().centroids.classes[0].name.as_deref(), Some("name 1"));
         assert!(crate::util::is_leftover(staged.file_name().unwrap().to_str().unwrap()));
+    }
+
+    #[test]
+    fn load_never_fails_while_the_package_is_updated() {
+        // A load that read the manifest of one folder and the centroids of the next would report
+        // a checksum mismatch for a package that is fine.
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("m");
+        let mut pkg = small_package(&dir, 2);
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (stop, dir) = (stop.clone(), dir.clone());
+            std::thread::spawn(move || {
+                let (mut loads, mut errors) = (0usize, vec![]);
+                while !stop.load(Ordering::Relaxed) {
+                    match Package::load(&dir) {
+                        Ok(_) => loads += 1,
+                        Err(e) => errors.push(format!("{e:#}")),
+                    }
+                }
+                (loads, errors)
+            })
+        };
+        for n in 0..150 {
+            pkg.update_centroids(renamed(&pkg, n)).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (loads, errors) = reader.join().unwrap();
+        assert!(loads > 0);
+        assert!(errors.is_empty(), "{} of {} loads failed, e.g. {}", errors.len(), loads + errors.len(), errors[0]);
     }
 
     /// Reads manifest and centroids through one handle on the package folder (what a reader

@@ -175,19 +175,23 @@ async fn a_killed_server_recovers_and_the_job_resumes_to_the_same_weights() {
     let id = job["id"].as_str().unwrap().to_string();
     let checkpoint = data.path().join("checkpoints").join(format!("{id}.checkpoint"));
     let state_file = checkpoint.join(picie::train::picie::CHECKPOINT_STATE);
+    let submitted = Instant::now();
     let start = Instant::now();
     while !state_file.exists() {
         assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint after the first epoch:\n{}", s.log_text());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // kill -9 in the middle of the job.
+    let first_epoch = submitted.elapsed();
     drop(s);
     let state: Value = serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
     let epochs_done = state["epochs_done"].as_u64().unwrap();
     assert!((1..3).contains(&epochs_done), "killed mid-training (after epoch {epochs_done} of 3)");
     assert!(!data.path().join("models/tuned").exists(), "the job had not written its model");
 
+    let restart = Instant::now();
     let s = Proc::spawn(data.path(), logs.path().join("second.log")).await;
+    let restarted = restart.elapsed();
     assert_eq!(leftovers(data.path()), Vec::<PathBuf>::new(), "leftovers of the killed process are gone");
     // Every dataset and model loads; segmenting works.
     let (status, d) = s.get(&format!("/datasets/{ds}")).await;
@@ -212,7 +216,14 @@ async fn a_killed_server_recovers_and_the_job_resumes_to_the_same_weights() {
     let (status, j) = s.post(&format!("/jobs/{id}/resume"), json!({})).await;
     assert_eq!((status, &j["state"], &j["resumed"]), (202, &json!("queued"), &json!(1)), "{j}");
     assert_eq!(s.post(&format!("/jobs/{id}/resume"), json!({})).await.0, 409, "a queued or running job is not resumed twice");
+    let resumed = Instant::now();
     let done = s.wait_job(&id, Duration::from_secs(150)).await;
+    eprintln!(
+        "first epoch checkpoint {:.1} s after submission; restart {:.1} s; resumed job done in {:.1} s",
+        first_epoch.as_secs_f64(),
+        restarted.as_secs_f64(),
+        resumed.elapsed().as_secs_f64()
+    );
     assert_eq!(done["state"], "succeeded", "{done}\n{}", s.log_text());
     assert_eq!(done["result"]["model"], "tuned");
     assert!(s.log_text().contains(&format!("resuming from {}", checkpoint.display())), "the job continued from its checkpoint");

@@ -123,7 +123,7 @@ impl From<super::store::StoreError> for ApiError {
         match e {
             S::NotFound(_) => ApiError::NotFound(e.to_string()),
             S::Active(_) | S::Builtin(_) | S::Unloadable { .. } => ApiError::Conflict(e.to_string()),
-            S::Storage(_) => ApiError::Internal(e.to_string()),
+            S::Storage(_) => ApiError::Internal(format!("{e:#}")),
         }
     }
 }
@@ -134,7 +134,7 @@ impl From<super::jobs::JobError> for ApiError {
         match e {
             J::NotFound(_) => ApiError::NotFound(e.to_string()),
             J::Ended { .. } | J::NotResumable { .. } => ApiError::Conflict(e.to_string()),
-            J::Storage(_) => ApiError::Internal(e.to_string()),
+            J::Storage(_) => ApiError::Internal(format!("{e:#}")),
         }
     }
 }

@@ -316,6 +316,13 @@ async fn startup_removes_leftovers_and_keeps_real_data() {
         file(d.join("tmp/upload-1.zip")),
         folder(d.join("tmp/archive-2")),
     ];
+    // The job that wrote `kept` as if the process had died just after writing it, before
+    // marking the job done.
+    let job_file = d.join(format!("jobs/{job_id}.json"));
+    let mut stored: Value = serde_json::from_slice(&std::fs::read(&job_file).unwrap()).unwrap();
+    stored["state"] = json!("running");
+    std::fs::write(&job_file, serde_json::to_vec(&stored).unwrap()).unwrap();
+    let kept_manifest = std::fs::read(d.join("models/kept/manifest.json")).unwrap();
     // A link to real data: removed as a link, never followed.
     std::os::unix::fs::symlink(d.join("models/kept"), d.join("tmp/link")).unwrap();
 
@@ -329,5 +336,22 @@ async fn startup_removes_leftovers_and_keeps_real_data() {
     }
     assert!(state.models.package("kept").is_ok(), "the model loads");
     assert_eq!(state.datasets.get(&ds_id).unwrap().num_images, 1);
-    assert_eq!(state.jobs.get(&job_id).unwrap().state, picie::server::jobs::JobState::Succeeded);
+
+    // Resumed, the job finds its model written and succeeds with it, untouched.
+    use picie::server::jobs::JobState;
+    assert_eq!(state.jobs.get(&job_id).unwrap().state, JobState::Interrupted);
+    state.jobs.resume(&job_id).unwrap();
+    let start = Instant::now();
+    let job = loop {
+        let j = state.jobs.get(&job_id).unwrap();
+        if j.state.is_terminal() {
+            break j;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    let result = job.result.unwrap();
+    assert_eq!((&result["model"], &result["recovered"]), (&json!("kept"), &json!(true)));
+    assert_eq!(std::fs::read(d.join("models/kept/manifest.json")).unwrap(), kept_manifest);
 }

@@ -114,9 +114,17 @@ pub fn package_from_embedder(
         bail!("no images to cluster");
     }
     let onnx = export::to_onnx_bytes(embedder, config)?;
-    // The session needs a file; it lives next to the package until the package is written.
-    let scratch = target.out.with_extension(format!("onnx-scratch-{}", std::process::id()));
-    crate::util::write_atomic(&scratch, &onnx)?;
+    // The session needs a file; it lives next to the package until the package is written,
+    // dot-named (never listed as a model) and known to the startup cleanup
+    // (`util::is_leftover`) should the process die before it is removed.
+    let parent = target.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let stem = target.out.file_name().and_then(|n| n.to_str()).unwrap_or("package");
+    let scratch = parent.join(format!(".{stem}.onnx-scratch-{}-{}", std::process::id(), crate::util::unique()));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    if let Err(e) = std::fs::write(&scratch, &onnx) {
+        let _ = std::fs::remove_file(&scratch);
+        return Err(e).with_context(|| format!("writing {}", scratch.display()));
+    }
     let clustered = (|| {
         let session = EmbedSession::load(&scratch, DeviceChoice::Auto, None)?;
         cluster_images(&session, &target.policy, paths, kmeans, MAX_CLUSTER_VECTORS, |_, _| true)

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::model::{EmbedderConfig, TensorMap};
+use crate::util::write_synced;
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -182,6 +183,49 @@ pub struct PackageContents<'a> {
     pub centroids: &'a Centroids,
 }
 
+/// Reads the files of one package folder. On Linux through a handle on the folder itself: once
+/// opened, every read comes from that folder even if another one is swapped in at its path.
+struct FolderReader {
+    dir: PathBuf,
+    #[cfg(target_os = "linux")]
+    handle: Option<std::fs::File>,
+}
+
+impl FolderReader {
+    fn open(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            #[cfg(target_os = "linux")]
+            handle: std::fs::File::open(dir).ok(),
+        }
+    }
+
+    fn read(&self, name: &str) -> std::io::Result<Vec<u8>> {
+        #[cfg(target_os = "linux")]
+        if let Some(handle) = &self.handle {
+            use rustix::fs::{openat, Mode, OFlags};
+            use std::io::Read;
+            let fd = openat(handle, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+            let mut bytes = vec![];
+            std::fs::File::from(fd).read_to_end(&mut bytes)?;
+            return Ok(bytes);
+        }
+        std::fs::read(self.dir.join(name))
+    }
+
+    /// Whether the path now names another folder than the one read (it was replaced).
+    fn replaced(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let (Some(handle), Ok(now)) = (&self.handle, std::fs::metadata(&self.dir)) else { return false };
+            handle.metadata().is_ok_and(|m| (m.dev(), m.ino()) != (now.dev(), now.ino()))
+        }
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
+}
+
 /// Lower-case hex SHA-256: package checksums and dataset content hashes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -203,12 +247,28 @@ impl Package {
         format!("{}@{}", self.manifest.name, sum)
     }
 
-    /// Loads and validates a package; every failure names the file at fault.
+    /// Loads and validates a package; every failure names the file at fault. The files are read
+    /// through one handle on the folder (Linux), so a package replaced meanwhile (a class edit,
+    /// a new version under the same name) is read whole, old or new, never mixed; should the
+    /// old folder be removed in the middle of the read, the new one is read.
     pub fn load(dir: &Path) -> Result<Self> {
+        let mut attempt = 0;
+        loop {
+            let folder = FolderReader::open(dir);
+            match Self::load_from(dir, &folder) {
+                Err(e) if attempt < 3 && folder.replaced() => {
+                    tracing::debug!(dir = %dir.display(), error = %format!("{e:#}"), "package replaced while read; reading again");
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn load_from(dir: &Path, folder: &FolderReader) -> Result<Self> {
         let manifest_path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&manifest_path)
-            .with_context(|| format!("{}: cannot read the package manifest", manifest_path.display()))?;
-        let manifest: Manifest = serde_json::from_str(&text)
+        let text = folder.read(MANIFEST_FILE).with_context(|| format!("{}: cannot read the package manifest", manifest_path.display()))?;
+        let manifest: Manifest = serde_json::from_slice(&text)
             .map_err(|e| anyhow!("{}: broken manifest: {e}", manifest_path.display()))?;
         if manifest.format_version != FORMAT_VERSION {
             bail!(
@@ -217,9 +277,10 @@ impl Package {
                 manifest.format_version
             );
         }
+        let mut centroid_bytes = vec![];
         for file in [ONNX_FILE, WEIGHTS_FILE, CENTROIDS_FILE] {
             let path = dir.join(file);
-            let bytes = std::fs::read(&path).with_context(|| format!("{}: missing from the package", path.display()))?;
+            let bytes = folder.read(file).with_context(|| format!("{}: missing from the package", path.display()))?;
             let expected = manifest
                 .sha256
                 .get(file)
@@ -227,9 +288,12 @@ impl Package {
             if &sha256_hex(&bytes) != expected {
                 bail!("{}: checksum mismatch (the file is corrupt or was changed by hand)", path.display());
             }
+            if file == CENTROIDS_FILE {
+                centroid_bytes = bytes;
+            }
         }
         let centroids_path = dir.join(CENTROIDS_FILE);
-        let centroids: Centroids = serde_json::from_slice(&std::fs::read(&centroids_path)?)
+        let centroids: Centroids = serde_json::from_slice(&centroid_bytes)
             .map_err(|e| anyhow!("{}: broken centroids file: {e}", centroids_path.display()))?;
         let source = centroids_path.display().to_string();
         centroids.validate(&source, manifest.embedder.dim)?;
@@ -266,17 +330,18 @@ impl Package {
                 (WEIGHTS_FILE.to_string(), sha256_hex(&weights_bytes)),
                 (CENTROIDS_FILE.to_string(), sha256_hex(&centroid_bytes)),
             ]);
-            std::fs::write(tmp.join(ONNX_FILE), onnx)?;
-            std::fs::write(tmp.join(WEIGHTS_FILE), &weights_bytes)?;
-            std::fs::write(tmp.join(CENTROIDS_FILE), &centroid_bytes)?;
-            std::fs::write(tmp.join(MANIFEST_FILE), serde_json::to_vec_pretty(&manifest)?)?;
-            Ok(())
+            // Every file and the folder reach the disk before the folder is swapped in.
+            write_synced(&tmp.join(ONNX_FILE), onnx)?;
+            write_synced(&tmp.join(WEIGHTS_FILE), &weights_bytes)?;
+            write_synced(&tmp.join(CENTROIDS_FILE), &centroid_bytes)?;
+            write_synced(&tmp.join(MANIFEST_FILE), &serde_json::to_vec_pretty(&manifest)?)?;
+            crate::util::sync_dir(&tmp)?;
+            crate::util::replace_dir(&tmp, dir)
         })();
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e.context(format!("writing package {}", dir.display())));
         }
-        crate::util::replace_dir(&tmp, dir)?;
         Package::load(dir)
     }
 
@@ -289,22 +354,58 @@ impl Package {
         Ok(())
     }
 
-    /// Rewrites only the centroids file (names, colours) and the manifest's checksum, atomically.
+    /// Replaces the centroids file (names, colours) and the manifest's checksum of it as one
+    /// step: a new package folder (the unchanged files hard-linked, or copied where links are not
+    /// possible) is swapped in with [`crate::util::replace_dir`], so a crash at any point leaves
+    /// the old package or the new one, both whole.
     pub fn update_centroids(&mut self, centroids: Centroids) -> Result<()> {
+        let (staged, manifest) = self.stage_centroids(&centroids)?;
+        if let Err(e) = crate::util::replace_dir(&staged, &self.dir) {
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(e.context(format!("updating the centroids of {}", self.dir.display())));
+        }
+        self.manifest = manifest;
+        self.centroids = centroids;
+        Ok(())
+    }
+
+    /// Writes the package with new centroids into a sibling `.NAME.partial-*` folder (fsynced)
+    /// and returns it with the new manifest; the package itself is not touched.
+    fn stage_centroids(&self, centroids: &Centroids) -> Result<(PathBuf, Manifest)> {
         centroids.validate("updated centroids", self.manifest.embedder.dim)?;
         if centroids.k() != self.manifest.k {
             bail!("updated centroids have K = {}, the package has {}", centroids.k(), self.manifest.k);
         }
-        let bytes = serde_json::to_vec_pretty(&centroids)?;
+        let bytes = serde_json::to_vec_pretty(centroids)?;
         let mut manifest = self.manifest.clone();
         manifest.sha256.insert(CENTROIDS_FILE.into(), sha256_hex(&bytes));
-        // Centroids first, then the manifest: a crash in between leaves a checksum mismatch that
-        // `load` reports, never a silently wrong package.
-        crate::util::write_atomic(&self.dir.join(CENTROIDS_FILE), &bytes)?;
-        crate::util::write_atomic(&self.dir.join(MANIFEST_FILE), &serde_json::to_vec_pretty(&manifest)?)?;
-        self.manifest = manifest;
-        self.centroids = centroids;
-        Ok(())
+        let parent = self.dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = self.dir.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow!("bad package path {}", self.dir.display()))?;
+        let tmp = parent.join(format!(".{name}.partial-{}-{}", std::process::id(), crate::util::unique()));
+        let result = (|| -> Result<()> {
+            std::fs::create_dir(&tmp)?;
+            for e in std::fs::read_dir(&self.dir)? {
+                let e = e?;
+                let file = e.file_name();
+                if file == CENTROIDS_FILE || file == MANIFEST_FILE || !e.file_type()?.is_file() {
+                    continue;
+                }
+                // Files in a package are never changed in place (only renamed over), so a link
+                // shares nothing that could change under the old package.
+                if std::fs::hard_link(e.path(), tmp.join(&file)).is_err() {
+                    std::fs::copy(e.path(), tmp.join(&file)).with_context(|| format!("copying {}", e.path().display()))?;
+                }
+            }
+            write_synced(&tmp.join(CENTROIDS_FILE), &bytes)?;
+            write_synced(&tmp.join(MANIFEST_FILE), &serde_json::to_vec_pretty(&manifest)?)?;
+            crate::util::sync_dir(&tmp)?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e.context(format!("staging new centroids for {}", self.dir.display())));
+        }
+        Ok((tmp, manifest))
     }
 }
 
@@ -312,4 +413,164 @@ pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BackboneKind, NamedTensor};
+
+    /// A small but complete package (the ONNX bytes are not a real graph: `load` only hashes them).
+    fn small_package(dir: &Path, k: usize) -> Package {
+        let config = EmbedderConfig { dim: 4, ..EmbedderConfig::new(BackboneKind::EfficientnetLite0) };
+        let mut weights = TensorMap::new("test");
+        weights.insert("w", NamedTensor::new(vec![2, 3], vec![0.5; 6]));
+        let vectors = (0..k).map(|i| (0..4).map(|d| if d == i % 4 { 1.0 } else { 0.0 }).collect()).collect();
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            name: "small".into(),
+            embedder: config,
+            k,
+            input: InputPolicy::default(),
+            provenance: Provenance::default(),
+            metrics: BTreeMap::new(),
+            sha256: BTreeMap::new(),
+        };
+        let contents = PackageContents { manifest, onnx: b"not really onnx", weights: &weights, centroids: &Centroids::from_vectors(4, vectors) };
+        Package::write(dir, contents, true).unwrap()
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    }
+
+    fn renamed(pkg: &Package, n: usize) -> Centroids {
+        let mut c = pkg.centroids.clone();
+        c.classes[0].name = Some(format!("name {n}"));
+        c
+    }
+
+    #[test]
+    fn write_and_update_leave_only_the_package() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("m");
+        small_package(&dir, 3);
+        let mut pkg = small_package(&dir, 2);
+        assert_eq!(pkg.manifest.k, 2);
+        pkg.update_centroids(renamed(&pkg, 1)).unwrap();
+        assert_eq!(entries(root.path()), ["m"], "no partial or replaced folder is left");
+        let loaded = Package::load(&dir).unwrap();
+        assert_eq!(loaded.centroids.classes[0].name.as_deref(), Some("name 1"));
+        assert_eq!(loaded.manifest, pkg.manifest);
+        assert_eq!(entries(&dir), [CENTROIDS_FILE, ONNX_FILE, MANIFEST_FILE, WEIGHTS_FILE]);
+        // Wrong K: refused, nothing changed, nothing left behind.
+        let mut three = pkg.centroids.clone();
+        three.classes.push(three.classes[0].clone());
+        assert!(pkg.update_centroids(three).is_err());
+        assert_eq!(entries(root.path()), ["m"]);
+        assert_eq!(Package::load(&dir).unwrap().centroids.classes[0].name.as_deref(), Some("name 1"));
+    }
+
+    #[test]
+    fn an_update_interrupted_before_the_swap_leaves_the_old_package() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("m");
+        let pkg = small_package(&dir, 2);
+        // Everything up to the swap, then the process "dies": the new folder stays staged.
+        let (staged, _) = pkg.stage_centroids(&renamed(&pkg, 1)).unwrap();
+        let old = Package::load(&dir).unwrap();
+        assert_eq!(old.centroids, pkg.centroids, "the package is the old one, whole");
+        // The staged folder is a complete package, and a leftover that startup cleanup removes.
+        assert_eq!(Package::load(&staged).unwrap().centroids.classes[0].name.as_deref(), Some("name 1"));
+        assert!(crate::util::is_leftover(staged.file_name().unwrap().to_str().unwrap()));
+    }
+
+    #[test]
+    fn load_never_fails_while_the_package_is_updated() {
+        // A load that read the manifest of one folder and the centroids of the next would report
+        // a checksum mismatch for a package that is fine.
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("m");
+        let mut pkg = small_package(&dir, 2);
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (stop, dir) = (stop.clone(), dir.clone());
+            std::thread::spawn(move || {
+                let (mut loads, mut errors) = (0usize, vec![]);
+                while !stop.load(Ordering::Relaxed) {
+                    match Package::load(&dir) {
+                        Ok(_) => loads += 1,
+                        Err(e) => errors.push(format!("{e:#}")),
+                    }
+                }
+                (loads, errors)
+            })
+        };
+        for n in 0..150 {
+            pkg.update_centroids(renamed(&pkg, n)).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (loads, errors) = reader.join().unwrap();
+        assert!(loads > 0);
+        assert!(errors.is_empty(), "{} of {} loads failed, e.g. {}", errors.len(), loads + errors.len(), errors[0]);
+    }
+
+    /// Reads manifest and centroids through one handle on the package folder (what a reader
+    /// holding the folder sees), and checks the checksum. None when the folder was retired
+    /// while being read (its files removed after a swap): read again.
+    #[cfg(target_os = "linux")]
+    fn consistent_read(dir: &Path) -> Option<bool> {
+        use rustix::fs::{openat, Mode, OFlags};
+        use std::io::Read;
+        let folder = std::fs::File::open(dir).ok()?;
+        let read = |name: &str| -> Option<Vec<u8>> {
+            let fd = openat(&folder, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+            let mut bytes = vec![];
+            std::fs::File::from(fd).read_to_end(&mut bytes).ok()?;
+            Some(bytes)
+        };
+        let manifest: Manifest = serde_json::from_slice(&read(MANIFEST_FILE)?).ok()?;
+        let centroids = read(CENTROIDS_FILE)?;
+        Some(manifest.sha256[CENTROIDS_FILE] == sha256_hex(&centroids))
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_package_is_consistent_at_every_moment_of_centroid_updates() {
+        // The old update (centroids file, then manifest, each renamed into the same folder) shows
+        // a reader new centroids with the old checksum between its two writes; the package as a
+        // whole swapped never does.
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("m");
+        let mut pkg = small_package(&dir, 2);
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (stop, dir) = (stop.clone(), dir.clone());
+            std::thread::spawn(move || {
+                let (mut good, mut bad) = (0usize, 0usize);
+                while !stop.load(Ordering::Relaxed) {
+                    match consistent_read(&dir) {
+                        Some(true) => good += 1,
+                        Some(false) => bad += 1,
+                        None => {}
+                    }
+                }
+                (good, bad)
+            })
+        };
+        for n in 0..150 {
+            pkg.update_centroids(renamed(&pkg, n)).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (good, bad) = reader.join().unwrap();
+        assert!(good > 0);
+        assert_eq!(bad, 0, "a reader saw centroids that do not match the manifest ({good} good reads)");
+        assert_eq!(Package::load(&dir).unwrap().centroids.classes[0].name.as_deref(), Some("name 149"));
+    }
 }

@@ -202,6 +202,28 @@ impl From<super::worker::InferenceError> for ApiError {
     }
 }
 
+impl From<super::store::StoreError> for ApiError {
+    fn from(e: super::store::StoreError) -> Self {
+        use super::store::StoreError as S;
+        match e {
+            S::NotFound(_) => ApiError::NotFound(e.to_string()),
+            S::Active(_) | S::Builtin(_) | S::Unloadable { .. } => ApiError::Conflict(e.to_string()),
+            S::Storage(_) => ApiError::Internal(format!("{e:#}")),
+        }
+    }
+}
+
+impl From<super::jobs::JobError> for ApiError {
+    fn from(e: super::jobs::JobError) -> Self {
+        use super::jobs::JobError as J;
+        match e {
+            J::NotFound(_) => ApiError::NotFound(e.to_string()),
+            J::Ended { .. } | J::NotResumable { .. } => ApiError::Conflict(e.to_string()),
+            J::Storage(_) => ApiError::Internal(format!("{e:#}")),
+        }
+    }
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         ApiError::Internal(format!("{e:#}"))

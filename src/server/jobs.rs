@@ -1,6 +1,12 @@
-//! Background jobs (re-clustering, later fine-tuning): queued, run one at a time on a blocking
+//! Background jobs (re-clustering, fine-tuning): queued, run one at a time on a blocking
 //! thread, persisted as JSON after every state change so they survive a restart. A job that was
 //! running when the server stopped comes back `interrupted`; queued jobs are queued again.
+//!
+//! An interrupted or failed job is run again only when asked ([`JobManager::resume`],
+//! `POST /jobs/{id}/resume`), never by itself at startup: a job that brings the process down
+//! (out of memory, a native crash) would otherwise bring it down again on every restart. A
+//! resumed fine-tuning job continues from its last epoch checkpoint; a re-clustering job starts
+//! over.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -13,7 +19,20 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 use utoipa::ToSchema;
 
-use super::error::{ApiError, ApiResult};
+/// What job bookkeeping can fail with; the HTTP layer maps it (`server::error`).
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("job `{0}` not found")]
+    NotFound(String),
+    #[error("job `{id}` has already ended ({state})")]
+    Ended { id: String, state: &'static str },
+    #[error("job `{id}` is {state}; only interrupted or failed jobs can be resumed")]
+    NotResumable { id: String, state: &'static str },
+    #[error(transparent)]
+    Storage(#[from] anyhow::Error),
+}
+
+pub type JobResult<T> = Result<T, JobError>;
 
 #[derive(Serialize, Deserialize, ToSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -151,6 +170,9 @@ pub struct Job {
     pub error: Option<String>,
     /// The model the job started from.
     pub source_model: String,
+    /// How many times the job was resumed after it was interrupted or failed.
+    #[serde(default)]
+    pub resumed: u32,
 }
 
 /// Lets a running job report progress and see a cancel request.
@@ -224,11 +246,11 @@ pub struct JobManager {
 
 impl JobManager {
     /// Loads the jobs of a previous run and starts the runner.
-    pub fn open(data_dir: &Path, runner: Runner) -> anyhow::Result<Self> {
+    pub fn open(data_dir: &Path, runner: Runner) -> JobResult<Self> {
         let dir = data_dir.join("jobs");
-        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
         let mut jobs = BTreeMap::new();
-        for e in std::fs::read_dir(&dir)?.flatten() {
+        for e in std::fs::read_dir(&dir).map_err(|e| anyhow::anyhow!("reading {}: {e}", dir.display()))?.flatten() {
             let p = e.path();
             if p.extension().and_then(|x| x.to_str()) != Some("json") {
                 continue;
@@ -254,7 +276,8 @@ impl JobManager {
                     inner.update(&id, true, |j| {
                         j.state = JobState::Interrupted;
                         j.finished_at = Some(crate::package::now_rfc3339());
-                        j.error = Some("the server stopped while this job was running".into());
+                        j.stage = "interrupted".into();
+                        j.error = Some(format!("the server stopped while this job was running; POST /jobs/{}/resume runs it again", j.id));
                     });
                 }
                 JobState::Queued => requeue.push(id),
@@ -295,6 +318,7 @@ impl JobManager {
             result: None,
             error: None,
             source_model,
+            resumed: 0,
         };
         self.inner.jobs.lock().expect("jobs lock").insert(id.clone(), job.clone());
         self.inner.persist(&job);
@@ -308,15 +332,42 @@ impl JobManager {
         v
     }
 
-    pub fn get(&self, id: &str) -> ApiResult<Job> {
-        self.inner.jobs.lock().expect("jobs lock").get(id).cloned().ok_or_else(|| ApiError::NotFound(format!("job `{id}` not found")))
+    pub fn get(&self, id: &str) -> JobResult<Job> {
+        self.inner.jobs.lock().expect("jobs lock").get(id).cloned().ok_or_else(|| JobError::NotFound(id.to_string()))
+    }
+
+    /// Queues an interrupted or failed job again, as it was submitted (same id, spec and source
+    /// model). A fine-tuning job continues from its last epoch checkpoint, kept until the job
+    /// succeeds; a re-clustering job starts over. Any other state is refused.
+    pub fn resume(&self, id: &str) -> JobResult<Job> {
+        let job = {
+            let mut jobs = self.inner.jobs.lock().expect("jobs lock");
+            let j = jobs.get_mut(id).ok_or_else(|| JobError::NotFound(id.to_string()))?;
+            if !matches!(j.state, JobState::Interrupted | JobState::Failed) {
+                return Err(JobError::NotResumable { id: id.to_string(), state: j.state.as_str() });
+            }
+            // Checked and changed under one lock: two resumes cannot queue the job twice.
+            j.state = JobState::Queued;
+            j.stage = "queued".into();
+            j.progress = 0.0;
+            j.finished_at = None;
+            j.result = None;
+            j.error = None;
+            j.resumed += 1;
+            j.clone()
+        };
+        self.inner.persist(&job);
+        let _ = self.inner.events.send(job.clone());
+        tracing::info!(job = id, resumed = job.resumed, "job resumed");
+        self.enqueue(id.to_string());
+        Ok(job)
     }
 
     /// Cancels a queued job at once, a running one at its next check (within one step).
-    pub fn cancel(&self, id: &str) -> ApiResult<Job> {
+    pub fn cancel(&self, id: &str) -> JobResult<Job> {
         let job = self.get(id)?;
         if job.state.is_terminal() {
-            return Err(ApiError::Conflict(format!("job `{id}` has already ended ({})", job.state.as_str())));
+            return Err(JobError::Ended { id: id.to_string(), state: job.state.as_str() });
         }
         if let Some(flag) = self.inner.cancels.lock().expect("cancel lock").get(id) {
             flag.store(true, Ordering::Relaxed);
@@ -382,4 +433,98 @@ fn run_one(inner: &Arc<JobManagerInner>, runner: &Runner, id: &str) {
         }
     });
     inner.cancels.lock().expect("cancel lock").remove(id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn spec() -> JobSpec {
+        JobSpec::Recluster { dataset: "ds-1".into(), k: 3, seed: None, name: None }
+    }
+
+    async fn wait_end(m: &JobManager, id: &str) -> Job {
+        for _ in 0..500 {
+            let j = m.get(id).unwrap();
+            if j.state.is_terminal() {
+                return j;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("job {id} did not end");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_interrupted_and_failed_jobs_resume() {
+        let data = tempfile::tempdir().unwrap();
+        // Fails its first run, succeeds afterwards.
+        let runs = Arc::new(AtomicUsize::new(0));
+        let runner: Runner = {
+            let runs = runs.clone();
+            Arc::new(move |_, _| {
+                if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                    anyhow::bail!("first run fails")
+                }
+                Ok(serde_json::json!({"ok": true}))
+            })
+        };
+        let m = JobManager::open(data.path(), runner.clone()).unwrap();
+        let job = m.submit(spec(), "default".into());
+        let failed = wait_end(&m, &job.id).await;
+        assert_eq!(failed.state, JobState::Failed);
+        let queued = m.resume(&job.id).unwrap();
+        assert_eq!((queued.state, queued.resumed, queued.error.as_deref()), (JobState::Queued, 1, None));
+        let done = wait_end(&m, &job.id).await;
+        assert_eq!((done.state, done.resumed), (JobState::Succeeded, 1));
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        assert!(matches!(m.resume(&job.id), Err(JobError::NotResumable { state: "succeeded", .. })));
+        assert!(matches!(m.resume("job-nope"), Err(JobError::NotFound(_))));
+
+        // A job "running" when the process died comes back interrupted and is not rerun until
+        // resumed; the resumption is persisted.
+        let mut crashed = done.clone();
+        crashed.id = "job-crashed".into();
+        crashed.state = JobState::Running;
+        crashed.resumed = 0;
+        std::fs::write(data.path().join("jobs/job-crashed.json"), serde_json::to_vec(&crashed).unwrap()).unwrap();
+        drop(m);
+        let m = JobManager::open(data.path(), runner).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let j = m.get("job-crashed").unwrap();
+        assert_eq!(j.state, JobState::Interrupted);
+        assert!(j.error.unwrap().contains("/jobs/job-crashed/resume"));
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "not rerun by itself");
+        m.resume("job-crashed").unwrap();
+        assert!(matches!(m.resume("job-crashed"), Err(JobError::NotResumable { .. })), "queued or running: no second resume");
+        let done = wait_end(&m, "job-crashed").await;
+        assert_eq!((done.state, done.resumed), (JobState::Succeeded, 1));
+        // The file is written just after the state changes in memory.
+        let stored = || -> Job { serde_json::from_slice(&std::fs::read(data.path().join("jobs/job-crashed.json")).unwrap()).unwrap() };
+        for _ in 0..100 {
+            if stored().state == JobState::Succeeded {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!((stored().state, stored().resumed), (JobState::Succeeded, 1));
+
+        // Canceled jobs stay canceled.
+        let never: Runner = Arc::new(|_, ctx| {
+            while !ctx.canceled() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            anyhow::bail!("canceled")
+        });
+        let other = tempfile::tempdir().unwrap();
+        let m = JobManager::open(other.path(), never).unwrap();
+        let a = m.submit(spec(), "default".into());
+        let b = m.submit(spec(), "default".into());
+        m.cancel(&b.id).unwrap();
+        m.cancel(&a.id).unwrap();
+        assert_eq!(wait_end(&m, &a.id).await.state, JobState::Canceled);
+        for id in [&a.id, &b.id] {
+            assert!(matches!(m.resume(id), Err(JobError::NotResumable { state: "canceled", .. })));
+        }
+    }
 }

@@ -41,6 +41,8 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
         max_queue_ms: cfg.max_queue_ms,
     };
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    // What a killed process left half-written goes before anything opens the folders.
+    store::clean_leftovers(&cfg.data_dir);
     let models = Arc::new(store::ModelRegistry::open(&cfg.models_dir, &cfg.data_dir, cfg.model.as_deref(), cfg.device, cfg.threads)?);
     // Warm-up: the first run allocates and optimises; no request should pay for it.
     let (name, seg) = models.active();

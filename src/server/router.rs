@@ -126,6 +126,7 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs", post(routes::jobs::submit).get(routes::jobs::list))
         .route("/jobs/{id}", get(routes::jobs::show))
         .route("/jobs/{id}/cancel", post(routes::jobs::cancel))
+        .route("/jobs/{id}/resume", post(routes::jobs::resume))
         .route("/jobs/{id}/events", get(routes::jobs::events))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     let public = Router::new()

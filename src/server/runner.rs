@@ -15,6 +15,9 @@ pub fn job_runner(models: Arc<ModelRegistry>, datasets: Arc<DatasetStore>, check
     Arc::new(move |job, ctx| match &job.spec {
         JobSpec::Recluster { dataset, k, seed, name } => {
             ctx.progress("loading", 0.0);
+            if let Some(done) = finished_before(&models, job, name.as_deref(), "recluster") {
+                return Ok(done);
+            }
             let paths = datasets.image_paths(dataset)?;
             let source = models.package(&job.source_model)?;
             let (active_name, active) = models.active();
@@ -43,6 +46,11 @@ pub fn job_runner(models: Arc<ModelRegistry>, datasets: Arc<DatasetStore>, check
         }
         JobSpec::Finetune { dataset, package_k, name, .. } => {
             ctx.progress("loading", 0.0);
+            let checkpoint = checkpoints.join(format!("{}.checkpoint", job.id));
+            if let Some(done) = finished_before(&models, job, name.as_deref(), "finetune") {
+                let _ = std::fs::remove_dir_all(&checkpoint);
+                return Ok(done);
+            }
             let source = models.package(&job.source_model)?;
             let config = jobs::finetune_config(&job.spec).expect("a finetune spec");
             let name = name.clone().unwrap_or_else(|| format!("finetune-{}", job.id.trim_start_matches("job-")));
@@ -53,7 +61,9 @@ pub fn job_runner(models: Arc<ModelRegistry>, datasets: Arc<DatasetStore>, check
                 init: crate::commands::TrainInit::Package(source.dir.clone()),
                 config,
                 package_k: Some(package_k.unwrap_or(source.manifest.k)),
-                checkpoint: checkpoints.join(format!("{}.checkpoint", job.id)),
+                // Kept when the job fails or the process dies, so that a resumed job continues
+                // from its last epoch; removed once the package is written or the job canceled.
+                checkpoint,
                 resume: true,
                 name: name.clone(),
                 replace: false,
@@ -63,7 +73,11 @@ pub fn job_runner(models: Arc<ModelRegistry>, datasets: Arc<DatasetStore>, check
                 ctx.progress(&format!("{} epoch {}/{}", p.phase, p.epoch + 1, p.epochs), 0.95 * p.fraction());
                 !ctx.canceled()
             })?;
-            let Some((pkg, _)) = outcome else { anyhow::bail!("canceled") };
+            let Some((pkg, _)) = outcome else {
+                // A canceled job cannot be resumed: its checkpoint is of no more use.
+                let _ = std::fs::remove_dir_all(&args.checkpoint);
+                anyhow::bail!("canceled")
+            };
             let _ = std::fs::remove_dir_all(&args.checkpoint);
             Ok(serde_json::json!({
                 "model": name,
@@ -75,3 +89,11 @@ pub fn job_runner(models: Arc<ModelRegistry>, datasets: Arc<DatasetStore>, check
     })
 }
 
+/// The result of a job whose package was already written by this same job (the process died
+/// between writing it and marking the job done): resuming such a job just reports it.
+fn finished_before(models: &ModelRegistry, job: &jobs::Job, name: Option<&str>, kind: &str) -> Option<serde_json::Value> {
+    let name = name.map(str::to_string).unwrap_or_else(|| format!("{kind}-{}", job.id.trim_start_matches("job-")));
+    let pkg = models.made_by_job(&name, &job.id)?;
+    tracing::info!(job = %job.id, model = %name, "the job's package was already written");
+    Some(serde_json::json!({ "model": name, "k": pkg.manifest.k, "recovered": true }))
+}

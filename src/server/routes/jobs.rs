@@ -1,4 +1,4 @@
-//! Background jobs: submit, list, show, cancel, follow (SSE).
+//! Background jobs: submit, list, show, cancel, resume, follow (SSE).
 
 use std::convert::Infallible;
 
@@ -77,6 +77,23 @@ pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> ApiR
     responses((status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {
     Ok(Json(state.jobs.cancel(&id)?))
+}
+
+/// Run an interrupted or failed job again: it goes back to `queued` (same id, spec and source
+/// model; `resumed` counts the resumptions) and runs when the jobs before it are done.
+///
+/// A job that was running when the server stopped (killed, crashed, restarted) comes back
+/// `interrupted`; the server never reruns it by itself, since a job that brings the process down
+/// would then do so on every start. A fine-tuning job continues from the checkpoint of its last
+/// completed epoch (kept until the job succeeds) and ends with the same weights as a run that
+/// was never interrupted; a re-clustering job starts over. A job whose model was already written
+/// before the interruption succeeds at once with that model.
+///
+/// 409 for a job that is queued, running, succeeded or canceled; 404 for an unknown id.
+#[utoipa::path(post, path = "/jobs/{id}/resume", tag = "jobs", params(("id" = String, Path)), security(("api_key" = [])),
+    responses((status = 202, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn resume(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<Job>)> {
+    Ok((StatusCode::ACCEPTED, Json(state.jobs.resume(&id)?)))
 }
 
 /// Server-sent events: the job's snapshot now and after every change, until it ends.

@@ -40,7 +40,8 @@ pub async fn list(State(state): State<AppState>) -> Json<Vec<ModelSummary>> {
 #[utoipa::path(get, path = "/models/{name}", tag = "models", params(("name" = String, Path)),
     responses((status = 200, body = ModelDetail), (status = 404, body = ErrorBody)))]
 pub async fn show(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<ModelDetail>> {
-    let pkg = state.models.package(&name)?;
+    // Loading hashes every file of the package (tens of MB): not on the async runtime.
+    let pkg = state.models.package_blocking(&name).await?;
     let c = &pkg.centroids;
     Ok(Json(ModelDetail {
         active: state.models.active().0 == name,
@@ -78,7 +79,7 @@ fn summary(state: &AppState, name: &str) -> ApiResult<Json<ModelSummary>> {
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn delete(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
     let _guard = state.models.edit.lock().await;
-    state.models.delete(&name)?;
+    state.models.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -108,7 +109,7 @@ pub async fn update_classes(
     Json(update): Json<ClassesUpdate>,
 ) -> ApiResult<Json<ModelDetail>> {
     let _guard = state.models.edit.lock().await;
-    let mut pkg = state.models.package(&name)?;
+    let mut pkg = state.models.package_blocking(&name).await?;
     let mut centroids = pkg.centroids.clone();
     for u in &update.classes {
         let class = centroids

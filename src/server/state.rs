@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use super::datasets::DatasetStore;
+use super::datasets::{DatasetLimits, DatasetStore};
 use super::jobs::JobManager;
 use super::metrics::Metrics;
 use super::store::ModelRegistry;
@@ -23,6 +23,33 @@ pub struct Limits {
     /// Segment requests in flight (decoding, queued or running); more get 429.
     pub max_concurrent: usize,
     pub request_timeout_secs: u64,
+    /// Largest file unpacked from an archive (or uploaded as is).
+    pub max_entry_bytes: u64,
+    /// An archive entry may unpack to at most this many times its compressed size.
+    pub max_compression_ratio: u64,
+    /// Entries in one archive; more refuses the whole archive.
+    pub max_archive_entries: usize,
+    /// Bytes unpacked from one archive in all; more refuses the whole archive.
+    pub max_unpacked_bytes: u64,
+    /// Images in one dataset.
+    pub max_dataset_images: usize,
+    /// Bytes of images in one dataset.
+    pub max_dataset_bytes: u64,
+}
+
+impl Limits {
+    /// The caps dataset storage enforces.
+    pub fn datasets(&self) -> DatasetLimits {
+        DatasetLimits {
+            max_image_pixels: self.max_image_pixels,
+            max_entry_bytes: self.max_entry_bytes,
+            max_compression_ratio: self.max_compression_ratio,
+            max_archive_entries: self.max_archive_entries,
+            max_unpacked_bytes: self.max_unpacked_bytes,
+            max_dataset_images: self.max_dataset_images,
+            max_dataset_bytes: self.max_dataset_bytes,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -33,6 +60,12 @@ impl Default for Limits {
             max_image_pixels: 40_000_000,
             max_concurrent: 32,
             request_timeout_secs: 60,
+            max_entry_bytes: DatasetLimits::default().max_entry_bytes,
+            max_compression_ratio: DatasetLimits::default().max_compression_ratio,
+            max_archive_entries: DatasetLimits::default().max_archive_entries,
+            max_unpacked_bytes: DatasetLimits::default().max_unpacked_bytes,
+            max_dataset_images: DatasetLimits::default().max_dataset_images,
+            max_dataset_bytes: DatasetLimits::default().max_dataset_bytes,
         }
     }
 }

@@ -22,6 +22,7 @@ use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
+/// Sizes are printed in GiB (2^30 bytes).
 const GB: f64 = (1u64 << 30) as f64;
 
 struct Server {

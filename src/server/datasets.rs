@@ -1,17 +1,94 @@
 //! Uploaded image sets. Each image is decoded to prove it is one, deduplicated by the SHA-256 of
-//! its bytes and stored under its hash; the index is rewritten atomically, so a failed or
-//! partial upload never corrupts a dataset.
+//! its bytes and stored under its hash; the index is rewritten atomically once per upload, so a
+//! failed or partial upload never corrupts a dataset.
+//!
+//! Memory stays bounded by configuration, not by input: the HTTP layer streams every uploaded file
+//! into `DATA_DIR/tmp`; archives (zip, tar) are expanded from those files entry by entry, each
+//! entry streamed into its own temporary file under caps ([`DatasetLimits`]) and hashed as it is
+//! written, then decoded from disk and moved (renamed, not copied) into the dataset.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use image::{DynamicImage, ImageDecoder, ImageReader};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tempfile::NamedTempFile;
 use utoipa::ToSchema;
 
-use super::error::{ApiError, ApiResult};
 use super::store::valid_name;
+use crate::infer::DecodeError;
+
+/// What dataset storage can fail with; the HTTP layer maps it to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("dataset `{0}` not found")]
+    NotFound(String),
+    /// The request itself is wrong (bad name...).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: corrupt dataset index: {source}")]
+    CorruptIndex {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type DatasetResult<T> = Result<T, DatasetError>;
+
+fn io_err(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> DatasetError {
+    let what = what.to_string();
+    move |source| DatasetError::Io { what, source }
+}
+
+/// Default cap on one file (an archive entry or an uploaded image), in bytes.
+pub const MAX_ENTRY_BYTES: u64 = 64 << 20;
+
+/// Caps on what an upload may cost; every one is a `picie serve` flag.
+#[derive(Clone, Debug)]
+pub struct DatasetLimits {
+    /// Largest image, in pixels, read from the header before decoding.
+    pub max_image_pixels: u64,
+    /// Largest file unpacked from an archive, or uploaded as is.
+    pub max_entry_bytes: u64,
+    /// An archive entry may unpack to at most this many times its compressed size.
+    pub max_compression_ratio: u64,
+    /// Entries in one archive; more refuses the whole archive.
+    pub max_archive_entries: usize,
+    /// Bytes unpacked from one archive in all; more refuses the whole archive.
+    pub max_unpacked_bytes: u64,
+    /// Images in one dataset.
+    pub max_dataset_images: usize,
+    /// Bytes of images in one dataset.
+    pub max_dataset_bytes: u64,
+}
+
+impl Default for DatasetLimits {
+    fn default() -> Self {
+        Self {
+            max_image_pixels: crate::infer::preprocess::DEFAULT_MAX_PIXELS,
+            max_entry_bytes: MAX_ENTRY_BYTES,
+            max_compression_ratio: 100,
+            max_archive_entries: 10_000,
+            max_unpacked_bytes: 4 << 30,
+            max_dataset_images: 100_000,
+            max_dataset_bytes: 64 << 30,
+        }
+    }
+}
 
 #[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
 pub struct ImageEntry {
@@ -69,49 +146,84 @@ pub struct UploadReport {
     pub num_images: usize,
 }
 
-/// One uploaded file before validation.
+/// One uploaded file, already streamed to a temporary file under `DATA_DIR/tmp` (removed when
+/// dropped unless it is moved into a dataset).
 pub struct Upload {
     pub name: String,
-    pub bytes: Vec<u8>,
+    pub file: NamedTempFile,
 }
 
 pub struct DatasetStore {
     dir: PathBuf,
-    max_pixels: u64,
+    tmp: PathBuf,
+    limits: DatasetLimits,
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 const INDEX_FILE: &str = "dataset.json";
 
+fn read_index_at(p: &Path) -> DatasetResult<Index> {
+    let text = std::fs::read(p).map_err(io_err(format!("reading {}", p.display())))?;
+    serde_json::from_slice(&text).map_err(|source| DatasetError::CorruptIndex { path: p.to_path_buf(), source })
+}
+
+/// Writes through a temporary file in the same folder, renamed into place once synced.
+fn write_index_at(p: &Path, index: &Index) -> DatasetResult<()> {
+    let dir = p.parent().unwrap_or(Path::new("."));
+    let mut tmp = NamedTempFile::new_in(dir).map_err(io_err(format!("creating a file in {}", dir.display())))?;
+    let json = serde_json::to_vec_pretty(index).map_err(|e| DatasetError::Internal(e.to_string()))?;
+    tmp.write_all(&json).map_err(io_err(format!("writing {}", p.display())))?;
+    tmp.as_file().sync_all().map_err(io_err(format!("syncing {}", p.display())))?;
+    tmp.persist(p).map_err(|e| DatasetError::Io { what: format!("renaming into {}", p.display()), source: e.error })?;
+    Ok(())
+}
+
 impl DatasetStore {
-    pub fn open(data_dir: &Path, max_pixels: u64) -> anyhow::Result<Self> {
+    /// Opens (creating) `DATA_DIR/datasets` and the scratch folder `DATA_DIR/tmp`.
+    pub fn open(data_dir: &Path, limits: DatasetLimits) -> DatasetResult<Self> {
         let dir = data_dir.join("datasets");
-        std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir, max_pixels, locks: Default::default() })
+        let tmp = data_dir.join("tmp");
+        for d in [&dir, &tmp] {
+            std::fs::create_dir_all(d).map_err(io_err(format!("creating {}", d.display())))?;
+        }
+        Ok(Self { dir, tmp, limits, locks: Default::default() })
+    }
+
+    pub fn limits(&self) -> &DatasetLimits {
+        &self.limits
+    }
+
+    /// A new temporary file under `DATA_DIR/tmp` (blocking: call it off the async runtime).
+    pub fn temp_file(&self) -> DatasetResult<NamedTempFile> {
+        NamedTempFile::new_in(&self.tmp).map_err(io_err(format!("creating a file in {}", self.tmp.display())))
+    }
+
+    /// An upload from bytes in memory (tests, fuzzing); blocking.
+    pub fn upload_from_bytes(&self, name: &str, bytes: &[u8]) -> DatasetResult<Upload> {
+        let mut file = self.temp_file()?;
+        file.write_all(bytes).map_err(io_err("writing an upload"))?;
+        Ok(Upload { name: name.to_string(), file })
     }
 
     fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.locks.lock().expect("dataset locks").entry(id.to_string()).or_default().clone()
     }
 
-    fn path(&self, id: &str) -> ApiResult<PathBuf> {
+    fn path(&self, id: &str) -> DatasetResult<PathBuf> {
         let p = self.dir.join(id);
         if !valid_name(id) || !p.join(INDEX_FILE).exists() {
-            return Err(ApiError::NotFound(format!("dataset `{id}` not found")));
+            return Err(DatasetError::NotFound(id.to_string()));
         }
         Ok(p)
     }
 
-    fn read_index(&self, id: &str) -> ApiResult<Index> {
-        let p = self.path(id)?.join(INDEX_FILE);
-        let text = std::fs::read(&p).map_err(anyhow::Error::from)?;
-        serde_json::from_slice(&text).map_err(|e| ApiError::Internal(format!("{}: {e}", p.display())))
+    /// Fails with NotFound unless the dataset exists.
+    pub fn exists(&self, id: &str) -> DatasetResult<()> {
+        self.path(id).map(|_| ())
     }
 
-    fn write_index(&self, index: &Index) -> ApiResult<()> {
-        let p = self.dir.join(&index.id).join(INDEX_FILE);
-        crate::util::write_atomic(&p, &serde_json::to_vec_pretty(index).map_err(anyhow::Error::from)?)?;
-        Ok(())
+    fn read_index(&self, id: &str) -> DatasetResult<Index> {
+        read_index_at(&self.path(id)?.join(INDEX_FILE))
     }
 
     fn view(&self, index: Index) -> Dataset {
@@ -128,16 +240,16 @@ impl DatasetStore {
         }
     }
 
-    pub fn create(&self, name: &str) -> ApiResult<Dataset> {
+    pub fn create(&self, name: &str) -> DatasetResult<Dataset> {
         let name = name.trim();
         if name.is_empty() || name.chars().count() > 100 {
-            return Err(ApiError::BadRequest("a dataset name has 1 to 100 characters".into()));
+            return Err(DatasetError::Invalid("a dataset name has 1 to 100 characters".into()));
         }
         let id = format!("ds-{:012x}", rand::rng().random::<u64>() & 0xffff_ffff_ffff);
         let dir = self.dir.join(&id);
-        std::fs::create_dir_all(dir.join("images")).map_err(anyhow::Error::from)?;
+        std::fs::create_dir_all(dir.join("images")).map_err(io_err(format!("creating {}", dir.display())))?;
         let index = Index { id: id.clone(), name: name.to_string(), created_at: crate::package::now_rfc3339(), images: vec![] };
-        self.write_index(&index)?;
+        write_index_at(&dir.join(INDEX_FILE), &index)?;
         Ok(self.view(index))
     }
 
@@ -154,77 +266,457 @@ impl DatasetStore {
         out
     }
 
-    pub fn get(&self, id: &str) -> ApiResult<Dataset> {
+    pub fn get(&self, id: &str) -> DatasetResult<Dataset> {
         Ok(self.view(self.read_index(id)?))
     }
 
     /// Paths of every image in the dataset.
-    pub fn image_paths(&self, id: &str) -> ApiResult<Vec<PathBuf>> {
+    pub fn image_paths(&self, id: &str) -> DatasetResult<Vec<PathBuf>> {
         let dir = self.path(id)?;
         Ok(self.read_index(id)?.images.iter().map(|e| dir.join("images").join(&e.file)).collect())
     }
 
     /// The folder holding the dataset's image files.
-    pub fn images_dir(&self, id: &str) -> ApiResult<PathBuf> {
+    pub fn images_dir(&self, id: &str) -> DatasetResult<PathBuf> {
         Ok(self.path(id)?.join("images"))
     }
 
-    pub async fn delete(&self, id: &str) -> ApiResult<()> {
-        let lock = self.lock(id);
-        let _g = lock.lock().await;
+    /// Moves the folder aside, then removes it on the blocking pool.
+    pub async fn delete(&self, id: &str) -> DatasetResult<()> {
+        let guard = self.lock(id).lock_owned().await;
         let dir = self.path(id)?;
         let trash = self.dir.join(format!(".deleting-{id}-{}", crate::util::unique()));
-        std::fs::rename(&dir, &trash).map_err(anyhow::Error::from)?;
-        std::fs::remove_dir_all(&trash).map_err(anyhow::Error::from)?;
-        Ok(())
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            std::fs::rename(&dir, &trash).map_err(io_err(format!("moving {} aside", dir.display())))?;
+            std::fs::remove_dir_all(&trash).map_err(io_err(format!("removing {}", trash.display())))
+        })
+        .await
+        .map_err(|e| DatasetError::Internal(format!("deleting dataset `{id}`: {e}")))?
     }
 
     /// Validates and stores uploaded files; archives (zip, tar) are opened and their images
-    /// taken one by one. Rejected files are reported by name; the rest is kept.
-    pub async fn add(&self, id: &str, uploads: Vec<Upload>) -> ApiResult<UploadReport> {
-        let lock = self.lock(id);
-        let _g = lock.lock().await;
-        let dir = self.path(id)?;
-        let mut index = self.read_index(id)?;
-        let max_pixels = self.max_pixels;
-        let (index, report) = tokio::task::spawn_blocking(move || {
-            let mut report = UploadReport::default();
-            let files = expand_archives(uploads, &mut report);
-            for f in files {
-                let hash = crate::package::sha256_hex(&f.bytes);
-                if index.images.iter().any(|e| e.sha256 == hash) {
-                    report.duplicates.push(f.name);
-                    continue;
-                }
-                match crate::infer::decode_image(&f.bytes, max_pixels) {
-                    Ok(img) => {
-                        let ext = image::guess_format(&f.bytes).ok().and_then(|fm| fm.extensions_str().first().copied()).unwrap_or("img");
-                        let file = format!("{hash}.{ext}");
-                        if let Err(e) = crate::util::write_atomic(&dir.join("images").join(&file), &f.bytes) {
-                            report.rejected.push(Rejected { name: f.name, reason: format!("could not be stored: {e}") });
-                            continue;
-                        }
-                        index.images.push(StoredEntry {
-                            sha256: hash,
-                            original_name: f.name.clone(),
-                            width: img.width(),
-                            height: img.height(),
-                            bytes: f.bytes.len() as u64,
-                            file,
-                        });
-                        report.added.push(f.name);
-                    }
-                    Err(e) => report.rejected.push(Rejected { name: f.name, reason: e.to_string() }),
-                }
+    /// taken one by one under the caps of [`DatasetLimits`]. Rejected files are reported by
+    /// name; the rest is kept. All the work (hashing, decoding, file I/O) runs on the blocking
+    /// pool, holding the dataset's lock until the index is written, even if the caller goes away.
+    pub async fn add(&self, id: &str, uploads: Vec<Upload>) -> DatasetResult<UploadReport> {
+        let guard = self.lock(id).lock_owned().await;
+        let dir = match self.path(id) {
+            Ok(d) => d,
+            Err(e) => {
+                tokio::task::spawn_blocking(move || drop(uploads)).await.ok();
+                return Err(e);
             }
-            report.num_images = index.images.len();
-            (index, report)
+        };
+        let limits = self.limits.clone();
+        let tmp = self.tmp.clone();
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            add_blocking(&dir, &tmp, &limits, uploads)
         })
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-        self.write_index(&index)?;
-        Ok(report)
+        .map_err(|e| DatasetError::Internal(format!("adding images to dataset `{id}`: {e}")))?
     }
+}
+
+/// The whole of an upload, on a blocking thread: every file is taken in turn, then the index is
+/// written once. On an error, image files written by this call are removed again.
+fn add_blocking(dir: &Path, tmp: &Path, limits: &DatasetLimits, uploads: Vec<Upload>) -> DatasetResult<UploadReport> {
+    let index_path = dir.join(INDEX_FILE);
+    let index = read_index_at(&index_path)?;
+    let mut ing = Ingest {
+        images: dir.join("images"),
+        tmp: tmp.to_path_buf(),
+        limits: limits.clone(),
+        known: index.images.iter().map(|e| e.sha256.clone()).collect(),
+        total_bytes: index.images.iter().map(|e| e.bytes).sum(),
+        index,
+        report: UploadReport::default(),
+        written: vec![],
+    };
+    let result = (|| {
+        for u in uploads {
+            ing.upload(u)?;
+        }
+        if !ing.written.is_empty() {
+            // The renames into images/ are durable before the index names them.
+            File::open(&ing.images).and_then(|d| d.sync_all()).ok();
+            write_index_at(&index_path, &ing.index)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for p in &ing.written {
+            let _ = std::fs::remove_file(p);
+        }
+        return Err(e);
+    }
+    ing.report.num_images = ing.index.images.len();
+    Ok(ing.report)
+}
+
+/// Why an archive stops being read.
+enum Stop {
+    /// A per-archive cap: refuse the whole archive with this reason.
+    Refuse(String),
+    /// The server failed (disk full...): fail the request.
+    Fatal(DatasetError),
+}
+
+impl From<DatasetError> for Stop {
+    fn from(e: DatasetError) -> Self {
+        Stop::Fatal(e)
+    }
+}
+
+/// How much of a dataset's and request's state an archive may roll back.
+struct Mark {
+    images: usize,
+    added: usize,
+    duplicates: usize,
+    rejected: usize,
+    written: usize,
+    total_bytes: u64,
+}
+
+/// An entry streamed out of an archive into a temporary file.
+struct Unpacked {
+    file: NamedTempFile,
+    sha256: String,
+    bytes: u64,
+}
+
+/// Why one entry was not unpacked.
+enum EntryFail {
+    /// Over a per-entry cap, or unreadable: the entry is rejected with this reason.
+    Reject(String),
+    Stop(Stop),
+}
+
+struct Ingest {
+    images: PathBuf,
+    tmp: PathBuf,
+    limits: DatasetLimits,
+    index: Index,
+    known: HashSet<String>,
+    total_bytes: u64,
+    report: UploadReport,
+    /// Image files this request moved into the dataset.
+    written: Vec<PathBuf>,
+}
+
+impl Ingest {
+    fn reject(&mut self, name: String, reason: impl Into<String>) {
+        self.report.rejected.push(Rejected { name, reason: reason.into() });
+    }
+
+    fn upload(&mut self, u: Upload) -> DatasetResult<()> {
+        let f = u.file.as_file();
+        let size = f.metadata().map_err(io_err("reading an upload"))?.len();
+        let mut head = [0u8; 512];
+        let n = read_head(f, &mut head).map_err(io_err("reading an upload"))?;
+        let head = &head[..n];
+        if is_zip(head) {
+            self.archive(u, Self::zip)
+        } else if is_tar(head) {
+            self.archive(u, Self::tar)
+        } else if size > self.limits.max_entry_bytes {
+            self.reject(u.name, format!("is larger than {} bytes (--max-entry-bytes)", self.limits.max_entry_bytes));
+            Ok(())
+        } else {
+            let sha256 = hash_file(f).map_err(io_err("reading an upload"))?;
+            self.take(u.name, Unpacked { file: u.file, sha256, bytes: size })
+        }
+    }
+
+    fn mark(&self) -> Mark {
+        Mark {
+            images: self.index.images.len(),
+            added: self.report.added.len(),
+            duplicates: self.report.duplicates.len(),
+            rejected: self.report.rejected.len(),
+            written: self.written.len(),
+            total_bytes: self.total_bytes,
+        }
+    }
+
+    /// Forgets everything since `m`: index entries, report lines, and the image files written.
+    fn rollback(&mut self, m: Mark) {
+        for e in self.index.images.drain(m.images..) {
+            self.known.remove(&e.sha256);
+        }
+        for p in self.written.drain(m.written..) {
+            let _ = std::fs::remove_file(p);
+        }
+        self.report.added.truncate(m.added);
+        self.report.duplicates.truncate(m.duplicates);
+        self.report.rejected.truncate(m.rejected);
+        self.total_bytes = m.total_bytes;
+    }
+
+    /// Runs `expand` over an archive; when it breaks a per-archive cap, nothing of it is kept
+    /// and the archive is rejected by name.
+    fn archive(&mut self, u: Upload, expand: fn(&mut Self, &Upload) -> Result<(), Stop>) -> DatasetResult<()> {
+        let mark = self.mark();
+        match expand(self, &u) {
+            Ok(()) => Ok(()),
+            Err(Stop::Refuse(reason)) => {
+                self.rollback(mark);
+                self.reject(u.name, reason);
+                Ok(())
+            }
+            Err(Stop::Fatal(e)) => Err(e),
+        }
+    }
+
+    fn too_many_entries(&self) -> Stop {
+        Stop::Refuse(format!("holds more than {} entries (--max-archive-entries); nothing of it was kept", self.limits.max_archive_entries))
+    }
+
+    fn too_many_bytes(&self) -> Stop {
+        Stop::Refuse(format!("unpacks to more than {} bytes in all (--max-unpacked-bytes); nothing of it was kept", self.limits.max_unpacked_bytes))
+    }
+
+    fn zip(&mut self, u: &Upload) -> Result<(), Stop> {
+        let mut f = u.file.as_file();
+        // The entry count is read from the end record before the central directory is parsed.
+        if zip_declared_entries(f).is_some_and(|n| n > self.limits.max_archive_entries as u64) {
+            return Err(self.too_many_entries());
+        }
+        rewind(&mut f).map_err(io_err("reading an upload"))?;
+        let mut z = match zip::ZipArchive::new(BufReader::new(f)) {
+            Ok(z) => z,
+            Err(e) => {
+                self.reject(u.name.clone(), format!("broken zip archive: {e}"));
+                return Ok(());
+            }
+        };
+        if z.len() > self.limits.max_archive_entries {
+            return Err(self.too_many_entries());
+        }
+        if z.decompressed_size().is_some_and(|n| n > self.limits.max_unpacked_bytes as u128) {
+            return Err(self.too_many_bytes());
+        }
+        let mut unpacked = 0u64;
+        for i in 0..z.len() {
+            let inner = z.name_for_index(i).unwrap_or_default().to_string();
+            let name = format!("{}/{inner}", u.name);
+            let entry = match z.by_index(i) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.reject(name, format!("unreadable archive entry: {e}"));
+                    continue;
+                }
+            };
+            if entry.is_dir() || hidden(&inner) {
+                continue;
+            }
+            let compressed = entry.compressed_size().max(1);
+            let ratio_cap = compressed.saturating_mul(self.limits.max_compression_ratio);
+            let (cap, why) = if ratio_cap < self.limits.max_entry_bytes {
+                (ratio_cap, format!("unpacks to more than {} times its compressed size of {compressed} bytes (--max-compression-ratio)", self.limits.max_compression_ratio))
+            } else {
+                (self.limits.max_entry_bytes, format!("unpacks to more than {} bytes (--max-entry-bytes)", self.limits.max_entry_bytes))
+            };
+            // A declared size over the cap is refused before inflating anything.
+            let got = if entry.size() > cap { Err(EntryFail::Reject(why)) } else { self.unpack(entry, cap, &why, &mut unpacked) };
+            match got {
+                Ok(file) => self.take(name, file)?,
+                Err(EntryFail::Reject(reason)) => self.reject(name, reason),
+                Err(EntryFail::Stop(s)) => return Err(s),
+            }
+        }
+        Ok(())
+    }
+
+    fn tar(&mut self, u: &Upload) -> Result<(), Stop> {
+        let mut f = u.file.as_file();
+        rewind(&mut f).map_err(io_err("reading an upload"))?;
+        let mut archive = tar::Archive::new(BufReader::new(f));
+        let entries = match archive.entries() {
+            Ok(e) => e,
+            Err(e) => {
+                self.reject(u.name.clone(), format!("broken tar archive: {e}"));
+                return Ok(());
+            }
+        };
+        let mut unpacked = 0u64;
+        for (count, entry) in entries.enumerate() {
+            if count >= self.limits.max_archive_entries {
+                return Err(self.too_many_entries());
+            }
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    self.reject(u.name.clone(), format!("broken tar archive: {e}"));
+                    break;
+                }
+            };
+            if !entry.header().entry_type().is_file() {
+                continue;
+            }
+            let inner = entry.path().map(|p| p.display().to_string()).unwrap_or_default();
+            if hidden(&inner) {
+                continue;
+            }
+            let name = format!("{}/{inner}", u.name);
+            let cap = self.limits.max_entry_bytes;
+            let why = format!("unpacks to more than {cap} bytes (--max-entry-bytes)");
+            let got = if entry.size() > cap { Err(EntryFail::Reject(why)) } else { self.unpack(entry, cap, &why, &mut unpacked) };
+            match got {
+                Ok(file) => self.take(name, file)?,
+                Err(EntryFail::Reject(reason)) => self.reject(name, reason),
+                Err(EntryFail::Stop(s)) => return Err(s),
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams one entry into a temporary file, hashing it, and stops as soon as it passes
+    /// `cap` (the entry is rejected with `why`) or the archive passes its total.
+    fn unpack(&self, mut r: impl Read, cap: u64, why: &str, unpacked: &mut u64) -> Result<Unpacked, EntryFail> {
+        let fatal = |e: DatasetError| EntryFail::Stop(Stop::Fatal(e));
+        let mut file = NamedTempFile::new_in(&self.tmp).map_err(io_err(format!("creating a file in {}", self.tmp.display()))).map_err(fatal)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut bytes = 0u64;
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(EntryFail::Reject(format!("unreadable archive entry: {e}"))),
+            };
+            bytes += n as u64;
+            *unpacked += n as u64;
+            if *unpacked > self.limits.max_unpacked_bytes {
+                return Err(EntryFail::Stop(self.too_many_bytes()));
+            }
+            if bytes > cap {
+                return Err(EntryFail::Reject(why.to_string()));
+            }
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n]).map_err(io_err("writing an archive entry")).map_err(fatal)?;
+        }
+        Ok(Unpacked { file, sha256: hex::encode(hasher.finalize()), bytes })
+    }
+
+    /// Deduplicates, checks the dataset caps, decodes and moves one file into the dataset.
+    fn take(&mut self, name: String, u: Unpacked) -> DatasetResult<()> {
+        if self.known.contains(&u.sha256) {
+            self.report.duplicates.push(name);
+            return Ok(());
+        }
+        let l = &self.limits;
+        if self.index.images.len() >= l.max_dataset_images {
+            let reason = format!("dataset is full: it holds {} images, the limit (--max-dataset-images)", self.index.images.len());
+            self.reject(name, reason);
+            return Ok(());
+        }
+        if self.total_bytes.saturating_add(u.bytes) > l.max_dataset_bytes {
+            let reason = format!("dataset is full: {} more bytes would pass its limit of {} bytes (--max-dataset-bytes)", u.bytes, l.max_dataset_bytes);
+            self.reject(name, reason);
+            return Ok(());
+        }
+        let max_pixels = l.max_image_pixels;
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check_image(u.file.as_file(), u.bytes, max_pixels)))
+            .unwrap_or_else(|_| Err(DecodeError::Corrupt("the decoder failed".into())));
+        let (width, height, ext) = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                self.reject(name, e.to_string());
+                return Ok(());
+            }
+        };
+        let file = format!("{}.{ext}", u.sha256);
+        let dest = self.images.join(&file);
+        u.file.as_file().sync_all().map_err(io_err("syncing an image"))?;
+        u.file.persist(&dest).map_err(|e| DatasetError::Io { what: format!("moving an image to {}", dest.display()), source: e.error })?;
+        self.written.push(dest);
+        self.known.insert(u.sha256.clone());
+        self.total_bytes += u.bytes;
+        self.index.images.push(StoredEntry { sha256: u.sha256, original_name: name.clone(), width, height, bytes: u.bytes, file });
+        self.report.added.push(name);
+        Ok(())
+    }
+}
+
+fn rewind(f: &mut &File) -> std::io::Result<()> {
+    f.seek(SeekFrom::Start(0)).map(|_| ())
+}
+
+/// Reads up to `buf.len()` bytes from the start of the file.
+fn read_head(mut f: &File, buf: &mut [u8]) -> std::io::Result<usize> {
+    rewind(&mut f)?;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn hash_file(mut f: &File) -> std::io::Result<String> {
+    rewind(&mut f)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut f, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Decodes the image from the file (bounded by `max_pixels`, read from the header first) to prove
+/// it is one; returns its size after the EXIF orientation and its usual file extension.
+fn check_image(mut f: &File, bytes: u64, max_pixels: u64) -> Result<(u32, u32, &'static str), DecodeError> {
+    if bytes == 0 {
+        return Err(DecodeError::Empty);
+    }
+    rewind(&mut f).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    let reader = ImageReader::new(BufReader::new(f)).with_guessed_format().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    let Some(format) = reader.format() else { return Err(DecodeError::UnknownFormat) };
+    let ext = format.extensions_str().first().copied().unwrap_or("img");
+    let mut decoder = reader.into_decoder().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(DecodeError::Empty);
+    }
+    if width as u64 * height as u64 > max_pixels {
+        return Err(DecodeError::TooLarge { width, height, limit: max_pixels });
+    }
+    use image::metadata::Orientation as O;
+    let turned = matches!(decoder.orientation(), Ok(O::Rotate90 | O::Rotate270 | O::Rotate90FlipH | O::Rotate270FlipH));
+    drop(DynamicImage::from_decoder(decoder).map_err(|e| DecodeError::Corrupt(e.to_string()))?);
+    Ok(if turned { (height, width, ext) } else { (width, height, ext) })
+}
+
+/// The entry count a zip's end record declares (zip64 too), read without parsing the central
+/// directory; None when the record cannot be found (the zip reader then decides).
+fn zip_declared_entries(mut f: &File) -> Option<u64> {
+    let len = f.metadata().ok()?.len();
+    let tail_len = len.min(22 + 65535);
+    f.seek(SeekFrom::Start(len - tail_len)).ok()?;
+    let mut tail = vec![0u8; tail_len as usize];
+    f.read_exact(&mut tail).ok()?;
+    let eocd = (0..tail.len().saturating_sub(21)).rev().find(|&i| tail[i..].starts_with(b"PK\x05\x06"))?;
+    let count = u16::from_le_bytes([tail[eocd + 10], tail[eocd + 11]]);
+    if count != 0xffff {
+        return Some(count as u64);
+    }
+    // Zip64: the locator sits just before the end record and points at the zip64 end record.
+    let loc = eocd.checked_sub(20)?;
+    if !tail[loc..].starts_with(b"PK\x06\x07") {
+        return None;
+    }
+    let offset = u64::from_le_bytes(tail[loc + 8..loc + 16].try_into().ok()?);
+    f.seek(SeekFrom::Start(offset)).ok()?;
+    let mut rec = [0u8; 40];
+    f.read_exact(&mut rec).ok()?;
+    if !rec.starts_with(b"PK\x06\x06") {
+        return None;
+    }
+    Some(u64::from_le_bytes(rec[32..40].try_into().ok()?))
 }
 
 fn is_zip(b: &[u8]) -> bool {
@@ -235,78 +727,61 @@ fn is_tar(b: &[u8]) -> bool {
     b.len() > 262 && &b[257..262] == b"ustar"
 }
 
-/// No single file inside an archive may unpack to more than this (zip bombs).
-pub const MAX_ENTRY_BYTES: u64 = 256 << 20;
-
-/// Reads at most MAX_ENTRY_BYTES; a larger entry is an error, not an allocation.
-fn read_capped(r: impl std::io::Read) -> std::io::Result<Vec<u8>> {
-    let mut bytes = vec![];
-    std::io::Read::read_to_end(&mut r.take(MAX_ENTRY_BYTES + 1), &mut bytes)?;
-    if bytes.len() as u64 > MAX_ENTRY_BYTES {
-        return Err(std::io::Error::other(format!("unpacks to more than {MAX_ENTRY_BYTES} bytes")));
-    }
-    Ok(bytes)
-}
-
-/// Replaces zip and tar uploads by the files inside them (folders flattened, hidden files skipped).
-fn expand_archives(uploads: Vec<Upload>, report: &mut UploadReport) -> Vec<Upload> {
-    let mut out = vec![];
-    for u in uploads {
-        if is_zip(&u.bytes) {
-            match zip::ZipArchive::new(std::io::Cursor::new(&u.bytes)) {
-                Ok(mut z) => {
-                    for i in 0..z.len() {
-                        let Ok(entry) = z.by_index(i) else { continue };
-                        if entry.is_dir() {
-                            continue;
-                        }
-                        let name = format!("{}/{}", u.name, entry.name());
-                        if hidden(entry.name()) {
-                            continue;
-                        }
-                        match read_capped(entry) {
-                            Ok(bytes) => out.push(Upload { name, bytes }),
-                            Err(e) => report.rejected.push(Rejected { name, reason: format!("unreadable archive entry: {e}") }),
-                        }
-                    }
-                }
-                Err(e) => report.rejected.push(Rejected { name: u.name, reason: format!("broken zip archive: {e}") }),
-            }
-        } else if is_tar(&u.bytes) {
-            let mut archive = tar::Archive::new(std::io::Cursor::new(&u.bytes));
-            match archive.entries() {
-                Ok(entries) => {
-                    for entry in entries {
-                        let entry = match entry {
-                            Ok(e) => e,
-                            Err(e) => {
-                                report.rejected.push(Rejected { name: u.name.clone(), reason: format!("broken tar archive: {e}") });
-                                break;
-                            }
-                        };
-                        if !entry.header().entry_type().is_file() {
-                            continue;
-                        }
-                        let inner = entry.path().map(|p| p.display().to_string()).unwrap_or_default();
-                        if hidden(&inner) {
-                            continue;
-                        }
-                        let name = format!("{}/{inner}", u.name);
-                        match read_capped(entry) {
-                            Ok(bytes) => out.push(Upload { name, bytes }),
-                            Err(e) => report.rejected.push(Rejected { name, reason: format!("unreadable archive entry: {e}") }),
-                        }
-                    }
-                }
-                Err(e) => report.rejected.push(Rejected { name: u.name, reason: format!("broken tar archive: {e}") }),
-            }
-        } else {
-            out.push(u);
-        }
-    }
-    out
-}
-
 fn hidden(path: &str) -> bool {
     path.rsplit('/').next().is_some_and(|n| n.starts_with('.')) || path.starts_with("__MACOSX")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ingest(tmp: &Path) -> Ingest {
+        Ingest {
+            images: tmp.to_path_buf(),
+            tmp: tmp.to_path_buf(),
+            limits: DatasetLimits { max_unpacked_bytes: 1 << 20, ..DatasetLimits::default() },
+            index: Index { id: "x".into(), name: "x".into(), created_at: String::new(), images: vec![] },
+            known: HashSet::new(),
+            total_bytes: 0,
+            report: UploadReport::default(),
+            written: vec![],
+        }
+    }
+
+    #[test]
+    fn an_endless_entry_costs_only_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let ing = ingest(dir.path());
+        let mut unpacked = 0;
+        match ing.unpack(std::io::repeat(7), 100_000, "too big", &mut unpacked) {
+            Err(EntryFail::Reject(r)) => assert_eq!(r, "too big"),
+            _ => panic!("an endless entry must be refused"),
+        }
+        assert!(unpacked <= 100_000 + (64 << 10), "read {unpacked} bytes");
+        // The archive total stops it too, whatever the entry cap.
+        let mut unpacked = 0;
+        assert!(matches!(ing.unpack(std::io::repeat(7), u64::MAX, "", &mut unpacked), Err(EntryFail::Stop(Stop::Refuse(_)))));
+        assert!(unpacked <= (1 << 20) + (64 << 10));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no temporary file is left");
+    }
+
+    #[test]
+    fn the_zip_end_record_gives_the_entry_count() {
+        let mut bytes = vec![];
+        {
+            let mut z = zip::ZipWriter::new(std::io::Cursor::new(&mut bytes));
+            for i in 0..7 {
+                z.start_file(format!("{i}.txt"), zip::write::SimpleFileOptions::default()).unwrap();
+                z.write_all(b"hello").unwrap();
+            }
+            z.set_comment("a comment after the end record");
+            z.finish().unwrap();
+        }
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&bytes).unwrap();
+        assert_eq!(zip_declared_entries(&f), Some(7));
+        let mut g = tempfile::tempfile().unwrap();
+        g.write_all(b"not a zip at all").unwrap();
+        assert_eq!(zip_declared_entries(&g), None);
+    }
 }

@@ -224,6 +224,17 @@ impl From<super::jobs::JobError> for ApiError {
     }
 }
 
+impl From<crate::server::datasets::DatasetError> for ApiError {
+    fn from(e: crate::server::datasets::DatasetError) -> Self {
+        use crate::server::datasets::DatasetError as D;
+        match e {
+            D::NotFound(_) => ApiError::NotFound(e.to_string()),
+            D::Invalid(m) => ApiError::BadRequest(m),
+            D::Io { .. } | D::CorruptIndex { .. } | D::Internal(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         ApiError::Internal(format!("{e:#}"))

@@ -1,12 +1,14 @@
 //! Uploaded image sets.
 
-use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use crate::server::datasets::{Dataset, Upload, UploadReport};
+use tokio::io::AsyncWriteExt;
+use tokio_stream::StreamExt;
+
+use crate::server::datasets::{Dataset, DatasetError, Upload, UploadReport};
 use crate::server::error::{ApiError, ApiResult, ErrorBody};
 use crate::server::extract::{Json, Path};
 use crate::server::state::AppState;
@@ -56,34 +58,102 @@ pub async fn upload(
     headers: HeaderMap,
     request: Request,
 ) -> ApiResult<Json<UploadReport>> {
-    state.datasets.get(&id)?;
+    state.datasets.exists(&id)?;
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
-    let limit = state.limits.max_upload_bytes;
-    let mut uploads = vec![];
-    if ct.starts_with("multipart/form-data") {
-        let mut mp = Multipart::from_request(request, &state).await.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-        loop {
-            let field = match mp.next_field().await {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => return Err(ApiError::body_read(e.status(), e.body_text(), limit)),
-            };
-            let name = field.file_name().or(field.name()).unwrap_or("upload").to_string();
-            let bytes = field.bytes().await.map_err(|e| ApiError::body_read(e.status(), e.body_text(), limit))?;
-            uploads.push(Upload { name, bytes: bytes.to_vec() });
-        }
-    } else if ct.starts_with("application/zip") || ct.starts_with("application/x-tar") || ct.starts_with("application/octet-stream") {
-        let bytes = Bytes::from_request(request, &state)
-            .await
-            .map_err(|e| ApiError::body_read(e.status(), e.body_text(), limit))?;
-        uploads.push(Upload { name: "archive".into(), bytes: bytes.to_vec() });
-    } else {
+    let multipart = ct.starts_with("multipart/form-data");
+    if !multipart && !(ct.starts_with("application/zip") || ct.starts_with("application/x-tar") || ct.starts_with("application/octet-stream")) {
         return Err(ApiError::UnsupportedMediaType(format!(
             "content type `{ct}`: send multipart/form-data, application/zip or application/x-tar"
         )));
+    }
+    let mut uploads = vec![];
+    let received = if multipart { receive_multipart(&state, request, &mut uploads).await } else { receive_raw(&state, request, &mut uploads).await };
+    if let Err(e) = received {
+        // Removing the temporary files is file I/O: off the runtime, before answering.
+        discard(uploads).await;
+        return Err(e);
     }
     if uploads.is_empty() {
         return Err(ApiError::BadRequest("the upload holds no files".into()));
     }
     Ok(Json(state.datasets.add(&id, uploads).await?))
+}
+
+async fn discard(uploads: Vec<Upload>) {
+    let _ = tokio::task::spawn_blocking(move || drop(uploads)).await;
+}
+
+/// A new temporary file under `DATA_DIR/tmp` for `name`, pushed onto `uploads` at once (so an
+/// error on the way removes it), and an async handle on it.
+async fn new_upload(state: &AppState, name: String, uploads: &mut Vec<Upload>) -> ApiResult<tokio::fs::File> {
+    let store = state.datasets.clone();
+    let (file, handle) = tokio::task::spawn_blocking(move || -> Result<_, DatasetError> {
+        let file = store.temp_file()?;
+        let handle = file.as_file().try_clone().map_err(|source| DatasetError::Io { what: "opening an upload file".into(), source })?;
+        Ok((file, handle))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    uploads.push(Upload { name, file });
+    Ok(tokio::fs::File::from_std(handle))
+}
+
+fn write_failed(e: std::io::Error) -> ApiError {
+    ApiError::Internal(format!("writing an upload to disk: {e}"))
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::body_read(StatusCode::PAYLOAD_TOO_LARGE, String::new(), limit)
+}
+
+/// Streams every multipart field into its own temporary file, chunk by chunk.
+async fn receive_multipart(state: &AppState, request: Request, uploads: &mut Vec<Upload>) -> ApiResult<()> {
+    let limit = state.limits.max_upload_bytes;
+    let mut mp = Multipart::from_request(request, state).await.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let mut total = 0usize;
+    loop {
+        let mut field = match mp.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(ApiError::body_read(e.status(), e.body_text(), limit)),
+        };
+        let name = field.file_name().or(field.name()).unwrap_or("upload").to_string();
+        let mut out = new_upload(state, name, uploads).await?;
+        loop {
+            match field.chunk().await {
+                Ok(Some(chunk)) => {
+                    total += chunk.len();
+                    if total > limit {
+                        return Err(too_large(limit));
+                    }
+                    out.write_all(&chunk).await.map_err(write_failed)?;
+                }
+                Ok(None) => break,
+                Err(e) => return Err(ApiError::body_read(e.status(), e.body_text(), limit)),
+            }
+        }
+        out.flush().await.map_err(write_failed)?;
+    }
+}
+
+/// Streams a raw body (one archive) into a temporary file, chunk by chunk.
+async fn receive_raw(state: &AppState, request: Request, uploads: &mut Vec<Upload>) -> ApiResult<()> {
+    let limit = state.limits.max_upload_bytes;
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(limit));
+    }
+    let mut out = new_upload(state, "archive".into(), uploads).await?;
+    let mut body = request.into_body().into_data_stream();
+    let mut total = 0usize;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+        total += chunk.len();
+        if total > limit {
+            return Err(too_large(limit));
+        }
+        out.write_all(&chunk).await.map_err(write_failed)?;
+    }
+    out.flush().await.map_err(write_failed)?;
+    Ok(())
 }

@@ -182,7 +182,7 @@ pub fn train(args: &TrainArgs, on: &mut dyn FnMut(&crate::train::picie::Progress
     if !frames.skipped.is_empty() {
         tracing::warn!(skipped = frames.skipped.len(), files = ?frames.skipped, "unreadable images skipped");
     }
-    args.config.validate(frames.frames.len())?;
+    args.config.validate(frames.len())?;
     let (embedder_config, weights, source, policy) = match &args.init {
         TrainInit::Backbone { kind, weights } => {
             let config = EmbedderConfig::new(*kind);
@@ -218,13 +218,12 @@ pub fn train(args: &TrainArgs, on: &mut dyn FnMut(&crate::train::picie::Progress
         parent: None,
         details: BTreeMap::from([
             ("train".into(), serde_json::to_value(&args.config)?),
-            ("train_images".into(), serde_json::json!(frames.frames.len())),
+            ("train_images".into(), serde_json::json!(frames.len())),
             ("skipped".into(), serde_json::json!(frames.skipped)),
             ("epoch_losses".into(), serde_json::json!(trainer.losses)),
         ]),
     };
     let k = args.package_k.unwrap_or(args.config.k);
     let target = PackageTarget { out: &args.out, name: &args.name, policy, replace: args.replace };
-    let readable: Vec<PathBuf> = paths.iter().filter(|p| !frames.skipped.contains(&p.display().to_string())).cloned().collect();
-    package_from_embedder(&model, embedder_config, &readable, KMeansConfig::new(k, args.config.seed), provenance, &target).map(Some)
+    package_from_embedder(&model, embedder_config, frames.paths(), KMeansConfig::new(k, args.config.seed), provenance, &target).map(Some)
 }

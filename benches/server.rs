@@ -2,6 +2,10 @@
 //! p50/p95 latency of each (the HTTP path adds decoding, queueing, PNG encoding and the
 //! network), then images/s at 1, 4 and 16 concurrent clients.
 //!
+//! Then the thread budget of jobs: /segment p50 with no job running and while a fine-tuning
+//! job trains, with `--job-threads` 1 and 2 (BENCH_JOB_THREADS="1 2" to choose, BENCH_JOBS=0
+//! to skip).
+//!
 //!     cargo bench --bench server            (needs scripts/setup.sh --no-build first)
 
 use std::time::{Duration, Instant};
@@ -104,5 +108,84 @@ fn main() -> anyhow::Result<()> {
     for (c, ips) in throughput {
         println!("{c:>2} concurrent clients: {ips:>6.2} images/s");
     }
+
+    if std::env::var("BENCH_JOBS").as_deref() != Ok("0") {
+        let budgets: Vec<usize> = std::env::var("BENCH_JOB_THREADS").unwrap_or_else(|_| "1 2".into()).split_whitespace().filter_map(|v| v.parse().ok()).collect();
+        println!("\n/segment while a finetune job runs (320x320 frames, batch 8), inference threads {threads}");
+        println!("{:<12} {:>14} {:>14} {:>14} {:>14}", "job threads", "idle p50 ms", "idle p95 ms", "job p50 ms", "job p95 ms");
+        for n in budgets {
+            let mut cfg = cfg.clone();
+            cfg.job_threads = n;
+            let data = tempfile::tempdir()?;
+            cfg.data_dir = data.path().to_path_buf();
+            let (idle, busy) = rt.block_on(segment_during_job(cfg, &jpeg, &root))?;
+            println!("{n:<12} {:>14.1} {:>14.1} {:>14.1} {:>14.1}", ms(percentile(idle.clone(), 0.5)), ms(percentile(idle, 0.95)), ms(percentile(busy.clone(), 0.5)), ms(percentile(busy, 0.95)));
+        }
+    }
     Ok(())
+}
+
+/// Sequential /segment latencies on a fresh server: first with no job, then while a
+/// fine-tuning job (on the shipped photos, more epochs than it will get to run) is training.
+async fn segment_during_job(cfg: ServeConfig, jpeg: &[u8], root: &std::path::Path) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    const JOB_REPS: usize = 20;
+    let state = tokio::task::spawn_blocking(move || build_state(&cfg)).await??;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_on(listener, state, async {
+        let _ = rx.await;
+    }));
+    let client = reqwest::Client::new();
+    let segment = || async {
+        let t = Instant::now();
+        let r = client.post(format!("{base}/segment")).header("content-type", "image/jpeg").body(jpeg.to_vec()).send().await?;
+        anyhow::ensure!(r.status() == 200, "status {}", r.status());
+        r.bytes().await?;
+        anyhow::Ok(t.elapsed())
+    };
+    segment().await?;
+    let mut idle = vec![];
+    for _ in 0..JOB_REPS {
+        idle.push(segment().await?);
+    }
+
+    let ds: serde_json::Value = client.post(format!("{base}/datasets")).json(&serde_json::json!({"name": "bench"})).send().await?.json().await?;
+    let id = ds["id"].as_str().unwrap_or_default().to_string();
+    let mut form = reqwest::multipart::Form::new();
+    for p in picie::train::cluster::list_images(&root.join("fixtures/images"))? {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("x.jpg").to_string();
+        form = form.part("files", reqwest::multipart::Part::bytes(std::fs::read(&p)?).file_name(name));
+    }
+    let r = client.post(format!("{base}/datasets/{id}/images")).multipart(form).send().await?;
+    anyhow::ensure!(r.status() == 200, "upload: status {}", r.status());
+    let spec = serde_json::json!({"type": "finetune", "dataset": id, "k": 4, "k2": 8, "epochs": 50, "batch": 8});
+    let job: serde_json::Value = client.post(format!("{base}/jobs")).json(&spec).send().await?.json().await?;
+    let jid = job["id"].as_str().unwrap_or_default().to_string();
+    // Wait until it computes (past loading and decoding).
+    loop {
+        let j: serde_json::Value = client.get(format!("{base}/jobs/{jid}")).send().await?.json().await?;
+        anyhow::ensure!(["queued", "running"].contains(&j["state"].as_str().unwrap_or("")), "the job ended: {j}");
+        if j["progress"].as_f64().unwrap_or(0.0) > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut busy = vec![];
+    for _ in 0..JOB_REPS {
+        busy.push(segment().await?);
+    }
+    let j: serde_json::Value = client.get(format!("{base}/jobs/{jid}")).send().await?.json().await?;
+    anyhow::ensure!(j["state"] == "running", "the job stopped before the measurement ended: {j}");
+    client.post(format!("{base}/jobs/{jid}/cancel")).send().await?;
+    loop {
+        let j: serde_json::Value = client.get(format!("{base}/jobs/{jid}")).send().await?.json().await?;
+        if j["state"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = tx.send(());
+    server.await??;
+    Ok((idle, busy))
 }

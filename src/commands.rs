@@ -89,7 +89,7 @@ pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
         parent: None,
         details: BTreeMap::from([("fpn_seed".into(), serde_json::json!(args.seed))]),
     };
-    let target = PackageTarget { out: &args.out, name: &args.name, policy: args.policy, replace: args.replace };
+    let target = PackageTarget { out: &args.out, name: &args.name, policy: args.policy, replace: args.replace, sessions: SessionSettings::default() };
     package_from_embedder(&embedder, config, &paths, KMeansConfig::new(args.k, args.seed), provenance, &target)
 }
 
@@ -99,6 +99,23 @@ pub struct PackageTarget<'a> {
     pub name: &'a str,
     pub policy: InputPolicy,
     pub replace: bool,
+    /// Where the ONNX Runtime session that clusters the images runs.
+    pub sessions: SessionSettings,
+}
+
+/// Where the ONNX Runtime sessions a command creates run: the CLI lets ONNX Runtime choose,
+/// the server's jobs use its `--device` and `--job-threads`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionSettings {
+    pub device: DeviceChoice,
+    /// Intra-op threads (None: ONNX Runtime's choice).
+    pub threads: Option<usize>,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        Self { device: DeviceChoice::Auto, threads: None }
+    }
 }
 
 /// Exports `embedder` to ONNX, clusters `paths` with it, and writes the package.
@@ -126,7 +143,7 @@ pub fn package_from_embedder(
         return Err(e).with_context(|| format!("writing {}", scratch.display()));
     }
     let clustered = (|| {
-        let session = EmbedSession::load(&scratch, DeviceChoice::Auto, None)?;
+        let session = EmbedSession::load(&scratch, target.sessions.device, target.sessions.threads)?;
         cluster_images(&session, &target.policy, paths, kmeans, MAX_CLUSTER_VECTORS, |_, _| true)
     })();
     let _ = std::fs::remove_file(&scratch);
@@ -183,6 +200,12 @@ pub struct TrainArgs {
 /// `picie train`: PiCIE on the images, then a package clustered with the trained embedder.
 /// Returns None when `on` stopped it (the last epoch's checkpoint is kept).
 pub fn train(args: &TrainArgs, on: &mut dyn FnMut(&crate::train::picie::Progress) -> bool) -> Result<Option<(Package, ClusterReport)>> {
+    train_with(args, SessionSettings::default(), on)
+}
+
+/// [`train`], with the ONNX Runtime session that clusters the final package made per `sessions`.
+/// Training and k-means run on the current rayon pool (the caller's `ThreadPool::install`).
+pub fn train_with(args: &TrainArgs, sessions: SessionSettings, on: &mut dyn FnMut(&crate::train::picie::Progress) -> bool) -> Result<Option<(Package, ClusterReport)>> {
     use crate::train::picie::{Frames, Trainer};
     let paths = list_images(&args.images)?;
     args.config.check()?;
@@ -190,7 +213,7 @@ pub fn train(args: &TrainArgs, on: &mut dyn FnMut(&crate::train::picie::Progress
     if !frames.skipped.is_empty() {
         tracing::warn!(skipped = frames.skipped.len(), files = ?frames.skipped, "unreadable images skipped");
     }
-    args.config.validate(frames.frames.len())?;
+    args.config.validate(frames.len())?;
     let (embedder_config, weights, source, policy) = match &args.init {
         TrainInit::Backbone { kind, weights } => {
             let config = EmbedderConfig::new(*kind);
@@ -226,13 +249,12 @@ pub fn train(args: &TrainArgs, on: &mut dyn FnMut(&crate::train::picie::Progress
         parent: None,
         details: BTreeMap::from([
             ("train".into(), serde_json::to_value(&args.config)?),
-            ("train_images".into(), serde_json::json!(frames.frames.len())),
+            ("train_images".into(), serde_json::json!(frames.len())),
             ("skipped".into(), serde_json::json!(frames.skipped)),
             ("epoch_losses".into(), serde_json::json!(trainer.losses)),
         ]),
     };
     let k = args.package_k.unwrap_or(args.config.k);
-    let target = PackageTarget { out: &args.out, name: &args.name, policy, replace: args.replace };
-    let readable: Vec<PathBuf> = paths.iter().filter(|p| !frames.skipped.contains(&p.display().to_string())).cloned().collect();
-    package_from_embedder(&model, embedder_config, &readable, KMeansConfig::new(k, args.config.seed), provenance, &target).map(Some)
+    let target = PackageTarget { out: &args.out, name: &args.name, policy, replace: args.replace, sessions };
+    package_from_embedder(&model, embedder_config, frames.paths(), KMeansConfig::new(k, args.config.seed), provenance, &target).map(Some)
 }

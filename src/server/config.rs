@@ -65,6 +65,22 @@ pub struct ServeConfig {
     /// Images per inference batch when requests queue up.
     #[arg(long, env = "PICIE_MAX_BATCH", default_value_t = 4)]
     pub max_batch: usize,
+    /// Threads for background jobs (training, k-means and their ONNX Runtime sessions), a
+    /// budget apart from inference's (default: half the available cores, at least 1).
+    #[arg(long, env = "PICIE_JOB_THREADS", default_value_t = default_job_threads(), value_parser = positive_threads)]
+    pub job_threads: usize,
+}
+
+/// Half the available cores, at least 1: jobs leave the rest to inference.
+pub fn default_job_threads() -> usize {
+    (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / 2).max(1)
+}
+
+fn positive_threads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("`{s}` is not a positive number of threads")),
+    }
 }
 
 impl ServeConfig {
@@ -93,6 +109,7 @@ impl ServeConfig {
             max_unpacked_bytes: l.max_unpacked_bytes,
             max_dataset_images: l.max_dataset_images,
             max_dataset_bytes: l.max_dataset_bytes,
+            job_threads: default_job_threads(),
         }
     }
 }

@@ -57,7 +57,10 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
     tracing::info!(model = %name, provider = seg.provider().as_str(), "model loaded and warmed up");
 
     let datasets = Arc::new(datasets::DatasetStore::open(&cfg.data_dir, limits.datasets())?);
-    let jobs = JobManager::open(&cfg.data_dir, runner::job_runner(models.clone(), datasets.clone(), cfg.data_dir.join("checkpoints")))?;
+    let jobs = JobManager::open(
+        &cfg.data_dir,
+        runner::job_runner(models.clone(), datasets.clone(), cfg.data_dir.join("checkpoints"), runner::JobSettings::from_config(cfg))?,
+    )?;
     Ok(AppState {
         models,
         worker: worker::WorkerHandle::start(worker::WorkerConfig {

@@ -1,38 +1,85 @@
 //! What background jobs run: re-clustering and fine-tuning, on the blocking job thread.
+//!
+//! Jobs have a thread budget of their own (`--job-threads`), apart from the inference
+//! worker's: every job body runs inside a dedicated rayon pool of that many threads (burn's
+//! Flex backend, its gemm and our k-means all parallelise on the current rayon pool), and the
+//! ONNX Runtime sessions a job creates use that many intra-op threads on the server's
+//! `--device`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::infer::DeviceChoice;
+use anyhow::Context;
+
+use crate::commands::SessionSettings;
+use crate::infer::{DeviceChoice, EmbedSession};
 use crate::train::cluster::recluster_package;
 use crate::train::kmeans::KMeansConfig;
 
+use super::config::ServeConfig;
 use super::datasets::DatasetStore;
 use super::jobs::{self, JobSpec, Runner};
 use super::store::ModelRegistry;
 
-pub fn job_runner(models: Arc<ModelRegistry>, datasets: Arc<DatasetStore>, checkpoints: PathBuf) -> Runner {
-    Arc::new(move |job, ctx| match &job.spec {
+/// Where jobs run: the server's device and the jobs' thread budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobSettings {
+    pub device: DeviceChoice,
+    /// Threads of the jobs' rayon pool and of their ONNX Runtime sessions (at least 1).
+    pub threads: usize,
+}
+
+impl JobSettings {
+    pub fn from_config(cfg: &ServeConfig) -> Self {
+        Self { device: cfg.device, threads: cfg.job_threads.max(1) }
+    }
+
+    fn sessions(&self) -> SessionSettings {
+        SessionSettings { device: self.device, threads: Some(self.threads) }
+    }
+}
+
+pub fn job_runner(models: Arc<ModelRegistry>, datasets: Arc<DatasetStore>, checkpoints: PathBuf, settings: JobSettings) -> anyhow::Result<Runner> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(settings.threads.max(1))
+        .thread_name(|i| format!("picie-job-{i}"))
+        .build()
+        .context("starting the job threads")?;
+    tracing::info!(threads = settings.threads, device = ?settings.device, "job thread pool ready");
+    Ok(Arc::new(move |job: &jobs::Job, ctx: &jobs::JobContext| {
+        pool.install(|| {
+            let mut result = run_job(&models, &datasets, &checkpoints, settings, job, ctx)?;
+            // What the job actually ran on: the pool it was given.
+            result["job_threads"] = serde_json::json!(rayon::current_num_threads());
+            Ok(result)
+        })
+    }))
+}
+
+fn run_job(
+    models: &ModelRegistry,
+    datasets: &DatasetStore,
+    checkpoints: &std::path::Path,
+    settings: JobSettings,
+    job: &jobs::Job,
+    ctx: &jobs::JobContext,
+) -> anyhow::Result<serde_json::Value> {
+    match &job.spec {
         JobSpec::Recluster { dataset, k, seed, name } => {
             ctx.progress("loading", 0.0);
-            if let Some(done) = finished_before(&models, job, name.as_deref(), "recluster") {
+            if let Some(done) = finished_before(models, job, name.as_deref(), "recluster") {
                 return Ok(done);
             }
             let paths = datasets.image_paths(dataset)?;
             let source = models.package(&job.source_model)?;
-            let (active_name, active) = models.active();
-            let session_owner;
-            let session = if active_name == job.source_model {
-                active.session()
-            } else {
-                session_owner = crate::infer::EmbedSession::load(&source.onnx_path(), DeviceChoice::Auto, None)?;
-                &session_owner
-            };
+            // A session of the job's own, even for the active model: the inference worker's
+            // session has its own threads, and sharing it would take them from /segment.
+            let session = EmbedSession::load(&source.onnx_path(), settings.device, Some(settings.threads))?;
             let name = name.clone().unwrap_or_else(|| format!("recluster-{}", job.id.trim_start_matches("job-")));
             let out = models.models_dir().join(&name);
             let seed = seed.unwrap_or(0);
             let command = format!("recluster dataset={dataset} k={k} seed={seed} (job {})", job.id);
-            let (pkg, report) = recluster_package(&source, session, &paths, KMeansConfig::new(*k, seed), &out, &name, &command, |done, total| {
+            let (pkg, report) = recluster_package(&source, &session, &paths, KMeansConfig::new(*k, seed), &out, &name, &command, |done, total| {
                 ctx.progress("embedding", 0.9 * done as f64 / total.max(1) as f64);
                 !ctx.canceled()
             })?;
@@ -42,12 +89,15 @@ pub fn job_runner(models: Arc<ModelRegistry>, datasets: Arc<DatasetStore>, check
                 "images_used": report.images_used,
                 "skipped": report.skipped,
                 "vectors": report.vectors,
+                "vectors_seen": report.vectors_seen,
+                "provider": session.provider().as_str(),
+                "session_threads": settings.threads,
             }))
         }
         JobSpec::Finetune { dataset, package_k, name, .. } => {
             ctx.progress("loading", 0.0);
             let checkpoint = checkpoints.join(format!("{}.checkpoint", job.id));
-            if let Some(done) = finished_before(&models, job, name.as_deref(), "finetune") {
+            if let Some(done) = finished_before(models, job, name.as_deref(), "finetune") {
                 let _ = std::fs::remove_dir_all(&checkpoint);
                 return Ok(done);
             }
@@ -69,7 +119,7 @@ pub fn job_runner(models: Arc<ModelRegistry>, datasets: Arc<DatasetStore>, check
                 replace: false,
                 command: format!("finetune dataset={dataset} (job {})", job.id),
             };
-            let outcome = crate::commands::train(&args, &mut |p| {
+            let outcome = crate::commands::train_with(&args, settings.sessions(), &mut |p| {
                 ctx.progress(&format!("{} epoch {}/{}", p.phase, p.epoch + 1, p.epochs), 0.95 * p.fraction());
                 !ctx.canceled()
             })?;
@@ -84,9 +134,10 @@ pub fn job_runner(models: Arc<ModelRegistry>, datasets: Arc<DatasetStore>, check
                 "k": pkg.manifest.k,
                 "epochs": args.config.epochs,
                 "epoch_losses": pkg.manifest.provenance.details.get("epoch_losses"),
+                "session_threads": settings.threads,
             }))
         }
-    })
+    }
 }
 
 /// The result of a job whose package was already written by this same job (the process died
@@ -96,4 +147,71 @@ fn finished_before(models: &ModelRegistry, job: &jobs::Job, name: Option<&str>, 
     let pkg = models.made_by_job(&name, &job.id)?;
     tracing::info!(job = %job.id, model = %name, "the job's package was already written");
     Some(serde_json::json!({ "model": name, "k": pkg.manifest.k, "recovered": true }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::datasets::DatasetLimits;
+    use crate::server::jobs::{Job, JobManager, JobState};
+
+    fn noise_png(seed: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(96, 64, |x, y| {
+            let v = (x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503) ^ seed.wrapping_mul(97)) as u8;
+            image::Rgb([v, v.wrapping_add(seed as u8), x as u8])
+        });
+        let mut out = vec![];
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+        out
+    }
+
+    /// Runs one recluster job with these settings, models served on the CPU with 2 threads.
+    async fn recluster_with(settings: JobSettings) -> Job {
+        let data = tempfile::tempdir().unwrap();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let models = Arc::new(ModelRegistry::open(&root.join("models"), data.path(), None, DeviceChoice::Cpu, Some(2)).unwrap());
+        let datasets = Arc::new(DatasetStore::open(data.path(), DatasetLimits::default()).unwrap());
+        let ds = datasets.create("noise").unwrap();
+        let uploads = (0..3).map(|i| datasets.upload_from_bytes(&format!("n{i}.png"), &noise_png(i)).unwrap()).collect();
+        datasets.add(&ds.id, uploads).await.unwrap();
+        let runner = job_runner(models, datasets, data.path().join("checkpoints"), settings).unwrap();
+        let jobs = JobManager::open(data.path(), runner).unwrap();
+        let id = jobs.submit(JobSpec::Recluster { dataset: ds.id.clone(), k: 3, seed: None, name: None }, "default".into()).id;
+        for _ in 0..1200 {
+            let job = jobs.get(&id).unwrap();
+            if job.state.is_terminal() {
+                return job;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the recluster job did not finish");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_run_on_their_own_pool_with_the_servers_settings() {
+        // The rayon pool the job ran in has the job threads, whatever the global pool has.
+        for threads in [1, 3] {
+            let job = recluster_with(JobSettings { device: DeviceChoice::Cpu, threads }).await;
+            assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+            let r = job.result.unwrap();
+            assert_eq!((r["job_threads"].as_u64(), r["session_threads"].as_u64()), (Some(threads as u64), Some(threads as u64)), "{r}");
+            assert_eq!(r["provider"], "cpu");
+            assert_eq!(r["vectors_seen"], r["vectors"], "3 small images are under the sample cap: {r}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_recluster_job_uses_the_servers_device() {
+        // The server's model runs on the CPU, but the job was told CUDA: its session must ask
+        // for CUDA (not fall back to `auto`), which on a CPU-only ONNX Runtime fails loudly.
+        let job = recluster_with(JobSettings { device: DeviceChoice::Cuda(0), threads: 1 }).await;
+        match job.state {
+            JobState::Failed => {
+                let e = job.error.unwrap_or_default();
+                assert!(e.contains("CUDA execution provider (device 0) failed to register"), "{e}");
+            }
+            JobState::Succeeded => assert_eq!(job.result.unwrap()["provider"], "cuda"),
+            other => panic!("job ended {other:?}"),
+        }
+    }
 }

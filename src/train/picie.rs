@@ -161,28 +161,59 @@ impl Progress {
     }
 }
 
-/// Training frames, prepared once: `width` x `height` centre crops in [0, 1].
+/// Training frames: `width` x `height` centre crops in [0, 1] of the readable images. Only
+/// the paths are held; each frame is decoded and cropped again when a batch needs it, so
+/// memory holds a batch of frames, not the dataset (a 320x320 frame is 1.2 MB as f32).
 pub struct Frames {
     pub width: usize,
     pub height: usize,
-    pub frames: Vec<Vec<f32>>,
+    paths: Vec<PathBuf>,
     pub skipped: Vec<String>,
 }
 
 impl Frames {
+    /// Finds the readable images: each is decoded once here and dropped, so a file that
+    /// cannot be decoded is skipped (and named) before training starts.
     pub fn load(paths: &[PathBuf], (width, height): (usize, usize)) -> Self {
-        let mut frames = vec![];
+        let mut readable = vec![];
         let mut skipped = vec![];
         for p in paths {
             match crate::infer::preprocess::decode_file(p) {
-                Ok(img) => frames.push(training_frame(&img, width as u32, height as u32)),
+                Ok(_) => readable.push(p.clone()),
                 Err(e) => {
                     tracing::warn!(file = %p.display(), error = %e, "skipping unreadable image");
                     skipped.push(p.display().to_string());
                 }
             }
         }
-        Self { width, height, frames, skipped }
+        Self { width, height, paths: readable, skipped }
+    }
+
+    /// Readable images.
+    pub fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+
+    /// The readable images, in order: frame `i` comes from `paths()[i]`.
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    /// Frame `i`, decoded now: 3 x height x width planes in [0, 1].
+    pub fn frame(&self, i: usize) -> Result<Vec<f32>> {
+        let p = &self.paths[i];
+        let img = crate::infer::preprocess::decode_file(p).with_context(|| format!("{}: the training image cannot be read any more", p.display()))?;
+        Ok(training_frame(&img, self.width as u32, self.height as u32))
+    }
+
+    /// The frames of a batch, decoded in parallel.
+    fn batch(&self, idx: &[usize]) -> Result<Vec<Vec<f32>>> {
+        use rayon::prelude::*;
+        idx.par_iter().map(|&i| self.frame(i)).collect()
     }
 }
 
@@ -239,20 +270,20 @@ fn apply_geometric(x: Tensor<4>, geos: &[Geometric], scale: usize) -> Tensor<4> 
 }
 
 /// The two network inputs of a batch: P1(x) (G applied later, on the tensor) and P2(x).
-fn photometric_batch(frames: &Frames, idx: &[usize], draws: &[Draw], device: &Device) -> (Tensor<4>, Tensor<4>) {
+fn photometric_batch(frames: &Frames, idx: &[usize], draws: &[Draw], device: &Device) -> Result<(Tensor<4>, Tensor<4>)> {
     let (w, h) = (frames.width, frames.height);
     let mut a = Vec::with_capacity(idx.len() * 3 * w * h);
     let mut b = Vec::with_capacity(idx.len() * 3 * w * h);
-    for &i in idx {
-        let mut v1 = frames.frames[i].clone();
+    for (&i, frame) in idx.iter().zip(frames.batch(idx)?) {
+        let mut v1 = frame.clone();
         draws[i].p1.apply(&mut v1, w, h);
         a.extend(v1);
-        let mut v2 = frames.frames[i].clone();
+        let mut v2 = frame;
         draws[i].p2.apply(&mut v2, w, h);
         b.extend(v2);
     }
     let shape = [idx.len(), 3, h, w];
-    (Tensor::from_data(TensorData::new(a, shape), device), Tensor::from_data(TensorData::new(b, shape), device))
+    Ok((Tensor::from_data(TensorData::new(a, shape), device), Tensor::from_data(TensorData::new(b, shape), device)))
 }
 
 /// View 1 = f(G(P1 x)), view 2 = G(f(P2 x)), both N x D x cells_h x cells_w.
@@ -265,7 +296,7 @@ fn views(model: &Embedder, p1: Tensor<4>, p2: Tensor<4>, geos: &[Geometric]) -> 
 /// Both views of a batch through the clustering model (no gradient), as pixel rows:
 /// [view] -> (N cells) x D, image-major. The clustering and labelling passes see the same.
 fn view_rows(model: &Embedder, frames: &Frames, idx: &[usize], draws: &[Draw]) -> Result<[Vec<f32>; 2]> {
-    let (p1, p2) = photometric_batch(frames, idx, draws, &Device::flex());
+    let (p1, p2) = photometric_batch(frames, idx, draws, &Device::flex())?;
     let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
     let (z1, z2) = views(model, p1, p2, &geos);
     let rows = |z: Tensor<4>| pixels(z).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"));
@@ -409,7 +440,7 @@ impl Trainer {
         let model = self.model.valid();
         let dim = self.embedder_config.dim;
         let per = self.config.cells_per_image();
-        let n = frames.frames.len();
+        let n = frames.len();
         let mut labels: [[Vec<u16>; 2]; 2] = std::array::from_fn(|_| std::array::from_fn(|_| vec![0u16; n * per]));
         let mut counts: [[Vec<u64>; 2]; 2] = std::array::from_fn(|h| std::array::from_fn(|v| vec![0u64; km[h][v].k]));
         let start = Instant::now();
@@ -436,12 +467,12 @@ impl Trainer {
     /// Runs the remaining epochs. `on` sees every step and returns false to stop; the last
     /// completed epoch's checkpoint is kept. Returns whether all epochs ran.
     pub fn run(&mut self, frames: &Frames, checkpoint_dir: &Path, on: &mut dyn FnMut(&Progress) -> bool) -> Result<bool> {
-        self.config.validate(frames.frames.len())?;
+        self.config.validate(frames.len())?;
         let (w1, w2) = head_weights(self.config.k, self.config.k2);
         while self.epochs_done < self.config.epochs {
             let epoch = self.epochs_done;
-            let draws = self.draws(epoch, frames.frames.len());
-            let batches = self.batches(epoch, frames.frames.len());
+            let draws = self.draws(epoch, frames.len());
+            let batches = self.batches(epoch, frames.len());
             let Some(km) = self.cluster(frames, &draws, &batches, epoch, on)? else { return Ok(false) };
             let Some(labels) = self.label(frames, &draws, &batches, &km, epoch, on)? else { return Ok(false) };
             let targets: Vec<HeadTargets> = km
@@ -463,7 +494,7 @@ impl Trainer {
             let start = Instant::now();
             let mut total = 0.0f64;
             for (b, idx) in batches.iter().enumerate() {
-                let (p1, p2) = photometric_batch(frames, idx, &draws, &self.device);
+                let (p1, p2) = photometric_batch(frames, idx, &draws, &self.device)?;
                 let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
                 let (z1, z2) = views(&self.model, p1, p2, &geos);
                 let (z1, z2) = (pixels(z1), pixels(z2));
@@ -510,6 +541,32 @@ impl Trainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_are_read_from_disk_when_a_batch_needs_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let photo = |seed: u8| image::RgbImage::from_fn(120, 90, |x, y| image::Rgb([x as u8 ^ seed, y as u8, seed]));
+        let paths: Vec<PathBuf> = (0..3).map(|i| dir.path().join(format!("{i}.png"))).collect();
+        photo(1).save(&paths[0]).unwrap();
+        std::fs::write(&paths[1], b"not an image").unwrap();
+        photo(2).save(&paths[2]).unwrap();
+        let frames = Frames::load(&paths, (64, 32));
+        // The unreadable file is found up front; the rest are only named.
+        assert_eq!(frames.skipped, vec![paths[1].display().to_string()]);
+        assert_eq!(frames.paths(), [paths[0].clone(), paths[2].clone()]);
+        // Each frame is the same crop the images were held as before, bit for bit.
+        let eager = |p: &Path| training_frame(&crate::infer::preprocess::decode_file(p).unwrap(), 64, 32);
+        assert_eq!(frames.frame(0).unwrap(), eager(&paths[0]));
+        assert_eq!(frames.batch(&[1, 0]).unwrap(), vec![eager(&paths[2]), eager(&paths[0])]);
+        // Nothing decoded is held: a file changed on disk is what the next batch sees, and a
+        // file gone since is an error naming it, not a stale frame.
+        photo(3).save(&paths[0]).unwrap();
+        assert_eq!(frames.frame(0).unwrap(), eager(&paths[0]));
+        assert_ne!(frames.frame(0).unwrap(), training_frame(&photo(1), 64, 32));
+        std::fs::remove_file(&paths[2]).unwrap();
+        let e = format!("{:#}", frames.frame(1).unwrap_err());
+        assert!(e.contains("2.png"), "{e}");
+    }
 
     #[test]
     fn square_settings_read_and_write_as_before_width_existed() {

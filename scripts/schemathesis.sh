@@ -4,7 +4,7 @@
 # must not be rejected as invalid, and nothing may answer 5xx. Runs a bounded number of
 # examples per operation with a fixed seed, against a server with an API key on loopback.
 #   scripts/schemathesis.sh [PICIE_BIN]        (default target/debug/picie)
-# Environment: ST_MAX_EXAMPLES (default 25), ST_VERSION (default pinned below).
+# Environment: ST_MAX_EXAMPLES (default 100), ST_VERSION (default pinned below).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="${1:-$ROOT/target/debug/picie}"
@@ -43,7 +43,7 @@ req = urllib.request.Request(base + "/datasets", data=b'{"name":"st"}', method="
                              headers={"content-type": "application/json", "x-api-key": key})
 ds = json.load(urllib.request.urlopen(req))["id"]
 boundary = uuid.uuid4().hex
-body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"f\"; filename=\"coffee.jpg\"\r\n"
+body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"coffee.jpg\"\r\n"
         f"Content-Type: image/jpeg\r\n\r\n").encode() + open(image, "rb").read() + f"\r\n--{boundary}--\r\n".encode()
 req = urllib.request.Request(base + f"/datasets/{ds}/images", data=body, method="POST",
                              headers={"content-type": f"multipart/form-data; boundary={boundary}", "x-api-key": key})
@@ -53,7 +53,7 @@ PY
 set +e
 "$VENV/bin/st" --config-file "$ROOT/scripts/schemathesis.toml" run "http://127.0.0.1:$PORT/openapi.json" \
   --header "x-api-key: $KEY" \
-  --max-examples "${ST_MAX_EXAMPLES:-25}" \
+  --max-examples "${ST_MAX_EXAMPLES:-100}" \
   --seed 1 \
   --workers 1 \
   --request-timeout 60 \

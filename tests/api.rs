@@ -56,6 +56,23 @@ async fn every_rejection_is_json() {
     let r = post("/segment", Some("multipart/form-data; boundary=zz"), "--zz\r\nbroken").await.unwrap();
     assert_eq!(error_code(r).await.0, StatusCode::BAD_REQUEST);
 
+    // The documented multipart forms only: `image` for /segment, file parts of `files` for uploads.
+    use reqwest::multipart::{Form, Part};
+    let form = Form::new().part("image", Part::bytes(png(16, 16)).file_name("a.png")).text("extra", "1");
+    let r = c.post(s.url("/segment")).multipart(form).send().await.unwrap();
+    assert_eq!(error_code(r).await, (StatusCode::BAD_REQUEST, "bad_request".into()));
+    let ds: serde_json::Value = c.post(s.url("/datasets")).json(&serde_json::json!({"name": "d"})).send().await.unwrap().json().await.unwrap();
+    let upload = s.url(&format!("/datasets/{}/images", ds["id"].as_str().unwrap()));
+    for form in [
+        Form::new().part("photos", Part::bytes(png(16, 16)).file_name("a.png")),
+        Form::new().part("files", Part::bytes(png(16, 16))),
+    ] {
+        let r = c.post(&upload).multipart(form).send().await.unwrap();
+        assert_eq!(error_code(r).await, (StatusCode::BAD_REQUEST, "bad_request".into()));
+    }
+    let form = Form::new().part("files", Part::bytes(png(16, 16)).file_name("a.png"));
+    assert_eq!(c.post(&upload).multipart(form).send().await.unwrap().status(), StatusCode::OK);
+
     // Path parameters that cannot be a name.
     let r = c.get(s.url("/datasets/..%2F..%2Fetc")).send().await.unwrap();
     assert_eq!(error_code(r).await.0, StatusCode::NOT_FOUND);

@@ -348,7 +348,7 @@ fn fuzz_multipart_through_the_router() {
     let seeds = vec![
         multipart(boundary, &[("image", "a.png", &imgs[0])]),
         multipart(boundary, &[("image", "b.jpg", &imgs[3])]),
-        multipart(boundary, &[("files", "a.png", &imgs[0]), ("files", "c.gif", &imgs[5]), ("image", "set.zip", &archives[0])]),
+        multipart(boundary, &[("files", "a.png", &imgs[0]), ("files", "c.gif", &imgs[5]), ("files", "set.zip", &archives[0])]),
         multipart(boundary, &[("other", "x.txt", b"hello"), ("image", "d.webp", &imgs[10])]),
         multipart(boundary, &[("files", "set.tar", &archives[3])]),
     ];

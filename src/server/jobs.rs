@@ -71,38 +71,48 @@ impl JobState {
 pub enum JobSpec {
     /// Cluster a dataset's pixels with the active model's embedder into `k` classes; writes a new model version.
     Recluster {
+        #[schema(pattern = "^ds-[0-9a-f]{12}$")]
         dataset: String,
+        #[schema(minimum = 2, maximum = 255)]
         k: usize,
         #[serde(default)]
         seed: Option<u64>,
         /// Name of the new model version (default `recluster-<job id>`).
         #[serde(default)]
+        #[schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")]
         name: Option<String>,
     },
     /// Fine-tune the active model's embedder with PiCIE on a dataset; writes a new model version
     /// whose centroids are re-clustered on the dataset.
     Finetune {
+        #[schema(pattern = "^ds-[0-9a-f]{12}$")]
         dataset: String,
         /// Clusters of the training head (default 27).
         #[serde(default)]
+        #[schema(minimum = 2, maximum = 255)]
         k: Option<usize>,
         /// Over-clustering head (default 100).
         #[serde(default)]
+        #[schema(minimum = 3, maximum = 1000)]
         k2: Option<usize>,
         /// Default 1.
         #[serde(default)]
+        #[schema(minimum = 1, maximum = 100)]
         epochs: Option<usize>,
         /// Default 3e-4.
         #[serde(default)]
+        #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
         lr: Option<f64>,
         #[serde(default)]
         seed: Option<u64>,
         /// Height of the training frames, a multiple of 32 (default 320); square frames
         /// unless `width` is given.
         #[serde(default)]
+        #[schema(minimum = 32, maximum = 2048, multiple_of = 32)]
         size: Option<usize>,
         /// Width of the training frames, a multiple of 32 (default: `size`).
         #[serde(default)]
+        #[schema(minimum = 32, maximum = 2048, multiple_of = 32)]
         width: Option<usize>,
         /// Backbone layers up to this stride stay frozen: 0, 4, 8, 16 or 32 (default 16, the
         /// setting the shipped model was trained with: it kept the ImageNet features of a few
@@ -111,12 +121,15 @@ pub enum JobSpec {
         freeze_stride: Option<usize>,
         /// Images per step (default 8).
         #[serde(default)]
+        #[schema(minimum = 1, maximum = 64)]
         batch: Option<usize>,
         /// K of the new model's centroids (default: the source model's K).
         #[serde(default)]
+        #[schema(minimum = 2, maximum = 255)]
         package_k: Option<usize>,
         /// Name of the new model version (default `finetune-<job id>`).
         #[serde(default)]
+        #[schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")]
         name: Option<String>,
     },
 }

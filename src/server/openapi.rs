@@ -20,6 +20,7 @@ use super::routes;
         routes::jobs::resume,
     ),
     modifiers(&SecurityAddon, &ErrorResponses),
+    components(schemas(crate::server::routes::segment::OutputFormat, BinaryBody)),
     tags((name = "segment"), (name = "models"), (name = "datasets"), (name = "jobs"), (name = "operations"))
 )]
 pub struct ApiDoc;
@@ -44,6 +45,12 @@ pub fn openapi_json() -> String {
     ApiDoc::openapi().to_pretty_json().expect("OpenAPI serialises")
 }
 
+
+/// A body of raw bytes (an image, an archive), documented as a binary string.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[schema(value_type = String, format = Binary, min_length = 1)]
+#[allow(dead_code)]
+pub struct BinaryBody(Vec<u8>);
 
 /// The error answers every route shares, added to each operation in one place so the document
 /// lists every status a route can answer: 400 for a malformed query, path or body, 401/403 on

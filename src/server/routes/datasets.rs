@@ -11,12 +11,35 @@ use tokio_stream::StreamExt;
 use crate::server::datasets::{Dataset, DatasetError, Upload, UploadReport};
 use crate::server::error::{ApiError, ApiResult, ErrorBody};
 use crate::server::extract::{Json, Path};
+use crate::server::openapi::BinaryBody;
 use crate::server::state::AppState;
 
 #[derive(Deserialize, ToSchema)]
 pub struct NewDataset {
+    /// 1 to 100 characters, not only spaces.
+    #[schema(min_length = 1, max_length = 100, pattern = "\\S")]
     pub name: String,
 }
+
+/// The multipart field that carries uploaded files.
+const UPLOAD_FIELD: &str = "files";
+
+/// The multipart form of an upload: one or more file parts, each in a field named `files`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct UploadForm {
+    /// Image files (repeat the field for more). A file that is not an image, empty ones too,
+    /// is reported under `rejected` and the rest kept.
+    #[schema(min_items = 1)]
+    pub files: Vec<UploadFile>,
+}
+
+/// One uploaded file: any bytes.
+#[derive(Deserialize, ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub struct UploadFile(Vec<u8>);
 
 /// Create an empty dataset.
 #[utoipa::path(post, path = "/datasets", tag = "datasets", request_body = NewDataset, security(("api_key" = [])),
@@ -46,11 +69,12 @@ pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Ap
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Add images: multipart with one or many files (any field name), or one zip or tar archive as
+/// Add images: multipart with one or many files (fields named `files`), or one zip or tar archive as
 /// the raw body. Each image is decoded to check it and deduplicated by content; rejected files
 /// are reported by name and the rest is kept.
 #[utoipa::path(post, path = "/datasets/{id}/images", tag = "datasets", params(("id" = String, Path)), security(("api_key" = [])),
-    request_body(content = Vec<u8>, content_type = "multipart/form-data", description = "files, or a zip/tar archive as application/zip or application/x-tar"),
+    request_body(description = "Image files as multipart/form-data, or one zip or tar archive as the raw body.",
+        content((UploadForm = "multipart/form-data"), (BinaryBody = "application/zip"), (BinaryBody = "application/x-tar"), (BinaryBody = "application/octet-stream"))),
     responses((status = 200, body = UploadReport), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody)))]
 pub async fn upload(
     State(state): State<AppState>,
@@ -74,7 +98,7 @@ pub async fn upload(
         return Err(e);
     }
     if uploads.is_empty() {
-        return Err(ApiError::BadRequest("the upload holds no files".into()));
+        return Err(ApiError::BadRequest(format!("the upload holds no files (send them in multipart fields named `{UPLOAD_FIELD}`)")));
     }
     Ok(Json(state.datasets.add(&id, uploads).await?))
 }
@@ -117,7 +141,15 @@ async fn receive_multipart(state: &AppState, request: Request, uploads: &mut Vec
             Ok(None) => return Ok(()),
             Err(e) => return Err(ApiError::body_read(e.status(), e.body_text(), limit)),
         };
-        let name = field.file_name().or(field.name()).unwrap_or("upload").to_string();
+        // Files come as file parts (with a file name) of fields named `files`, the documented
+        // form; anything else is a malformed upload, refused whole.
+        if field.name() != Some(UPLOAD_FIELD) {
+            let got = field.name().unwrap_or("").chars().take(64).collect::<String>();
+            return Err(ApiError::BadRequest(format!("unexpected multipart field `{got}`: send files in fields named `{UPLOAD_FIELD}`")));
+        }
+        let Some(name) = field.file_name().map(str::to_string) else {
+            return Err(ApiError::BadRequest(format!("a `{UPLOAD_FIELD}` part has no file name: send files as file parts")));
+        };
         let mut out = new_upload(state, name, uploads).await?;
         loop {
             match field.chunk().await {

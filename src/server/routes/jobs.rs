@@ -15,6 +15,12 @@ use crate::server::jobs::{finetune_config, Job, JobSpec};
 
 /// The most epochs a fine-tuning job may ask for.
 const MAX_EPOCHS: usize = 100;
+/// The longest side of a fine-tuning job's training frames.
+const MAX_SIDE: usize = 2048;
+/// The most images per fine-tuning step.
+const MAX_BATCH: usize = 64;
+/// The most clusters of the over-clustering head.
+const MAX_K2: usize = 1000;
 use crate::server::state::AppState;
 use crate::server::store::valid_name;
 
@@ -35,6 +41,16 @@ pub async fn submit(State(state): State<AppState>, Json(spec): Json<JobSpec>) ->
         }
         JobSpec::Finetune { package_k, epochs, lr, .. } => {
             let config = finetune_config(&spec).expect("a finetune spec");
+            // Bounds that keep one job's memory and time within reason (the schema states them).
+            let (width, height) = config.frame();
+            if width > MAX_SIDE || height > MAX_SIDE {
+                return Err(ApiError::BadRequest(format!("size and width are at most {MAX_SIDE}")));
+            }
+            if config.batch > MAX_BATCH || config.k > MAX_CLASSES || config.k2 > MAX_K2 {
+                return Err(ApiError::BadRequest(format!(
+                    "batch is at most {MAX_BATCH}, k at most {MAX_CLASSES} and k2 at most {MAX_K2}"
+                )));
+            }
             config.validate(ds.num_images).map_err(|e| ApiError::BadRequest(format!("{e:#}")))?;
             if package_k.is_some_and(|k| !(2..=MAX_CLASSES).contains(&k)) {
                 return Err(ApiError::BadRequest(format!("package_k must be between 2 and {MAX_CLASSES}")));

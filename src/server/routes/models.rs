@@ -85,10 +85,14 @@ pub async fn delete(State(state): State<AppState>, Path(name): Path<String>) -> 
 
 #[derive(Deserialize, ToSchema)]
 pub struct ClassUpdate {
+    /// The class, 0 to K - 1.
+    #[schema(maximum = 254)]
     pub index: usize,
-    /// New name; an empty string clears it.
+    /// New name (at most 64 characters); an empty string clears it.
+    #[schema(max_length = 64)]
     pub name: Option<String>,
     /// New RGB colour.
+    #[schema(min_items = 3, max_items = 3)]
     pub color: Option<[u8; 3]>,
 }
 

@@ -12,6 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::server::error::{ApiError, ApiResult, ErrorBody};
 use crate::server::extract::Query;
+use crate::server::openapi::BinaryBody;
 use crate::server::render;
 use crate::server::state::AppState;
 
@@ -56,13 +57,13 @@ pub struct SegmentJson {
     pub mask_png_base64: String,
 }
 
-/// The multipart form of `/segment`.
-#[derive(ToSchema)]
+/// The multipart form of `/segment`: one field, `image`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct SegmentForm {
     /// The image file.
-    #[schema(value_type = String, format = Binary)]
-    pub image: Vec<u8>,
+    pub image: BinaryBody,
 }
 
 /// Reads the image bytes: the raw body (`image/*` or `application/octet-stream`) or the
@@ -74,10 +75,14 @@ async fn image_bytes(headers: &HeaderMap, request: Request, state: &AppState) ->
         let mut mp = Multipart::from_request(request, state).await.map_err(|e| ApiError::BadRequest(e.body_text()))?;
         let mut found = None;
         while let Some(field) = mp.next_field().await.map_err(|e| ApiError::body_read(e.status(), e.body_text(), limit))? {
-            if field.name() == Some("image") {
-                found = Some(field.bytes().await.map_err(|e| ApiError::body_read(e.status(), e.body_text(), limit))?);
-                break;
+            if field.name() != Some("image") {
+                let got = field.name().unwrap_or("").chars().take(64).collect::<String>();
+                return Err(ApiError::BadRequest(format!("unexpected multipart field `{got}`: send the image in the field `image`")));
             }
+            if found.is_some() {
+                return Err(ApiError::BadRequest("send one image per request (the field `image` came twice)".into()));
+            }
+            found = Some(field.bytes().await.map_err(|e| ApiError::body_read(e.status(), e.body_text(), limit))?);
         }
         found.ok_or_else(|| ApiError::BadRequest("multipart body has no `image` field".into()))?
     } else if ct.is_empty() || ct.starts_with("image/") || ct.starts_with("application/octet-stream") {
@@ -100,10 +105,10 @@ async fn image_bytes(headers: &HeaderMap, request: Request, state: &AppState) ->
     tag = "segment",
     params(SegmentQuery),
     request_body(description = "An image (JPEG, PNG, WebP, BMP, TIFF, GIF) as the raw body, or as the multipart field `image`.",
-        content((Vec<u8> = "image/*"), (Vec<u8> = "application/octet-stream"), (SegmentForm = "multipart/form-data"))),
+        content((BinaryBody = "image/*"), (BinaryBody = "application/octet-stream"), (SegmentForm = "multipart/form-data"))),
     responses(
         (status = 200, description = "Label mask PNG (formats mask, palette, overlay) or JSON (format json)",
-         content((Vec<u8> = "image/png"), (SegmentJson = "application/json")),
+         content((BinaryBody = "image/png"), (SegmentJson = "application/json")),
          headers(("X-Model-Version" = String, description = "model name and checksum"), ("X-Num-Classes" = u32, description = "K"))),
         (status = 400, description = "Empty body or malformed multipart", body = ErrorBody),
         (status = 413, description = "Body or image too large", body = ErrorBody),

@@ -5,52 +5,24 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use picie::server::{build_state, serve_on, ServeConfig};
+use picie::server::{build_state, ServeConfig};
 use reqwest::multipart::{Form, Part};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-struct Server {
-    base: String,
-    client: reqwest::Client,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    handle: Option<tokio::task::JoinHandle<()>>,
-    _data: Option<tempfile::TempDir>,
+use common::server::{error_code, TestServer as Server};
+
+/// What these tests ask of a server beyond the shared harness.
+trait ServerExt {
+    async fn fresh(tweak: impl FnOnce(&mut ServeConfig)) -> Server;
+    async fn segment(&self, bytes: Vec<u8>, content_type: &str, format: &str) -> reqwest::Response;
+    async fn wait_job(&self, id: &str) -> Value;
 }
 
-impl Server {
-    async fn start(cfg: ServeConfig) -> Server {
-        let state = tokio::task::spawn_blocking(move || build_state(&cfg)).await.unwrap().unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(async move {
-            serve_on(listener, state, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        Server { base, client: reqwest::Client::new(), stop: Some(tx), handle: Some(handle), _data: None }
-    }
-
+impl ServerExt for Server {
     /// A server on the shipped models and a fresh data dir, with `tweak` applied to the config.
     async fn fresh(tweak: impl FnOnce(&mut ServeConfig)) -> Server {
-        let data = tempfile::tempdir().unwrap();
-        let mut cfg = ServeConfig::new(common::root().join("models"), data.path());
-        tweak(&mut cfg);
-        let mut s = Server::start(cfg).await;
-        s._data = Some(data);
-        s
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(30), self.handle.take().unwrap()).await.unwrap().unwrap();
+        Server::start_with(tweak, |_| {}).await
     }
 
     async fn segment(&self, bytes: Vec<u8>, content_type: &str, format: &str) -> reqwest::Response {
@@ -77,14 +49,6 @@ impl Server {
 
 fn fixture_bytes(name: &str) -> Vec<u8> {
     std::fs::read(common::fixture(name)).unwrap()
-}
-
-async fn error_code(resp: reqwest::Response) -> (StatusCode, String) {
-    let status = resp.status();
-    let body: Value = resp.json().await.unwrap_or_else(|e| panic!("{status}: error body is not JSON: {e}"));
-    let code = body["error"]["code"].as_str().unwrap_or_else(|| panic!("no error.code in {body}")).to_string();
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
-    (status, code)
 }
 
 /// Distinct noise images, so a dataset has several entries after deduplication.
@@ -384,7 +348,7 @@ async fn dataset_recluster_activate_segment_cycle() {
 async fn jobs_cancel_and_survive_restart() {
     let data = tempfile::tempdir().unwrap();
     let cfg = ServeConfig::new(common::root().join("models"), data.path());
-    let s = Server::start(cfg.clone()).await;
+    let s = Server::serve(cfg.clone(), |_| {}).await;
     let ds: Value = s.client.post(s.url("/datasets")).json(&json!({"name": "noise"})).send().await.unwrap().json().await.unwrap();
     let id = ds["id"].as_str().unwrap().to_string();
     let files: Vec<(String, Vec<u8>)> = (0..24).map(|i| (format!("n{i}.png"), noise_png(i, 480, 360))).collect();
@@ -429,7 +393,7 @@ async fn jobs_cancel_and_survive_restart() {
     std::fs::write(jobs_dir.join("job-waiting.json"), serde_json::to_vec(&queued).unwrap()).unwrap();
     std::fs::write(jobs_dir.join("junk.json"), b"{ broken").unwrap();
 
-    let s = Server::start(cfg).await;
+    let s = Server::serve(cfg, |_| {}).await;
     let crashed: Value = s.client.get(s.url("/jobs/job-crashed")).send().await.unwrap().json().await.unwrap();
     assert_eq!(crashed["state"], "interrupted");
     let waited = s.wait_job("job-waiting").await;

@@ -2,7 +2,7 @@
 //! short side to the package's policy, pad right and bottom to a multiple of 32.
 
 use anyhow::{anyhow, Result};
-use image::{imageops::FilterType, DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::{imageops::FilterType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 
 use crate::package::InputPolicy;
 
@@ -26,12 +26,15 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeErr
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
-    let reader = ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(DecodeError::UnknownFormat);
-    }
+    Ok(decode_reader(std::io::Cursor::new(bytes), max_pixels)?.0)
+}
+
+/// Decodes an image from any seekable reader: the format guessed from its first bytes, the
+/// size checked against `max_pixels` from the header before any pixel is decoded, EXIF
+/// orientation applied. Returns the image and its format.
+pub fn decode_reader<R: std::io::BufRead + std::io::Seek>(source: R, max_pixels: u64) -> Result<(RgbImage, ImageFormat), DecodeError> {
+    let reader = ImageReader::new(source).with_guessed_format().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    let Some(format) = reader.format() else { return Err(DecodeError::UnknownFormat) };
     let mut decoder = reader.into_decoder().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
@@ -45,7 +48,7 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeErr
     if let Some(o) = orientation {
         img.apply_orientation(o);
     }
-    Ok(img.to_rgb8())
+    Ok((img.to_rgb8(), format))
 }
 
 pub fn decode_file(path: &std::path::Path) -> Result<RgbImage> {

@@ -13,7 +13,6 @@ use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use image::{DynamicImage, ImageDecoder, ImageReader};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -674,21 +673,8 @@ fn check_image(mut f: &File, bytes: u64, max_pixels: u64) -> Result<(u32, u32, &
         return Err(DecodeError::Empty);
     }
     rewind(&mut f).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
-    let reader = ImageReader::new(BufReader::new(f)).with_guessed_format().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
-    let Some(format) = reader.format() else { return Err(DecodeError::UnknownFormat) };
-    let ext = format.extensions_str().first().copied().unwrap_or("img");
-    let mut decoder = reader.into_decoder().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
-    let (width, height) = decoder.dimensions();
-    if width == 0 || height == 0 {
-        return Err(DecodeError::Empty);
-    }
-    if width as u64 * height as u64 > max_pixels {
-        return Err(DecodeError::TooLarge { width, height, limit: max_pixels });
-    }
-    use image::metadata::Orientation as O;
-    let turned = matches!(decoder.orientation(), Ok(O::Rotate90 | O::Rotate270 | O::Rotate90FlipH | O::Rotate270FlipH));
-    drop(DynamicImage::from_decoder(decoder).map_err(|e| DecodeError::Corrupt(e.to_string()))?);
-    Ok(if turned { (height, width, ext) } else { (width, height, ext) })
+    let (img, format) = crate::infer::preprocess::decode_reader(BufReader::new(f), max_pixels)?;
+    Ok((img.width(), img.height(), format.extensions_str().first().copied().unwrap_or("img")))
 }
 
 /// The entry count a zip's end record declares (zip64 too), read without parsing the central

@@ -12,7 +12,8 @@ pub struct TestServer {
     pub client: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
-    _data: tempfile::TempDir,
+    /// The data dir, when the server owns it.
+    _data: Option<tempfile::TempDir>,
 }
 
 /// The config of a server on the shipped models and the data dir `data`.
@@ -21,12 +22,9 @@ pub fn config(data: &std::path::Path) -> ServeConfig {
 }
 
 impl TestServer {
-    /// Builds the state from `tweak`ed defaults, lets `edit` change it (e.g. swap the inference
-    /// worker), then serves it.
-    pub async fn start_with(tweak: impl FnOnce(&mut ServeConfig), edit: impl FnOnce(&mut AppState) + Send + 'static) -> TestServer {
-        let data = tempfile::tempdir().unwrap();
-        let mut cfg = config(data.path());
-        tweak(&mut cfg);
+    /// Serves `cfg` (its data dir stays the caller's), after `edit` changed the state (e.g.
+    /// swapped the inference worker).
+    pub async fn serve(cfg: ServeConfig, edit: impl FnOnce(&mut AppState) + Send + 'static) -> TestServer {
         let state = tokio::task::spawn_blocking(move || {
             let mut s = build_state(&cfg).unwrap();
             edit(&mut s);
@@ -44,7 +42,18 @@ impl TestServer {
             .await
             .unwrap();
         });
-        TestServer { base, client: reqwest::Client::new(), stop: Some(tx), handle: Some(handle), _data: data }
+        TestServer { base, client: reqwest::Client::new(), stop: Some(tx), handle: Some(handle), _data: None }
+    }
+
+    /// A server on the shipped models and a fresh data dir of its own, with `tweak` applied to
+    /// the config and `edit` to the state.
+    pub async fn start_with(tweak: impl FnOnce(&mut ServeConfig), edit: impl FnOnce(&mut AppState) + Send + 'static) -> TestServer {
+        let data = tempfile::tempdir().unwrap();
+        let mut cfg = config(data.path());
+        tweak(&mut cfg);
+        let mut s = Self::serve(cfg, edit).await;
+        s._data = Some(data);
+        s
     }
 
     pub async fn start(tweak: impl FnOnce(&mut ServeConfig)) -> TestServer {

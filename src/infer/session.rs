@@ -67,6 +67,9 @@ fn builder(threads: Option<usize>) -> Result<ort::session::builder::SessionBuild
     if let Some(n) = threads {
         b = b.with_intra_threads(n).map_err(|e| anyhow!("setting threads: {e}"))?;
     }
+    // Input sizes vary from request to request: a memory pattern planned for one shape is kept
+    // per shape and only grows the process.
+    b = b.with_memory_pattern(false).map_err(|e| anyhow!("disabling the memory pattern: {e}"))?;
     Ok(b)
 }
 

@@ -66,7 +66,7 @@ impl Default for Limits {
             max_image_pixels: 40_000_000,
             max_concurrent: 32,
             request_timeout_secs: 60,
-            max_queue_ms: 1000,
+            max_queue_ms: 250,
             max_entry_bytes: DatasetLimits::default().max_entry_bytes,
             max_compression_ratio: DatasetLimits::default().max_compression_ratio,
             max_archive_entries: DatasetLimits::default().max_archive_entries,

@@ -256,7 +256,7 @@ mod tests {
         {
             let mut seen = 0;
             for _ in 0..5 {
-                seen += target_never_missing(|new, dir| replace_dir_moving_aside(new, dir));
+                seen += target_never_missing(replace_dir_moving_aside);
                 if seen > 0 {
                     break;
                 }

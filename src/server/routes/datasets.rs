@@ -85,7 +85,8 @@ pub async fn upload(
     state.datasets.exists(&id)?;
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let multipart = ct.starts_with("multipart/form-data");
-    if !multipart && !(ct.starts_with("application/zip") || ct.starts_with("application/x-tar") || ct.starts_with("application/octet-stream")) {
+    let raw = ["application/zip", "application/x-tar", "application/octet-stream"].iter().any(|t| ct.starts_with(t));
+    if !multipart && !raw {
         return Err(ApiError::UnsupportedMediaType(format!(
             "content type `{ct}`: send multipart/form-data, application/zip or application/x-tar"
         )));

@@ -487,36 +487,40 @@ mod tests {
         assert!(crate::util::is_leftover(staged.file_name().unwrap().to_str().unwrap()));
     }
 
+    /// Runs `read` on the package folder over and over in another thread while `updates`
+    /// centroid updates swap the package; returns every read's result.
+    fn reads_during_updates<T: Send + 'static>(pkg: &mut Package, updates: usize, read: fn(&Path) -> T) -> Vec<T> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (stop, dir) = (stop.clone(), pkg.dir.clone());
+            std::thread::spawn(move || {
+                let mut seen = vec![];
+                while !stop.load(Ordering::Relaxed) {
+                    seen.push(read(&dir));
+                }
+                seen
+            })
+        };
+        for n in 0..updates {
+            pkg.update_centroids(renamed(pkg, n)).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        reader.join().unwrap()
+    }
+
     #[test]
     fn load_never_fails_while_the_package_is_updated() {
         // A load that read the manifest of one folder and the centroids of the next would report
         // a checksum mismatch for a package that is fine.
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::Arc;
         let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("m");
-        let mut pkg = small_package(&dir, 2);
-        let stop = Arc::new(AtomicBool::new(false));
-        let reader = {
-            let (stop, dir) = (stop.clone(), dir.clone());
-            std::thread::spawn(move || {
-                let (mut loads, mut errors) = (0usize, vec![]);
-                while !stop.load(Ordering::Relaxed) {
-                    match Package::load(&dir) {
-                        Ok(_) => loads += 1,
-                        Err(e) => errors.push(format!("{e:#}")),
-                    }
-                }
-                (loads, errors)
-            })
-        };
-        for n in 0..150 {
-            pkg.update_centroids(renamed(&pkg, n)).unwrap();
-        }
-        stop.store(true, Ordering::Relaxed);
-        let (loads, errors) = reader.join().unwrap();
+        let mut pkg = small_package(&root.path().join("m"), 2);
+        let seen = reads_during_updates(&mut pkg, 150, |dir| Package::load(dir).map(|_| ()).map_err(|e| format!("{e:#}")));
+        let errors: Vec<&String> = seen.iter().filter_map(|r| r.as_ref().err()).collect();
+        let loads = seen.len() - errors.len();
         assert!(loads > 0);
-        assert!(errors.is_empty(), "{} of {} loads failed, e.g. {}", errors.len(), loads + errors.len(), errors[0]);
+        assert!(errors.is_empty(), "{} of {} loads failed, e.g. {}", errors.len(), seen.len(), errors[0]);
     }
 
     /// Reads manifest and centroids through one handle on the package folder (what a reader
@@ -544,31 +548,13 @@ mod tests {
         // The old update (centroids file, then manifest, each renamed into the same folder) shows
         // a reader new centroids with the old checksum between its two writes; the package as a
         // whole swapped never does.
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::Arc;
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("m");
         let mut pkg = small_package(&dir, 2);
-        let stop = Arc::new(AtomicBool::new(false));
-        let reader = {
-            let (stop, dir) = (stop.clone(), dir.clone());
-            std::thread::spawn(move || {
-                let (mut good, mut bad) = (0usize, 0usize);
-                while !stop.load(Ordering::Relaxed) {
-                    match consistent_read(&dir) {
-                        Some(true) => good += 1,
-                        Some(false) => bad += 1,
-                        None => {}
-                    }
-                }
-                (good, bad)
-            })
-        };
-        for n in 0..150 {
-            pkg.update_centroids(renamed(&pkg, n)).unwrap();
-        }
-        stop.store(true, Ordering::Relaxed);
-        let (good, bad) = reader.join().unwrap();
+        // None: the folder was retired while being read; such reads count neither way.
+        let seen = reads_during_updates(&mut pkg, 150, consistent_read);
+        let good = seen.iter().filter(|r| **r == Some(true)).count();
+        let bad = seen.iter().filter(|r| **r == Some(false)).count();
         assert!(good > 0);
         assert_eq!(bad, 0, "a reader saw centroids that do not match the manifest ({good} good reads)");
         assert_eq!(Package::load(&dir).unwrap().centroids.classes[0].name.as_deref(), Some("name 149"));

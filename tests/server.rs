@@ -10,6 +10,7 @@ use reqwest::multipart::{Form, Part};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
+use common::noise_png;
 use common::server::{error_code, TestServer as Server};
 
 /// What these tests ask of a server beyond the shared harness.
@@ -49,17 +50,6 @@ impl ServerExt for Server {
 
 fn fixture_bytes(name: &str) -> Vec<u8> {
     std::fs::read(common::fixture(name)).unwrap()
-}
-
-/// Distinct noise images, so a dataset has several entries after deduplication.
-fn noise_png(seed: u32, w: u32, h: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| {
-        let v = (x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503) ^ seed.wrapping_mul(97)) as u8;
-        image::Rgb([v, v.wrapping_add(seed as u8), x as u8])
-    });
-    let mut out = vec![];
-    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

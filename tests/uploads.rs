@@ -4,16 +4,17 @@
 
 mod common;
 
-use axum::extract::connect_info::MockConnectInfo;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{Request, StatusCode};
 use picie::server::{build_state, router, ServeConfig};
 use serde_json::{json, Value};
 use tower::ServiceExt;
+
+use common::noise_png;
 
 struct App {
     router: axum::Router,
@@ -81,17 +82,6 @@ fn multipart(files: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {
     }
     write!(body, "--{boundary}--\r\n").unwrap();
     (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
-/// Distinct small noise PNGs.
-fn noise_png(seed: u32, w: u32, h: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| {
-        let v = (x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503) ^ seed.wrapping_mul(97)) as u8;
-        image::Rgb([v, v.wrapping_add(seed as u8), x as u8])
-    });
-    let mut out = vec![];
-    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
-    out
 }
 
 fn zip_of(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use crate::infer::DeviceChoice;
 
 pub use super::state::Limits;
+use super::datasets::DatasetLimits;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServeConfig {
@@ -45,22 +46,22 @@ pub struct ServeConfig {
     #[arg(long, env = "PICIE_MAX_QUEUE_MS", default_value_t = Limits::default().max_queue_ms)]
     pub max_queue_ms: u64,
     /// Largest file unpacked from an archive (or uploaded as is), in bytes.
-    #[arg(long, env = "PICIE_MAX_ENTRY_BYTES", default_value_t = Limits::default().max_entry_bytes)]
+    #[arg(long, env = "PICIE_MAX_ENTRY_BYTES", default_value_t = DatasetLimits::default().max_entry_bytes)]
     pub max_entry_bytes: u64,
     /// An archive entry may unpack to at most this many times its compressed size.
-    #[arg(long, env = "PICIE_MAX_COMPRESSION_RATIO", default_value_t = Limits::default().max_compression_ratio)]
+    #[arg(long, env = "PICIE_MAX_COMPRESSION_RATIO", default_value_t = DatasetLimits::default().max_compression_ratio)]
     pub max_compression_ratio: u64,
     /// Entries in one uploaded archive; more refuses the whole archive.
-    #[arg(long, env = "PICIE_MAX_ARCHIVE_ENTRIES", default_value_t = Limits::default().max_archive_entries)]
+    #[arg(long, env = "PICIE_MAX_ARCHIVE_ENTRIES", default_value_t = DatasetLimits::default().max_archive_entries)]
     pub max_archive_entries: usize,
     /// Bytes unpacked from one archive in all; more refuses the whole archive.
-    #[arg(long, env = "PICIE_MAX_UNPACKED_BYTES", default_value_t = Limits::default().max_unpacked_bytes)]
+    #[arg(long, env = "PICIE_MAX_UNPACKED_BYTES", default_value_t = DatasetLimits::default().max_unpacked_bytes)]
     pub max_unpacked_bytes: u64,
     /// Images in one dataset.
-    #[arg(long, env = "PICIE_MAX_DATASET_IMAGES", default_value_t = Limits::default().max_dataset_images)]
+    #[arg(long, env = "PICIE_MAX_DATASET_IMAGES", default_value_t = DatasetLimits::default().max_dataset_images)]
     pub max_dataset_images: usize,
     /// Bytes of images in one dataset.
-    #[arg(long, env = "PICIE_MAX_DATASET_BYTES", default_value_t = Limits::default().max_dataset_bytes)]
+    #[arg(long, env = "PICIE_MAX_DATASET_BYTES", default_value_t = DatasetLimits::default().max_dataset_bytes)]
     pub max_dataset_bytes: u64,
     /// Images per inference batch when requests queue up.
     #[arg(long, env = "PICIE_MAX_BATCH", default_value_t = 4)]
@@ -87,6 +88,7 @@ impl ServeConfig {
     /// The defaults of the command line, for `models_dir` and `data_dir`.
     pub fn new(models_dir: impl Into<PathBuf>, data_dir: impl Into<PathBuf>) -> Self {
         let l = Limits::default();
+        let d = DatasetLimits::default();
         Self {
             host: "127.0.0.1".into(),
             port: 0,
@@ -103,13 +105,26 @@ impl ServeConfig {
             request_timeout_secs: l.request_timeout_secs,
             max_queue_ms: l.max_queue_ms,
             max_batch: 4,
-            max_entry_bytes: l.max_entry_bytes,
-            max_compression_ratio: l.max_compression_ratio,
-            max_archive_entries: l.max_archive_entries,
-            max_unpacked_bytes: l.max_unpacked_bytes,
-            max_dataset_images: l.max_dataset_images,
-            max_dataset_bytes: l.max_dataset_bytes,
+            max_entry_bytes: d.max_entry_bytes,
+            max_compression_ratio: d.max_compression_ratio,
+            max_archive_entries: d.max_archive_entries,
+            max_unpacked_bytes: d.max_unpacked_bytes,
+            max_dataset_images: d.max_dataset_images,
+            max_dataset_bytes: d.max_dataset_bytes,
             job_threads: default_job_threads(),
+        }
+    }
+
+    /// The caps dataset storage enforces on uploads.
+    pub fn dataset_limits(&self) -> DatasetLimits {
+        DatasetLimits {
+            max_image_pixels: self.max_image_pixels,
+            max_entry_bytes: self.max_entry_bytes,
+            max_compression_ratio: self.max_compression_ratio,
+            max_archive_entries: self.max_archive_entries,
+            max_unpacked_bytes: self.max_unpacked_bytes,
+            max_dataset_images: self.max_dataset_images,
+            max_dataset_bytes: self.max_dataset_bytes,
         }
     }
 }

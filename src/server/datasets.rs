@@ -517,13 +517,8 @@ impl Ingest {
             } else {
                 (self.limits.max_entry_bytes, format!("unpacks to more than {} bytes (--max-entry-bytes)", self.limits.max_entry_bytes))
             };
-            // A declared size over the cap is refused before inflating anything.
-            let got = if entry.size() > cap { Err(EntryFail::Reject(why)) } else { self.unpack(entry, cap, &why, &mut unpacked) };
-            match got {
-                Ok(file) => self.take(name, file)?,
-                Err(EntryFail::Reject(reason)) => self.reject(name, reason),
-                Err(EntryFail::Stop(s)) => return Err(s),
-            }
+            let declared = entry.size();
+            self.entry(name, entry, declared, cap, why, &mut unpacked)?;
         }
         Ok(())
     }
@@ -561,12 +556,20 @@ impl Ingest {
             let name = format!("{}/{inner}", u.name);
             let cap = self.limits.max_entry_bytes;
             let why = format!("unpacks to more than {cap} bytes (--max-entry-bytes)");
-            let got = if entry.size() > cap { Err(EntryFail::Reject(why)) } else { self.unpack(entry, cap, &why, &mut unpacked) };
-            match got {
-                Ok(file) => self.take(name, file)?,
-                Err(EntryFail::Reject(reason)) => self.reject(name, reason),
-                Err(EntryFail::Stop(s)) => return Err(s),
-            }
+            let declared = entry.size();
+            self.entry(name, entry, declared, cap, why, &mut unpacked)?;
+        }
+        Ok(())
+    }
+
+    /// One archive entry: refused by name when its declared size is over `cap` (before
+    /// inflating anything) or when it passes `cap` while unpacking; else taken into the dataset.
+    fn entry(&mut self, name: String, r: impl Read, declared: u64, cap: u64, why: String, unpacked: &mut u64) -> Result<(), Stop> {
+        let got = if declared > cap { Err(EntryFail::Reject(why)) } else { self.unpack(r, cap, &why, unpacked) };
+        match got {
+            Ok(file) => self.take(name, file)?,
+            Err(EntryFail::Reject(reason)) => self.reject(name, reason),
+            Err(EntryFail::Stop(s)) => return Err(s),
         }
         Ok(())
     }

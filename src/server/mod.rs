@@ -39,12 +39,6 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
         max_concurrent: cfg.max_concurrent,
         request_timeout_secs: cfg.request_timeout_secs,
         max_queue_ms: cfg.max_queue_ms,
-        max_entry_bytes: cfg.max_entry_bytes,
-        max_compression_ratio: cfg.max_compression_ratio,
-        max_archive_entries: cfg.max_archive_entries,
-        max_unpacked_bytes: cfg.max_unpacked_bytes,
-        max_dataset_images: cfg.max_dataset_images,
-        max_dataset_bytes: cfg.max_dataset_bytes,
     };
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     // What a killed process left half-written goes before anything opens the folders.
@@ -56,7 +50,7 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
     seg.segment(&warm).with_context(|| format!("warming up model `{name}`"))?;
     tracing::info!(model = %name, provider = seg.provider().as_str(), "model loaded and warmed up");
 
-    let datasets = Arc::new(datasets::DatasetStore::open(&cfg.data_dir, limits.datasets())?);
+    let datasets = Arc::new(datasets::DatasetStore::open(&cfg.data_dir, cfg.dataset_limits())?);
     let jobs = JobManager::open(
         &cfg.data_dir,
         runner::job_runner(models.clone(), datasets.clone(), cfg.data_dir.join("checkpoints"), runner::JobSettings::from_config(cfg))?,

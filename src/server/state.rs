@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use super::datasets::{DatasetLimits, DatasetStore};
+use super::datasets::DatasetStore;
 use super::jobs::JobManager;
 use super::metrics::Metrics;
 use super::store::ModelRegistry;
@@ -25,36 +25,11 @@ pub struct Limits {
     pub request_timeout_secs: u64,
     /// A segment request is refused (429) when the inference queue's expected wait is longer.
     pub max_queue_ms: u64,
-    /// Largest file unpacked from an archive (or uploaded as is).
-    pub max_entry_bytes: u64,
-    /// An archive entry may unpack to at most this many times its compressed size.
-    pub max_compression_ratio: u64,
-    /// Entries in one archive; more refuses the whole archive.
-    pub max_archive_entries: usize,
-    /// Bytes unpacked from one archive in all; more refuses the whole archive.
-    pub max_unpacked_bytes: u64,
-    /// Images in one dataset.
-    pub max_dataset_images: usize,
-    /// Bytes of images in one dataset.
-    pub max_dataset_bytes: u64,
 }
 
 impl Limits {
     pub fn max_queue_wait(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.max_queue_ms)
-    }
-
-    /// The caps dataset storage enforces.
-    pub fn datasets(&self) -> DatasetLimits {
-        DatasetLimits {
-            max_image_pixels: self.max_image_pixels,
-            max_entry_bytes: self.max_entry_bytes,
-            max_compression_ratio: self.max_compression_ratio,
-            max_archive_entries: self.max_archive_entries,
-            max_unpacked_bytes: self.max_unpacked_bytes,
-            max_dataset_images: self.max_dataset_images,
-            max_dataset_bytes: self.max_dataset_bytes,
-        }
     }
 }
 
@@ -67,12 +42,6 @@ impl Default for Limits {
             max_concurrent: 32,
             request_timeout_secs: 60,
             max_queue_ms: 250,
-            max_entry_bytes: DatasetLimits::default().max_entry_bytes,
-            max_compression_ratio: DatasetLimits::default().max_compression_ratio,
-            max_archive_entries: DatasetLimits::default().max_archive_entries,
-            max_unpacked_bytes: DatasetLimits::default().max_unpacked_bytes,
-            max_dataset_images: DatasetLimits::default().max_dataset_images,
-            max_dataset_bytes: DatasetLimits::default().max_dataset_bytes,
         }
     }
 }

@@ -154,11 +154,6 @@ impl WorkerHandle {
         Duration::from_micros(per_image.saturating_mul(ahead as u64))
     }
 
-    /// The mean time per image of recent batches.
-    pub fn time_per_image(&self) -> Duration {
-        Duration::from_micros(self.health.per_image_us.load(Ordering::Relaxed))
-    }
-
     pub async fn segment(&self, model: Arc<Segmenter>, image: RgbImage) -> Result<(LabelMask, Duration), InferenceError> {
         let (reply, rx) = oneshot::channel();
         self.queued.fetch_add(1, Ordering::Relaxed);

@@ -9,6 +9,17 @@ use picie::model::{NamedTensor, TensorMap};
 
 pub mod server;
 
+/// Distinct noise images, so a dataset has several entries after deduplication.
+pub fn noise_png(seed: u32, w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let v = (x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503) ^ seed.wrapping_mul(97)) as u8;
+        image::Rgb([v, v.wrapping_add(seed as u8), x as u8])
+    });
+    let mut out = vec![];
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    out
+}
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

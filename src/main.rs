@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use picie::commands;
-use picie::infer::{DeviceChoice, Segmenter};
+use picie::infer::{CrfConfig, DeviceChoice, Quality, Segmenter};
 use picie::model::embedder::BackboneKind;
 use picie::package::InputPolicy;
 
@@ -64,6 +64,9 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
+        /// fast, flip (average over a horizontal flip), crf (dense CRF on the labels) or best (both).
+        #[arg(long, default_value = "best")]
+        quality: Quality,
         images: Vec<PathBuf>,
     },
 }
@@ -155,9 +158,14 @@ struct EvalCli {
     /// --class-names, and save the names in the package. Needs no --cluster-images.
     #[arg(long)]
     write_names: bool,
-    /// Record the model's scores in its manifest as `<PREFIX>_pixel_acc` and `<PREFIX>_miou`.
+    /// Record the model's scores in its manifest as `<PREFIX>_pixel_acc` and `<PREFIX>_miou`
+    /// (those of the last quality listed).
     #[arg(long)]
     record_metrics: Option<String>,
+    /// Qualities to score, comma-separated (fast, flip, crf, best: as `/segment?quality=`);
+    /// each is a row.
+    #[arg(long, value_delimiter = ',', default_value = "best")]
+    quality: Vec<Quality>,
 }
 
 #[derive(Subcommand)]
@@ -271,12 +279,13 @@ fn run(cli: Cli) -> Result<()> {
             commands::export_package(&model, &out)?;
             println!("wrote {}", out.display());
         }
-        Command::Segment { model, out, device, images } => {
+        Command::Segment { model, out, device, quality, images } => {
             let seg = Segmenter::load(&model, device, None)?;
             std::fs::create_dir_all(&out)?;
+            let crf = CrfConfig::default();
             for path in images {
                 let img = picie::infer::preprocess::decode_file(&path)?;
-                let mask = seg.segment(&img)?;
+                let mask = seg.segment_batch_at(std::slice::from_ref(&img), quality, &crf)?.remove(0);
                 let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
                 let dest = out.join(format!("{stem}.png"));
                 image::GrayImage::from_raw(mask.width, mask.height, mask.labels)
@@ -403,17 +412,24 @@ fn eval(e: EvalCli) -> Result<()> {
     let mut reports = vec![];
     let mut means = vec![];
     let seed_list: Vec<u64> = (0..seeds).map(|s| e.seed + s).collect();
+    let crf = CrfConfig::default();
     for model in e.baseline.iter().chain(std::iter::once(&e.model)) {
-        let label = model.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
+        let name = model.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
         let clusters = match &cluster_paths {
             Some(p) => Clusters::Fresh { images: p, seeds: &seed_list },
             None => Clusters::Package,
         };
-        let mut runs = evaluate(model, &pairs, classes, clusters, DeviceChoice::Auto)?;
-        runs.iter_mut().for_each(|r| r.model = label.clone());
-        let n = runs.len() as f64;
-        means.push((label, runs.iter().map(|r| r.pixel_accuracy).sum::<f64>() / n, runs.iter().map(|r| r.miou).sum::<f64>() / n));
-        reports.extend(runs);
+        let started = std::time::Instant::now();
+        let runs = evaluate(model, &pairs, classes, clusters, DeviceChoice::Auto, &e.quality, &crf)?;
+        tracing::info!(model = %name, seconds = started.elapsed().as_secs_f64(), "scored");
+        for quality in &e.quality {
+            let label = format!("{name} [{quality}]");
+            let mut these: Vec<_> = runs.iter().filter(|r| r.quality == *quality).cloned().collect();
+            these.iter_mut().for_each(|r| r.model = label.clone());
+            let n = these.len() as f64;
+            means.push((label, these.iter().map(|r| r.pixel_accuracy).sum::<f64>() / n, these.iter().map(|r| r.miou).sum::<f64>() / n));
+            reports.extend(these);
+        }
     }
     let names: Vec<String> = match &e.class_names {
         Some(n) => n.split(',').map(|s| s.trim().to_string()).collect(),

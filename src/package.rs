@@ -31,18 +31,23 @@ pub const MAX_CLASSES: usize = 255;
 const UNIT_TOLERANCE: f32 = 1e-3;
 
 /// How an image is brought to the network: the short side resized to `short_side` (the long side
-/// capped at `max_long_side`), then padded to a multiple of `multiple`.
+/// capped at `max_long_side`), then padded to a multiple of `multiple`; with `flip`, the
+/// features are the mean of the image's and its mirror image's (test-time flip averaging).
+/// A package's centroids were clustered on features made with its own policy.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InputPolicy {
     pub short_side: u32,
     pub max_long_side: u32,
     pub multiple: u32,
+    /// Average the features over a horizontal flip (absent in older manifests: false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flip: bool,
 }
 
 impl Default for InputPolicy {
     fn default() -> Self {
         // CamVid frames are 480x360: a short side of 352 keeps them near native resolution.
-        Self { short_side: 352, max_long_side: 1024, multiple: 32 }
+        Self { short_side: 352, max_long_side: 1024, multiple: 32, flip: false }
     }
 }
 

@@ -56,6 +56,7 @@ const json = (method, path, obj) => call(method, path, JSON.stringify(obj), { "c
 async function loadInfo() {
   state.info = await (await call("GET", "/info")).json();
   $("model-info").textContent = `model ${state.info.model} · K=${state.info.num_classes} · ${state.info.execution_provider}${state.info.trained ? "" : " · untrained"}`;
+  if (state.info.default_quality) $("quality").options[0].textContent = `server default (${state.info.default_quality})`;
 }
 
 // ---- segment view
@@ -65,8 +66,12 @@ function rgb(hexColor) { return [1, 3, 5].map((i) => parseInt(hexColor.slice(i, 
 
 async function segment(file) {
   showError("");
+  state.file = file;
   try {
-    const r = await call("POST", "/segment?format=json", file, { "content-type": file.type || "application/octet-stream" });
+    const quality = $("quality").value;
+    const query = "format=json" + (quality ? `&quality=${quality}` : "");
+    const r = await call("POST", `/segment?${query}`, file, { "content-type": file.type || "application/octet-stream" });
+    $("timing").textContent = `${r.headers.get("x-quality") || ""} · ${r.headers.get("x-inference-ms") || "?"} ms`;
     const result = await r.json();
     const photo = await createImageBitmap(file, { imageOrientation: "from-image" }).catch(() => null);
     const mask = await decodeMask(result.mask_png_base64, result.width, result.height);
@@ -273,6 +278,7 @@ window.addEventListener("DOMContentLoaded", () => {
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); if (e.dataTransfer.files[0]) segment(e.dataTransfer.files[0]); });
   $("alpha").oninput = () => state.mask && draw();
+  $("quality").onchange = () => state.file && segment(state.file);
   $("overlay").addEventListener("mousemove", hover);
   $("dataset-create").onclick = createDataset;
   $("dataset-upload").onclick = upload;

@@ -117,17 +117,17 @@ async fn without_a_key_only_loopback_may_change_state() {
 }
 
 fn worker_config(stall_after: Duration) -> WorkerConfig {
-    WorkerConfig { capacity: 8, max_batch: 1, stall_after }
+    WorkerConfig { capacity: 8, max_batch: 1, stall_after, crf: Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_inference_fails_only_its_batch() {
     // The real engine, except that it panics on 13-pixel-wide images.
-    let engine: Engine = Arc::new(|model, images| {
+    let engine: Engine = Arc::new(|model, images, quality| {
         if images.iter().any(|i| i.width() == 13) {
             panic!("injected failure");
         }
-        model.segment_batch(images)
+        model.segment_batch_at(images, quality, &Default::default())
     });
     let s = TestServer::start_with(|_| {}, move |st| st.worker = WorkerHandle::start_with(worker_config(Duration::from_secs(30)), engine)).await;
     let seg = |bytes: Vec<u8>| s.client.post(s.url("/segment")).header("content-type", "image/png").body(bytes).send();
@@ -146,11 +146,11 @@ async fn a_panic_in_inference_fails_only_its_batch() {
 async fn readiness_reflects_a_stuck_inference_thread() {
     let hold = Arc::new(AtomicBool::new(true));
     let h = hold.clone();
-    let engine: Engine = Arc::new(move |model, images| {
+    let engine: Engine = Arc::new(move |model, images, quality| {
         while h.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(10));
         }
-        model.segment_batch(images)
+        model.segment_batch_at(images, quality, &Default::default())
     });
     let s = TestServer::start_with(
         |_| {},
@@ -174,9 +174,9 @@ async fn readiness_reflects_a_stuck_inference_thread() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_queue_answers_429_with_retry_after() {
     // Every image takes 1.5 s; a request that would wait longer than 200 ms is refused.
-    let engine: Engine = Arc::new(|model, images| {
+    let engine: Engine = Arc::new(|model, images, quality| {
         std::thread::sleep(Duration::from_millis(1500));
-        model.segment_batch(images)
+        model.segment_batch_at(images, quality, &Default::default())
     });
     let s = TestServer::start_with(
         |c| c.max_queue_ms = 200,

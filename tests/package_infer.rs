@@ -93,6 +93,46 @@ fn segments_at_the_original_size() {
     assert!(same as f64 / alone.labels.len() as f64 > 0.9);
 }
 
+/// Flip averaging is symmetric: the mirror image's mask is the mirror of the image's mask, exactly
+/// (a 256 x 128 image at short side 128 needs no padding, so the two canvases are mirrors). It
+/// also changes the mask, and with `--quality` off the package's own policy is used.
+#[test]
+fn flip_averaging_is_mirror_symmetric() {
+    use picie::infer::Quality;
+    let seg = Segmenter::load(package_dir(), DeviceChoice::Cpu, None).unwrap();
+    let img = image::imageops::resize(&load_fixture("coffee.jpg"), 256, 128, image::imageops::FilterType::Triangle);
+    let mirror = image::imageops::flip_horizontal(&img);
+    let crf = Default::default();
+    let flip = |i: &image::RgbImage| seg.segment_batch_at(std::slice::from_ref(i), Quality::Flip, &crf).unwrap().remove(0);
+    let (a, b) = (flip(&img), flip(&mirror));
+    let mirrored_back: Vec<u8> = b.labels.chunks(256).flat_map(|row| row.iter().rev().copied()).collect();
+    assert_eq!(a.labels, mirrored_back);
+    // Without the flip the two masks are not mirrors of each other: the network is not symmetric.
+    let fast = |i: &image::RgbImage| seg.segment_batch_at(std::slice::from_ref(i), Quality::Fast, &crf).unwrap().remove(0);
+    let (c, d) = (fast(&img), fast(&mirror));
+    let mirrored_back: Vec<u8> = d.labels.chunks(256).flat_map(|row| row.iter().rev().copied()).collect();
+    assert_ne!(c.labels, mirrored_back);
+    assert_eq!(c, seg.segment(&img).unwrap(), "a package clustered without the flip segments fast by default");
+    // The CRF keeps the size and the classes.
+    let best = seg.segment_batch_at(std::slice::from_ref(&img), Quality::Best, &crf).unwrap().remove(0);
+    assert_eq!((best.width, best.height), (256, 128));
+    assert!(best.labels.iter().all(|&l| (l as usize) < K));
+}
+
+/// An image too large for the CRF's budget is refined at a reduced size and scaled back up.
+#[test]
+fn the_crf_shrinks_what_does_not_fit_its_budget() {
+    use picie::infer::{CrfConfig, Quality};
+    let seg = Segmenter::load(package_dir(), DeviceChoice::Cpu, None).unwrap();
+    let img = load_fixture("coffee.jpg");
+    let full = seg.segment_batch_at(std::slice::from_ref(&img), Quality::Crf, &CrfConfig::default()).unwrap().remove(0);
+    let small = CrfConfig { max_values: 600 * 400 * K / 4, ..CrfConfig::default() };
+    let reduced = seg.segment_batch_at(std::slice::from_ref(&img), Quality::Crf, &small).unwrap().remove(0);
+    assert_eq!((reduced.width, reduced.height), (600, 400));
+    let same = full.labels.iter().zip(&reduced.labels).filter(|(a, b)| a == b).count() as f64 / full.labels.len() as f64;
+    assert!(same > 0.8 && same < 1.0, "{same}");
+}
+
 #[test]
 fn package_problems_are_reported_by_file() {
     // Broken manifest.

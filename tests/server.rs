@@ -18,6 +18,7 @@ trait ServerExt {
     async fn fresh(tweak: impl FnOnce(&mut ServeConfig)) -> Server;
     async fn segment(&self, bytes: Vec<u8>, content_type: &str, format: &str) -> reqwest::Response;
     async fn wait_job(&self, id: &str) -> Value;
+    fn shipped_flip(&self) -> bool;
 }
 
 impl ServerExt for Server {
@@ -34,6 +35,11 @@ impl ServerExt for Server {
             .send()
             .await
             .unwrap()
+    }
+
+    /// Whether the shipped default was clustered on flip-averaged features.
+    fn shipped_flip(&self) -> bool {
+        picie::package::Package::load(&common::root().join("models/default")).unwrap().manifest.input.flip
     }
 
     async fn wait_job(&self, id: &str) -> Value {
@@ -101,6 +107,47 @@ async fn segments_in_every_format() {
     assert!(m.contains(r#"picie_http_requests_total{method="POST",route="/segment",status="200"} 5"#), "{m}");
     assert!(m.contains("picie_inference_duration_seconds_count"));
     assert!(m.contains(r#"picie_model_info{model="default",provider="cpu"} 1"#));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quality_is_chosen_per_request_with_a_server_default() {
+    let s = Server::fresh(|_| {}).await;
+    let cat = fixture_bytes("chelsea.png");
+    let info: Value = s.client.get(s.url("/info")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(info["default_quality"], "best");
+    assert_eq!(info["clustered_with_flip"], s.shipped_flip());
+
+    // The same masks the library makes at each quality.
+    let seg = picie::infer::Segmenter::load(&common::root().join("models/default"), picie::infer::DeviceChoice::Cpu, None).unwrap();
+    let img = image::load_from_memory(&cat).unwrap().to_rgb8();
+    let mut masks = std::collections::BTreeMap::new();
+    for q in ["fast", "flip", "crf", "best"] {
+        let r = s.client.post(s.url(&format!("/segment?quality={q}"))).header("content-type", "image/png").body(cat.clone()).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{q}");
+        assert_eq!(r.headers()["x-quality"], q);
+        let mask = image::load_from_memory(&r.bytes().await.unwrap()).unwrap().to_luma8().into_raw();
+        let want = seg.segment_batch_at(std::slice::from_ref(&img), q.parse().unwrap(), &Default::default()).unwrap().remove(0);
+        assert_eq!(mask, want.labels, "{q}: the server's mask is the library's");
+        masks.insert(q, mask);
+    }
+    // Each lever changes the mask, and none of them changes it wholesale.
+    for (a, b) in [("fast", "flip"), ("fast", "crf"), ("flip", "best"), ("crf", "best")] {
+        let same = masks[a].iter().zip(&masks[b]).filter(|(x, y)| x == y).count() as f64 / masks[a].len() as f64;
+        assert!((0.5..1.0).contains(&same), "{a} vs {b}: {same} of the pixels agree");
+    }
+    // No quality named: the server's default.
+    let r = s.segment(cat.clone(), "image/png", "mask").await;
+    assert_eq!(r.headers()["x-quality"], "best");
+    let r = s.client.post(s.url("/segment?quality=ultra")).header("content-type", "image/png").body(cat.clone()).send().await.unwrap();
+    assert_eq!(error_code(r).await, (StatusCode::BAD_REQUEST, "invalid_query".into()));
+    s.stop().await;
+
+    let s = Server::fresh(|c| c.quality = picie::infer::Quality::Fast).await;
+    let r = s.segment(cat, "image/png", "mask").await;
+    assert_eq!(r.headers()["x-quality"], "fast");
+    let mask = image::load_from_memory(&r.bytes().await.unwrap()).unwrap().to_luma8().into_raw();
+    assert_eq!(mask, masks["fast"]);
     s.stop().await;
 }
 

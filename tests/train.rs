@@ -147,20 +147,30 @@ fn eval_scores_a_package_against_labels() {
         image::GrayImage::from_raw(mask.width, mask.height, mask.labels).unwrap().save(labels.join(format!("{stem}.png"))).unwrap();
     }
     let pairs = picie::eval::paired_files(&imgs, &labels).unwrap();
-    let r = picie::eval::evaluate(&model, &pairs, 11, picie::eval::Clusters::Package, picie::infer::DeviceChoice::Cpu).unwrap().remove(0);
+    use picie::infer::Quality;
+    let crf = picie::infer::CrfConfig::default();
+    let fast = [Quality::Fast];
+    let r = picie::eval::evaluate(&model, &pairs, 11, picie::eval::Clusters::Package, picie::infer::DeviceChoice::Cpu, &fast, &crf).unwrap().remove(0);
     assert!((r.pixel_accuracy - 1.0).abs() < 1e-12, "{}", r.pixel_accuracy);
     assert_eq!(r.pixels, (451 * 300 + 600 * 400 - 200) as u64);
     assert_eq!(r.matching[0], Some(3));
+
+    // Several qualities in one run come back in the order asked, each scored on its own masks:
+    // the labels are the fast masks, so the refined ones score less, though not much less.
+    let rs = picie::eval::evaluate(&model, &pairs, 11, picie::eval::Clusters::Package, picie::infer::DeviceChoice::Cpu, &[Quality::Best, Quality::Fast], &crf).unwrap();
+    assert_eq!(rs.iter().map(|r| r.quality).collect::<Vec<_>>(), [Quality::Best, Quality::Fast]);
+    assert!((rs[1].pixel_accuracy - 1.0).abs() < 1e-12);
+    assert!(rs[0].pixel_accuracy > 0.6 && rs[0].pixel_accuracy < 0.999, "{}", rs[0].pixel_accuracy);
 
     // Fresh k-means with several seeds shares one embedding pass and gives, seed by seed, what
     // a single-seed evaluation gives.
     use picie::eval::{evaluate, Clusters};
     let cluster_imgs = picie::train::cluster::list_images(&common::root().join("fixtures/images")).unwrap();
     let cpu = picie::infer::DeviceChoice::Cpu;
-    let both = evaluate(&model, &pairs, 11, Clusters::Fresh { images: &cluster_imgs, seeds: &[0, 1] }, cpu).unwrap();
+    let both = evaluate(&model, &pairs, 11, Clusters::Fresh { images: &cluster_imgs, seeds: &[0, 1] }, cpu, &fast, &crf).unwrap();
     assert_eq!(both.len(), 2);
     for (seed, r) in [0u64, 1].into_iter().zip(&both) {
-        let alone = evaluate(&model, &pairs, 11, Clusters::Fresh { images: &cluster_imgs, seeds: &[seed] }, cpu).unwrap().remove(0);
+        let alone = evaluate(&model, &pairs, 11, Clusters::Fresh { images: &cluster_imgs, seeds: &[seed] }, cpu, &fast, &crf).unwrap().remove(0);
         assert_eq!((r.k, &r.confusion), (alone.k, &alone.confusion), "seed {seed}");
     }
     assert_ne!(both[0].confusion, both[1].confusion, "the seeds give different clusterings");

@@ -10,8 +10,8 @@ use anyhow::{bail, Context, Result};
 use pathfinding::prelude::{kuhn_munkres, Matrix};
 use serde::Serialize;
 
-use crate::infer::{assign_to, preprocess, DeviceChoice, Segmenter};
-use crate::package::Package;
+use crate::infer::{assign_refined, assign_to, preprocess, CrfConfig, DeviceChoice, Quality, Segmenter};
+use crate::package::{InputPolicy, Package};
 use crate::train::cluster::{embed_images, list_images, MAX_CLUSTER_VECTORS};
 use crate::train::kmeans::KMeansConfig;
 
@@ -20,6 +20,8 @@ pub const IGNORE_LABEL: u8 = 255;
 #[derive(Clone, Debug, Serialize)]
 pub struct EvalReport {
     pub model: String,
+    /// Flip averaging and CRF, as `/segment?quality=` runs them.
+    pub quality: Quality,
     pub k: usize,
     pub classes: usize,
     pub pixels: u64,
@@ -69,6 +71,10 @@ pub fn hungarian(confusion: &[Vec<u64>]) -> Vec<Option<usize>> {
 
 /// Scores a confusion matrix under its Hungarian matching.
 pub fn score(confusion: Vec<Vec<u64>>, model: String) -> EvalReport {
+    score_at(confusion, model, Quality::Fast)
+}
+
+fn score_at(confusion: Vec<Vec<u64>>, model: String, quality: Quality) -> EvalReport {
     let k = confusion.len();
     let c = confusion.first().map_or(0, |r| r.len());
     let matching = hungarian(&confusion);
@@ -87,6 +93,7 @@ pub fn score(confusion: Vec<Vec<u64>>, model: String) -> EvalReport {
     let valid: Vec<f64> = class_iou.iter().copied().filter(|v| !v.is_nan()).collect();
     EvalReport {
         model,
+        quality,
         k,
         classes: c,
         pixels: total,
@@ -99,6 +106,7 @@ pub fn score(confusion: Vec<Vec<u64>>, model: String) -> EvalReport {
 }
 
 /// How clusters are chosen for evaluation.
+#[derive(Clone, Copy)]
 pub enum Clusters<'a> {
     /// Fresh k-means with K = number of classes on these images' features, once per seed.
     Fresh { images: &'a [PathBuf], seeds: &'a [u64] },
@@ -106,49 +114,76 @@ pub enum Clusters<'a> {
     Package,
 }
 
-/// Scores a package: one report per k-means seed (one for the package's own centroids). The
-/// cluster images and the scored images are embedded once and shared by all seeds.
-pub fn evaluate(model_dir: &Path, pairs: &[(PathBuf, PathBuf)], classes: usize, clusters: Clusters<'_>, device: DeviceChoice) -> Result<Vec<EvalReport>> {
+/// Scores a package: for each quality, one report per k-means seed (one for the package's own
+/// centroids). Fresh k-means runs on features made the way that quality makes them (with or
+/// without flip averaging), as the package's centroids were made. The cluster images and the
+/// scored images are embedded once per flip setting and shared by all seeds and qualities.
+pub fn evaluate(
+    model_dir: &Path,
+    pairs: &[(PathBuf, PathBuf)],
+    classes: usize,
+    clusters: Clusters<'_>,
+    device: DeviceChoice,
+    qualities: &[Quality],
+    crf: &CrfConfig,
+) -> Result<Vec<EvalReport>> {
     let pkg = Package::load(model_dir)?;
     let name = pkg.manifest.name.clone();
     let seg = Segmenter::from_package(pkg.clone(), device, None)?;
-    // Row-major k x dim centroid matrices, one per report.
-    let centroid_sets: Vec<(usize, Vec<f32>)> = match clusters {
-        Clusters::Package => vec![(pkg.centroids.k(), pkg.centroids.matrix())],
-        Clusters::Fresh { images, seeds } => {
-            let features = embed_images(seg.session(), &pkg.manifest.input, images, |_, _| true)?;
-            seeds
-                .iter()
-                .map(|&seed| {
-                    let (c, _) = features.fit(KMeansConfig::new(classes, seed), MAX_CLUSTER_VECTORS)?;
-                    Ok((c.k(), c.matrix()))
-                })
-                .collect::<Result<_>>()?
+    let mut reports: Vec<(usize, EvalReport)> = vec![];
+    for flip in [false, true] {
+        let wanted: Vec<(usize, Quality)> = qualities.iter().copied().enumerate().filter(|(_, q)| q.flip() == flip).collect();
+        if wanted.is_empty() {
+            continue;
         }
-    };
-    let mut confusions: Vec<Vec<Vec<u64>>> = centroid_sets.iter().map(|(k, _)| vec![vec![0u64; classes]; *k]).collect();
-    for (img_path, label_path) in pairs {
-        let img = preprocess::decode_file(img_path)?;
-        let labels = image::open(label_path).with_context(|| format!("reading {}", label_path.display()))?.to_luma8();
-        if (labels.width(), labels.height()) != (img.width(), img.height()) {
-            bail!("{}: label size {}x{} differs from the image's {}x{}", label_path.display(), labels.width(), labels.height(), img.width(), img.height());
-        }
-        let features = seg.embed(std::slice::from_ref(&img))?.remove(0);
-        for ((k, centroids), confusion) in centroid_sets.iter().zip(&mut confusions) {
-            let mask = assign_to(&features, centroids, *k);
-            for (&p, l) in mask.labels.iter().zip(labels.pixels()) {
-                let l = l[0];
-                if l == IGNORE_LABEL {
-                    continue;
+        let policy = InputPolicy { flip, ..pkg.manifest.input };
+        // Row-major k x dim centroid matrices, one per seed.
+        let centroid_sets: Vec<(usize, Vec<f32>)> = match clusters {
+            Clusters::Package => vec![(pkg.centroids.k(), pkg.centroids.matrix())],
+            Clusters::Fresh { images, seeds } => {
+                let features = embed_images(seg.session(), &policy, images, |_, _| true)?;
+                seeds
+                    .iter()
+                    .map(|&seed| {
+                        let (c, _) = features.fit(KMeansConfig::new(classes, seed), MAX_CLUSTER_VECTORS)?;
+                        Ok((c.k(), c.matrix()))
+                    })
+                    .collect::<Result<_>>()?
+            }
+        };
+        // confusions[quality][seed]
+        let mut confusions: Vec<Vec<Vec<Vec<u64>>>> =
+            wanted.iter().map(|_| centroid_sets.iter().map(|(k, _)| vec![vec![0u64; classes]; *k]).collect()).collect();
+        for (img_path, label_path) in pairs {
+            let img = preprocess::decode_file(img_path)?;
+            let labels = image::open(label_path).with_context(|| format!("reading {}", label_path.display()))?.to_luma8();
+            if (labels.width(), labels.height()) != (img.width(), img.height()) {
+                bail!("{}: label size {}x{} differs from the image's {}x{}", label_path.display(), labels.width(), labels.height(), img.width(), img.height());
+            }
+            let features = seg.embed_with(std::slice::from_ref(&img), flip)?.remove(0);
+            for ((_, quality), per_seed) in wanted.iter().zip(&mut confusions) {
+                for ((k, centroids), confusion) in centroid_sets.iter().zip(per_seed.iter_mut()) {
+                    let mask = if quality.crf() { assign_refined(&features, centroids, *k, &img, crf) } else { assign_to(&features, centroids, *k) };
+                    for (&p, l) in mask.labels.iter().zip(labels.pixels()) {
+                        let l = l[0];
+                        if l == IGNORE_LABEL {
+                            continue;
+                        }
+                        if l as usize >= classes {
+                            bail!("{}: label {l} is not below the class count {classes}", label_path.display());
+                        }
+                        confusion[p as usize][l as usize] += 1;
+                    }
                 }
-                if l as usize >= classes {
-                    bail!("{}: label {l} is not below the class count {classes}", label_path.display());
-                }
-                confusion[p as usize][l as usize] += 1;
             }
         }
+        for ((order, quality), per_seed) in wanted.into_iter().zip(confusions) {
+            reports.extend(per_seed.into_iter().map(|c| (order, score_at(c, name.clone(), quality))));
+        }
     }
-    Ok(confusions.into_iter().map(|c| score(c, name.clone())).collect())
+    // In the order the qualities were asked for, seeds in order within each.
+    reports.sort_by_key(|(order, _)| *order);
+    Ok(reports.into_iter().map(|(_, r)| r).collect())
 }
 
 /// A table of reports side by side, then per-class IoU.

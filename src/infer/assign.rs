@@ -63,21 +63,50 @@ pub fn nearest(features: &[f32], dim: usize, hw: usize, centroids: &[f32]) -> Ve
         .collect()
 }
 
+/// Per-pixel scores at a `target` = (w, h) size covering the original image (its own size, or a
+/// reduced one): the K score maps of size `feat` at stride 4, bilinear, pixel after pixel with
+/// the K scores of a pixel together (the layout the CRF works on).
+pub fn scores_at_size(scores: &[f32], k: usize, feat: (usize, usize), geom: &Geometry, target: (usize, usize)) -> Vec<f32> {
+    let (fw, fh) = feat;
+    let (tw, th) = target;
+    let sx = geom.resized.0 as f32 / tw as f32;
+    let sy = geom.resized.1 as f32 / th as f32;
+    let xs: Vec<_> = (0..tw).map(|x| feature_coord(x, sx, fw)).collect();
+    let mut out = vec![0f32; tw * th * k];
+    out.par_chunks_mut(tw * k).enumerate().for_each(|(y, row)| {
+        let (y0, y1, wy) = feature_coord(y, sy, fh);
+        for (x, px) in row.chunks_mut(k).enumerate() {
+            let (x0, x1, wx) = xs[x];
+            let (a, b, c, d) = (y0 * fw + x0, y0 * fw + x1, y1 * fw + x0, y1 * fw + x1);
+            let (w00, w01, w10, w11) = ((1.0 - wx) * (1.0 - wy), wx * (1.0 - wy), (1.0 - wx) * wy, wx * wy);
+            for (cls, o) in px.iter_mut().enumerate() {
+                let s = &scores[cls * fw * fh..(cls + 1) * fw * fh];
+                *o = w00 * s[a] + w01 * s[b] + w10 * s[c] + w11 * s[d];
+            }
+        }
+    });
+    out
+}
+
+/// An output pixel's position on the feature grid, with half-pixel centres: output pixel ->
+/// resized pixel (`scale` resized pixels per output pixel) -> feature cell. Returns the two
+/// cells to interpolate between and the weight of the second.
+fn feature_coord(o: usize, scale: f32, n: usize) -> (usize, usize, f32) {
+    let stride = OUTPUT_STRIDE as f32;
+    let r = (o as f32 + 0.5) * scale - 0.5;
+    let f = ((r + 0.5) / stride - 0.5).clamp(0.0, (n - 1) as f32);
+    let i0 = f.floor() as usize;
+    let i1 = (i0 + 1).min(n - 1);
+    (i0, i1, f - i0 as f32)
+}
+
 /// Labels at the original size from K score maps of size `feat` = (w, h) at stride 4 of the padded input.
 pub fn labels_at_original_size(scores: &[f32], k: usize, feat: (usize, usize), geom: &Geometry) -> LabelMask {
     let (fw, fh) = feat;
     let (ow, oh) = (geom.original.0 as usize, geom.original.1 as usize);
     let sx = geom.resized.0 as f32 / ow as f32;
     let sy = geom.resized.1 as f32 / oh as f32;
-    let stride = OUTPUT_STRIDE as f32;
-    // Half-pixel centres: original pixel -> resized pixel -> feature cell.
-    let coord = |o: usize, scale: f32, n: usize| -> (usize, usize, f32) {
-        let r = (o as f32 + 0.5) * scale - 0.5;
-        let f = ((r + 0.5) / stride - 0.5).clamp(0.0, (n - 1) as f32);
-        let i0 = f.floor() as usize;
-        let i1 = (i0 + 1).min(n - 1);
-        (i0, i1, f - i0 as f32)
-    };
+    let coord = feature_coord;
     let xs: Vec<_> = (0..ow).map(|x| coord(x, sx, fw)).collect();
     let mut labels = vec![0u8; ow * oh];
     labels.par_chunks_mut(ow).enumerate().for_each(|(y, row)| {

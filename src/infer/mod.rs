@@ -1,6 +1,8 @@
 //! Inference: ONNX Runtime session, image preprocessing, pixel-to-centroid assignment.
 
 pub mod assign;
+pub mod crf;
+pub mod lattice;
 pub mod preprocess;
 pub mod runtime;
 pub mod session;
@@ -10,8 +12,10 @@ use std::path::Path;
 use anyhow::Result;
 use image::RgbImage;
 use ndarray::Array4;
+use serde::{Deserialize, Serialize};
 
 pub use assign::LabelMask;
+pub use crf::CrfConfig;
 pub use preprocess::{decode_image, DecodeError, Geometry};
 pub use session::{DeviceChoice, EmbedSession, Provider};
 
@@ -46,7 +50,10 @@ impl FeatureMap {
 }
 
 /// Runs the embedder on a batch of images of any sizes: each is resized per the policy and all
-/// are padded to one canvas, so the batch is one ONNX Runtime call.
+/// are padded to one canvas, so the batch is one ONNX Runtime call. With `policy.flip` the batch
+/// also holds each canvas mirrored left to right, and an image's features are the mean of its
+/// own and its mirror's mirrored back (renormalised). The whole canvas is mirrored, padding
+/// included, so the mirrored feature map lines up cell for cell with the original's.
 pub fn embed_batch(session: &EmbedSession, policy: &InputPolicy, images: &[RgbImage]) -> Result<Vec<FeatureMap>> {
     if images.is_empty() {
         return Ok(vec![]);
@@ -55,16 +62,97 @@ pub fn embed_batch(session: &EmbedSession, policy: &InputPolicy, images: &[RgbIm
     let cw = geoms.iter().map(|g| g.padded.0).max().unwrap_or(0);
     let ch = geoms.iter().map(|g| g.padded.1).max().unwrap_or(0);
     let plane = 3 * cw as usize * ch as usize;
-    let mut input = vec![0f32; images.len() * plane];
-    input.chunks_mut(plane).zip(images.iter().zip(&geoms)).for_each(|(out, (img, g))| {
+    let count = images.len();
+    let copies = if policy.flip { 2 } else { 1 };
+    let mut input = vec![0f32; copies * count * plane];
+    let (own, mirrored) = input.split_at_mut(count * plane);
+    own.chunks_mut(plane).zip(images.iter().zip(&geoms)).for_each(|(out, (img, g))| {
         preprocess::fill_input(img, g, (cw, ch), out);
     });
-    let input = Array4::from_shape_vec((images.len(), 3, ch as usize, cw as usize), input)?;
-    let ([n, dim, h, w], data) = session.run(&input)?;
+    if policy.flip {
+        for (src, dst) in own.chunks(cw as usize).zip(mirrored.chunks_mut(cw as usize)) {
+            dst.iter_mut().zip(src.iter().rev()).for_each(|(d, s)| *d = *s);
+        }
+    }
+    let input = Array4::from_shape_vec((copies * count, 3, ch as usize, cw as usize), input)?;
+    let ([_, dim, h, w], data) = session.run(&input)?;
     let per = dim * h * w;
-    Ok((0..n)
-        .map(|i| FeatureMap { dim, width: w, height: h, data: data[i * per..(i + 1) * per].to_vec(), geometry: geoms[i] })
+    Ok((0..count)
+        .map(|i| {
+            let mut features = data[i * per..(i + 1) * per].to_vec();
+            if policy.flip {
+                let back = &data[(count + i) * per..(count + i + 1) * per];
+                average_mirrored(&mut features, back, dim, w);
+            }
+            FeatureMap { dim, width: w, height: h, data: features, geometry: geoms[i] }
+        })
         .collect())
+}
+
+/// `features` (dim x h x w) becomes the unit-normalised mean of itself and `mirrored`, the
+/// features of the mirrored image, mirrored back.
+fn average_mirrored(features: &mut [f32], mirrored: &[f32], dim: usize, w: usize) {
+    for (row, mrow) in features.chunks_mut(w).zip(mirrored.chunks(w)) {
+        row.iter_mut().zip(mrow.iter().rev()).for_each(|(f, m)| *f += *m);
+    }
+    let hw = features.len() / dim;
+    let mut norms = vec![0f32; hw];
+    for plane in features.chunks(hw) {
+        norms.iter_mut().zip(plane).for_each(|(n, v)| *n += v * v);
+    }
+    norms.iter_mut().for_each(|n| *n = 1.0 / n.sqrt().max(1e-12));
+    for plane in features.chunks_mut(hw) {
+        plane.iter_mut().zip(&norms).for_each(|(v, n)| *v *= n);
+    }
+}
+
+/// How much work goes into a label map, per request: `fast` assigns the plain features,
+/// `flip` averages them over a horizontal flip first (about twice the embedder's cost), `crf`
+/// refines the labels with the dense CRF at the image's resolution, `best` does both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quality {
+    Fast,
+    Flip,
+    Crf,
+    Best,
+}
+
+impl Quality {
+    pub const ALL: [Quality; 4] = [Quality::Fast, Quality::Flip, Quality::Crf, Quality::Best];
+
+    pub fn flip(self) -> bool {
+        matches!(self, Quality::Flip | Quality::Best)
+    }
+
+    pub fn crf(self) -> bool {
+        matches!(self, Quality::Crf | Quality::Best)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quality::Fast => "fast",
+            Quality::Flip => "flip",
+            Quality::Crf => "crf",
+            Quality::Best => "best",
+        }
+    }
+}
+
+impl std::fmt::Display for Quality {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Quality {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Quality::ALL
+            .into_iter()
+            .find(|q| q.as_str() == s)
+            .ok_or_else(|| format!("unknown quality `{s}` (expected fast, flip, crf or best)"))
+    }
 }
 
 /// Assigns each pixel of the original image to its nearest of `k` centroids (row-major k x dim).
@@ -72,6 +160,28 @@ pub fn assign_to(features: &FeatureMap, centroids: &[f32], k: usize) -> LabelMas
     let hw = features.width * features.height;
     let scores = assign::similarities(&features.data, features.dim, hw, centroids);
     assign::labels_at_original_size(&scores, k, (features.width, features.height), &features.geometry)
+}
+
+/// Like [`assign_to`], then refined by the dense CRF on `image` (the original image the features
+/// were made from). Images whose pixels x K exceed the CRF's `max_values` are refined at a
+/// reduced size and the labels scaled back up (nearest).
+pub fn assign_refined(features: &FeatureMap, centroids: &[f32], k: usize, image: &RgbImage, crf: &CrfConfig) -> LabelMask {
+    let (ow, oh) = features.geometry.original;
+    debug_assert_eq!((image.width(), image.height()), (ow, oh), "the image the features were made from");
+    let hw = features.width * features.height;
+    let scores = assign::similarities(&features.data, features.dim, hw, centroids);
+    let (tw, th) = crf::working_size(ow, oh, k, crf.max_values);
+    let mut logits = assign::scores_at_size(&scores, k, (features.width, features.height), &features.geometry, (tw as usize, th as usize));
+    logits.iter_mut().for_each(|v| *v *= crf.temperature);
+    let labels = if (tw, th) == (ow, oh) {
+        crf::refine(image, &logits, k, crf)
+    } else {
+        let small = image::imageops::resize(image, tw, th, image::imageops::FilterType::Triangle);
+        let refined = crf::refine(&small, &logits, k, crf);
+        let (ow, oh, tw, th) = (ow as usize, oh as usize, tw as usize, th as usize);
+        (0..ow * oh).map(|i| refined[((i / ow) * th / oh) * tw + (i % ow) * tw / ow]).collect()
+    };
+    LabelMask { width: ow, height: oh, labels }
 }
 
 /// A loaded package ready to segment.
@@ -105,8 +215,14 @@ impl Segmenter {
         &self.session
     }
 
+    /// Features under the package's own input policy (flip averaging if it was clustered so).
     pub fn embed(&self, images: &[RgbImage]) -> Result<Vec<FeatureMap>> {
         embed_batch(&self.session, &self.package.manifest.input, images)
+    }
+
+    /// Features with flip averaging on or off, whatever the package's policy says.
+    pub fn embed_with(&self, images: &[RgbImage], flip: bool) -> Result<Vec<FeatureMap>> {
+        embed_batch(&self.session, &InputPolicy { flip, ..self.package.manifest.input }, images)
     }
 
     /// Assigns each pixel of the original image to its nearest centroid.
@@ -114,8 +230,19 @@ impl Segmenter {
         assign_to(features, &self.centroids, self.k())
     }
 
+    /// Masks under the package's own policy, no CRF.
     pub fn segment_batch(&self, images: &[RgbImage]) -> Result<Vec<LabelMask>> {
         Ok(self.embed(images)?.iter().map(|f| self.assign(f)).collect())
+    }
+
+    /// Masks at a quality: flip averaging and the dense CRF switched on or off.
+    pub fn segment_batch_at(&self, images: &[RgbImage], quality: Quality, crf: &CrfConfig) -> Result<Vec<LabelMask>> {
+        let features = self.embed_with(images, quality.flip())?;
+        Ok(features
+            .iter()
+            .zip(images)
+            .map(|(f, img)| if quality.crf() { assign_refined(f, &self.centroids, self.k(), img, crf) } else { self.assign(f) })
+            .collect())
     }
 
     pub fn segment(&self, image: &RgbImage) -> Result<LabelMask> {

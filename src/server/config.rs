@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::infer::DeviceChoice;
+use crate::infer::{DeviceChoice, Quality};
 
 pub use super::state::Limits;
 use super::datasets::DatasetLimits;
@@ -63,6 +63,10 @@ pub struct ServeConfig {
     /// Bytes of images in one dataset.
     #[arg(long, env = "PICIE_MAX_DATASET_BYTES", default_value_t = DatasetLimits::default().max_dataset_bytes)]
     pub max_dataset_bytes: u64,
+    /// `/segment`'s quality when a request names none: fast, flip (features averaged over a
+    /// horizontal flip), crf (labels refined by the dense CRF) or best (both).
+    #[arg(long, env = "PICIE_QUALITY", default_value_t = DEFAULT_QUALITY)]
+    pub quality: Quality,
     /// Images per inference batch when requests queue up.
     #[arg(long, env = "PICIE_MAX_BATCH", default_value_t = 4)]
     pub max_batch: usize,
@@ -71,6 +75,9 @@ pub struct ServeConfig {
     #[arg(long, env = "PICIE_JOB_THREADS", default_value_t = default_job_threads(), value_parser = positive_threads)]
     pub job_threads: usize,
 }
+
+/// The quality of a `/segment` request that names none.
+pub const DEFAULT_QUALITY: Quality = Quality::Best;
 
 /// Half the available cores, at least 1: jobs leave the rest to inference.
 pub fn default_job_threads() -> usize {
@@ -105,6 +112,7 @@ impl ServeConfig {
             request_timeout_secs: l.request_timeout_secs,
             max_queue_ms: l.max_queue_ms,
             max_batch: 4,
+            quality: DEFAULT_QUALITY,
             max_entry_bytes: d.max_entry_bytes,
             max_compression_ratio: d.max_compression_ratio,
             max_archive_entries: d.max_archive_entries,

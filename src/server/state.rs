@@ -58,6 +58,8 @@ pub struct AppState {
     pub api_key: Option<Arc<String>>,
     pub requested_device: String,
     pub ready: Arc<AtomicBool>,
+    /// `/segment`'s quality when the request names none.
+    pub quality: crate::infer::Quality,
 }
 
 impl AppState {

@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 use image::RgbImage;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::infer::{preprocess, LabelMask, Segmenter};
+use crate::infer::{preprocess, CrfConfig, LabelMask, Quality, Segmenter};
 
-/// What the thread runs for one batch: the model's `segment_batch`, or a stand-in in tests.
-pub type Engine = Arc<dyn Fn(&Segmenter, &[RgbImage]) -> anyhow::Result<Vec<LabelMask>> + Send + Sync>;
+/// What the thread runs for one batch of images that share a quality: the model's
+/// `segment_batch_at`, or a stand-in in tests.
+pub type Engine = Arc<dyn Fn(&Segmenter, &[RgbImage], Quality) -> anyhow::Result<Vec<LabelMask>> + Send + Sync>;
 
 /// Why a request got no mask.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,7 @@ pub enum InferenceError {
 pub struct InferenceRequest {
     pub model: Arc<Segmenter>,
     pub image: RgbImage,
+    pub quality: Quality,
     pub reply: oneshot::Sender<Result<(LabelMask, Duration), InferenceError>>,
 }
 
@@ -47,6 +49,8 @@ pub struct WorkerConfig {
     pub max_batch: usize,
     /// A batch running longer than this marks the worker not live (readiness answers 503).
     pub stall_after: Duration,
+    /// The dense CRF's settings, for requests whose quality asks for it.
+    pub crf: CrfConfig,
 }
 
 /// Shared between the thread and the handles.
@@ -85,9 +89,11 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Starts the backend thread running the models' own `segment_batch`.
+    /// Starts the backend thread running the models' own `segment_batch_at`. The CRF runs on
+    /// this thread too, so the measured time per image (and the 429 bound) includes it.
     pub fn start(config: WorkerConfig) -> Self {
-        Self::start_with(config, Arc::new(|model: &Segmenter, images: &[RgbImage]| model.segment_batch(images)))
+        let crf = config.crf;
+        Self::start_with(config, Arc::new(move |model: &Segmenter, images: &[RgbImage], quality| model.segment_batch_at(images, quality, &crf)))
     }
 
     /// Starts the backend thread with another engine (tests inject failures this way).
@@ -154,10 +160,10 @@ impl WorkerHandle {
         Duration::from_micros(per_image.saturating_mul(ahead as u64))
     }
 
-    pub async fn segment(&self, model: Arc<Segmenter>, image: RgbImage) -> Result<(LabelMask, Duration), InferenceError> {
+    pub async fn segment(&self, model: Arc<Segmenter>, image: RgbImage, quality: Quality) -> Result<(LabelMask, Duration), InferenceError> {
         let (reply, rx) = oneshot::channel();
         self.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(InferenceRequest { model, image, reply }).await.is_err() {
+        if self.tx.send(InferenceRequest { model, image, quality, reply }).await.is_err() {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(InferenceError::Stopped);
         }
@@ -176,22 +182,23 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-/// Runs requests in groups that share a model and a padded input size.
+/// Runs requests in groups that share a model, a padded input size and a quality.
 fn run_grouped(mut pending: Vec<InferenceRequest>, engine: &Engine, health: &Health) {
     while !pending.is_empty() {
         let key = |r: &InferenceRequest| {
             let g = preprocess::geometry(r.image.width(), r.image.height(), &r.model.package.manifest.input);
-            (Arc::as_ptr(&r.model) as usize, g.padded)
+            (Arc::as_ptr(&r.model) as usize, g.padded, r.quality)
         };
         let k0 = key(&pending[0]);
         let (group, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|r| key(r) == k0);
         pending = rest;
         let model = group[0].model.clone();
+        let quality = group[0].quality;
         let images: Vec<RgbImage> = group.iter().map(|r| r.image.clone()).collect();
         health.in_flight.store(images.len(), Ordering::Relaxed);
         health.busy_since.store(health.elapsed_ms() + 1, Ordering::Relaxed);
         let start = Instant::now();
-        let result = catch_unwind(AssertUnwindSafe(|| engine(&model, &images)));
+        let result = catch_unwind(AssertUnwindSafe(|| engine(&model, &images, quality)));
         let elapsed = start.elapsed();
         health.busy_since.store(0, Ordering::Relaxed);
         health.in_flight.store(0, Ordering::Relaxed);

@@ -369,7 +369,7 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let session = EmbedSession::load(&root.join("models/default/embedder.onnx"), crate::infer::DeviceChoice::Cpu, Some(1)).unwrap();
         // 64x64 inputs: 16 x 16 = 256 features per image.
-        let policy = InputPolicy { short_side: 64, max_long_side: 64, multiple: 32 };
+        let policy = InputPolicy { short_side: 64, max_long_side: 64, multiple: 32, flip: false };
         let dir = tempfile::tempdir().unwrap();
         let paths = write_noise_images(dir.path(), 12);
         let (dim, max) = (128, 300);

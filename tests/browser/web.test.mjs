@@ -96,6 +96,24 @@ test("segments an image and shows the overlay and legend", async () => {
   await phone.screenshot({ path: path.join(artifacts, "segment-phone.png"), fullPage: true });
 });
 
+test("the quality switch re-segments at the chosen quality", async () => {
+  const p = await page();
+  assert.match(await p.textContent("#quality option[value='']"), /server default \(best\)/);
+  await p.setInputFiles("#file", fixture("chelsea.png"));
+  await p.waitForFunction(() => document.getElementById("timing").textContent.startsWith("best"));
+  const masks = {};
+  for (const q of ["fast", "best"]) {
+    const seen = p.waitForResponse((r) => r.url().includes(`quality=${q}`));
+    await p.selectOption("#quality", q);
+    const r = await seen;
+    assert.equal(r.headers()["x-quality"], q);
+    masks[q] = (await r.json()).mask_png_base64;
+    await p.waitForFunction((want) => document.getElementById("timing").textContent.startsWith(want), q);
+  }
+  assert.notEqual(masks.fast, masks.best, "the CRF and the flip change the mask");
+  await p.screenshot({ path: path.join(artifacts, "segment-quality.png"), fullPage: true });
+});
+
 test("renames a class and keeps it", async () => {
   const p = await page();
   await p.setInputFiles("#file", fixture("coffee.jpg"));

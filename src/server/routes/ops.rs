@@ -45,6 +45,10 @@ pub struct Info {
     /// Execution provider in use: `cpu` or `cuda`.
     pub execution_provider: &'static str,
     pub requested_device: String,
+    /// `/segment`'s quality when a request names none.
+    pub default_quality: crate::server::routes::segment::SegmentQuality,
+    /// Whether the model's centroids were clustered on flip-averaged features.
+    pub clustered_with_flip: bool,
 }
 
 /// Server version, active model and the execution provider in use.
@@ -61,6 +65,8 @@ pub async fn info(State(state): State<AppState>) -> Json<Info> {
         trained: m.provenance.trained,
         execution_provider: model.provider().as_str(),
         requested_device: state.requested_device.clone(),
+        default_quality: state.quality.into(),
+        clustered_with_flip: m.input.flip,
     })
 }
 

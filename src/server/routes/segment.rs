@@ -10,6 +10,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::infer::Quality;
 use crate::server::error::{ApiError, ApiResult, ErrorBody};
 use crate::server::extract::Query;
 use crate::server::openapi::BinaryBody;
@@ -30,10 +31,46 @@ pub enum OutputFormat {
     Json,
 }
 
+/// How much work goes into the mask: `fast` assigns the embedder's features as they are;
+/// `flip` averages them over a horizontal flip (about twice the embedder's cost); `crf` refines
+/// the labels with a dense CRF so boundaries follow the image's edges; `best` does both.
+#[derive(Deserialize, Serialize, ToSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SegmentQuality {
+    Fast,
+    Flip,
+    Crf,
+    Best,
+}
+
+impl From<SegmentQuality> for Quality {
+    fn from(q: SegmentQuality) -> Self {
+        match q {
+            SegmentQuality::Fast => Quality::Fast,
+            SegmentQuality::Flip => Quality::Flip,
+            SegmentQuality::Crf => Quality::Crf,
+            SegmentQuality::Best => Quality::Best,
+        }
+    }
+}
+
+impl From<Quality> for SegmentQuality {
+    fn from(q: Quality) -> Self {
+        match q {
+            Quality::Fast => SegmentQuality::Fast,
+            Quality::Flip => SegmentQuality::Flip,
+            Quality::Crf => SegmentQuality::Crf,
+            Quality::Best => SegmentQuality::Best,
+        }
+    }
+}
+
 #[derive(Deserialize, IntoParams)]
 pub struct SegmentQuery {
     /// Response format (default `mask`).
     pub format: Option<OutputFormat>,
+    /// Quality (default: the server's `--quality`, `best` unless set; `GET /info` tells).
+    pub quality: Option<SegmentQuality>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -109,7 +146,8 @@ async fn image_bytes(headers: &HeaderMap, request: Request, state: &AppState) ->
     responses(
         (status = 200, description = "Label mask PNG (formats mask, palette, overlay) or JSON (format json)",
          content((BinaryBody = "image/png"), (SegmentJson = "application/json")),
-         headers(("X-Model-Version" = String, description = "model name and checksum"), ("X-Num-Classes" = u32, description = "K"))),
+         headers(("X-Model-Version" = String, description = "model name and checksum"), ("X-Num-Classes" = u32, description = "K"),
+                 ("X-Quality" = String, description = "the quality the mask was made at"))),
         (status = 400, description = "Empty body or malformed multipart", body = ErrorBody),
         (status = 413, description = "Body or image too large", body = ErrorBody),
         (status = 415, description = "Not an image content type", body = ErrorBody),
@@ -146,7 +184,8 @@ pub async fn segment(
         .map_err(|e| ApiError::Internal(e.to_string()))??;
     let (_, model) = state.models.active();
     let timeout = Duration::from_secs(state.limits.request_timeout_secs);
-    let (mask, elapsed) = tokio::time::timeout(timeout, state.worker.segment(model.clone(), image.clone()))
+    let quality = query.quality.map(Quality::from).unwrap_or(state.quality);
+    let (mask, elapsed) = tokio::time::timeout(timeout, state.worker.segment(model.clone(), image.clone(), quality))
         .await
         .map_err(|_| ApiError::Timeout(format!("segmentation took longer than {}s", timeout.as_secs())))??;
     state.metrics.observe_inference(elapsed);
@@ -187,6 +226,7 @@ pub async fn segment(
     h.insert("x-model-version", HeaderValue::from_str(&version).unwrap_or(HeaderValue::from_static("unknown")));
     h.insert("x-num-classes", HeaderValue::from(k));
     h.insert("x-inference-ms", HeaderValue::from(elapsed.as_millis() as u64));
+    h.insert("x-quality", HeaderValue::from_static(quality.as_str()));
     Ok(resp)
 }
 

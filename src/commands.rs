@@ -195,7 +195,14 @@ pub struct TrainArgs {
     pub name: String,
     pub replace: bool,
     pub command: String,
+    /// Self-training after PiCIE (None: none).
+    pub self_train: Option<crate::train::selftrain::SelfTrainConfig>,
 }
+
+/// Where, inside the checkpoint folder, the self-training stage keeps the PiCIE stage's package
+/// (its targets and centroids) and its own progress.
+pub const STAGE_PACKAGE: &str = "picie-package";
+pub const SELF_TRAIN_CHECKPOINT: &str = "selftrain";
 
 /// `picie train`: PiCIE on the images, then a package clustered with the trained embedder.
 /// Returns None when `on` stopped it (the last epoch's checkpoint is kept).
@@ -255,6 +262,41 @@ pub fn train_with(args: &TrainArgs, sessions: SessionSettings, on: &mut dyn FnMu
         ]),
     };
     let k = args.package_k.unwrap_or(args.config.k);
-    let target = PackageTarget { out: &args.out, name: &args.name, policy, replace: args.replace, sessions };
-    package_from_embedder(&model, embedder_config, frames.paths(), KMeansConfig::new(k, args.config.seed), provenance, &target).map(Some)
+    let Some(st) = &args.self_train else {
+        let target = PackageTarget { out: &args.out, name: &args.name, policy, replace: args.replace, sessions };
+        return package_from_embedder(&model, embedder_config, frames.paths(), KMeansConfig::new(k, args.config.seed), provenance, &target).map(Some);
+    };
+    // The PiCIE stage's package: the self-training targets and the final centroids.
+    let stage_dir = args.checkpoint.join(STAGE_PACKAGE);
+    let stage_target = PackageTarget { out: &stage_dir, name: &args.name, policy, replace: true, sessions };
+    let (stage, report) = package_from_embedder(&model, embedder_config, frames.paths(), KMeansConfig::new(k, args.config.seed), provenance, &stage_target)?;
+    let seg = crate::infer::Segmenter::from_package(stage.clone(), sessions.device, sessions.threads)?;
+    let mut label_progress = |done: usize, all: usize| {
+        on(&crate::train::picie::Progress { epoch: 0, epochs: st.epochs, phase: "pseudo-label", step: done, steps: all, loss: None, pixels_per_sec: 0.0 })
+    };
+    let Some(targets) = crate::train::selftrain::pseudo_labels(&seg, &frames, st, &crate::infer::CrfConfig::default(), &mut label_progress)? else { return Ok(None) };
+    tracing::info!(kept = targets.kept(), "self-training targets");
+    let mut trainer = crate::train::selftrain::SelfTrainer::resume_or_new(
+        st.clone(),
+        args.config.clone(),
+        embedder_config,
+        &stage.load_weights()?,
+        &args.checkpoint.join(SELF_TRAIN_CHECKPOINT),
+    )?;
+    if !trainer.run(&frames, &targets, &stage.centroids.matrix(), &args.checkpoint.join(SELF_TRAIN_CHECKPOINT), on)? {
+        return Ok(None);
+    }
+    // The self-trained embedder with the PiCIE stage's centroids (names and colours kept).
+    let model = trainer.model.valid();
+    let onnx = export::to_onnx_bytes(&model, embedder_config)?;
+    let mut manifest = stage.manifest.clone();
+    manifest.provenance.created_at = crate::package::now_rfc3339();
+    manifest.provenance.details.insert("self_train".into(), serde_json::to_value(st)?);
+    manifest.provenance.details.insert("self_train_losses".into(), serde_json::json!(trainer.losses));
+    manifest.provenance.details.insert("self_train_targets_kept".into(), serde_json::json!(targets.kept()));
+    manifest.sha256.clear();
+    manifest.metrics.clear();
+    let tensors = model.to_tensor_map("picie");
+    let pkg = Package::write(&args.out, PackageContents { manifest, onnx: &onnx, weights: &tensors, centroids: &stage.centroids }, args.replace)?;
+    Ok(Some((pkg, report)))
 }

@@ -123,6 +123,18 @@ struct TrainCli {
     name: String,
     #[arg(long)]
     force: bool,
+    /// Self-training epochs after PiCIE (0: none): the embedder learns the CRF-refined,
+    /// confident labels of the PiCIE package, its centroids fixed.
+    #[arg(long, default_value_t = 0)]
+    self_train_epochs: usize,
+    #[arg(long, default_value_t = picie::train::selftrain::SelfTrainConfig::default().lr)]
+    self_train_lr: f64,
+    /// How the self-training targets are made (a quality with the CRF: crf or best).
+    #[arg(long, default_value = "best")]
+    self_train_quality: Quality,
+    /// Smallest CRF marginal for a pixel to be a self-training target.
+    #[arg(long, default_value_t = picie::train::selftrain::SelfTrainConfig::default().min_confidence)]
+    self_train_confidence: f32,
 }
 
 #[derive(clap::Args)]
@@ -329,6 +341,13 @@ fn train(t: TrainCli) -> Result<()> {
         name: t.name,
         replace: t.force,
         command: std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
+        self_train: (t.self_train_epochs > 0).then(|| picie::train::selftrain::SelfTrainConfig {
+            epochs: t.self_train_epochs,
+            lr: t.self_train_lr,
+            quality: t.self_train_quality,
+            min_confidence: t.self_train_confidence,
+            ..Default::default()
+        }),
     };
     let mut bar = ProgressBar::default();
     match picie::commands::train(&args, &mut |p| {

@@ -26,6 +26,7 @@ fn args(dir: &std::path::Path, config: TrainConfig, resume: bool) -> TrainArgs {
         name: "tiny".into(),
         replace: true,
         command: "test".into(),
+        self_train: None,
     }
 }
 
@@ -174,4 +175,53 @@ fn eval_scores_a_package_against_labels() {
         assert_eq!((r.k, &r.confusion), (alone.k, &alone.confusion), "seed {seed}");
     }
     assert_ne!(both[0].confusion, both[1].confusion, "the seeds give different clusterings");
+}
+
+/// Self-training after PiCIE: the targets come from the PiCIE stage's package, the written
+/// package keeps that stage's centroids and changes only the embedder, and a stopped stage
+/// resumes to the same weights as a straight run.
+#[test]
+fn self_training_keeps_the_centroids_and_resumes() {
+    use picie::train::selftrain::SelfTrainConfig;
+    let self_train = |epochs| Some(SelfTrainConfig { epochs, min_confidence: 0.3, min_agreement: 0.5, ..SelfTrainConfig::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let mut phases = vec![];
+    let straight = TrainArgs { self_train: self_train(2), ..args(dir.path(), tiny(1), false) };
+    let (pkg, _) = train(&straight, &mut |p| {
+        phases.push(p.phase);
+        true
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(phases.iter().filter(|p| **p == "pseudo-label").count(), 4, "one pseudo-labelling step per image");
+    assert_eq!(phases.iter().filter(|p| **p == "self-train").count(), 4, "two epochs of two steps");
+    let stage = Package::load(&dir.path().join("ckpt").join(picie::commands::STAGE_PACKAGE)).unwrap();
+    assert_eq!(pkg.centroids.matrix(), stage.centroids.matrix(), "centroids held fixed");
+    assert_ne!(pkg.load_weights().unwrap().tensors["backbone._blocks.15._project_conv.weight"], stage.load_weights().unwrap().tensors["backbone._blocks.15._project_conv.weight"]);
+    let d = &pkg.manifest.provenance.details;
+    assert_eq!(d["self_train_losses"].as_array().unwrap().len(), 2);
+    let kept = d["self_train_targets_kept"].as_f64().unwrap();
+    assert!(kept > 0.05 && kept <= 1.0, "{kept}");
+    Package::load(&pkg.dir).unwrap();
+
+    // Stopped in the second self-training epoch, then resumed: the same weights.
+    let dir2 = tempfile::tempdir().unwrap();
+    let first = TrainArgs { self_train: self_train(2), ..args(dir2.path(), tiny(1), false) };
+    let mut seen = 0;
+    let stopped = train(&first, &mut |p| {
+        if p.phase == "self-train" {
+            seen += 1;
+        }
+        seen < 3
+    })
+    .unwrap();
+    assert!(stopped.is_none());
+    let (resumed, _) = train(&TrainArgs { resume: true, ..first }, &mut |_| true).unwrap().unwrap();
+    let (a, b) = (pkg.load_weights().unwrap(), resumed.load_weights().unwrap());
+    let max_diff = a
+        .tensors
+        .iter()
+        .map(|(k, t)| t.data.iter().zip(&b.tensors[k].data).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max))
+        .fold(0f32, f32::max);
+    assert!(max_diff < 1e-5, "resumed self-training differs by {max_diff}");
 }

@@ -129,11 +129,17 @@ impl<F: Fn(&[f32], usize) -> Vec<f32>> Normalised<F> {
 /// (row-major), `k` scores whose softmax is the class probability; the image gives the colours.
 /// Returns one label per pixel.
 pub fn refine(image: &RgbImage, logits: &[f32], k: usize, config: &CrfConfig) -> Vec<u8> {
+    refine_with_confidence(image, logits, k, config).0
+}
+
+/// [`refine`], with each pixel's final marginal probability of its label (how sure the CRF is:
+/// self-training keeps only confident pixels).
+pub fn refine_with_confidence(image: &RgbImage, logits: &[f32], k: usize, config: &CrfConfig) -> (Vec<u8>, Vec<f32>) {
     let (w, h) = (image.width() as usize, image.height() as usize);
     let n = w * h;
     assert_eq!(logits.len(), n * k, "logits must be pixels x classes");
     if n == 0 || k == 0 {
-        return vec![0; n];
+        return (vec![0; n], vec![1.0; n]);
     }
     // Unary: -log p, p clipped.
     let mut q = logits.to_vec();
@@ -179,9 +185,9 @@ pub fn refine(image: &RgbImage, logits: &[f32], k: usize, config: &CrfConfig) ->
                     best = c;
                 }
             }
-            best as u8
+            (best as u8, row[best])
         })
-        .collect()
+        .unzip()
 }
 
 /// The size, at most the image's own, at which an image of `w` x `h` with `k` classes fits

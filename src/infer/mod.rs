@@ -166,6 +166,11 @@ pub fn assign_to(features: &FeatureMap, centroids: &[f32], k: usize) -> LabelMas
 /// were made from). Images whose pixels x K exceed the CRF's `max_values` are refined at a
 /// reduced size and the labels scaled back up (nearest).
 pub fn assign_refined(features: &FeatureMap, centroids: &[f32], k: usize, image: &RgbImage, crf: &CrfConfig) -> LabelMask {
+    assign_refined_with_confidence(features, centroids, k, image, crf).0
+}
+
+/// [`assign_refined`], with the CRF's marginal probability of each pixel's label.
+pub fn assign_refined_with_confidence(features: &FeatureMap, centroids: &[f32], k: usize, image: &RgbImage, crf: &CrfConfig) -> (LabelMask, Vec<f32>) {
     let (ow, oh) = features.geometry.original;
     debug_assert_eq!((image.width(), image.height()), (ow, oh), "the image the features were made from");
     let hw = features.width * features.height;
@@ -173,15 +178,16 @@ pub fn assign_refined(features: &FeatureMap, centroids: &[f32], k: usize, image:
     let (tw, th) = crf::working_size(ow, oh, k, crf.max_values);
     let mut logits = assign::scores_at_size(&scores, k, (features.width, features.height), &features.geometry, (tw as usize, th as usize));
     logits.iter_mut().for_each(|v| *v *= crf.temperature);
-    let labels = if (tw, th) == (ow, oh) {
-        crf::refine(image, &logits, k, crf)
+    let (labels, confidence) = if (tw, th) == (ow, oh) {
+        crf::refine_with_confidence(image, &logits, k, crf)
     } else {
         let small = image::imageops::resize(image, tw, th, image::imageops::FilterType::Triangle);
-        let refined = crf::refine(&small, &logits, k, crf);
+        let (labels, confidence) = crf::refine_with_confidence(&small, &logits, k, crf);
         let (ow, oh, tw, th) = (ow as usize, oh as usize, tw as usize, th as usize);
-        (0..ow * oh).map(|i| refined[((i / ow) * th / oh) * tw + (i % ow) * tw / ow]).collect()
+        let source = |i: usize| ((i / ow) * th / oh) * tw + (i % ow) * tw / ow;
+        ((0..ow * oh).map(|i| labels[source(i)]).collect(), (0..ow * oh).map(|i| confidence[source(i)]).collect())
     };
-    LabelMask { width: ow, height: oh, labels }
+    (LabelMask { width: ow, height: oh, labels }, confidence)
 }
 
 /// A loaded package ready to segment.

@@ -118,6 +118,7 @@ fn run_job(
                 name: name.clone(),
                 replace: false,
                 command: format!("finetune dataset={dataset} (job {})", job.id),
+                self_train: None,
             };
             let outcome = crate::commands::train_with(&args, settings.sessions(), &mut |p| {
                 ctx.progress(&format!("{} epoch {}/{}", p.phase, p.epoch + 1, p.epochs), 0.95 * p.fraction());

@@ -6,3 +6,4 @@ pub mod cluster;
 pub mod kmeans;
 pub mod loss;
 pub mod picie;
+pub mod selftrain;

@@ -95,8 +95,9 @@ impl TrainConfig {
                 bail!("{name} must be a positive multiple of 32 (got {v})");
             }
         }
-        if self.batch == 0 || self.epochs == 0 {
-            bail!("batch and epochs must be positive");
+        // No epochs is allowed: a package of the starting weights (e.g. to self-train only).
+        if self.batch == 0 {
+            bail!("batch must be positive");
         }
         if ![0, 4, 8, 16, 32].contains(&self.freeze_stride) {
             bail!("freeze stride must be 0, 4, 8, 16 or 32 (got {})", self.freeze_stride);
@@ -211,7 +212,7 @@ impl Frames {
     }
 
     /// The frames of a batch, decoded in parallel.
-    fn batch(&self, idx: &[usize]) -> Result<Vec<Vec<f32>>> {
+    pub(crate) fn batch(&self, idx: &[usize]) -> Result<Vec<Vec<f32>>> {
         use rayon::prelude::*;
         idx.par_iter().map(|&i| self.frame(i)).collect()
     }
@@ -250,7 +251,7 @@ impl EpochLabels {
 /// Crops each image of the batch to its box (in cells of `scale` pixels), resizes it back to
 /// the full size (bilinear, half-pixel), and flips it when drawn: G on images (scale 4) and on
 /// feature maps (scale 1).
-fn apply_geometric(x: Tensor<4>, geos: &[Geometric], scale: usize) -> Tensor<4> {
+pub(crate) fn apply_geometric(x: Tensor<4>, geos: &[Geometric], scale: usize) -> Tensor<4> {
     let [n, c, h, w] = x.dims();
     let parts: Vec<Tensor<4>> = (0..n)
         .map(|i| {

@@ -353,7 +353,7 @@ async fn dataset_recluster_activate_segment_cycle() {
 
     // Bad job requests.
     // Fine-tuning (tiny frames to keep the test short) writes a trained version.
-    let r = s.client.post(s.url("/jobs")).json(&json!({"type": "finetune", "dataset": id, "k": 3, "k2": 5, "epochs": 1, "size": 64, "width": 96, "freeze_stride": 8, "batch": 2, "package_k": 4, "name": "tuned"})).send().await.unwrap();
+    let r = s.client.post(s.url("/jobs")).json(&json!({"type": "finetune", "dataset": id, "k": 3, "k2": 5, "epochs": 1, "size": 64, "width": 96, "freeze_stride": 8, "batch": 2, "package_k": 4, "name": "tuned", "self_train_epochs": 1})).send().await.unwrap();
     assert_eq!(r.status(), 202);
     let job: Value = r.json().await.unwrap();
     let done = s.wait_job(job["id"].as_str().unwrap()).await;
@@ -363,6 +363,8 @@ async fn dataset_recluster_activate_segment_cycle() {
     assert_eq!(tuned["manifest"]["provenance"]["trained"], true);
     let settings = &tuned["manifest"]["provenance"]["details"]["train"];
     assert_eq!((&settings["size"], &settings["width"], &settings["freeze_stride"]), (&json!(64), &json!(96), &json!(8)), "{settings}");
+    // ...then self-trained for one epoch on its own refined labels.
+    assert_eq!(tuned["manifest"]["provenance"]["details"]["self_train_losses"].as_array().map(|l| l.len()), Some(1), "{tuned}");
 
     for body in [
         json!({"type": "recluster", "dataset": id, "k": 1}),
@@ -371,6 +373,8 @@ async fn dataset_recluster_activate_segment_cycle() {
         json!({"type": "finetune", "dataset": id, "size": 100}),
         json!({"type": "finetune", "dataset": id, "width": 100}),
         json!({"type": "finetune", "dataset": id, "freeze_stride": 5}),
+        json!({"type": "finetune", "dataset": id, "epochs": 0}),
+        json!({"type": "finetune", "dataset": id, "self_train_epochs": 101}),
         json!({"type": "recluster", "dataset": id, "k": 3, "name": "tuned"}),
     ] {
         let r = s.client.post(s.url("/jobs")).json(&body).send().await.unwrap();

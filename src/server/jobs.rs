@@ -131,6 +131,11 @@ pub enum JobSpec {
         #[serde(default)]
         #[schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")]
         name: Option<String>,
+        /// Self-training epochs after the PiCIE epochs (default 0: none): the embedder learns
+        /// the CRF-refined, confident labels of the PiCIE result, its centroids held fixed.
+        #[serde(default)]
+        #[schema(minimum = 0, maximum = 100)]
+        self_train_epochs: Option<usize>,
     },
 }
 
@@ -146,6 +151,12 @@ impl JobSpec {
             JobSpec::Recluster { name, .. } | JobSpec::Finetune { name, .. } => name.as_deref(),
         }
     }
+}
+
+/// The self-training stage of a fine-tuning job, if it asks for one.
+pub fn finetune_self_train(spec: &JobSpec) -> Option<crate::train::selftrain::SelfTrainConfig> {
+    let JobSpec::Finetune { self_train_epochs: Some(epochs), .. } = spec else { return None };
+    (*epochs > 0).then(|| crate::train::selftrain::SelfTrainConfig { epochs: *epochs, ..Default::default() })
 }
 
 /// The training settings of a fine-tuning job, defaults filled in.

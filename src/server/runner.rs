@@ -118,10 +118,17 @@ fn run_job(
                 name: name.clone(),
                 replace: false,
                 command: format!("finetune dataset={dataset} (job {})", job.id),
-                self_train: None,
+                self_train: jobs::finetune_self_train(&job.spec),
             };
+            // Progress over both stages, each weighted by its epochs.
+            let picie_epochs = args.config.epochs as f64;
+            let all_epochs = picie_epochs + args.self_train.as_ref().map_or(0.0, |s| s.epochs as f64);
             let outcome = crate::commands::train_with(&args, settings.sessions(), &mut |p| {
-                ctx.progress(&format!("{} epoch {}/{}", p.phase, p.epoch + 1, p.epochs), 0.95 * p.fraction());
+                let done = match p.phase {
+                    "pseudo-label" | "self-train" => picie_epochs + p.fraction() * (all_epochs - picie_epochs),
+                    _ => p.fraction() * picie_epochs,
+                };
+                ctx.progress(&format!("{} epoch {}/{}", p.phase, p.epoch + 1, p.epochs), 0.95 * done / all_epochs.max(1.0));
                 !ctx.canceled()
             })?;
             let Some((pkg, _)) = outcome else {

@@ -149,13 +149,16 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Overall fraction done: the clustering and labelling passes (forward only) count a
-    /// fifth of an epoch each, training the rest.
+    /// Fraction of the stage done: in PiCIE epochs the clustering and labelling passes
+    /// (forward only) count a fifth of an epoch each, training the rest; self-training's
+    /// pseudo-labelling pass comes before its first epoch, its epochs are all training.
     pub fn fraction(&self) -> f64 {
         let step = self.step as f64 / self.steps.max(1) as f64;
         let within = match self.phase {
             "cluster" => step / 5.0,
             "label" => 0.2 + step / 5.0,
+            "pseudo-label" => 0.0,
+            "self-train" => step,
             _ => 0.4 + 0.6 * step,
         };
         (self.epoch as f64 + within) / self.epochs.max(1) as f64

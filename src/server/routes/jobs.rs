@@ -39,7 +39,7 @@ pub async fn submit(State(state): State<AppState>, Json(spec): Json<JobSpec>) ->
                 return Err(ApiError::BadRequest(format!("dataset `{}` has no images", ds.id)));
             }
         }
-        JobSpec::Finetune { package_k, epochs, lr, .. } => {
+        JobSpec::Finetune { package_k, epochs, lr, self_train_epochs, .. } => {
             let config = finetune_config(&spec).expect("a finetune spec");
             // Bounds that keep one job's memory and time within reason (the schema states them).
             let (width, height) = config.frame();
@@ -55,8 +55,8 @@ pub async fn submit(State(state): State<AppState>, Json(spec): Json<JobSpec>) ->
             if package_k.is_some_and(|k| !(2..=MAX_CLASSES).contains(&k)) {
                 return Err(ApiError::BadRequest(format!("package_k must be between 2 and {MAX_CLASSES}")));
             }
-            if epochs.is_some_and(|e| e > MAX_EPOCHS) {
-                return Err(ApiError::BadRequest(format!("at most {MAX_EPOCHS} epochs")));
+            if epochs.is_some_and(|e| e == 0 || e > MAX_EPOCHS) || self_train_epochs.is_some_and(|e| e > MAX_EPOCHS) {
+                return Err(ApiError::BadRequest(format!("epochs must be between 1 and {MAX_EPOCHS}, self_train_epochs at most {MAX_EPOCHS}")));
             }
             if lr.is_some_and(|lr| !(lr > 0.0 && lr < 1.0)) {
                 return Err(ApiError::BadRequest("lr must be in (0, 1)".into()));

@@ -67,5 +67,22 @@ fn main() -> anyhow::Result<()> {
     row("burn 0.22 Flex (reference fwd)", burn_med, burn_min);
     row(&format!("assignment K={K} to 480x360"), asg_med, asg_min);
     println!("ratio burn / ONNX Runtime: {:.2}x", burn_med.as_secs_f64() / ort_med.as_secs_f64());
+
+    // What each quality costs per image with the shipped model: decode excluded, embedding,
+    // flip averaging, assignment and the dense CRF included; a street-frame size and 2 MP.
+    let seg = picie::infer::Segmenter::load(&root.join("models/default"), DeviceChoice::Cpu, Some(threads))?;
+    let photo = preprocess::decode_file(&root.join("fixtures/images/coffee.jpg"))?;
+    let crf = picie::infer::CrfConfig::default();
+    println!("\n/segment work per image by quality, models/default (K = {}), median of runs", seg.k());
+    println!("{:<10} {:>14} {:>14}", "quality", "480x360 ms", "1632x1224 ms");
+    for q in picie::infer::Quality::ALL {
+        let mut cells = vec![];
+        for (w, h, reps) in [(480u32, 360u32, 7usize), (1632, 1224, 3)] {
+            let img = image::imageops::resize(&photo, w, h, image::imageops::FilterType::Triangle);
+            let (med, _) = time(reps, || seg.segment_batch_at(std::slice::from_ref(&img), q, &crf).unwrap());
+            cells.push(med.as_secs_f64() * 1e3);
+        }
+        println!("{:<10} {:>14.1} {:>14.1}", q.as_str(), cells[0], cells[1]);
+    }
     Ok(())
 }

@@ -43,6 +43,9 @@ fn main() -> anyhow::Result<()> {
     let mut cfg = ServeConfig::new(root.join("models"), data.path());
     cfg.threads = Some(threads);
     cfg.max_concurrent = 64;
+    // Like for like with the bare path below (embed + assign, no CRF); BENCH_QUALITY=crf
+    // measures the default /segment instead.
+    cfg.quality = std::env::var("BENCH_QUALITY").ok().and_then(|q| q.parse().ok()).unwrap_or(picie::infer::Quality::Fast);
 
     // The job runner inside the state is spawned on this runtime.
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

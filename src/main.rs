@@ -64,8 +64,9 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
-        /// fast, flip (average over a horizontal flip), crf (dense CRF on the labels) or best (both).
-        #[arg(long, default_value = "best")]
+        /// fast, flip (average over a horizontal flip), crf (dense CRF on the labels, the
+        /// server's default) or best (both).
+        #[arg(long, default_value = "crf")]
         quality: Quality,
         images: Vec<PathBuf>,
     },
@@ -175,8 +176,8 @@ struct EvalCli {
     #[arg(long)]
     record_metrics: Option<String>,
     /// Qualities to score, comma-separated (fast, flip, crf, best: as `/segment?quality=`);
-    /// each is a row.
-    #[arg(long, value_delimiter = ',', default_value = "best")]
+    /// each is a row. Default: crf, the server's default.
+    #[arg(long, value_delimiter = ',', default_value = "crf")]
     quality: Vec<Quality>,
 }
 

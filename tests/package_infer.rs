@@ -126,7 +126,7 @@ fn the_crf_shrinks_what_does_not_fit_its_budget() {
     let seg = Segmenter::load(package_dir(), DeviceChoice::Cpu, None).unwrap();
     let img = load_fixture("coffee.jpg");
     let full = seg.segment_batch_at(std::slice::from_ref(&img), Quality::Crf, &CrfConfig::default()).unwrap().remove(0);
-    let small = CrfConfig { max_values: 600 * 400 * K / 4, ..CrfConfig::default() };
+    let small = CrfConfig { max_pixels: 600 * 400 / 4, ..CrfConfig::default() };
     let reduced = seg.segment_batch_at(std::slice::from_ref(&img), Quality::Crf, &small).unwrap().remove(0);
     assert_eq!((reduced.width, reduced.height), (600, 400));
     let same = full.labels.iter().zip(&reduced.labels).filter(|(a, b)| a == b).count() as f64 / full.labels.len() as f64;

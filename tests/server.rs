@@ -115,7 +115,7 @@ async fn quality_is_chosen_per_request_with_a_server_default() {
     let s = Server::fresh(|_| {}).await;
     let cat = fixture_bytes("chelsea.png");
     let info: Value = s.client.get(s.url("/info")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(info["default_quality"], "best");
+    assert_eq!(info["default_quality"], "crf");
     assert_eq!(info["clustered_with_flip"], s.shipped_flip());
 
     // The same masks the library makes at each quality.
@@ -138,7 +138,7 @@ async fn quality_is_chosen_per_request_with_a_server_default() {
     }
     // No quality named: the server's default.
     let r = s.segment(cat.clone(), "image/png", "mask").await;
-    assert_eq!(r.headers()["x-quality"], "best");
+    assert_eq!(r.headers()["x-quality"], "crf");
     let r = s.client.post(s.url("/segment?quality=ultra")).header("content-type", "image/png").body(cat.clone()).send().await.unwrap();
     assert_eq!(error_code(r).await, (StatusCode::BAD_REQUEST, "invalid_query".into()));
     s.stop().await;

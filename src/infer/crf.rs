@@ -30,9 +30,12 @@ pub struct CrfConfig {
     pub appearance_sxy: f32,
     pub appearance_srgb: f32,
     pub appearance_weight: f32,
-    /// Upper bound on pixels x classes the CRF holds at once (each buffer is this many floats);
-    /// larger images are refined at a reduced size and the labels scaled back up.
+    /// Upper bound on pixels x classes the CRF holds at once (each buffer is this many floats)...
     pub max_values: usize,
+    /// ...and on the pixels it refines: larger images are refined at a reduced size (aspect
+    /// ratio kept) and the labels scaled back up. The features are at stride 4 of a 352-pixel
+    /// short side, so past about a megapixel the CRF's time grows with no new information.
+    pub max_pixels: usize,
 }
 
 impl Default for CrfConfig {
@@ -46,6 +49,7 @@ impl Default for CrfConfig {
             appearance_srgb: 3.0,
             appearance_weight: 4.0,
             max_values: 32 << 20,
+            max_pixels: 1 << 20,
         }
     }
 }
@@ -53,38 +57,42 @@ impl Default for CrfConfig {
 /// Probabilities below this are clipped before the log (as pydensecrf's `unary_from_softmax`).
 const MIN_PROBABILITY: f32 = 1e-5;
 
-/// Exact Gaussian smoothing of `values` (w x h pixels x c channels, pixel after pixel), separable,
-/// truncated at three standard deviations.
-fn gaussian_blur(values: &[f32], w: usize, h: usize, c: usize, sigma: f32) -> Vec<f32> {
-    let radius = (3.0 * sigma).ceil().max(1.0) as isize;
-    let taps: Vec<f32> = (-radius..=radius).map(|t| (-(t * t) as f32 / (2.0 * sigma * sigma)).exp()).collect();
-    let mut rows = vec![0f32; values.len()];
-    rows.par_chunks_mut(w * c).enumerate().for_each(|(y, out)| {
-        let src = &values[y * w * c..(y + 1) * w * c];
-        for x in 0..w {
-            let o = &mut out[x * c..(x + 1) * c];
-            for (t, &g) in taps.iter().enumerate() {
-                let xx = x as isize + t as isize - radius;
-                if xx < 0 || xx >= w as isize {
-                    continue;
-                }
-                for (a, &s) in o.iter_mut().zip(&src[xx as usize * c..(xx as usize + 1) * c]) {
-                    *a += g * s;
-                }
+/// Exact Gaussian smoothing of `planes` (c planes of w x h, one after another), separable,
+/// truncated at three standard deviations; a missing neighbour beyond the border counts as 0.
+fn gaussian_blur_planes(planes: &[f32], w: usize, h: usize, sigma: f32) -> Vec<f32> {
+    let radius = (3.0 * sigma).ceil().max(1.0) as usize;
+    let taps: Vec<f32> = (0..=2 * radius).map(|t| {
+        let d = t as f32 - radius as f32;
+        (-(d * d) / (2.0 * sigma * sigma)).exp()
+    }).collect();
+    let n = w * h;
+    let mut rows = vec![0f32; planes.len()];
+    rows.par_chunks_mut(w).zip(planes.par_chunks(w)).for_each(|(out, src)| {
+        for (t, &g) in taps.iter().enumerate() {
+            // out[x] += g * src[x + t - radius] where that index exists.
+            let (lo, hi) = (radius.saturating_sub(t), (w + radius).saturating_sub(t).min(w));
+            if lo >= hi {
+                continue;
+            }
+            let off = lo + t - radius;
+            for (o, &v) in out[lo..hi].iter_mut().zip(&src[off..off + (hi - lo)]) {
+                *o += g * v;
             }
         }
     });
-    let mut out = vec![0f32; values.len()];
-    out.par_chunks_mut(w * c).enumerate().for_each(|(y, o)| {
-        for (t, &g) in taps.iter().enumerate() {
-            let yy = y as isize + t as isize - radius;
-            if yy < 0 || yy >= h as isize {
-                continue;
+    let mut out = vec![0f32; planes.len()];
+    out.par_chunks_mut(n).zip(rows.par_chunks(n)).for_each(|(dst, src)| {
+        dst.par_chunks_mut(w).enumerate().for_each(|(y, o)| {
+            for (t, &g) in taps.iter().enumerate() {
+                let yy = y as isize + t as isize - radius as isize;
+                if yy < 0 || yy >= h as isize {
+                    continue;
+                }
+                for (a, &v) in o.iter_mut().zip(&src[yy as usize * w..(yy as usize + 1) * w]) {
+                    *a += g * v;
+                }
             }
-            for (a, &s) in o.iter_mut().zip(&rows[yy as usize * w * c..(yy as usize + 1) * w * c]) {
-                *a += g * s;
-            }
-        }
+        });
     });
     out
 }
@@ -104,25 +112,10 @@ fn softmax_rows(values: &mut [f32], k: usize) {
     });
 }
 
-/// A filter with symmetric normalisation, as in Krähenbühl's code: `n * F(n * Q)` where
-/// `n = 1 / sqrt(F(1))`, so that in a uniform region the message is a weighted mean of Q.
-struct Normalised<F: Fn(&[f32], usize) -> Vec<f32>> {
-    filter: F,
-    norm: Vec<f32>,
-}
-
-impl<F: Fn(&[f32], usize) -> Vec<f32>> Normalised<F> {
-    fn new(filter: F, n: usize) -> Self {
-        let norm = filter(&vec![1.0; n], 1).into_iter().map(|s| 1.0 / (s + 1e-20).sqrt()).collect();
-        Self { filter, norm }
-    }
-
-    fn apply(&self, q: &[f32], k: usize) -> Vec<f32> {
-        let scaled: Vec<f32> = q.par_chunks(k).zip(&self.norm).flat_map_iter(|(row, &n)| row.iter().map(move |v| v * n)).collect();
-        let mut out = (self.filter)(&scaled, k);
-        out.par_chunks_mut(k).zip(&self.norm).for_each(|(row, &n)| row.iter_mut().for_each(|v| *v *= n));
-        out
-    }
+/// `1 / sqrt(F(1))` per pixel: the symmetric normalisation of Krähenbühl's code, under which a
+/// kernel's message in a uniform region is a weighted mean of Q (`n * F(n * Q)`).
+fn normaliser(filtered_ones: Vec<f32>) -> Vec<f32> {
+    filtered_ones.into_iter().map(|s| 1.0 / (s + 1e-20).sqrt()).collect()
 }
 
 /// Refines per-pixel class scores into labels. `logits` holds, for each of the image's pixels
@@ -141,15 +134,15 @@ pub fn refine_with_confidence(image: &RgbImage, logits: &[f32], k: usize, config
     if n == 0 || k == 0 {
         return (vec![0; n], vec![1.0; n]);
     }
-    // Unary: -log p, p clipped.
+    // Unary: -log p, p clipped. The mean field starts from softmax(-U), as densecrf does.
     let mut q = logits.to_vec();
     softmax_rows(&mut q, k);
     let unary: Vec<f32> = q.par_iter().map(|p| -p.max(MIN_PROBABILITY).ln()).collect();
-    // Start from the unary's own distribution (softmax of -U), as densecrf does.
     q.par_iter_mut().zip(&unary).for_each(|(v, u)| *v = -u);
     softmax_rows(&mut q, k);
 
-    let smooth = Normalised::new(|v: &[f32], c: usize| gaussian_blur(v, w, h, c, config.smooth_sxy), n);
+    // Smoothness kernel (planar, exact) and appearance kernel (pixel-major, lattice).
+    let smooth_norm = normaliser(gaussian_blur_planes(&vec![1.0; n], w, h, config.smooth_sxy));
     let features: Vec<f32> = image
         .pixels()
         .enumerate()
@@ -166,14 +159,28 @@ pub fn refine_with_confidence(image: &RgbImage, logits: &[f32], k: usize, config
         .collect();
     let lattice = Lattice::new(&features, 5);
     drop(features);
-    let appearance = Normalised::new(|v: &[f32], c: usize| lattice.filter(v, c), n);
+    let appearance_norm = normaliser(lattice.filter(&vec![1.0; n], 1));
 
+    let mut planes = vec![0f32; n * k];
+    let mut scaled = vec![0f32; n * k];
     for _ in 0..config.iterations {
-        let s = smooth.apply(&q, k);
-        let a = appearance.apply(&q, k);
+        // n * Q, once per layout.
+        planes.par_chunks_mut(n).enumerate().for_each(|(c, plane)| {
+            for (i, v) in plane.iter_mut().enumerate() {
+                *v = q[i * k + c] * smooth_norm[i];
+            }
+        });
+        scaled.par_chunks_mut(k).zip(q.par_chunks(k)).zip(&appearance_norm).for_each(|((o, row), &a)| {
+            o.iter_mut().zip(row).for_each(|(o, v)| *o = v * a);
+        });
+        let smooth = gaussian_blur_planes(&planes, w, h, config.smooth_sxy);
+        let appearance = lattice.filter(&scaled, k);
         // Potts compatibility: a class gains what the kernels say its neighbours hold of it.
-        q.par_iter_mut().enumerate().for_each(|(i, v)| {
-            *v = -unary[i] + config.smooth_weight * s[i] + config.appearance_weight * a[i];
+        q.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
+            let (sn, an) = (config.smooth_weight * smooth_norm[i], config.appearance_weight * appearance_norm[i]);
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = -unary[i * k + c] + sn * smooth[c * n + i] + an * appearance[i * k + c];
+            }
         });
         softmax_rows(&mut q, k);
     }
@@ -191,13 +198,14 @@ pub fn refine_with_confidence(image: &RgbImage, logits: &[f32], k: usize, config
 }
 
 /// The size, at most the image's own, at which an image of `w` x `h` with `k` classes fits
-/// within `max_values`.
-pub fn working_size(w: u32, h: u32, k: usize, max_values: usize) -> (u32, u32) {
-    let values = w as f64 * h as f64 * k.max(1) as f64;
-    if values <= max_values as f64 {
+/// within the config's `max_values` and `max_pixels`.
+pub fn working_size(w: u32, h: u32, k: usize, config: &CrfConfig) -> (u32, u32) {
+    let pixels = w as f64 * h as f64;
+    let budget = (config.max_values as f64 / k.max(1) as f64).min(config.max_pixels as f64);
+    if pixels <= budget {
         return (w, h);
     }
-    let s = (max_values as f64 / values).sqrt();
+    let s = (budget / pixels).sqrt();
     (((w as f64 * s).floor() as u32).max(1), ((h as f64 * s).floor() as u32).max(1))
 }
 
@@ -266,9 +274,13 @@ mod tests {
 
     #[test]
     fn working_size_keeps_small_images_and_shrinks_large_ones() {
-        assert_eq!(working_size(480, 360, 11, 32 << 20), (480, 360));
-        let (w, h) = working_size(8000, 6000, 27, 32 << 20);
-        assert!((w as usize * h as usize * 27) <= 32 << 20);
+        let c = CrfConfig::default();
+        assert_eq!(working_size(480, 360, 11, &c), (480, 360));
+        let (w, h) = working_size(8000, 6000, 27, &c);
+        assert!((w as usize * h as usize) <= c.max_pixels);
         assert!((w as f64 / h as f64 - 8000.0 / 6000.0).abs() < 0.01);
+        let many = CrfConfig { max_pixels: usize::MAX, ..c };
+        let (w, h) = working_size(8000, 6000, 255, &many);
+        assert!((w as usize * h as usize * 255) <= many.max_values);
     }
 }

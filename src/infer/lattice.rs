@@ -110,18 +110,23 @@ impl KeyTable {
     }
 }
 
-/// The enclosing simplex of one point: its remainder-0 vertex and the rank of each coordinate.
+/// The most features a point may have (the CRF uses 5: position and colour).
+pub const MAX_FEATURES: usize = 7;
+
+/// The enclosing simplex of one point: its remainder-0 vertex, the rank of each coordinate and
+/// the barycentric weights (the first d + 1 entries of each are used). Fixed-size arrays keep
+/// the per-point work free of allocation.
 struct Simplex {
-    rem0: Vec<i32>,
-    rank: Vec<usize>,
-    barycentric: Vec<f32>,
+    rem0: [i32; MAX_FEATURES + 1],
+    rank: [usize; MAX_FEATURES + 1],
+    barycentric: [f32; MAX_FEATURES + 2],
 }
 
 /// Elevates a point onto the lattice's hyperplane and finds the simplex that holds it
 /// (Adams et al. 2010, section 3.1; the same steps as Krähenbühl's implementation).
 fn simplex(f: &[f32], scale: &[f32]) -> Simplex {
     let d = f.len();
-    let mut elevated = vec![0f32; d + 1];
+    let mut elevated = [0f32; MAX_FEATURES + 1];
     let mut sm = 0f32;
     for j in (1..=d).rev() {
         let cf = f[j - 1] * scale[j - 1];
@@ -132,7 +137,7 @@ fn simplex(f: &[f32], scale: &[f32]) -> Simplex {
     // The closest remainder-0 lattice point, by rounding each coordinate to a multiple of d + 1.
     let down = 1.0 / (d + 1) as f32;
     let up = (d + 1) as f32;
-    let mut rem0 = vec![0i32; d + 1];
+    let mut rem0 = [0i32; MAX_FEATURES + 1];
     let mut sum = 0i32;
     for i in 0..=d {
         let v = down * elevated[i];
@@ -143,7 +148,7 @@ fn simplex(f: &[f32], scale: &[f32]) -> Simplex {
         sum += r as i32 / (d + 1) as i32;
     }
     // Rank of each coordinate's remainder in sorted order.
-    let mut rank = vec![0i32; d + 1];
+    let mut rank = [0i32; MAX_FEATURES + 1];
     for i in 0..d {
         let di = elevated[i] - rem0[i] as f32;
         for j in i + 1..=d {
@@ -165,7 +170,7 @@ fn simplex(f: &[f32], scale: &[f32]) -> Simplex {
             rem0[i] -= d as i32 + 1;
         }
     }
-    let mut barycentric = vec![0f32; d + 2];
+    let mut barycentric = [0f32; MAX_FEATURES + 2];
     for i in 0..=d {
         let v = (elevated[i] - rem0[i] as f32) * down;
         let r = rank[i] as usize;
@@ -173,15 +178,14 @@ fn simplex(f: &[f32], scale: &[f32]) -> Simplex {
         barycentric[d + 1 - r] -= v;
     }
     barycentric[0] += 1.0 + barycentric[d + 1];
-    barycentric.truncate(d + 1);
-    Simplex { rem0, rank: rank.into_iter().map(|r| r as usize).collect(), barycentric }
+    Simplex { rem0, rank: rank.map(|r| r as usize), barycentric }
 }
 
 impl Lattice {
     /// Builds the lattice over `features`: `n` points of `d` values each, point after point,
     /// already divided by the kernel's standard deviation per feature.
     pub fn new(features: &[f32], d: usize) -> Self {
-        assert!(d > 0 && features.len().is_multiple_of(d), "features must be n x d");
+        assert!(d > 0 && d <= MAX_FEATURES && features.len().is_multiple_of(d), "features must be n x d, d at most {MAX_FEATURES}");
         let n = features.len() / d;
         // Expected standard deviation of the filter (p. 6 of Adams et al.) and the diagonal of E.
         let inv_std = (2.0f32 / 3.0).sqrt() * (d + 1) as f32;

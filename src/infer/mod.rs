@@ -163,8 +163,8 @@ pub fn assign_to(features: &FeatureMap, centroids: &[f32], k: usize) -> LabelMas
 }
 
 /// Like [`assign_to`], then refined by the dense CRF on `image` (the original image the features
-/// were made from). Images whose pixels x K exceed the CRF's `max_values` are refined at a
-/// reduced size and the labels scaled back up (nearest).
+/// were made from). Images over the CRF's `max_pixels` (or pixels x K over `max_values`) are
+/// refined at a reduced size and the labels scaled back up (nearest).
 pub fn assign_refined(features: &FeatureMap, centroids: &[f32], k: usize, image: &RgbImage, crf: &CrfConfig) -> LabelMask {
     assign_refined_with_confidence(features, centroids, k, image, crf).0
 }
@@ -175,7 +175,7 @@ pub fn assign_refined_with_confidence(features: &FeatureMap, centroids: &[f32], 
     debug_assert_eq!((image.width(), image.height()), (ow, oh), "the image the features were made from");
     let hw = features.width * features.height;
     let scores = assign::similarities(&features.data, features.dim, hw, centroids);
-    let (tw, th) = crf::working_size(ow, oh, k, crf.max_values);
+    let (tw, th) = crf::working_size(ow, oh, k, crf);
     let mut logits = assign::scores_at_size(&scores, k, (features.width, features.height), &features.geometry, (tw as usize, th as usize));
     logits.iter_mut().for_each(|v| *v *= crf.temperature);
     let (labels, confidence) = if (tw, th) == (ow, oh) {

@@ -41,7 +41,7 @@ impl Default for Limits {
             max_image_pixels: 40_000_000,
             max_concurrent: 32,
             request_timeout_secs: 60,
-            max_queue_ms: 250,
+            max_queue_ms: 2000,
         }
     }
 }

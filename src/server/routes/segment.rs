@@ -69,7 +69,7 @@ impl From<Quality> for SegmentQuality {
 pub struct SegmentQuery {
     /// Response format (default `mask`).
     pub format: Option<OutputFormat>,
-    /// Quality (default: the server's `--quality`, `best` unless set; `GET /info` tells).
+    /// Quality (default: the server's `--quality`, `crf` unless set; `GET /info` tells).
     pub quality: Option<SegmentQuality>,
 }
 

@@ -9,6 +9,8 @@
 //!                                                  with `pip install torch` from PyPI when missing)
 //!
 //! BENCH_BATCH, BENCH_SIZE and BENCH_FREEZE ("16 0") change the settings; BENCH_KMEANS=0 skips k-means.
+//! BENCH_BREAKDOWN=1 also times the step's operations one kind at a time (forward + backward of
+//! each layer of the network on its own shapes, summed per kind) to show where the time goes.
 
 use std::path::Path;
 use std::time::Instant;
@@ -75,6 +77,8 @@ fn main() -> anyhow::Result<()> {
     let timings: Vec<(usize, Timing)> = freezes.iter().map(|&f| measure(config, &init, &frames, size, batch, f, dir.path()).map(|t| (f, t))).collect::<anyhow::Result<_>>()?;
     let torch = if std::env::var("BENCH_TORCH").as_deref() == Ok("1") { torch_steps(&root, &pth, size, batch, threads, &freezes) } else { Err("BENCH_TORCH=1 not set".into()) };
 
+    let breakdown = if std::env::var("BENCH_BREAKDOWN").as_deref() == Ok("1") { Some(breakdown(size, batch)) } else { None };
+
     let km = if std::env::var("BENCH_KMEANS").as_deref() != Ok("0") {
         let n = 1_000_000;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -111,7 +115,97 @@ fn main() -> anyhow::Result<()> {
         Err(e) => println!("PyTorch: not measured ({e}); reference: {TORCH_REFERENCE}"),
     }
     println!("reference (steering): faiss 20 iters: 7.1 s");
+    if let Some(rows) = breakdown {
+        let total: f64 = rows.iter().map(|r| r.1).sum();
+        println!("\nwhere a step's time goes: each layer's forward + backward (grads of input and weights) on its own, summed per kind, both views, all layers trainable, {size}x{size} batch {batch} (min of 3)");
+        for (name, secs) in rows {
+            println!("{name:<58} {secs:>10.2} {:>9.0} %", 100.0 * secs / total);
+        }
+        println!("{:<58} {total:>10.2}", "sum");
+    }
     Ok(())
+}
+
+/// Forward + backward of every layer of the Lite0 + FPN embedder, one at a time on the shapes
+/// it sees in a step, with gradients for the input and the weights, summed per kind of layer
+/// and doubled for the two views. Each layer's `sum()` loss and its backward are timed apart
+/// and taken off.
+fn breakdown(size: usize, batch: usize) -> Vec<(String, f64)> {
+    use burn::nn::conv::Conv2dConfig;
+    use burn::nn::{BatchNormConfig, PaddingConfig2d};
+    use burn::tensor::module::interpolate;
+    use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+    use burn::tensor::{Distribution, Tensor};
+    let device = burn::tensor::Device::flex().autodiff();
+    let input = |c: usize, h: usize| Tensor::<4>::random([batch, c, h, h], Distribution::Uniform(-1.0, 1.0), &device).require_grad();
+    // min over 3 runs of forward + backward of `f` on an input of c x h x h channels.
+    let time = |c: usize, h: usize, f: &dyn Fn(Tensor<4>) -> Tensor<4>| -> f64 {
+        (0..4)
+            .map(|_| {
+                let x = input(c, h);
+                let t = Instant::now();
+                let g = f(x).sum().backward();
+                std::hint::black_box(g);
+                t.elapsed().as_secs_f64()
+            })
+            .skip(1)
+            .fold(f64::INFINITY, f64::min)
+    };
+    let overhead = |c: usize, h: usize| time(c, h, &|x| x);
+    let mut kinds: Vec<(String, f64)> = vec![];
+    let mut add = |name: &str, secs: f64| match kinds.iter_mut().find(|k| k.0 == name) {
+        Some(k) => k.1 += 2.0 * secs.max(0.0),
+        None => kinds.push((name.to_string(), 2.0 * secs.max(0.0))),
+    };
+    let conv = |cin: usize, cout: usize, k: usize, s: usize, groups: usize| {
+        Conv2dConfig::new([cin, cout], [k, k]).with_stride([s, s]).with_groups(groups).with_padding(PaddingConfig2d::Same).with_bias(false).init(&device)
+    };
+    let conv_bn_act = |add: &mut dyn FnMut(&str, f64), name: &str, cin: usize, cout: usize, k: usize, s: usize, groups: usize, h: usize, relu6: bool| {
+        let c = conv(cin, cout, k, s, groups);
+        let ho = h.div_ceil(s);
+        add(name, time(cin, h, &|x| c.forward(x)) - overhead(cout, ho));
+        let bn = BatchNormConfig::new(cout).with_epsilon(1e-3).init(&device);
+        add("batch norm (training mode)", time(cout, ho, &|x| bn.forward(x)) - overhead(cout, ho));
+        if relu6 {
+            add("ReLU6 (clamp)", time(cout, ho, &|x| x.clamp(0.0, 6.0)) - overhead(cout, ho));
+        }
+        ho
+    };
+    const STAGES: [(usize, usize, usize, usize, usize, usize); 7] =
+        [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)];
+    let mut h = conv_bn_act(&mut add, "stem conv 3x3", 3, 32, 3, 2, 1, size, true);
+    let mut taps = vec![];
+    let mut block = 0;
+    for (reps, k, stride, expand, c_in, c_out) in STAGES {
+        for r in 0..reps {
+            let (s, cin) = if r == 0 { (stride, c_in) } else { (1, c_out) };
+            let hidden = cin * expand;
+            if expand != 1 {
+                conv_bn_act(&mut add, "1x1 conv (expand, project, FPN laterals)", cin, hidden, 1, 1, 1, h, true);
+            }
+            let ho = conv_bn_act(&mut add, &format!("depthwise conv {k}x{k}"), hidden, hidden, k, s, hidden, h, true);
+            conv_bn_act(&mut add, "1x1 conv (expand, project, FPN laterals)", hidden, c_out, 1, 1, 1, ho, false);
+            if s == 1 && cin == c_out {
+                add("residual add", time(c_out, ho, &|x| x.clone() + x) - overhead(c_out, ho));
+            }
+            h = ho;
+            if [2, 4, 10, 15].contains(&block) {
+                taps.push((c_out, h));
+            }
+            block += 1;
+        }
+    }
+    for &(c, th) in &taps {
+        let l = Conv2dConfig::new([c, 128], [1, 1]).init(&device);
+        add("1x1 conv (expand, project, FPN laterals)", time(c, th, &|x| l.forward(x)) - overhead(128, th));
+    }
+    for &(_, th) in taps.iter().rev().skip(1) {
+        let opts = InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([th, th]);
+        add("bilinear upsample + add (FPN)", time(128, th / 2, &|x| interpolate(x, opts.clone()) + Tensor::<4>::zeros([batch, 128, th, th], &device)) - overhead(128, th));
+    }
+    let h4 = taps[0].1;
+    add("L2 norm over channels", time(128, h4, &|x| x.clone() / (x.clone() * x).sum_dim(1).sqrt().clamp_min(1e-12)) - overhead(128, h4));
+    kinds
 }
 
 fn torch_python(root: &Path) -> std::path::PathBuf {

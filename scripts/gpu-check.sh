@@ -196,12 +196,15 @@ from PIL import Image
 Image.open(sys.argv[1]).convert("RGB").resize((480, 360), Image.BILINEAR).save(sys.argv[2], quality=90)
 EOF
 
-  # Masks: CUDA against CPU on the shipped photos.
-  local imgs=("$ROOT"/fixtures/images/*.jpg "$ROOT"/fixtures/images/*.png)
-  echo "== masks, CUDA vs CPU, models/default, ${#imgs[@]} images"
-  if "$picie" segment --model "$ROOT/models/default" --device cpu --out "$tmp/cpu" "${imgs[@]}" >"$tmp/segment.log" 2>&1 \
-    && "$picie" segment --model "$ROOT/models/default" --device cuda --out "$tmp/cuda" "${imgs[@]}" >>"$tmp/segment.log" 2>&1; then
-    "$py" - "$tmp/cpu" "$tmp/cuda" <<'EOF' || fail "CUDA masks differ from the CPU ones"
+  # Masks: CUDA against CPU on the shipped photos, at --quality fast (the embedder and the
+  # assignment alone: this is the check) and best (flip averaging and the CRF, the server's
+  # default; reported, not required).
+  local imgs=("$ROOT"/fixtures/images/*.jpg "$ROOT"/fixtures/images/*.png) quality
+  for quality in fast best; do
+    echo "== masks at --quality $quality, CUDA vs CPU, models/default, ${#imgs[@]} images"
+    if "$picie" segment --model "$ROOT/models/default" --quality "$quality" --device cpu --out "$tmp/cpu-$quality" "${imgs[@]}" >"$tmp/segment.log" 2>&1 \
+      && "$picie" segment --model "$ROOT/models/default" --quality "$quality" --device cuda --out "$tmp/cuda-$quality" "${imgs[@]}" >>"$tmp/segment.log" 2>&1; then
+      if ! "$py" - "$tmp/cpu-$quality" "$tmp/cuda-$quality" <<'EOF'; then
 import os, sys
 import numpy as np
 from PIL import Image
@@ -212,13 +215,16 @@ for name in sorted(os.listdir(sys.argv[1])):
     same = (a == b).mean() if a.shape == b.shape else 0.0
     ok = same >= 0.999
     bad += not ok
-    print(f"  {name:<20} {a.shape[1]}x{a.shape[0]}  equal pixels {100 * same:8.4f} %  {'ok' if ok else 'FAIL (< 99.9 %)'}")
+    print(f"  {name:<20} {a.shape[1]}x{a.shape[0]}  equal pixels {100 * same:8.4f} %  {'ok' if ok else 'under 99.9 %'}")
 sys.exit(1 if bad else 0)
 EOF
-  else
-    fail "picie segment failed:"
-    tail -n 5 "$tmp/segment.log"
-  fi
+        if [ "$quality" = fast ]; then fail "CUDA masks differ from the CPU ones"; else echo "  (at best the CRF can spread a flipped pixel; only fast is required)"; fi
+      fi
+    else
+      fail "picie segment --quality $quality failed:"
+      tail -n 5 "$tmp/segment.log"
+    fi
+  done
 
   # /segment on a CUDA server, then a CPU one on the same machine for reference; the queue bound is
   # lifted so that 16 clients measure throughput, not 429s.
@@ -229,10 +235,11 @@ EOF
     "$picie" serve --device "$device" --models-dir "$ROOT/models" --model default --data-dir "$tmp/data-$device" \
       --host 127.0.0.1 --port "$port" --max-queue-ms 600000 --max-concurrent 64 >"$tmp/serve-$device.log" 2>&1 &
     pid=$!
-    if ! "$py" - "$port" "$tmp/bench.jpg" "$device" "${GPU_CHECK_REQUESTS:-192}" "$pid" <<'EOF'; then
+    if ! "$py" - "$port" "$tmp/bench.jpg" "$device" "${GPU_CHECK_REQUESTS:-192}" "$pid" "${GPU_CHECK_QUALITIES:-fast best}" <<'EOF'; then
 import http.client, json, statistics, sys, threading, time
 port, jpeg, device, total = int(sys.argv[1]), open(sys.argv[2], "rb").read(), sys.argv[3], int(sys.argv[4])
 pid = sys.argv[5]
+qualities = sys.argv[6].split()
 
 def server_alive():
     try:
@@ -267,44 +274,47 @@ provider = info.get("execution_provider")
 if provider != device:
     sys.exit(f"/info says execution_provider {provider!r}, expected {device!r}")
 
-def post(conn):
-    conn.request("POST", "/segment", body=jpeg, headers={"content-type": "image/jpeg"})
+def post(conn, quality):
+    conn.request("POST", f"/segment?quality={quality}", body=jpeg, headers={"content-type": "image/jpeg"})
     r = conn.getresponse()
     r.read()
     if r.status != 200:
         raise RuntimeError(f"status {r.status}")
 
-conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-for _ in range(5):
-    post(conn)
-lat = []
-for _ in range(max(20, total // 4)):
-    t = time.perf_counter()
-    post(conn)
-    lat.append(time.perf_counter() - t)
-lat.sort()
-p50, p95 = statistics.median(lat), lat[round(0.95 * (len(lat) - 1))]
-print(f"  POST /segment 480x360 JPEG ({len(lat)} sequential): p50 {1e3 * p50:.1f} ms, p95 {1e3 * p95:.1f} ms")
-for clients in (1, 4, 16):
-    per = max(1, total // clients)
-    errors = []
-    def client():
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        try:
-            for _ in range(per):
-                post(conn)
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    t = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    dt = time.perf_counter() - t
-    if errors:
-        sys.exit(f"{clients} clients: {errors[0]}")
-    print(f"  {clients:>2} concurrent clients: {clients * per / dt:8.2f} images/s ({clients * per} requests)")
+for quality in qualities:
+    # best adds the CRF on the CPU: a quarter of the requests keeps the run short.
+    total_q = total if quality == "fast" else max(16, total // 4)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for _ in range(5):
+        post(conn, quality)
+    lat = []
+    for _ in range(max(20, total_q // 4)):
+        t = time.perf_counter()
+        post(conn, quality)
+        lat.append(time.perf_counter() - t)
+    lat.sort()
+    p50, p95 = statistics.median(lat), lat[round(0.95 * (len(lat) - 1))]
+    print(f"  quality={quality}: POST /segment 480x360 JPEG ({len(lat)} sequential): p50 {1e3 * p50:.1f} ms, p95 {1e3 * p95:.1f} ms")
+    for clients in (1, 4, 16):
+        per = max(1, total_q // clients)
+        errors = []
+        def client():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            try:
+                for _ in range(per):
+                    post(conn, quality)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        dt = time.perf_counter() - t
+        if errors:
+            sys.exit(f"{clients} clients: {errors[0]}")
+        print(f"  quality={quality}: {clients:>2} concurrent clients: {clients * per / dt:8.2f} images/s ({clients * per} requests)")
 EOF
       fail "/segment on the $device server (its log below)"
       tail -n 20 "$tmp/serve-$device.log"

@@ -129,10 +129,6 @@ receive() {
 }
 
 run() {
-  if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT"
-    exec > >(tee -a "$OUT/gpu-check.log") 2>&1
-  fi
   local failed=0
   fail() { echo "FAIL: $*"; failed=1; }
   echo "== picie GPU check ($(date -u +%FT%TZ))"
@@ -334,6 +330,13 @@ case "${1:-}" in
   plan) plan ;;
   clean) clean "${2:-}" ;;
   receive) receive ;;
-  run) run ;;
+  run)
+    if [ -n "${OUT:-}" ]; then
+      # A pipe, not a process substitution: tee has written everything when the call returns.
+      mkdir -p "$OUT"
+      run 2>&1 | tee -a "$OUT/gpu-check.log"
+      exit "${PIPESTATUS[0]}"
+    fi
+    run ;;
   *) echo "usage: $0 prepare|plan|clean [--all]   (here)   |   receive|run   (on the GPU machine)" >&2; exit 2 ;;
 esac

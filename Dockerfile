@@ -15,7 +15,8 @@ COPY benches benches
 RUN cargo build --release --locked
 
 # 2. ONNX Runtime from PyPI: the CPU build (as scripts/setup.sh) and the GPU build, whose
-#    newest release is 1.31.1 (1.27+ needs CUDA 13).
+#    newest release is 1.31.1 (1.27+ needs CUDA 13). Both versions are named alike in
+#    scripts/setup.sh and scripts/gpu-check.sh; tests/versions.rs fails when they drift.
 FROM python:3.11-slim AS ort
 ARG ORT_VERSION=1.32.0
 ARG ORT_GPU_VERSION=1.31.1

@@ -83,14 +83,3 @@ fn every_copied_path_exists_and_is_not_ignored() {
         }
     }
 }
-
-#[test]
-fn onnx_runtime_version_matches_setup() {
-    let docker = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
-    let setup = std::fs::read_to_string(root().join("scripts/setup.sh")).unwrap();
-    let version = |text: &str, key: &str| -> String {
-        let i = text.find(key).unwrap_or_else(|| panic!("no {key}"));
-        text[i + key.len()..].chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect()
-    };
-    assert_eq!(version(&docker, "ARG ORT_VERSION="), version(&setup, "ORT_VERSION=\"${ORT_VERSION:-"));
-}

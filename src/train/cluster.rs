@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use image::RgbImage;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -49,9 +50,7 @@ pub fn cluster_images(
     max_vectors: usize,
     progress: impl FnMut(usize, usize) -> bool,
 ) -> Result<(Centroids, ClusterReport)> {
-    let features = embed_sampled(session, policy, paths, max_vectors, config.seed, progress)?;
-    let (centroids, vectors) = features.fit(config, max_vectors)?;
-    Ok((centroids, ClusterReport { images_used: features.images_used, skipped: features.skipped, vectors, vectors_seen: features.vectors_seen }))
+    cluster_images_with(session, policy, paths, config, max_vectors, EmbedPlan::default(), progress)
 }
 
 /// The pixel features of a set of images, embedded once so several k-means fits (seeds) can
@@ -94,7 +93,7 @@ impl ImageFeatures {
 /// fit several seeds on the same features; clustering a dataset uses [`embed_sampled`].
 pub fn embed_images(session: &EmbedSession, policy: &InputPolicy, paths: &[PathBuf], progress: impl FnMut(usize, usize) -> bool) -> Result<ImageFeatures> {
     let mut vectors: Vec<f32> = Vec::new();
-    let (dim, images_used, skipped) = embed_each(session, policy, paths, progress, |_, rows| vectors.extend_from_slice(rows))?;
+    let (dim, images_used, skipped) = embed_each(session, policy, paths, EmbedPlan::default(), progress, |_, rows| vectors.extend_from_slice(rows))?;
     let vectors_seen = (vectors.len() / dim) as u64;
     Ok(ImageFeatures { dim, vectors, images_used, skipped, vectors_seen })
 }
@@ -112,8 +111,20 @@ pub fn embed_sampled(
     seed: u64,
     progress: impl FnMut(usize, usize) -> bool,
 ) -> Result<ImageFeatures> {
+    embed_sampled_with(session, policy, paths, max_vectors, seed, EmbedPlan::default(), progress)
+}
+
+fn embed_sampled_with(
+    session: &EmbedSession,
+    policy: &InputPolicy,
+    paths: &[PathBuf],
+    max_vectors: usize,
+    seed: u64,
+    plan: EmbedPlan,
+    progress: impl FnMut(usize, usize) -> bool,
+) -> Result<ImageFeatures> {
     let mut reservoir: Option<VectorReservoir> = None;
-    let (dim, images_used, skipped) = embed_each(session, policy, paths, progress, |dim, rows| {
+    let (dim, images_used, skipped) = embed_each(session, policy, paths, plan, progress, |dim, rows| {
         reservoir.get_or_insert_with(|| VectorReservoir::new(dim, max_vectors, seed)).offer(rows)
     })?;
     let reservoir = reservoir.unwrap_or_else(|| VectorReservoir::new(dim, max_vectors, seed));
@@ -121,42 +132,179 @@ pub fn embed_sampled(
     Ok(ImageFeatures { dim, vectors: reservoir.into_rows(), images_used, skipped, vectors_seen })
 }
 
-/// Embeds the readable images one at a time and hands each one's valid pixel features (row
-/// vectors) to `sink`. Returns (dim, images used, skipped files).
+/// How images reach the embedder while clustering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EmbedPlan {
+    /// Images per ONNX Runtime call. Only images of the same padded canvas share a call (a
+    /// smaller image padded to a larger canvas would see more padding near its border and get
+    /// other features), so a run of mixed sizes is cut where the size changes. Even so, ONNX
+    /// Runtime's batched kernels round differently: features move by up to about 1e-7 (unit
+    /// vectors), so k-means can end a little elsewhere. On 2 CPU cores batches were slower
+    /// (`cargo bench --bench recluster`), so the default is 1; larger batches are for a GPU.
+    pub batch: usize,
+    /// Decode (and resize to the network's input size) on a thread of its own, up to `batch`
+    /// images ahead of the embedder, instead of between embedder calls. Same result.
+    pub prefetch: bool,
+}
+
+impl EmbedPlan {
+    /// One image at a time, decoded in turn: how clustering ran before.
+    pub const SEQUENTIAL: Self = Self { batch: 1, prefetch: false };
+}
+
+/// One image per call, decoded ahead on a thread of its own: the same features, bit for bit,
+/// as [`EmbedPlan::SEQUENTIAL`].
+impl Default for EmbedPlan {
+    fn default() -> Self {
+        Self { batch: 1, prefetch: true }
+    }
+}
+
+/// [`cluster_images`] with a chosen [`EmbedPlan`]: the speed changes, and with batches of more
+/// than one image the features move by rounding (see [`EmbedPlan::batch`]).
+pub fn cluster_images_with(
+    session: &EmbedSession,
+    policy: &InputPolicy,
+    paths: &[PathBuf],
+    config: KMeansConfig,
+    max_vectors: usize,
+    plan: EmbedPlan,
+    progress: impl FnMut(usize, usize) -> bool,
+) -> Result<(Centroids, ClusterReport)> {
+    let features = embed_sampled_with(session, policy, paths, max_vectors, config.seed, plan, progress)?;
+    let (centroids, vectors) = features.fit(config, max_vectors)?;
+    Ok((centroids, ClusterReport { images_used: features.images_used, skipped: features.skipped, vectors, vectors_seen: features.vectors_seen }))
+}
+
+/// A decoded image, or why it could not be read, in `paths` order.
+type Decoded = (usize, Result<RgbImage>);
+
+/// Decodes an image and, when the policy would leave it at that size, resizes it to the
+/// network's input size already: `fill_input` then copies it as it is, so the input is the
+/// same bit for bit, and a queue of decoded images holds small ones whatever the photos' size.
+fn decode_for(path: &Path, policy: &InputPolicy) -> Result<RgbImage> {
+    let img = preprocess::decode_file(path)?;
+    let g = preprocess::geometry(img.width(), img.height(), policy);
+    let (rw, rh) = g.resized;
+    if (img.width(), img.height()) != g.resized && preprocess::geometry(rw, rh, policy).resized == g.resized {
+        return Ok(image::imageops::resize(&img, rw, rh, image::imageops::FilterType::Triangle));
+    }
+    Ok(img)
+}
+
+/// Embeds the readable images per `plan` and hands each one's valid pixel features (row
+/// vectors) to `sink`, in `paths` order, whatever the plan. Returns (dim, images used, skipped
+/// files).
 fn embed_each(
     session: &EmbedSession,
     policy: &InputPolicy,
     paths: &[PathBuf],
-    mut progress: impl FnMut(usize, usize) -> bool,
-    mut sink: impl FnMut(usize, &[f32]),
+    plan: EmbedPlan,
+    progress: impl FnMut(usize, usize) -> bool,
+    sink: impl FnMut(usize, &[f32]),
 ) -> Result<(usize, usize, Vec<String>)> {
-    let mut dim = 0;
-    let mut skipped = vec![];
-    let mut used = 0;
-    for (i, p) in paths.iter().enumerate() {
-        match preprocess::decode_file(p) {
-            Ok(img) => {
-                let f = embed_batch(session, policy, std::slice::from_ref(&img))?.remove(0);
-                if dim != 0 && f.dim != dim {
-                    bail!("the embedder gave {} features per pixel for {}, {dim} before", f.dim, p.display());
+    let batch = plan.batch.max(1);
+    let mut run = EmbedRun { session, policy, paths, batch, progress, sink, dim: 0, used: 0, skipped: vec![], pending: vec![], images: vec![] };
+    if plan.prefetch {
+        std::thread::scope(|scope| -> Result<()> {
+            // At most `batch` decoded images wait, plus the one being decoded.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Decoded>(batch);
+            scope.spawn(move || {
+                for (i, p) in paths.iter().enumerate() {
+                    // A closed channel means the embedder stopped (canceled or failed).
+                    if tx.send((i, decode_for(p, policy))).is_err() {
+                        break;
+                    }
                 }
-                dim = f.dim;
-                sink(dim, &f.valid_vectors());
-                used += 1;
+            });
+            // Returning early drops `rx`, which stops the decoder.
+            for decoded in rx {
+                run.take(decoded)?;
             }
-            Err(e) => {
-                tracing::warn!(file = %p.display(), error = %e, "skipping unreadable image");
-                skipped.push(p.display().to_string());
-            }
-        }
-        if !progress(i + 1, paths.len()) {
-            bail!("canceled");
+            Ok(())
+        })?;
+    } else {
+        for (i, p) in paths.iter().enumerate() {
+            run.take((i, decode_for(p, policy)))?;
         }
     }
-    if used == 0 {
+    run.flush()?;
+    if run.used == 0 {
         bail!("none of the {} images could be read", paths.len());
     }
-    Ok((dim, used, skipped))
+    Ok((run.dim, run.used, run.skipped))
+}
+
+/// The embedding loop's state: the images waiting for the next call and what came out so far.
+struct EmbedRun<'a, P, S> {
+    session: &'a EmbedSession,
+    policy: &'a InputPolicy,
+    paths: &'a [PathBuf],
+    batch: usize,
+    progress: P,
+    sink: S,
+    dim: usize,
+    used: usize,
+    skipped: Vec<String>,
+    /// Indices in `paths` of `images`.
+    pending: Vec<usize>,
+    images: Vec<RgbImage>,
+}
+
+impl<P: FnMut(usize, usize) -> bool, S: FnMut(usize, &[f32])> EmbedRun<'_, P, S> {
+    fn canvas(&self, img: &RgbImage) -> (u32, u32) {
+        preprocess::geometry(img.width(), img.height(), self.policy).padded
+    }
+
+    fn report(&mut self, i: usize) -> Result<()> {
+        if !(self.progress)(i + 1, self.paths.len()) {
+            bail!("canceled");
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, (i, decoded): Decoded) -> Result<()> {
+        match decoded {
+            Ok(img) => {
+                if self.images.first().is_some_and(|first| self.canvas(first) != self.canvas(&img)) {
+                    self.flush()?;
+                }
+                self.pending.push(i);
+                self.images.push(img);
+                if self.images.len() == self.batch {
+                    self.flush()?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // The images before it are reported first, so progress only moves forward.
+                self.flush()?;
+                tracing::warn!(file = %self.paths[i].display(), error = %e, "skipping unreadable image");
+                self.skipped.push(self.paths[i].display().to_string());
+                self.report(i)
+            }
+        }
+    }
+
+    /// Embeds the waiting images in one call, hands on their features and reports them done.
+    fn flush(&mut self) -> Result<()> {
+        if self.images.is_empty() {
+            return Ok(());
+        }
+        let features = embed_batch(self.session, self.policy, &self.images)?;
+        self.images.clear();
+        let pending = std::mem::take(&mut self.pending);
+        for (i, f) in pending.into_iter().zip(features) {
+            if self.dim != 0 && f.dim != self.dim {
+                bail!("the embedder gave {} features per pixel for {}, {} before", f.dim, self.paths[i].display(), self.dim);
+            }
+            self.dim = f.dim;
+            (self.sink)(self.dim, &f.valid_vectors());
+            self.used += 1;
+            self.report(i)?;
+        }
+        Ok(())
+    }
 }
 
 /// A uniform random sample of at most `max` row vectors from a stream of any length
@@ -362,6 +510,86 @@ mod tests {
                 p
             })
             .collect()
+    }
+
+    /// Noise images of these sizes, written as PNG.
+    fn write_sized_images(dir: &Path, sizes: &[(u32, u32)]) -> Vec<PathBuf> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &(w, h))| {
+                let img = image::RgbImage::from_fn(w, h, |x, y| {
+                    let v = (x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503) ^ (i as u32).wrapping_mul(97)) as u8;
+                    image::Rgb([v, v.wrapping_add(i as u8), (x * 4) as u8])
+                });
+                let p = dir.join(format!("sized{i:03}.png"));
+                img.save(&p).unwrap();
+                p
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batched_and_prefetched_embedding_gives_the_sequential_features() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let session = EmbedSession::load(&root.join("models/default/embedder.onnx"), crate::infer::DeviceChoice::Cpu, Some(1)).unwrap();
+        let policy = InputPolicy { short_side: 64, max_long_side: 128, multiple: 32, flip: false };
+        let dir = tempfile::tempdir().unwrap();
+        // Runs of one size; 80x60 (resized to 85x64) and a large 300x200 photo (resized to
+        // 96x64 on the decoding thread) share the 96x64 canvas; 100x64 needs 128x64; an
+        // unreadable file in the middle.
+        let mut paths = write_sized_images(dir.path(), &[(64, 64), (64, 64), (64, 64), (80, 60), (80, 60), (300, 200), (64, 64), (64, 64), (64, 64), (64, 64), (64, 64), (100, 64)]);
+        let broken = dir.path().join("broken.png");
+        std::fs::write(&broken, b"not an image").unwrap();
+        paths.insert(7, broken.clone());
+        let run = |plan: EmbedPlan| {
+            let mut seen = vec![];
+            let mut rows = vec![];
+            let (dim, used, skipped) = embed_each(&session, &policy, &paths, plan, |i, n| {
+                seen.push((i, n));
+                true
+            }, |_, r| rows.push(r.to_vec()))
+            .unwrap();
+            (dim, used, skipped, seen, rows)
+        };
+        // What clustering did before: decode, then embed each image alone.
+        let reference: Vec<Vec<f32>> = paths
+            .iter()
+            .filter(|p| **p != broken)
+            .map(|p| embed_batch(&session, &policy, &[preprocess::decode_file(p).unwrap()]).unwrap().remove(0).valid_vectors())
+            .collect();
+        let before = run(EmbedPlan::SEQUENTIAL);
+        assert_eq!((before.1, before.2.clone()), (12, vec![broken.display().to_string()]));
+        assert_eq!(before.3, (1..=13).map(|i| (i, 13)).collect::<Vec<_>>(), "progress: every file, in order");
+        for plan in [EmbedPlan::SEQUENTIAL, EmbedPlan::default(), EmbedPlan { batch: 4, prefetch: false }, EmbedPlan { batch: 4, prefetch: true }, EmbedPlan { batch: 8, prefetch: true }] {
+            let after = run(plan);
+            assert_eq!((after.0, after.1, &after.2, &after.3), (before.0, before.1, &before.2, &before.3), "{plan:?}");
+            assert_eq!(after.4.len(), reference.len());
+            // One image per call: bit for bit. Batches: ONNX Runtime's batched kernels round
+            // differently, within 1e-6 of unit vectors (measured: 9e-8).
+            let tolerance = if plan.batch == 1 { 0.0 } else { 1e-6 };
+            for (img, (a, b)) in after.4.iter().zip(&reference).enumerate() {
+                let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                assert!(a.len() == b.len() && worst <= tolerance, "{plan:?}: image {img}: {} vs {} values, largest difference {worst:e}", a.len(), b.len());
+            }
+        }
+    }
+
+    #[test]
+    fn canceling_a_prefetched_embedding_stops_it() {
+        // Batches of 4 with the decoding thread ahead: cancel after the 6th image, mid-batch.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let session = EmbedSession::load(&root.join("models/default/embedder.onnx"), crate::infer::DeviceChoice::Cpu, Some(1)).unwrap();
+        let policy = InputPolicy { short_side: 64, max_long_side: 64, multiple: 32, flip: false };
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_noise_images(dir.path(), 40);
+        let mut calls = 0;
+        let e = embed_each(&session, &policy, &paths, EmbedPlan { batch: 4, prefetch: true }, |i, _| {
+            calls += 1;
+            i < 6
+        }, |_, _| ())
+        .unwrap_err();
+        assert_eq!((e.to_string(), calls), ("canceled".to_string(), 6));
     }
 
     #[test]

@@ -136,6 +136,11 @@ struct TrainCli {
     /// Smallest CRF marginal for a pixel to be a self-training target.
     #[arg(long, default_value_t = picie::train::selftrain::SelfTrainConfig::default().min_confidence)]
     self_train_confidence: f32,
+    #[arg(long, value_enum, default_value = "inverse")]
+    self_train_balance: picie::train::loss::Balance,
+    /// Logits = -cosine distance / this (1: PiCIE's loss; lower sharpens).
+    #[arg(long, default_value_t = 1.0)]
+    self_train_temperature: f32,
 }
 
 #[derive(clap::Args)]
@@ -347,6 +352,8 @@ fn train(t: TrainCli) -> Result<()> {
             lr: t.self_train_lr,
             quality: t.self_train_quality,
             min_confidence: t.self_train_confidence,
+            balance: t.self_train_balance,
+            temperature: t.self_train_temperature,
             ..Default::default()
         }),
     };

@@ -42,8 +42,14 @@ pub fn pixels(z: Tensor<4>) -> Tensor<2> {
 /// Weighted cross-entropy over logits -d(z, mu) = <z, mu> - 1 (z and mu unit vectors):
 /// sum_i w[y_i] * -log softmax(-d(z_i, .))[y_i] / sum_i w[y_i].
 pub fn cluster_loss(z: Tensor<2>, labels: Tensor<1, Int>, centroids: Tensor<2>, class_weights: Tensor<1>) -> Tensor<1> {
+    scaled_cluster_loss(z, labels, centroids, class_weights, 1.0)
+}
+
+/// [`cluster_loss`] with the logits divided by a temperature: -d(z, mu) / t. Below 1 the
+/// softmax sharpens, so a pixel already nearest its target centroid stops pulling.
+pub fn scaled_cluster_loss(z: Tensor<2>, labels: Tensor<1, Int>, centroids: Tensor<2>, class_weights: Tensor<1>, temperature: f32) -> Tensor<1> {
     let [p, _] = z.dims();
-    let logits = z.matmul(centroids.transpose()) - 1.0;
+    let logits = (z.matmul(centroids.transpose()) - 1.0) / temperature;
     let logp = log_softmax(logits, 1);
     let nll = logp.gather(1, labels.clone().reshape([p as i32, 1])).reshape([p as i32]).neg();
     let w = class_weights.select(0, labels);
@@ -104,6 +110,19 @@ fn nearest_labels(z: &Tensor<2>, centroids: &Tensor<2>) -> Tensor<1, Int> {
         let swapped = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 0], [2]), &Device::flex());
         let got: f32 = cluster_loss(z, swapped, mu, w).into_scalar();
         assert!((got - (1.0f32 + 1.0f32.exp()).ln()).abs() < 1e-6, "{got}");
+    }
+
+    #[test]
+    fn temperature_divides_the_logits() {
+        let mu = t2(vec![1.0, 0.0, 0.0, 1.0], [2, 2]);
+        let z = t2(vec![1.0, 0.0], [1, 2]);
+        let label = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64], [1]), &Device::flex());
+        let w = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 1.0], [2]), &Device::flex());
+        // logits [0, -1] / 0.1 = [0, -10]: -log softmax[0] = log(1 + e^-10).
+        let got: f32 = scaled_cluster_loss(z.clone(), label.clone(), mu.clone(), w.clone(), 0.1).into_scalar();
+        assert!((got - (1.0f32 + (-10.0f32).exp()).ln()).abs() < 1e-7, "{got}");
+        let one: f32 = scaled_cluster_loss(z.clone(), label.clone(), mu.clone(), w.clone(), 1.0).into_scalar();
+        assert_eq!(one, cluster_loss(z, label, mu, w).into_scalar::<f32>());
     }
 
     #[test]

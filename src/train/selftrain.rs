@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::augment::{Geometric, Photometric, PhotometricConfig};
-use super::loss::{cluster_loss, pixels, Balance};
+use super::loss::{pixels, scaled_cluster_loss, Balance};
 use super::picie::{apply_geometric, Frames, Progress};
 use crate::infer::{assign_refined_with_confidence, assign_to, CrfConfig, Quality, Segmenter};
 use crate::model::embedder::OUTPUT_STRIDE;
@@ -41,11 +41,18 @@ pub struct SelfTrainConfig {
     /// ...and at least this fraction of its pixels share the majority label.
     pub min_agreement: f32,
     pub balance: Balance,
+    /// The logits are -cosine distance divided by this (1: PiCIE's own loss).
+    #[serde(default = "unit_temperature")]
+    pub temperature: f32,
+}
+
+fn unit_temperature() -> f32 {
+    1.0
 }
 
 impl Default for SelfTrainConfig {
     fn default() -> Self {
-        Self { epochs: 2, lr: 1e-4, quality: Quality::Best, min_confidence: 0.8, min_agreement: 0.75, balance: Balance::Inverse }
+        Self { epochs: 2, lr: 1e-4, quality: Quality::Best, min_confidence: 0.8, min_agreement: 0.75, balance: Balance::Inverse, temperature: 1.0 }
     }
 }
 
@@ -261,7 +268,7 @@ impl SelfTrainer {
                 let n = keep.len();
                 let rows = Tensor::<1, Int>::from_data(TensorData::new(keep, [n]), &self.device);
                 let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [n]), &self.device);
-                let loss = cluster_loss(z.select(0, rows), labels, mu.clone(), weights.clone());
+                let loss = scaled_cluster_loss(z.select(0, rows), labels, mu.clone(), weights.clone(), self.config.temperature);
                 let value: f32 = loss.clone().into_scalar();
                 if !value.is_finite() {
                     bail!("the self-training loss became {value} at epoch {} step {}; lower the learning rate", epoch + 1, b + 1);

@@ -68,6 +68,9 @@ enum Command {
         /// server's default) or best (both).
         #[arg(long, default_value = "crf")]
         quality: Quality,
+        /// Dense CRF settings, key=value pairs over the defaults (see `picie serve --help`).
+        #[arg(long, default_value = "")]
+        crf: CrfConfig,
         images: Vec<PathBuf>,
     },
 }
@@ -184,6 +187,9 @@ struct EvalCli {
     /// each is a row. Default: crf, the server's default.
     #[arg(long, value_delimiter = ',', default_value = "crf")]
     quality: Vec<Quality>,
+    /// Dense CRF settings, key=value pairs over the defaults (e.g. "iterations=5,appearance_srgb=13").
+    #[arg(long, default_value = "")]
+    crf: CrfConfig,
 }
 
 #[derive(Subcommand)]
@@ -297,10 +303,9 @@ fn run(cli: Cli) -> Result<()> {
             commands::export_package(&model, &out)?;
             println!("wrote {}", out.display());
         }
-        Command::Segment { model, out, device, quality, images } => {
+        Command::Segment { model, out, device, quality, crf, images } => {
             let seg = Segmenter::load(&model, device, None)?;
             std::fs::create_dir_all(&out)?;
-            let crf = CrfConfig::default();
             for path in images {
                 let img = picie::infer::preprocess::decode_file(&path)?;
                 let mask = seg.segment_batch_at(std::slice::from_ref(&img), quality, &crf)?.remove(0);
@@ -439,7 +444,7 @@ fn eval(e: EvalCli) -> Result<()> {
     let mut reports = vec![];
     let mut means = vec![];
     let seed_list: Vec<u64> = (0..seeds).map(|s| e.seed + s).collect();
-    let crf = CrfConfig::default();
+    let crf = e.crf;
     for model in e.baseline.iter().chain(std::iter::once(&e.model)) {
         let name = model.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
         let clusters = match &cluster_paths {

@@ -54,6 +54,33 @@ impl Default for CrfConfig {
     }
 }
 
+impl std::str::FromStr for CrfConfig {
+    type Err = String;
+    /// `key=value` pairs, comma-separated, over the defaults: `iterations`, `temperature`,
+    /// `smooth_sxy`, `smooth_weight`, `appearance_sxy`, `appearance_srgb`, `appearance_weight`,
+    /// `max_pixels`; an empty string is the defaults.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut c = CrfConfig::default();
+        for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').ok_or_else(|| format!("`{pair}` is not key=value"))?;
+            let float = || value.parse::<f32>().ok().filter(|v| v.is_finite() && *v > 0.0).ok_or_else(|| format!("{key}: `{value}` is not a positive number"));
+            let count = || value.parse::<usize>().map_err(|_| format!("{key}: `{value}` is not a whole number"));
+            match key {
+                "iterations" => c.iterations = count()?,
+                "temperature" => c.temperature = float()?,
+                "smooth_sxy" => c.smooth_sxy = float()?,
+                "smooth_weight" => c.smooth_weight = float()?,
+                "appearance_sxy" => c.appearance_sxy = float()?,
+                "appearance_srgb" => c.appearance_srgb = float()?,
+                "appearance_weight" => c.appearance_weight = float()?,
+                "max_pixels" => c.max_pixels = count()?.max(1),
+                _ => return Err(format!("unknown CRF setting `{key}`")),
+            }
+        }
+        Ok(c)
+    }
+}
+
 /// Probabilities below this are clipped before the log (as pydensecrf's `unary_from_softmax`).
 const MIN_PROBABILITY: f32 = 1e-5;
 
@@ -270,6 +297,16 @@ mod tests {
                 assert_eq!(refined[(y * w + x) as usize], want, "pixel ({x}, {y})");
             }
         }
+    }
+
+    #[test]
+    fn settings_parse_over_the_defaults() {
+        let c: CrfConfig = "iterations=5, appearance_srgb=13".parse().unwrap();
+        assert_eq!(c, CrfConfig { iterations: 5, appearance_srgb: 13.0, ..CrfConfig::default() });
+        assert_eq!("".parse::<CrfConfig>().unwrap(), CrfConfig::default());
+        assert!("iterations=x".parse::<CrfConfig>().is_err());
+        assert!("smooth_sxy=-1".parse::<CrfConfig>().is_err());
+        assert!("colour=1".parse::<CrfConfig>().is_err());
     }
 
     #[test]

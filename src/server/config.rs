@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::infer::{DeviceChoice, Quality};
+use crate::infer::{CrfConfig, DeviceChoice, Quality};
 
 pub use super::state::Limits;
 use super::datasets::DatasetLimits;
@@ -67,6 +67,11 @@ pub struct ServeConfig {
     /// horizontal flip), crf (labels refined by the dense CRF: the default) or best (both).
     #[arg(long, env = "PICIE_QUALITY", default_value_t = DEFAULT_QUALITY)]
     pub quality: Quality,
+    /// Dense CRF settings as key=value pairs over the defaults: iterations (10), temperature (2),
+    /// smooth_sxy (1), smooth_weight (3), appearance_sxy (67), appearance_srgb (3),
+    /// appearance_weight (4), max_pixels (1048576: larger images are refined scaled down).
+    #[arg(long, env = "PICIE_CRF", default_value = "")]
+    pub crf: CrfConfig,
     /// Images per inference batch when requests queue up.
     #[arg(long, env = "PICIE_MAX_BATCH", default_value_t = 4)]
     pub max_batch: usize,
@@ -114,6 +119,7 @@ impl ServeConfig {
             max_queue_ms: l.max_queue_ms,
             max_batch: 4,
             quality: DEFAULT_QUALITY,
+            crf: CrfConfig::default(),
             max_entry_bytes: d.max_entry_bytes,
             max_compression_ratio: d.max_compression_ratio,
             max_archive_entries: d.max_archive_entries,

@@ -61,7 +61,7 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
             capacity: cfg.max_concurrent,
             max_batch: cfg.max_batch,
             stall_after: std::time::Duration::from_secs(cfg.request_timeout_secs.max(1)),
-            crf: crate::infer::CrfConfig::default(),
+            crf: cfg.crf,
         }),
         quality: cfg.quality,
         inference_permits: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent)),

@@ -71,7 +71,7 @@ async function segment(file) {
     const quality = $("quality").value;
     const query = "format=json" + (quality ? `&quality=${quality}` : "");
     const r = await call("POST", `/segment?${query}`, file, { "content-type": file.type || "application/octet-stream" });
-    $("timing").textContent = `${r.headers.get("x-quality") || ""} · ${r.headers.get("x-inference-ms") || "?"} ms`;
+    const timing = `${r.headers.get("x-quality") || ""} · ${r.headers.get("x-inference-ms") || "?"} ms`;
     const result = await r.json();
     const photo = await createImageBitmap(file, { imageOrientation: "from-image" }).catch(() => null);
     const mask = await decodeMask(result.mask_png_base64, result.width, result.height);
@@ -82,6 +82,8 @@ async function segment(file) {
     $("result").hidden = false;
     draw();
     legend();
+    // Last, so that a shown quality always belongs to the mask on screen.
+    $("timing").textContent = timing;
   } catch (e) {
     showError(`Could not segment ${file.name || "the image"}: ${e.message}`);
   }

@@ -48,7 +48,14 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
     let (name, seg) = models.active();
     let warm = image::RgbImage::from_pixel(64, 64, image::Rgb([128, 128, 128]));
     seg.segment(&warm).with_context(|| format!("warming up model `{name}`"))?;
-    tracing::info!(model = %name, provider = seg.provider().as_str(), "model loaded and warmed up");
+    // Then one street-frame-sized image at the default quality, timed: the queue bound's time
+    // per image until real requests have been measured. Varied colours, as a photo has, give
+    // the CRF its real work.
+    let frame = image::RgbImage::from_fn(480, 360, |x, y| image::Rgb([(x * 7 + y * 3) as u8, (x * y % 251) as u8, (x ^ y) as u8]));
+    let started = std::time::Instant::now();
+    seg.segment_batch_at(std::slice::from_ref(&frame), cfg.quality, &cfg.crf).with_context(|| format!("warming up model `{name}`"))?;
+    let initial_time_per_image = started.elapsed();
+    tracing::info!(model = %name, provider = seg.provider().as_str(), quality = %cfg.quality, warm_ms = initial_time_per_image.as_millis() as u64, "model loaded and warmed up");
 
     let datasets = Arc::new(datasets::DatasetStore::open(&cfg.data_dir, cfg.dataset_limits())?);
     let jobs = JobManager::open(
@@ -62,6 +69,7 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
             max_batch: cfg.max_batch,
             stall_after: std::time::Duration::from_secs(cfg.request_timeout_secs.max(1)),
             crf: cfg.crf,
+            initial_time_per_image,
         }),
         quality: cfg.quality,
         inference_permits: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent)),

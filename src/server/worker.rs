@@ -51,6 +51,9 @@ pub struct WorkerConfig {
     pub stall_after: Duration,
     /// The dense CRF's settings, for requests whose quality asks for it.
     pub crf: CrfConfig,
+    /// The time per image assumed until the first batch has been measured (the warm-up's):
+    /// without it a burst arriving at a fresh server is admitted whole.
+    pub initial_time_per_image: Duration,
 }
 
 /// Shared between the thread and the handles.
@@ -105,7 +108,7 @@ impl WorkerHandle {
             origin: Instant::now(),
             busy_since: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
-            per_image_us: AtomicU64::new(0),
+            per_image_us: AtomicU64::new(config.initial_time_per_image.as_micros() as u64),
             stall_after: config.stall_after,
         });
         let (q, h) = (queued.clone(), health.clone());
@@ -122,7 +125,7 @@ impl WorkerHandle {
                             Err(_) => break,
                         }
                     }
-                    q.fetch_sub(pending.len(), Ordering::Relaxed);
+                    q.fetch_sub(pending.len(), Ordering::AcqRel);
                     // Grouping itself should not panic; if it does, the requests of this round
                     // are dropped (their handlers answer 500) and the thread goes on.
                     if catch_unwind(AssertUnwindSafe(|| run_grouped(pending, &engine, &h))).is_err() {
@@ -153,21 +156,54 @@ impl WorkerHandle {
     }
 
     /// The expected wait of a request queued now: images ahead of it (queued and running)
-    /// times the running mean time per image. Zero until the first batch has run.
+    /// times the running mean time per image (the configured initial time until the first
+    /// batch has run).
     pub fn estimated_wait(&self) -> Duration {
         let per_image = self.health.per_image_us.load(Ordering::Relaxed);
         let ahead = self.queue_depth() + self.health.in_flight.load(Ordering::Relaxed);
         Duration::from_micros(per_image.saturating_mul(ahead as u64))
     }
 
-    pub async fn segment(&self, model: Arc<Segmenter>, image: RgbImage, quality: Quality) -> Result<(LabelMask, Duration), InferenceError> {
+    /// Admits one image if the expected wait, counting it and every image admitted before it
+    /// (queued, running, or still being read and decoded), is within `max_wait`; otherwise
+    /// returns that wait. Counting from admission rather than from queueing closes the gap in
+    /// which a burst of requests would all see an empty queue and all be let in.
+    pub fn admit(&self, max_wait: Duration) -> Result<Ticket, Duration> {
+        let ahead = self.queued.fetch_add(1, Ordering::AcqRel);
+        let per_image = self.health.per_image_us.load(Ordering::Relaxed);
+        let wait = Duration::from_micros(per_image.saturating_mul((ahead + self.health.in_flight.load(Ordering::Relaxed)) as u64));
+        if wait > max_wait {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(wait);
+        }
+        Ok(Ticket { queued: Some(self.queued.clone()) })
+    }
+
+    /// Segments an admitted image; the ticket's place in the count passes to the queue.
+    pub async fn segment(&self, mut ticket: Ticket, model: Arc<Segmenter>, image: RgbImage, quality: Quality) -> Result<(LabelMask, Duration), InferenceError> {
         let (reply, rx) = oneshot::channel();
-        self.queued.fetch_add(1, Ordering::Relaxed);
+        let counted = ticket.queued.take();
         if self.tx.send(InferenceRequest { model, image, quality, reply }).await.is_err() {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
+            if let Some(q) = counted {
+                q.fetch_sub(1, Ordering::AcqRel);
+            }
             return Err(InferenceError::Stopped);
         }
         rx.await.map_err(|_| InferenceError::Panicked("the inference thread dropped the request".into()))?
+    }
+}
+
+/// An admitted image's place in the queue count; given back if the request ends before its
+/// image reaches the queue (a body or decoding error, a client gone).
+pub struct Ticket {
+    queued: Option<Arc<AtomicUsize>>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(q) = self.queued.take() {
+            q.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 

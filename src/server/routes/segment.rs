@@ -167,16 +167,20 @@ pub async fn segment(
 ) -> ApiResult<Response> {
     // Admission: a hard cap on requests in flight, and a bound on the queue's expected wait so
     // latency stays bounded under load and clients are told when to come back.
-    let wait = state.worker.estimated_wait();
-    let permit = state.inference_permits.clone().try_acquire_owned();
-    if permit.is_err() || wait > state.limits.max_queue_wait() {
-        // Read and drop the body (cheap next to decoding and inference) so the client gets
-        // the 429 instead of a connection reset in the middle of its upload.
-        let _ = axum::body::to_bytes(request.into_body(), state.limits.max_body_bytes).await;
-        state.metrics.observe_rejection();
-        return Err(ApiError::Busy(wait.as_secs_f64().ceil() as u64));
-    }
-    let _permit = permit;
+    let admitted = match state.inference_permits.clone().try_acquire_owned() {
+        Ok(permit) => state.worker.admit(state.limits.max_queue_wait()).map(|ticket| (permit, ticket)),
+        Err(_) => Err(state.worker.estimated_wait()),
+    };
+    let (_permit, ticket) = match admitted {
+        Ok(admitted) => admitted,
+        Err(wait) => {
+            // Read and drop the body (cheap next to decoding and inference) so the client gets
+            // the 429 instead of a connection reset in the middle of its upload.
+            let _ = axum::body::to_bytes(request.into_body(), state.limits.max_body_bytes).await;
+            state.metrics.observe_rejection();
+            return Err(ApiError::Busy(wait.as_secs_f64().ceil() as u64));
+        }
+    };
     let bytes = image_bytes(&headers, request, &state).await?;
     let max_pixels = state.limits.max_image_pixels;
     let image = tokio::task::spawn_blocking(move || crate::infer::decode_image(&bytes, max_pixels))
@@ -185,7 +189,7 @@ pub async fn segment(
     let (_, model) = state.models.active();
     let timeout = Duration::from_secs(state.limits.request_timeout_secs);
     let quality = query.quality.map(Quality::from).unwrap_or(state.quality);
-    let (mask, elapsed) = tokio::time::timeout(timeout, state.worker.segment(model.clone(), image.clone(), quality))
+    let (mask, elapsed) = tokio::time::timeout(timeout, state.worker.segment(ticket, model.clone(), image.clone(), quality))
         .await
         .map_err(|_| ApiError::Timeout(format!("segmentation took longer than {}s", timeout.as_secs())))??;
     state.metrics.observe_inference(elapsed);

@@ -14,6 +14,14 @@ fn tiny(epochs: usize) -> TrainConfig {
     TrainConfig { k: 3, k2: 5, epochs, size: 64, batch: 2, lr: 1e-4, seed: 7, balance: Balance::Frequency, init_batches: 1, vectors_per_image: 64, freeze_stride: 4, ..TrainConfig::default() }
 }
 
+/// The largest difference between two sets of weights, tensor by tensor.
+fn max_weight_difference(a: &picie::model::TensorMap, b: &picie::model::TensorMap) -> f32 {
+    a.tensors
+        .iter()
+        .map(|(k, t)| t.data.iter().zip(&b.tensors[k].data).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max))
+        .fold(0f32, f32::max)
+}
+
 fn args(dir: &std::path::Path, config: TrainConfig, resume: bool) -> TrainArgs {
     TrainArgs {
         images: common::root().join("fixtures/images"),
@@ -72,11 +80,7 @@ fn trains_checkpoints_resumes_and_writes_a_package() {
     let (resumed, _) = train(&args(dir2.path(), tiny(2), true), &mut |_| true).unwrap().unwrap();
     let a = pkg.load_weights().unwrap();
     let b = resumed.load_weights().unwrap();
-    let max_diff = a
-        .tensors
-        .iter()
-        .map(|(k, t)| t.data.iter().zip(&b.tensors[k].data).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max))
-        .fold(0f32, f32::max);
+    let max_diff = max_weight_difference(&a, &b);
     assert!(max_diff < 1e-5, "resumed run differs by {max_diff}");
 }
 
@@ -218,10 +222,6 @@ fn self_training_keeps_the_centroids_and_resumes() {
     assert!(stopped.is_none());
     let (resumed, _) = train(&TrainArgs { resume: true, ..first }, &mut |_| true).unwrap().unwrap();
     let (a, b) = (pkg.load_weights().unwrap(), resumed.load_weights().unwrap());
-    let max_diff = a
-        .tensors
-        .iter()
-        .map(|(k, t)| t.data.iter().zip(&b.tensors[k].data).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max))
-        .fold(0f32, f32::max);
+    let max_diff = max_weight_difference(&a, &b);
     assert!(max_diff < 1e-5, "resumed self-training differs by {max_diff}");
 }

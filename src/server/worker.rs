@@ -159,8 +159,13 @@ impl WorkerHandle {
     /// times the running mean time per image (the configured initial time until the first
     /// batch has run).
     pub fn estimated_wait(&self) -> Duration {
+        self.wait_behind(self.queue_depth())
+    }
+
+    /// The expected wait behind `queued` admitted images plus the batch running now.
+    fn wait_behind(&self, queued: usize) -> Duration {
         let per_image = self.health.per_image_us.load(Ordering::Relaxed);
-        let ahead = self.queue_depth() + self.health.in_flight.load(Ordering::Relaxed);
+        let ahead = queued + self.health.in_flight.load(Ordering::Relaxed);
         Duration::from_micros(per_image.saturating_mul(ahead as u64))
     }
 
@@ -169,9 +174,7 @@ impl WorkerHandle {
     /// returns that wait. Counting from admission rather than from queueing closes the gap in
     /// which a burst of requests would all see an empty queue and all be let in.
     pub fn admit(&self, max_wait: Duration) -> Result<Ticket, Duration> {
-        let ahead = self.queued.fetch_add(1, Ordering::AcqRel);
-        let per_image = self.health.per_image_us.load(Ordering::Relaxed);
-        let wait = Duration::from_micros(per_image.saturating_mul((ahead + self.health.in_flight.load(Ordering::Relaxed)) as u64));
+        let wait = self.wait_behind(self.queued.fetch_add(1, Ordering::AcqRel));
         if wait > max_wait {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(wait);

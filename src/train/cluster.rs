@@ -498,6 +498,12 @@ mod tests {
         assert_eq!((r.len(), r.seen()), (max, 10_000_000));
     }
 
+    /// The shipped embedder on one CPU thread.
+    fn shipped_session() -> EmbedSession {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        EmbedSession::load(&root.join("models/default/embedder.onnx"), crate::infer::DeviceChoice::Cpu, Some(1)).unwrap()
+    }
+
     fn write_noise_images(dir: &Path, n: usize) -> Vec<PathBuf> {
         (0..n)
             .map(|i| {
@@ -531,8 +537,7 @@ mod tests {
 
     #[test]
     fn batched_and_prefetched_embedding_gives_the_sequential_features() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let session = EmbedSession::load(&root.join("models/default/embedder.onnx"), crate::infer::DeviceChoice::Cpu, Some(1)).unwrap();
+        let session = shipped_session();
         let policy = InputPolicy { short_side: 64, max_long_side: 128, multiple: 32, flip: false };
         let dir = tempfile::tempdir().unwrap();
         // Runs of one size; 80x60 (resized to 85x64) and a large 300x200 photo (resized to
@@ -578,8 +583,7 @@ mod tests {
     #[test]
     fn canceling_a_prefetched_embedding_stops_it() {
         // Batches of 4 with the decoding thread ahead: cancel after the 6th image, mid-batch.
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let session = EmbedSession::load(&root.join("models/default/embedder.onnx"), crate::infer::DeviceChoice::Cpu, Some(1)).unwrap();
+        let session = shipped_session();
         let policy = InputPolicy { short_side: 64, max_long_side: 64, multiple: 32, flip: false };
         let dir = tempfile::tempdir().unwrap();
         let paths = write_noise_images(dir.path(), 40);
@@ -594,8 +598,7 @@ mod tests {
 
     #[test]
     fn embedding_a_dataset_keeps_at_most_the_sample() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let session = EmbedSession::load(&root.join("models/default/embedder.onnx"), crate::infer::DeviceChoice::Cpu, Some(1)).unwrap();
+        let session = shipped_session();
         // 64x64 inputs: 16 x 16 = 256 features per image.
         let policy = InputPolicy { short_side: 64, max_long_side: 64, multiple: 32, flip: false };
         let dir = tempfile::tempdir().unwrap();

@@ -320,6 +320,32 @@ pub const CHECKPOINT_WEIGHTS: &str = "weights.safetensors";
 pub const CHECKPOINT_OPTIM: &str = "optimizer.bpk";
 pub const CHECKPOINT_STATE: &str = "state.json";
 
+/// The optimizer every training stage uses: Adam, no weight decay.
+pub(crate) fn new_optimizer() -> ModuleOptimizer {
+    AdamConfig::new().with_epsilon(1e-8).init()
+}
+
+/// The optimizer with the Adam state saved in a checkpoint folder.
+pub(crate) fn load_optimizer(dir: &Path) -> Result<ModuleOptimizer> {
+    let path = dir.join(CHECKPOINT_OPTIM);
+    let record = burn::optim::OptimizerRecord::load(&path).map_err(|e| anyhow::anyhow!("{}: {e:?}", path.display()))?;
+    Ok(new_optimizer().load_record(record))
+}
+
+/// Writes a checkpoint folder (weights, Adam state, `state` as JSON) to a temporary sibling,
+/// then swaps it in: a crash leaves the previous checkpoint whole.
+pub(crate) fn write_checkpoint(dir: &Path, weights: &TensorMap, optim: &ModuleOptimizer, state: &impl Serialize) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
+    let tmp = parent.join(format!(".{name}.partial-{}", crate::util::unique()));
+    std::fs::create_dir_all(&tmp)?;
+    weights.save_safetensors(&tmp.join(CHECKPOINT_WEIGHTS))?;
+    optim.to_record().save(tmp.join(CHECKPOINT_OPTIM)).map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"))?;
+    std::fs::write(tmp.join(CHECKPOINT_STATE), serde_json::to_vec_pretty(state)?)?;
+    crate::util::replace_dir(&tmp, dir)
+}
+
 pub struct Trainer {
     pub config: TrainConfig,
     pub embedder_config: EmbedderConfig,
@@ -336,7 +362,7 @@ impl Trainer {
         let device = Device::flex().autodiff();
         let mut model = Embedder::load(embedder_config, weights, &device)?;
         model.backbone = model.backbone.freeze_through(config.freeze_stride);
-        Ok(Self { config, embedder_config, model, optim: AdamConfig::new().with_epsilon(1e-8).init(), device, epochs_done: 0, losses: vec![] })
+        Ok(Self { config, embedder_config, model, optim: new_optimizer(), device, epochs_done: 0, losses: vec![] })
     }
 
     /// Continues from a checkpoint folder; its settings must match `config` (the epoch count may grow).
@@ -355,9 +381,7 @@ impl Trainer {
         }
         let weights = TensorMap::load_safetensors(&dir.join(CHECKPOINT_WEIGHTS))?;
         let mut t = Self::new(config, embedder_config, &weights)?;
-        let record = burn::optim::OptimizerRecord::load(dir.join(CHECKPOINT_OPTIM))
-            .map_err(|e| anyhow::anyhow!("{}: {e:?}", dir.join(CHECKPOINT_OPTIM).display()))?;
-        t.optim = AdamConfig::new().with_epsilon(1e-8).init().load_record(record);
+        t.optim = load_optimizer(dir)?;
         t.epochs_done = state.epochs_done;
         t.losses = state.losses;
         Ok(t)
@@ -525,16 +549,8 @@ impl Trainer {
 
     /// Writes weights, optimizer state and progress to a temporary folder, then swaps it in.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent)?;
-        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
-        let tmp = parent.join(format!(".{name}.partial-{}", crate::util::unique()));
-        std::fs::create_dir_all(&tmp)?;
-        self.weights().save_safetensors(&tmp.join(CHECKPOINT_WEIGHTS))?;
-        self.optim.to_record().save(tmp.join(CHECKPOINT_OPTIM)).map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"))?;
         let state = CheckpointState { epochs_done: self.epochs_done, config: self.config.clone(), embedder: self.embedder_config, losses: self.losses.clone() };
-        std::fs::write(tmp.join(CHECKPOINT_STATE), serde_json::to_vec_pretty(&state)?)?;
-        crate::util::replace_dir(&tmp, dir)
+        write_checkpoint(dir, &self.weights(), &self.optim, &state)
     }
 
     pub fn weights(&self) -> TensorMap {

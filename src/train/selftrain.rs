@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use image::RgbImage;
 use rand::seq::SliceRandom;
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::augment::{Geometric, Photometric, PhotometricConfig};
 use super::loss::{pixels, scaled_cluster_loss, Balance};
-use super::picie::{apply_geometric, Frames, Progress};
+use super::picie::{apply_geometric, load_optimizer, new_optimizer, write_checkpoint, Frames, Progress, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS};
 use crate::infer::{assign_refined_with_confidence, assign_to, CrfConfig, Quality, Segmenter};
 use crate::model::embedder::OUTPUT_STRIDE;
 use crate::model::{Embedder, EmbedderConfig, TensorMap};
@@ -163,10 +163,6 @@ pub struct SelfTrainState {
     pub losses: Vec<f32>,
 }
 
-const STATE_FILE: &str = "state.json";
-const WEIGHTS_FILE: &str = "weights.safetensors";
-const OPTIM_FILE: &str = "optimizer.bpk";
-
 pub struct SelfTrainer {
     pub config: SelfTrainConfig,
     /// Frame size, batch, seed, crop range and frozen layers, as in the PiCIE stage.
@@ -183,19 +179,18 @@ impl SelfTrainer {
         let device = Device::flex().autodiff();
         let mut model = Embedder::load(embedder, weights, &device)?;
         model.backbone = model.backbone.freeze_through(train.freeze_stride);
-        Ok(Self { config, train, model, optim: AdamConfig::new().with_epsilon(1e-8).init(), device, epochs_done: 0, losses: vec![] })
+        Ok(Self { config, train, model, optim: new_optimizer(), device, epochs_done: 0, losses: vec![] })
     }
 
     /// Continues from `dir` when it holds a checkpoint of the same settings; otherwise starts anew.
     pub fn resume_or_new(config: SelfTrainConfig, train: super::picie::TrainConfig, embedder: EmbedderConfig, weights: &TensorMap, dir: &Path) -> Result<Self> {
-        let state_path = dir.join(STATE_FILE);
+        let state_path = dir.join(CHECKPOINT_STATE);
         if let Ok(bytes) = std::fs::read(&state_path) {
             let state: SelfTrainState = serde_json::from_slice(&bytes).with_context(|| format!("{}: broken checkpoint state", state_path.display()))?;
             if (SelfTrainConfig { epochs: config.epochs, ..state.config.clone() }) == config {
-                let weights = TensorMap::load_safetensors(&dir.join(WEIGHTS_FILE))?;
+                let weights = TensorMap::load_safetensors(&dir.join(CHECKPOINT_WEIGHTS))?;
                 let mut t = Self::new(config, train, embedder, &weights)?;
-                let record = burn::optim::OptimizerRecord::load(dir.join(OPTIM_FILE)).map_err(|e| anyhow::anyhow!("{}: {e:?}", dir.join(OPTIM_FILE).display()))?;
-                t.optim = AdamConfig::new().with_epsilon(1e-8).init().load_record(record);
+                t.optim = load_optimizer(dir)?;
                 t.epochs_done = state.epochs_done;
                 t.losses = state.losses;
                 tracing::info!(epochs_done = t.epochs_done, "resuming self-training from {}", dir.display());
@@ -207,16 +202,8 @@ impl SelfTrainer {
     }
 
     fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent)?;
-        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("selftrain");
-        let tmp = parent.join(format!(".{name}.partial-{}", crate::util::unique()));
-        std::fs::create_dir_all(&tmp)?;
-        self.weights().save_safetensors(&tmp.join(WEIGHTS_FILE))?;
-        self.optim.to_record().save(tmp.join(OPTIM_FILE)).map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"))?;
         let state = SelfTrainState { epochs_done: self.epochs_done, config: self.config.clone(), losses: self.losses.clone() };
-        std::fs::write(tmp.join(STATE_FILE), serde_json::to_vec_pretty(&state)?)?;
-        crate::util::replace_dir(&tmp, dir)
+        write_checkpoint(dir, &self.weights(), &self.optim, &state)
     }
 
     pub fn weights(&self) -> TensorMap {

@@ -10,6 +10,7 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
+COPY migrations migrations
 COPY static static
 COPY benches benches
 RUN cargo build --release --locked

@@ -335,15 +335,15 @@ async fn startup_removes_leftovers_and_keeps_real_data() {
         assert!(p.exists(), "{} was removed", p.display());
     }
     assert!(state.models.package("kept").is_ok(), "the model loads");
-    assert_eq!(state.datasets.get(&ds_id).unwrap().num_images, 1);
+    assert_eq!(state.datasets.get(&ds_id).await.unwrap().num_images, 1);
 
     // Resumed, the job finds its model written and succeeds with it, untouched.
     use picie::server::jobs::JobState;
-    assert_eq!(state.jobs.get(&job_id).unwrap().state, JobState::Interrupted);
-    state.jobs.resume(&job_id).unwrap();
+    assert_eq!(state.jobs.get(&job_id).await.unwrap().state, JobState::Interrupted);
+    state.jobs.resume(&job_id).await.unwrap();
     let start = Instant::now();
     let job = loop {
-        let j = state.jobs.get(&job_id).unwrap();
+        let j = state.jobs.get(&job_id).await.unwrap();
         if j.state.is_terminal() {
             break j;
         }

@@ -6,6 +6,7 @@ use crate::infer::{CrfConfig, DeviceChoice, Quality};
 
 pub use super::state::Limits;
 use super::datasets::DatasetLimits;
+use super::shared::Role;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServeConfig {
@@ -79,6 +80,30 @@ pub struct ServeConfig {
     /// budget apart from inference's (default: half the available cores, at least 1).
     #[arg(long, env = "PICIE_JOB_THREADS", default_value_t = default_job_threads(), value_parser = positive_threads)]
     pub job_threads: usize,
+    /// api (HTTP only, no jobs), worker (claims and runs jobs) or all (both). api and worker
+    /// need --database-url and --store: they share their state through them.
+    #[arg(long, env = "PICIE_ROLE", value_enum, default_value_t = Role::All)]
+    pub role: Role,
+    /// PostgreSQL (postgres://user:password@host/db) for model versions, the active model,
+    /// datasets and jobs, shared by every replica and worker. Unset: the data folder (embedded).
+    #[arg(long, env = "PICIE_DATABASE_URL", hide_env_values = true, requires = "store")]
+    pub database_url: Option<String>,
+    /// Object storage for packages, dataset images and checkpoints: s3://bucket/prefix
+    /// (credentials, region and endpoint from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// AWS_REGION, AWS_ENDPOINT; AWS_ALLOW_HTTP=true for a plain-HTTP endpoint) or
+    /// file:///path (a volume every replica mounts). Needs --database-url.
+    #[arg(long, env = "PICIE_STORE", requires = "database_url")]
+    pub store: Option<String>,
+    /// This process's name in job leases and logs (default: host name and process id).
+    #[arg(long, env = "PICIE_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Seconds a worker holds a job without a heartbeat; a job whose worker died is claimed
+    /// again after this.
+    #[arg(long, env = "PICIE_LEASE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub lease_secs: u64,
+    /// How often replicas look for a newly activated model and idle workers for queued jobs.
+    #[arg(long, env = "PICIE_SYNC_INTERVAL_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub sync_interval_ms: u64,
 }
 
 /// The quality of a `/segment` request that names none: the dense CRF, the one lever that pays
@@ -127,6 +152,12 @@ impl ServeConfig {
             max_dataset_images: d.max_dataset_images,
             max_dataset_bytes: d.max_dataset_bytes,
             job_threads: default_job_threads(),
+            role: Role::All,
+            database_url: None,
+            store: None,
+            instance_id: None,
+            lease_secs: 30,
+            sync_interval_ms: 2000,
         }
     }
 

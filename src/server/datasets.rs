@@ -44,6 +44,9 @@ pub enum DatasetError {
     },
     #[error("{0}")]
     Internal(String),
+    /// The shared database or object store failed.
+    #[error(transparent)]
+    Shared(#[from] super::shared::SharedError),
 }
 
 pub type DatasetResult<T> = Result<T, DatasetError>;
@@ -278,6 +281,36 @@ impl DatasetStore {
     /// The folder holding the dataset's image files.
     pub fn images_dir(&self, id: &str) -> DatasetResult<PathBuf> {
         Ok(self.path(id)?.join("images"))
+    }
+
+    /// The dataset's index as stored (what the shared database keeps).
+    pub fn index_doc(&self, id: &str) -> DatasetResult<serde_json::Value> {
+        serde_json::to_value(self.read_index(id)?).map_err(|e| DatasetError::Internal(e.to_string()))
+    }
+
+    /// The API's view of a stored index.
+    pub fn view_doc(&self, doc: serde_json::Value) -> DatasetResult<Dataset> {
+        let index: Index = serde_json::from_value(doc).map_err(|e| DatasetError::Internal(format!("a stored dataset index: {e}")))?;
+        Ok(self.view(index))
+    }
+
+    /// Writes an index kept elsewhere (the shared database) into this folder, creating the
+    /// dataset's folders: image files are fetched separately. Returns each image's file name,
+    /// SHA-256 and size.
+    pub fn materialize(&self, id: &str, doc: &serde_json::Value) -> DatasetResult<Vec<(String, String, u64)>> {
+        let index: Index = serde_json::from_value(doc.clone()).map_err(|e| DatasetError::Internal(format!("a stored dataset index: {e}")))?;
+        if !valid_name(id) || index.id != id {
+            return Err(DatasetError::Internal(format!("a stored dataset index names `{}`, not `{id}`", index.id)));
+        }
+        let dir = self.dir.join(id);
+        std::fs::create_dir_all(dir.join("images")).map_err(io_err(format!("creating {}", dir.display())))?;
+        write_index_at(&dir.join(INDEX_FILE), &index)?;
+        Ok(index.images.into_iter().map(|e| (e.file, e.sha256, e.bytes)).collect())
+    }
+
+    /// Where the dataset's image files are (or will be) kept.
+    pub fn images_folder(&self, id: &str) -> PathBuf {
+        self.dir.join(id).join("images")
     }
 
     /// Moves the folder aside, then removes it on the blocking pool.
@@ -662,7 +695,7 @@ fn read_head(mut f: &File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-fn hash_file(mut f: &File) -> std::io::Result<String> {
+pub(crate) fn hash_file(mut f: &File) -> std::io::Result<String> {
     rewind(&mut f)?;
     let mut hasher = Sha256::new();
     std::io::copy(&mut f, &mut hasher)?;
@@ -718,6 +751,76 @@ fn is_tar(b: &[u8]) -> bool {
 
 fn hidden(path: &str) -> bool {
     path.rsplit('/').next().is_some_and(|n| n.starts_with('.')) || path.starts_with("__MACOSX")
+}
+
+/// The datasets the API serves: in the data folder (embedded), or in the shared database and
+/// object store with the data folder as a cache (scaled out).
+#[derive(Clone)]
+pub enum Datasets {
+    Embedded(Arc<DatasetStore>),
+    Shared(Arc<super::shared::datasets::SharedDatasets>),
+}
+
+impl Datasets {
+    /// The local store: uploads are streamed, checked and hashed there in both modes.
+    pub fn local(&self) -> &Arc<DatasetStore> {
+        match self {
+            Datasets::Embedded(s) => s,
+            Datasets::Shared(s) => &s.local,
+        }
+    }
+
+    pub async fn create(&self, name: &str) -> DatasetResult<Dataset> {
+        match self {
+            Datasets::Embedded(s) => s.create(name),
+            Datasets::Shared(s) => s.create(name).await,
+        }
+    }
+
+    pub async fn list(&self) -> DatasetResult<Vec<Dataset>> {
+        match self {
+            Datasets::Embedded(s) => Ok(s.list()),
+            Datasets::Shared(s) => s.list().await,
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> DatasetResult<Dataset> {
+        match self {
+            Datasets::Embedded(s) => s.get(id),
+            Datasets::Shared(s) => s.get(id).await,
+        }
+    }
+
+    /// Fails with NotFound unless the dataset exists.
+    pub async fn exists(&self, id: &str) -> DatasetResult<()> {
+        match self {
+            Datasets::Embedded(s) => s.exists(id),
+            Datasets::Shared(s) => s.get(id).await.map(|_| ()),
+        }
+    }
+
+    pub async fn delete(&self, id: &str) -> DatasetResult<()> {
+        match self {
+            Datasets::Embedded(s) => s.delete(id).await,
+            Datasets::Shared(s) => s.delete(id).await,
+        }
+    }
+
+    pub async fn add(&self, id: &str, uploads: Vec<Upload>) -> DatasetResult<UploadReport> {
+        match self {
+            Datasets::Embedded(s) => s.add(id, uploads).await,
+            Datasets::Shared(s) => s.add(id, uploads).await,
+        }
+    }
+
+    /// The dataset's images folder and image paths in this process's data folder, fetched
+    /// first when scaled out. Call it from a blocking thread of the runtime (a job).
+    pub fn local_images(&self, id: &str) -> DatasetResult<(PathBuf, Vec<PathBuf>)> {
+        match self {
+            Datasets::Embedded(s) => Ok((s.images_dir(id)?, s.image_paths(id)?)),
+            Datasets::Shared(s) => super::shared::block_on(s.fetch(id)),
+        }
+    }
 }
 
 #[cfg(test)]

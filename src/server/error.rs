@@ -209,6 +209,7 @@ impl From<super::store::StoreError> for ApiError {
             S::NotFound(_) => ApiError::NotFound(e.to_string()),
             S::Active(_) | S::Builtin(_) | S::Unloadable { .. } => ApiError::Conflict(e.to_string()),
             S::Storage(_) => ApiError::Internal(format!("{e:#}")),
+            S::Shared(s) => s.into(),
         }
     }
 }
@@ -220,6 +221,7 @@ impl From<super::jobs::JobError> for ApiError {
             J::NotFound(_) => ApiError::NotFound(e.to_string()),
             J::Ended { .. } | J::NotResumable { .. } => ApiError::Conflict(e.to_string()),
             J::Storage(_) => ApiError::Internal(format!("{e:#}")),
+            J::Shared(s) => s.into(),
         }
     }
 }
@@ -231,6 +233,19 @@ impl From<crate::server::datasets::DatasetError> for ApiError {
             D::NotFound(_) => ApiError::NotFound(e.to_string()),
             D::Invalid(m) => ApiError::BadRequest(m),
             D::Io { .. } | D::CorruptIndex { .. } | D::Internal(_) => ApiError::Internal(e.to_string()),
+            D::Shared(s) => s.into(),
+        }
+    }
+}
+
+/// The shared database or object store is unreachable or refused: 503, the client may retry.
+/// A blob that fails its checksum is the server's fault: 500.
+impl From<super::shared::SharedError> for ApiError {
+    fn from(e: super::shared::SharedError) -> Self {
+        use super::shared::SharedError as S;
+        match e {
+            S::Corrupt(_) => ApiError::Internal(e.to_string()),
+            S::Database(_) | S::Blobs(_) | S::Migrate(_) => ApiError::Unavailable(e.to_string()),
         }
     }
 }

@@ -30,6 +30,15 @@ pub enum JobError {
     NotResumable { id: String, state: &'static str },
     #[error(transparent)]
     Storage(#[from] anyhow::Error),
+    /// The shared database failed.
+    #[error(transparent)]
+    Shared(#[from] super::shared::SharedError),
+}
+
+impl From<sqlx::Error> for JobError {
+    fn from(e: sqlx::Error) -> Self {
+        JobError::Shared(e.into())
+    }
 }
 
 pub type JobResult<T> = Result<T, JobError>;
@@ -197,35 +206,100 @@ pub struct Job {
     /// How many times the job was resumed after it was interrupted or failed.
     #[serde(default)]
     pub resumed: u32,
+    /// Scaled out: the worker (`--instance-id`) that runs or ran the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+}
+
+impl Job {
+    /// A new queued job with a fresh id.
+    pub fn new(spec: JobSpec, source_model: String) -> Self {
+        Self {
+            id: format!("job-{:012x}", rand::rng().random::<u64>() & 0xffff_ffff_ffff),
+            spec,
+            state: JobState::Queued,
+            stage: "queued".into(),
+            progress: 0.0,
+            created_at: crate::package::now_rfc3339(),
+            started_at: None,
+            finished_at: None,
+            result: None,
+            error: None,
+            source_model,
+            resumed: 0,
+            worker: None,
+        }
+    }
+
+    /// The job's end: succeeded with the runner's result, canceled, or failed with its error.
+    pub fn finish(&mut self, outcome: anyhow::Result<serde_json::Value>, canceled: bool) {
+        self.finished_at = Some(crate::package::now_rfc3339());
+        match outcome {
+            Ok(result) => {
+                self.state = JobState::Succeeded;
+                self.stage = "done".into();
+                self.progress = 1.0;
+                self.result = Some(result);
+            }
+            Err(_) if canceled => {
+                self.state = JobState::Canceled;
+                self.stage = "canceled".into();
+            }
+            Err(e) => {
+                self.state = JobState::Failed;
+                self.stage = "failed".into();
+                self.error = Some(format!("{e:#}"));
+            }
+        }
+    }
 }
 
 /// Lets a running job report progress and see a cancel request.
 #[derive(Clone)]
 pub struct JobContext {
     pub id: String,
-    manager: Arc<JobManagerInner>,
+    sink: ProgressSink,
     cancel: Arc<AtomicBool>,
-    last_persist: Arc<Mutex<Instant>>,
+}
+
+/// Where a job's progress goes.
+#[derive(Clone)]
+enum ProgressSink {
+    /// Embedded: into the manager's table at once, into the job's file every 2 s.
+    Manager { manager: Arc<JobManagerInner>, last_persist: Arc<Mutex<Instant>> },
+    /// Scaled out: the latest (stage, progress), written to the database with each heartbeat.
+    Latest(Arc<Mutex<(String, f64)>>),
 }
 
 impl JobContext {
+    /// A context whose progress the caller reads from `latest` (scaled-out workers).
+    pub fn with_latest(id: String, cancel: Arc<AtomicBool>, latest: Arc<Mutex<(String, f64)>>) -> Self {
+        Self { id, sink: ProgressSink::Latest(latest), cancel }
+    }
+
     pub fn canceled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
     }
 
     pub fn progress(&self, stage: &str, progress: f64) {
-        let persist = {
-            let mut last = self.last_persist.lock().expect("persist lock");
-            let due = last.elapsed() > Duration::from_secs(2);
-            if due {
-                *last = Instant::now();
+        let progress = progress.clamp(0.0, 1.0);
+        match &self.sink {
+            ProgressSink::Latest(latest) => *latest.lock().expect("progress lock") = (stage.to_string(), progress),
+            ProgressSink::Manager { manager, last_persist } => {
+                let persist = {
+                    let mut last = last_persist.lock().expect("persist lock");
+                    let due = last.elapsed() > Duration::from_secs(2);
+                    if due {
+                        *last = Instant::now();
+                    }
+                    due
+                };
+                manager.update(&self.id, persist, |j| {
+                    j.stage = stage.to_string();
+                    j.progress = progress;
+                });
             }
-            due
-        };
-        self.manager.update(&self.id, persist, |j| {
-            j.stage = stage.to_string();
-            j.progress = progress.clamp(0.0, 1.0);
-        });
+        }
     }
 }
 
@@ -329,21 +403,8 @@ impl JobManager {
     }
 
     pub fn submit(&self, spec: JobSpec, source_model: String) -> Job {
-        let id = format!("job-{:012x}", rand::rng().random::<u64>() & 0xffff_ffff_ffff);
-        let job = Job {
-            id: id.clone(),
-            spec,
-            state: JobState::Queued,
-            stage: "queued".into(),
-            progress: 0.0,
-            created_at: crate::package::now_rfc3339(),
-            started_at: None,
-            finished_at: None,
-            result: None,
-            error: None,
-            source_model,
-            resumed: 0,
-        };
+        let job = Job::new(spec, source_model);
+        let id = job.id.clone();
         self.inner.jobs.lock().expect("jobs lock").insert(id.clone(), job.clone());
         self.inner.persist(&job);
         self.enqueue(id);
@@ -413,10 +474,46 @@ impl JobManager {
         self.inner.events.subscribe()
     }
 
+    /// The job now and after every change, until it ends (or the receiver is dropped).
+    pub fn watch(&self, id: &str) -> JobResult<mpsc::Receiver<Job>> {
+        // Subscribe before reading the snapshot so no change falls between them.
+        let mut updates = self.subscribe();
+        let job = self.get(id)?;
+        let (jobs, id) = (self.clone(), id.to_string());
+        let (tx, rx) = mpsc::channel::<Job>(16);
+        tokio::spawn(async move {
+            let done = job.state.is_terminal();
+            if tx.send(job).await.is_err() || done {
+                return;
+            }
+            loop {
+                let next = match updates.recv().await {
+                    Ok(j) if j.id == id => j,
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => match jobs.get(&id) {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    },
+                    Err(_) => return,
+                };
+                let done = next.state.is_terminal();
+                if tx.send(next).await.is_err() || done {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
     pub fn counts_by_state(&self) -> Vec<(JobState, usize)> {
         let jobs = self.inner.jobs.lock().expect("jobs lock");
         JobState::ALL.iter().map(|s| (*s, jobs.values().filter(|j| j.state == *s).count())).collect()
     }
+}
+
+/// Runs the job body; a panic becomes the job's error, not the process's end.
+pub fn run_caught(runner: &Runner, job: &Job, ctx: &JobContext) -> anyhow::Result<serde_json::Value> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner(job, ctx))).unwrap_or_else(|_| Err(anyhow::anyhow!("the job panicked")))
 }
 
 fn run_one(inner: &Arc<JobManagerInner>, runner: &Runner, id: &str) {
@@ -433,30 +530,74 @@ fn run_one(inner: &Arc<JobManagerInner>, runner: &Runner, id: &str) {
     if job.state != JobState::Running {
         return; // canceled while queued
     }
-    let ctx = JobContext { id: id.to_string(), manager: inner.clone(), cancel: cancel.clone(), last_persist: Arc::new(Mutex::new(Instant::now())) };
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner(&job, &ctx)))
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("the job panicked")));
-    inner.update(id, true, |j| {
-        j.finished_at = Some(crate::package::now_rfc3339());
-        match outcome {
-            Ok(result) => {
-                j.state = JobState::Succeeded;
-                j.stage = "done".into();
-                j.progress = 1.0;
-                j.result = Some(result);
-            }
-            Err(_) if cancel.load(Ordering::Relaxed) => {
-                j.state = JobState::Canceled;
-                j.stage = "canceled".into();
-            }
-            Err(e) => {
-                j.state = JobState::Failed;
-                j.stage = "failed".into();
-                j.error = Some(format!("{e:#}"));
-            }
-        }
-    });
+    let ctx = JobContext {
+        id: id.to_string(),
+        sink: ProgressSink::Manager { manager: inner.clone(), last_persist: Arc::new(Mutex::new(Instant::now())) },
+        cancel: cancel.clone(),
+    };
+    let outcome = run_caught(runner, &job, &ctx);
+    inner.update(id, true, |j| j.finish(outcome, cancel.load(Ordering::Relaxed)));
     inner.cancels.lock().expect("cancel lock").remove(id);
+}
+
+/// The jobs the API serves: run in this process (embedded), or kept in the shared database
+/// and run by whichever worker claims them (scaled out).
+#[derive(Clone)]
+pub enum Jobs {
+    Embedded(JobManager),
+    Shared(Arc<super::shared::jobs::SharedJobs>),
+}
+
+impl Jobs {
+    pub async fn submit(&self, spec: JobSpec, source_model: String) -> JobResult<Job> {
+        match self {
+            Jobs::Embedded(m) => Ok(m.submit(spec, source_model)),
+            Jobs::Shared(s) => s.submit(spec, source_model).await,
+        }
+    }
+
+    pub async fn list(&self) -> JobResult<Vec<Job>> {
+        match self {
+            Jobs::Embedded(m) => Ok(m.list()),
+            Jobs::Shared(s) => s.list().await,
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> JobResult<Job> {
+        match self {
+            Jobs::Embedded(m) => m.get(id),
+            Jobs::Shared(s) => s.get(id).await,
+        }
+    }
+
+    pub async fn cancel(&self, id: &str) -> JobResult<Job> {
+        match self {
+            Jobs::Embedded(m) => m.cancel(id),
+            Jobs::Shared(s) => s.cancel(id).await,
+        }
+    }
+
+    pub async fn resume(&self, id: &str) -> JobResult<Job> {
+        match self {
+            Jobs::Embedded(m) => m.resume(id),
+            Jobs::Shared(s) => s.resume(id).await,
+        }
+    }
+
+    pub async fn counts_by_state(&self) -> JobResult<Vec<(JobState, usize)>> {
+        match self {
+            Jobs::Embedded(m) => Ok(m.counts_by_state()),
+            Jobs::Shared(s) => s.counts_by_state().await,
+        }
+    }
+
+    /// The job now and after every change, until it ends.
+    pub async fn watch(&self, id: &str) -> JobResult<mpsc::Receiver<Job>> {
+        match self {
+            Jobs::Embedded(m) => m.watch(id),
+            Jobs::Shared(s) => s.watch(id).await,
+        }
+    }
 }
 
 #[cfg(test)]

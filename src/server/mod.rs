@@ -13,6 +13,7 @@ pub mod render;
 pub mod router;
 pub mod routes;
 pub mod runner;
+pub mod shared;
 pub mod state;
 pub mod store;
 pub mod worker;
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 pub use config::ServeConfig;
-use jobs::JobManager;
+use jobs::{JobManager, Jobs};
 pub use openapi::{openapi_json, ApiDoc};
 pub use router::router;
 use state::{AppState, Limits};
@@ -43,7 +44,11 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     // What a killed process left half-written goes before anything opens the folders.
     store::clean_leftovers(&cfg.data_dir);
-    let models = Arc::new(store::ModelRegistry::open(&cfg.models_dir, &cfg.data_dir, cfg.model.as_deref(), cfg.device, cfg.threads)?);
+    let shared = connect_shared(cfg)?;
+    let models = Arc::new(match &shared {
+        None => store::ModelRegistry::open(&cfg.models_dir, &cfg.data_dir, cfg.model.as_deref(), cfg.device, cfg.threads)?,
+        Some(sh) => store::ModelRegistry::open_shared(&cfg.models_dir, &cfg.data_dir, cfg.model.as_deref(), cfg.device, cfg.threads, sh.clone())?,
+    });
     // Warm-up: the first run allocates and optimises; no request should pay for it.
     let (name, seg) = models.active();
     let warm = image::RgbImage::from_pixel(64, 64, image::Rgb([128, 128, 128]));
@@ -57,11 +62,34 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
     let initial_time_per_image = started.elapsed();
     tracing::info!(model = %name, provider = seg.provider().as_str(), quality = %cfg.quality, warm_ms = initial_time_per_image.as_millis() as u64, "model loaded and warmed up");
 
-    let datasets = Arc::new(datasets::DatasetStore::open(&cfg.data_dir, cfg.dataset_limits())?);
-    let jobs = JobManager::open(
-        &cfg.data_dir,
-        runner::job_runner(models.clone(), datasets.clone(), cfg.data_dir.join("checkpoints"), runner::JobSettings::from_config(cfg))?,
-    )?;
+    let local = Arc::new(datasets::DatasetStore::open(&cfg.data_dir, cfg.dataset_limits())?);
+    let datasets = match &shared {
+        None => datasets::Datasets::Embedded(local),
+        Some(sh) => datasets::Datasets::Shared(Arc::new(shared::datasets::SharedDatasets { local, shared: sh.clone() })),
+    };
+    let runner = || {
+        runner::runner_for(models.clone(), datasets.clone(), cfg.data_dir.join("checkpoints"), runner::JobSettings::from_config(cfg), shared.clone())
+    };
+    let jobs = match &shared {
+        None => Jobs::Embedded(JobManager::open(&cfg.data_dir, runner()?)?),
+        Some(sh) => {
+            let jobs = Arc::new(shared::jobs::SharedJobs { shared: sh.clone() });
+            if cfg.role.runs_jobs() {
+                jobs.clone().start_worker(runner()?);
+            }
+            // Every replica follows the model activated (or rewritten) on any other.
+            let (models, every) = (models.clone(), sh.settings.sync_interval);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if let Err(e) = models.sync().await {
+                        tracing::warn!(error = %e, "cannot follow the shared model registry");
+                    }
+                }
+            });
+            Jobs::Shared(jobs)
+        }
+    };
     Ok(AppState {
         models,
         worker: worker::WorkerHandle::start(worker::WorkerConfig {
@@ -80,7 +108,31 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
         api_key: cfg.api_key.clone().filter(|k| !k.is_empty()).map(Arc::new),
         requested_device: format!("{:?}", cfg.device).to_lowercase(),
         ready: Arc::new(AtomicBool::new(true)),
+        role: cfg.role,
+        shared: shared.is_some(),
     })
+}
+
+/// Scaled out (`--database-url` and `--store`): connects to both and migrates the database.
+/// `--role api` or `worker` without them is refused: alone, such a process could not share
+/// anything with the others.
+fn connect_shared(cfg: &ServeConfig) -> Result<Option<Arc<shared::Shared>>> {
+    let (Some(db), Some(store)) = (cfg.database_url.as_deref(), cfg.store.as_deref()) else {
+        anyhow::ensure!(
+            cfg.role == shared::Role::All,
+            "--role {} needs --database-url and --store: replicas and workers share models, datasets and jobs through them",
+            cfg.role.as_str()
+        );
+        return Ok(None);
+    };
+    let settings = shared::SharedSettings {
+        instance: cfg.instance_id.clone().filter(|s| !s.is_empty()).unwrap_or_else(shared::default_instance_id),
+        lease: std::time::Duration::from_secs(cfg.lease_secs.max(1)),
+        sync_interval: std::time::Duration::from_millis(cfg.sync_interval_ms.max(10)),
+        max_attempts: 3,
+    };
+    let sh = shared::block_on(shared::Shared::connect(db, store, settings)).context("connecting to the shared database and object store")?;
+    Ok(Some(Arc::new(sh)))
 }
 
 /// Runs the server until SIGTERM or Ctrl-C; listens only once the model is warm.

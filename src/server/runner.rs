@@ -17,7 +17,8 @@ use crate::train::cluster::recluster_package;
 use crate::train::kmeans::KMeansConfig;
 
 use super::config::ServeConfig;
-use super::datasets::DatasetStore;
+use super::datasets::{DatasetStore, Datasets};
+use super::shared::Shared;
 use super::jobs::{self, JobSpec, Runner};
 use super::store::ModelRegistry;
 
@@ -39,7 +40,21 @@ impl JobSettings {
     }
 }
 
+/// The embedded server's jobs: models, datasets and checkpoints in the data folder.
 pub fn job_runner(models: Arc<ModelRegistry>, datasets: Arc<DatasetStore>, checkpoints: PathBuf, settings: JobSettings) -> anyhow::Result<Runner> {
+    runner_for(models, Datasets::Embedded(datasets), checkpoints, settings, None)
+}
+
+/// Jobs over these stores. Scaled out (`shared`), a job fetches its dataset's images and source
+/// package first, publishes the package it writes, and keeps a fine-tuning job's checkpoint in
+/// the object store after every epoch, so a worker that takes over continues from it.
+pub fn runner_for(
+    models: Arc<ModelRegistry>,
+    datasets: Datasets,
+    checkpoints: PathBuf,
+    settings: JobSettings,
+    shared: Option<Arc<Shared>>,
+) -> anyhow::Result<Runner> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(settings.threads.max(1))
         .thread_name(|i| format!("picie-job-{i}"))
@@ -47,8 +62,12 @@ pub fn job_runner(models: Arc<ModelRegistry>, datasets: Arc<DatasetStore>, check
         .context("starting the job threads")?;
     tracing::info!(threads = settings.threads, device = ?settings.device, "job thread pool ready");
     Ok(Arc::new(move |job: &jobs::Job, ctx: &jobs::JobContext| {
+        // The job body runs on a rayon thread; scaled out it reaches the shared stores through
+        // the Tokio runtime the job was started from.
+        let runtime = tokio::runtime::Handle::try_current().ok();
         pool.install(|| {
-            let mut result = run_job(&models, &datasets, &checkpoints, settings, job, ctx)?;
+            let _runtime = runtime.as_ref().map(|h| h.enter());
+            let mut result = run_job(&models, &datasets, &checkpoints, settings, shared.as_deref(), job, ctx)?;
             // What the job actually ran on: the pool it was given.
             result["job_threads"] = serde_json::json!(rayon::current_num_threads());
             Ok(result)
@@ -58,9 +77,10 @@ pub fn job_runner(models: Arc<ModelRegistry>, datasets: Arc<DatasetStore>, check
 
 fn run_job(
     models: &ModelRegistry,
-    datasets: &DatasetStore,
+    datasets: &Datasets,
     checkpoints: &std::path::Path,
     settings: JobSettings,
+    shared: Option<&Shared>,
     job: &jobs::Job,
     ctx: &jobs::JobContext,
 ) -> anyhow::Result<serde_json::Value> {
@@ -70,7 +90,7 @@ fn run_job(
             if let Some(done) = finished_before(models, job, name.as_deref(), "recluster") {
                 return Ok(done);
             }
-            let paths = datasets.image_paths(dataset)?;
+            let (_, paths) = datasets.local_images(dataset)?;
             let source = models.package(&job.source_model)?;
             // A session of the job's own, even for the active model: the inference worker's
             // session has its own threads, and sharing it would take them from /segment.
@@ -83,6 +103,7 @@ fn run_job(
                 ctx.progress("embedding", 0.9 * done as f64 / total.max(1) as f64);
                 !ctx.canceled()
             })?;
+            models.publish_blocking(&name)?;
             Ok(serde_json::json!({
                 "model": name,
                 "k": pkg.manifest.k,
@@ -104,7 +125,17 @@ fn run_job(
             let source = models.package(&job.source_model)?;
             let config = jobs::finetune_config(&job.spec).expect("a finetune spec");
             let name = name.clone().unwrap_or_else(|| format!("finetune-{}", job.id.trim_start_matches("job-")));
-            let images = datasets.images_dir(dataset)?;
+            let (images, _) = datasets.local_images(dataset)?;
+            let blob_checkpoint = format!("checkpoints/{}", job.id);
+            if let Some(sh) = shared {
+                // A worker taking over a job continues from the last epoch another one saved.
+                if !checkpoint.exists() {
+                    let n = super::shared::block_on(sh.blobs.get_dir(&blob_checkpoint, &checkpoint))?;
+                    if n > 0 {
+                        tracing::info!(job = %job.id, files = n, "continuing from the checkpoint in the shared store");
+                    }
+                }
+            }
             let args = crate::commands::TrainArgs {
                 images,
                 out: models.models_dir().join(&name),
@@ -123,7 +154,18 @@ fn run_job(
             // Progress over both stages, each weighted by its epochs.
             let picie_epochs = args.config.epochs as f64;
             let all_epochs = picie_epochs + args.self_train.as_ref().map_or(0.0, |s| s.epochs as f64);
+            let mut saved_epoch = None;
             let outcome = crate::commands::train_with(&args, settings.sessions(), &mut |p| {
+                if let Some(sh) = shared {
+                    // A new epoch began: the last one's checkpoint is complete on disk.
+                    let epoch = (matches!(p.phase, "pseudo-label" | "self-train"), p.epoch);
+                    if saved_epoch.is_some_and(|e| e != epoch) && args.checkpoint.exists() {
+                        if let Err(e) = super::shared::block_on(sh.blobs.put_dir(&blob_checkpoint, &args.checkpoint)) {
+                            tracing::warn!(job = %job.id, error = %e, "cannot save the checkpoint to the shared store");
+                        }
+                    }
+                    saved_epoch = Some(epoch);
+                }
                 let done = match p.phase {
                     "pseudo-label" | "self-train" => picie_epochs + p.fraction() * (all_epochs - picie_epochs),
                     _ => p.fraction() * picie_epochs,
@@ -131,12 +173,19 @@ fn run_job(
                 ctx.progress(&format!("{} epoch {}/{}", p.phase, p.epoch + 1, p.epochs), 0.95 * done / all_epochs.max(1.0));
                 !ctx.canceled()
             })?;
+            let drop_checkpoint = || {
+                let _ = std::fs::remove_dir_all(&args.checkpoint);
+                if let Some(sh) = shared {
+                    let _ = super::shared::block_on(sh.blobs.delete_prefix(&blob_checkpoint));
+                }
+            };
             let Some((pkg, _)) = outcome else {
                 // A canceled job cannot be resumed: its checkpoint is of no more use.
-                let _ = std::fs::remove_dir_all(&args.checkpoint);
+                drop_checkpoint();
                 anyhow::bail!("canceled")
             };
-            let _ = std::fs::remove_dir_all(&args.checkpoint);
+            models.publish_blocking(&name)?;
+            drop_checkpoint();
             Ok(serde_json::json!({
                 "model": name,
                 "k": pkg.manifest.k,

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use super::datasets::DatasetStore;
-use super::jobs::JobManager;
+use super::datasets::Datasets;
+use super::jobs::Jobs;
+use super::shared::Role;
 use super::metrics::Metrics;
 use super::store::ModelRegistry;
 use super::worker::WorkerHandle;
@@ -52,14 +53,17 @@ pub struct AppState {
     pub worker: WorkerHandle,
     pub inference_permits: Arc<Semaphore>,
     pub metrics: Arc<Metrics>,
-    pub datasets: Arc<DatasetStore>,
-    pub jobs: JobManager,
+    pub datasets: Datasets,
+    pub jobs: Jobs,
     pub limits: Limits,
     pub api_key: Option<Arc<String>>,
     pub requested_device: String,
     pub ready: Arc<AtomicBool>,
     /// `/segment`'s quality when the request names none.
     pub quality: crate::infer::Quality,
+    pub role: Role,
+    /// Scaled out: metadata in PostgreSQL, blobs in object storage.
+    pub shared: bool,
 }
 
 impl AppState {

@@ -20,6 +20,10 @@ use std::sync::{Arc, RwLock};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use std::collections::{BTreeMap, HashMap};
+
+use super::shared::models::{self as shared_models, DeleteOutcome, SharedModel};
+use super::shared::{Shared, SharedError};
 use crate::infer::{DeviceChoice, Segmenter};
 use crate::package::{Manifest, Package};
 
@@ -46,6 +50,9 @@ pub enum StoreError {
     /// A filesystem failure or a crashed blocking task.
     #[error(transparent)]
     Storage(#[from] anyhow::Error),
+    /// The shared database or object store failed.
+    #[error(transparent)]
+    Shared(#[from] SharedError),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -112,6 +119,20 @@ pub struct ModelRegistry {
     active: RwLock<(String, Arc<Segmenter>)>,
     /// Serialises activations, deletions and class edits.
     pub edit: tokio::sync::Mutex<()>,
+    /// Scaled out: the shared stores and what this replica knows of them.
+    shared: Option<SharedModels>,
+}
+
+/// A replica's view of the shared model versions: the database's rows as last read, and which
+/// revision of each package its data folder holds.
+struct SharedModels {
+    shared: Arc<Shared>,
+    catalog: RwLock<BTreeMap<String, SharedModel>>,
+    fetched: std::sync::Mutex<HashMap<String, i64>>,
+    /// The revision of the package the active model was loaded from.
+    active_revision: std::sync::Mutex<i64>,
+    /// One download at a time.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 impl ModelRegistry {
@@ -131,7 +152,117 @@ impl ModelRegistry {
             threads,
             active: RwLock::new((name, Arc::new(seg))),
             edit: tokio::sync::Mutex::new(()),
+            shared: None,
         })
+    }
+
+    /// A replica of a scaled-out deployment: model versions come from the shared stores and are
+    /// fetched into `data_dir/models` on first use. Serves the model activated in the database,
+    /// else `requested`, else `default`. Call it from a blocking thread of the runtime.
+    pub fn open_shared(
+        builtin_dir: &Path,
+        data_dir: &Path,
+        requested: Option<&str>,
+        device: DeviceChoice,
+        threads: Option<usize>,
+        shared: Arc<Shared>,
+    ) -> StoreResult<Self> {
+        let models = data_dir.join("models");
+        std::fs::create_dir_all(&models).map_err(|e| anyhow::anyhow!("creating {}: {e}", models.display()))?;
+        let catalog = super::shared::block_on(shared_models::list(&shared))?;
+        let active = super::shared::block_on(shared_models::active(&shared))?;
+        let sh = SharedModels {
+            shared,
+            catalog: RwLock::new(catalog),
+            fetched: Default::default(),
+            active_revision: std::sync::Mutex::new(0),
+            fetching: tokio::sync::Mutex::new(()),
+        };
+        let name = active.map(|a| a.0).or(requested.map(str::to_string)).unwrap_or_else(|| "default".to_string());
+        let (dir, revision) = super::shared::block_on(sh.ensure_local(builtin_dir, &models, &name))?;
+        let seg = Segmenter::load(&dir, device, threads).map_err(|e| StoreError::Unloadable { name: name.clone(), reason: format!("{e:#}") })?;
+        *sh.active_revision.lock().expect("revision lock") = revision;
+        Ok(Self {
+            builtin_dir: builtin_dir.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+            device,
+            threads,
+            active: RwLock::new((name, Arc::new(seg))),
+            edit: tokio::sync::Mutex::new(()),
+            shared: Some(sh),
+        })
+    }
+
+    /// Scaled out: the folder holding `name`'s package on this replica, fetched from the object
+    /// store when this replica has no copy or an older revision; and that revision (0 for a
+    /// shipped package). Embedded: the package's folder.
+    pub async fn ensure_local(&self, name: &str) -> StoreResult<(PathBuf, i64)> {
+        match &self.shared {
+            Some(sh) => sh.ensure_local(&self.builtin_dir, &self.models_dir(), name).await,
+            None => self.resolve(name).map(|d| (d, 0)).ok_or_else(|| StoreError::NotFound(name.to_string())),
+        }
+    }
+
+    /// Scaled out: reads the model versions from the database again.
+    async fn refresh_catalog(&self) -> StoreResult<()> {
+        match &self.shared {
+            Some(sh) => sh.refresh_catalog().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Scaled out: records a package this process wrote (a job's model, edited classes) in the
+    /// shared stores, so every replica can fetch it. Embedded: nothing to do.
+    pub async fn publish(&self, name: &str) -> StoreResult<()> {
+        let Some(sh) = &self.shared else { return Ok(()) };
+        let local = self.models_dir().join(name);
+        let dir = if local.exists() { local } else { self.builtin_dir.join(name) };
+        let revision = shared_models::publish(&sh.shared, name, &dir).await?;
+        sh.fetched.lock().expect("fetched lock").insert(name.to_string(), revision);
+        self.refresh_catalog().await?;
+        if self.active().0 == name {
+            // This replica already serves what it wrote; the others reload it.
+            *sh.active_revision.lock().expect("revision lock") = revision;
+        }
+        Ok(())
+    }
+
+    /// [`ModelRegistry::publish`] from a blocking thread of the runtime (a job).
+    pub fn publish_blocking(&self, name: &str) -> StoreResult<()> {
+        if self.shared.is_none() {
+            return Ok(());
+        }
+        super::shared::block_on(self.publish(name))
+    }
+
+    /// Scaled out: follows the database. Loads and swaps in the model activated there (by any
+    /// replica) or rewritten there (new class names) since this replica last looked.
+    pub async fn sync(&self) -> StoreResult<()> {
+        let Some(sh) = &self.shared else { return Ok(()) };
+        self.refresh_catalog().await?;
+        let Some((name, revision)) = shared_models::active(&sh.shared).await? else { return Ok(()) };
+        let current = (self.active().0, *sh.active_revision.lock().expect("revision lock"));
+        if current == (name.clone(), revision) {
+            return Ok(());
+        }
+        self.load_and_swap(&name).await?;
+        tracing::info!(model = %name, revision, "following the model activated on another replica");
+        Ok(())
+    }
+
+    /// Fetches (scaled out), loads fully, then swaps in; a failed load keeps the active model.
+    async fn load_and_swap(&self, name: &str) -> StoreResult<()> {
+        let (dir, revision) = self.ensure_local(name).await?;
+        let (device, threads) = (self.device, self.threads);
+        let seg = tokio::task::spawn_blocking(move || Segmenter::load(&dir, device, threads))
+            .await
+            .map_err(|e| anyhow::anyhow!("loading a model: {e}"))?
+            .map_err(|e| StoreError::Unloadable { name: name.to_string(), reason: format!("{e:#}") })?;
+        *self.active.write().expect("model lock") = (name.to_string(), Arc::new(seg));
+        if let Some(sh) = &self.shared {
+            *sh.active_revision.lock().expect("revision lock") = revision;
+        }
+        Ok(())
     }
 
     pub fn active(&self) -> (String, Arc<Segmenter>) {
@@ -139,12 +270,23 @@ impl ModelRegistry {
         (g.0.clone(), g.1.clone())
     }
 
-    /// The folder of model `name`, jobs' models first.
+    /// The folder of model `name`, jobs' models first. Scaled out, a model known to the database
+    /// may not have been fetched yet: [`ModelRegistry::ensure_local`] fetches it.
     pub fn resolve(&self, name: &str) -> Option<PathBuf> {
+        if let Some(sh) = &self.shared {
+            if valid_name(name) && sh.catalog.read().expect("catalog lock").contains_key(name) {
+                return Some(self.models_dir().join(name));
+            }
+            let builtin = self.builtin_dir.join(name);
+            return (valid_name(name) && builtin.join(crate::package::MANIFEST_FILE).exists()).then_some(builtin);
+        }
         resolve_in(&self.builtin_dir, &self.data_dir, name)
     }
 
     pub fn is_builtin(&self, name: &str) -> bool {
+        if let Some(sh) = &self.shared {
+            return !sh.catalog.read().expect("catalog lock").contains_key(name) && self.builtin_dir.join(name).exists();
+        }
         !self.data_dir.join("models").join(name).exists() && self.builtin_dir.join(name).exists()
     }
 
@@ -154,13 +296,17 @@ impl ModelRegistry {
 
     pub fn list(&self) -> Vec<ModelSummary> {
         let active = self.active().0;
-        let mut names: Vec<String> = [self.builtin_dir.clone(), self.models_dir()]
+        let dirs = if self.shared.is_some() { vec![self.builtin_dir.clone()] } else { vec![self.builtin_dir.clone(), self.models_dir()] };
+        let mut names: Vec<String> = dirs
             .iter()
             .filter_map(|d| std::fs::read_dir(d).ok())
             .flatten()
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .filter(|n| valid_name(n))
             .collect();
+        if let Some(sh) = &self.shared {
+            names.extend(sh.catalog.read().expect("catalog lock").keys().cloned());
+        }
         names.sort();
         names.dedup();
         names
@@ -181,6 +327,9 @@ impl ModelRegistry {
     }
 
     pub fn manifest(&self, name: &str) -> StoreResult<Manifest> {
+        if let Some(m) = self.shared.as_ref().and_then(|sh| sh.catalog.read().expect("catalog lock").get(name).map(|m| m.manifest.clone())) {
+            return Ok(m);
+        }
         let dir = self.resolve(name).ok_or_else(|| StoreError::NotFound(name.to_string()))?;
         let path = dir.join(crate::package::MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -190,7 +339,10 @@ impl ModelRegistry {
     /// Loads and checks a package (reads and hashes every file: call it off the async runtime,
     /// or use [`ModelRegistry::package_blocking`]).
     pub fn package(&self, name: &str) -> StoreResult<Package> {
-        let dir = self.resolve(name).ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        let dir = match self.shared {
+            Some(_) => super::shared::block_on(self.ensure_local(name))?.0,
+            None => self.resolve(name).ok_or_else(|| StoreError::NotFound(name.to_string()))?,
+        };
         Package::load(&dir).map_err(|e| StoreError::Unloadable { name: name.to_string(), reason: format!("{e:#}") })
     }
 
@@ -204,6 +356,14 @@ impl ModelRegistry {
     /// names the job): a job resumed after its package was written but before it was marked
     /// done finds its work here.
     pub fn made_by_job(&self, name: &str, job_id: &str) -> Option<Package> {
+        if self.shared.is_some() {
+            // Written by this job on a worker that died before the job was marked done.
+            super::shared::block_on(self.refresh_catalog()).ok()?;
+            self.manifest(name).ok()?;
+            let dir = super::shared::block_on(self.ensure_local(name)).ok()?.0;
+            let pkg = Package::load(&dir).ok()?;
+            return pkg.manifest.provenance.command.ends_with(&format!("(job {job_id})")).then_some(pkg);
+        }
         let pkg = Package::load(&self.models_dir().join(name)).ok()?;
         pkg.manifest.provenance.command.ends_with(&format!("(job {job_id})")).then_some(pkg)
     }
@@ -211,6 +371,13 @@ impl ModelRegistry {
     /// Loads `name` fully, then swaps it in. Requests already accepted keep the old model; a
     /// failed load leaves the active model as it was.
     pub async fn activate(&self, name: &str) -> StoreResult<()> {
+        if let Some(sh) = &self.shared {
+            // Every replica follows within its sync interval ([`ModelRegistry::sync`]).
+            self.load_and_swap(name).await?;
+            shared_models::set_active(&sh.shared, name).await?;
+            tracing::info!(model = name, "model activated for every replica");
+            return Ok(());
+        }
         let dir = self.resolve(name).ok_or_else(|| StoreError::NotFound(name.to_string()))?;
         let (device, threads) = (self.device, self.threads);
         let seg = tokio::task::spawn_blocking(move || Segmenter::load(&dir, device, threads))
@@ -239,6 +406,18 @@ impl ModelRegistry {
         if self.is_builtin(name) {
             return Err(StoreError::Builtin(name.to_string()));
         }
+        if let Some(sh) = &self.shared {
+            match shared_models::delete(&sh.shared, name).await? {
+                DeleteOutcome::Deleted => {}
+                DeleteOutcome::NotFound => return Err(StoreError::NotFound(name.to_string())),
+                DeleteOutcome::Active => return Err(StoreError::Active(name.to_string())),
+            }
+            sh.catalog.write().expect("catalog lock").remove(name);
+            sh.fetched.lock().expect("fetched lock").remove(name);
+            if !self.models_dir().join(name).exists() {
+                return Ok(());
+            }
+        }
         let dir = self.models_dir().join(name);
         let trash = self.models_dir().join(format!(".deleting-{name}-{}", crate::util::unique()));
         let models_dir = self.models_dir();
@@ -251,6 +430,40 @@ impl ModelRegistry {
         .await
         .map_err(|e| anyhow::anyhow!("deleting a model: {e}"))??;
         Ok(())
+    }
+}
+
+impl SharedModels {
+    async fn refresh_catalog(&self) -> StoreResult<()> {
+        let catalog = shared_models::list(&self.shared).await?;
+        *self.catalog.write().expect("catalog lock") = catalog;
+        Ok(())
+    }
+
+    async fn ensure_local(&self, builtin_dir: &Path, models_dir: &Path, name: &str) -> StoreResult<(PathBuf, i64)> {
+        if !valid_name(name) {
+            return Err(StoreError::NotFound(name.to_string()));
+        }
+        let known = |this: &Self| this.catalog.read().expect("catalog lock").get(name).map(|m| m.revision);
+        let mut revision = known(self);
+        if revision.is_none() {
+            // Maybe made a moment ago on another replica.
+            self.refresh_catalog().await?;
+            revision = known(self);
+        }
+        let Some(revision) = revision else {
+            let builtin = builtin_dir.join(name);
+            return if builtin.join(crate::package::MANIFEST_FILE).exists() { Ok((builtin, 0)) } else { Err(StoreError::NotFound(name.to_string())) };
+        };
+        let dir = models_dir.join(name);
+        let _one = self.fetching.lock().await;
+        if self.fetched.lock().expect("fetched lock").get(name) == Some(&revision) && dir.exists() {
+            return Ok((dir, revision));
+        }
+        shared_models::fetch(&self.shared, name, &dir).await?;
+        self.fetched.lock().expect("fetched lock").insert(name.to_string(), revision);
+        tracing::info!(model = name, revision, "model fetched from the shared store");
+        Ok((dir, revision))
     }
 }
 

@@ -45,20 +45,20 @@ pub struct UploadFile(Vec<u8>);
 #[utoipa::path(post, path = "/datasets", tag = "datasets", request_body = NewDataset, security(("api_key" = [])),
     responses((status = 201, body = Dataset), (status = 400, body = ErrorBody)))]
 pub async fn create(State(state): State<AppState>, Json(body): Json<NewDataset>) -> ApiResult<(StatusCode, Json<Dataset>)> {
-    Ok((StatusCode::CREATED, Json(state.datasets.create(&body.name)?)))
+    Ok((StatusCode::CREATED, Json(state.datasets.create(&body.name).await?)))
 }
 
 /// All datasets.
-#[utoipa::path(get, path = "/datasets", tag = "datasets", responses((status = 200, body = Vec<Dataset>)))]
-pub async fn list(State(state): State<AppState>) -> Json<Vec<Dataset>> {
-    Json(state.datasets.list())
+#[utoipa::path(get, path = "/datasets", tag = "datasets", responses((status = 200, body = Vec<Dataset>), (status = 503, body = ErrorBody)))]
+pub async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<Dataset>>> {
+    Ok(Json(state.datasets.list().await?))
 }
 
 /// One dataset and its images.
 #[utoipa::path(get, path = "/datasets/{id}", tag = "datasets", params(("id" = String, Path)),
     responses((status = 200, body = Dataset), (status = 404, body = ErrorBody)))]
 pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Dataset>> {
-    Ok(Json(state.datasets.get(&id)?))
+    Ok(Json(state.datasets.get(&id).await?))
 }
 
 /// Delete a dataset and its images.
@@ -82,7 +82,7 @@ pub async fn upload(
     headers: HeaderMap,
     request: Request,
 ) -> ApiResult<Json<UploadReport>> {
-    state.datasets.exists(&id)?;
+    state.datasets.exists(&id).await?;
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let multipart = ct.starts_with("multipart/form-data");
     let raw = ["application/zip", "application/x-tar", "application/octet-stream"].iter().any(|t| ct.starts_with(t));
@@ -111,7 +111,7 @@ async fn discard(uploads: Vec<Upload>) {
 /// A new temporary file under `DATA_DIR/tmp` for `name`, pushed onto `uploads` at once (so an
 /// error on the way removes it), and an async handle on it.
 async fn new_upload(state: &AppState, name: String, uploads: &mut Vec<Upload>) -> ApiResult<tokio::fs::File> {
-    let store = state.datasets.clone();
+    let store = state.datasets.local().clone();
     let (file, handle) = tokio::task::spawn_blocking(move || -> Result<_, DatasetError> {
         let file = store.temp_file()?;
         let handle = file.as_file().try_clone().map_err(|source| DatasetError::Io { what: "opening an upload file".into(), source })?;

@@ -29,7 +29,7 @@ use crate::server::store::valid_name;
 #[utoipa::path(post, path = "/jobs", tag = "jobs", request_body = JobSpec, security(("api_key" = [])),
     responses((status = 202, body = Job), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn submit(State(state): State<AppState>, Json(spec): Json<JobSpec>) -> ApiResult<(StatusCode, Json<Job>)> {
-    let ds = state.datasets.get(spec.dataset())?;
+    let ds = state.datasets.get(spec.dataset()).await?;
     match &spec {
         JobSpec::Recluster { k, .. } => {
             if *k < 2 || *k > MAX_CLASSES {
@@ -72,27 +72,27 @@ pub async fn submit(State(state): State<AppState>, Json(spec): Json<JobSpec>) ->
         }
     }
     let (source, _) = state.models.active();
-    Ok((StatusCode::ACCEPTED, Json(state.jobs.submit(spec, source))))
+    Ok((StatusCode::ACCEPTED, Json(state.jobs.submit(spec, source).await?)))
 }
 
 /// All jobs, newest first.
-#[utoipa::path(get, path = "/jobs", tag = "jobs", responses((status = 200, body = Vec<Job>)))]
-pub async fn list(State(state): State<AppState>) -> Json<Vec<Job>> {
-    Json(state.jobs.list())
+#[utoipa::path(get, path = "/jobs", tag = "jobs", responses((status = 200, body = Vec<Job>), (status = 503, body = ErrorBody)))]
+pub async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<Job>>> {
+    Ok(Json(state.jobs.list().await?))
 }
 
 /// One job: state, stage, progress, result.
 #[utoipa::path(get, path = "/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
     responses((status = 200, body = Job), (status = 404, body = ErrorBody)))]
 pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {
-    Ok(Json(state.jobs.get(&id)?))
+    Ok(Json(state.jobs.get(&id).await?))
 }
 
 /// Cancel a queued or running job (a running one stops at its next step).
 #[utoipa::path(post, path = "/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)), security(("api_key" = [])),
     responses((status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {
-    Ok(Json(state.jobs.cancel(&id)?))
+    Ok(Json(state.jobs.cancel(&id).await?))
 }
 
 /// Run an interrupted or failed job again: it goes back to `queued` (same id, spec and source
@@ -109,7 +109,7 @@ pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Ap
 #[utoipa::path(post, path = "/jobs/{id}/resume", tag = "jobs", params(("id" = String, Path)), security(("api_key" = [])),
     responses((status = 202, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn resume(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<Job>)> {
-    Ok((StatusCode::ACCEPTED, Json(state.jobs.resume(&id)?)))
+    Ok((StatusCode::ACCEPTED, Json(state.jobs.resume(&id).await?)))
 }
 
 /// Server-sent events: the job's snapshot now and after every change, until it ends.
@@ -119,32 +119,7 @@ pub async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    // Subscribe before reading the snapshot so no change falls between them.
-    let mut updates = state.jobs.subscribe();
-    let job = state.jobs.get(&id)?;
-    let jobs = state.jobs.clone();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Job>(16);
-    tokio::spawn(async move {
-        let done = job.state.is_terminal();
-        if tx.send(job).await.is_err() || done {
-            return;
-        }
-        loop {
-            let next = match updates.recv().await {
-                Ok(j) if j.id == id => j,
-                Ok(_) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => match jobs.get(&id) {
-                    Ok(j) => j,
-                    Err(_) => return,
-                },
-                Err(_) => return,
-            };
-            let done = next.state.is_terminal();
-            if tx.send(next).await.is_err() || done {
-                return;
-            }
-        }
-    });
+    let rx = state.jobs.watch(&id).await?;
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|j| {
         Ok(Event::default().event(if j.state.is_terminal() { "end" } else { "progress" }).json_data(&j).unwrap_or_default())
     });

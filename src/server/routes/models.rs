@@ -134,6 +134,8 @@ pub async fn update_classes(
     tokio::task::spawn_blocking(move || pkg.update_centroids(centroids).map(|_| pkg))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
+    // Scaled out: every replica fetches the new revision (and reloads it if it is active).
+    state.models.publish(&name).await?;
     if state.models.active().0 == name {
         // Serve the new names and colours at once.
         state.models.activate(&name).await?;

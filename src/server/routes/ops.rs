@@ -49,6 +49,10 @@ pub struct Info {
     pub default_quality: crate::server::routes::segment::SegmentQuality,
     /// Whether the model's centroids were clustered on flip-averaged features.
     pub clustered_with_flip: bool,
+    /// `api`, `worker` or `all` (`--role`).
+    pub role: &'static str,
+    /// `embedded` (the data folder) or `shared` (PostgreSQL and object storage).
+    pub storage: &'static str,
 }
 
 /// Server version, active model and the execution provider in use.
@@ -67,6 +71,8 @@ pub async fn info(State(state): State<AppState>) -> Json<Info> {
         requested_device: state.requested_device.clone(),
         default_quality: state.quality.into(),
         clustered_with_flip: m.input.flip,
+        role: state.role.as_str(),
+        storage: if state.shared { "shared" } else { "embedded" },
     })
 }
 
@@ -74,7 +80,10 @@ pub async fn info(State(state): State<AppState>) -> Json<Info> {
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let (name, model) = state.models.active();
-    let jobs = state.jobs.counts_by_state();
+    let jobs = state.jobs.counts_by_state().await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot count jobs for /metrics");
+        vec![]
+    });
     let snapshot = crate::server::metrics::Snapshot {
         queue_depth: state.worker.queue_depth(),
         expected_wait: state.worker.estimated_wait(),

@@ -1,0 +1,315 @@
+//! Scale-out on loopback: a real PostgreSQL and an S3-protocol server, started by
+//! `scripts/scale-out-test.sh` (which `scripts/test.sh`, so CI, runs), named by
+//! `PICIE_TEST_DATABASE_URL`, `PICIE_TEST_LEASE_DATABASE_URL` and `PICIE_TEST_STORE`. Without
+//! them (a plain `cargo test`) these tests say so and pass: they need the servers.
+//!
+//! - `two_replicas_and_two_workers`: two API replicas and two workers of the real binary. A
+//!   dataset uploaded through replica A, a re-clustering job submitted there, the worker that
+//!   claims it SIGKILLed mid-job, the other worker finishing it after the lease runs out; the new
+//!   model activated on A, replica B following it, and both answering `/segment` with
+//!   byte-identical masks.
+//! - `leases`: the claim, heartbeat and expiry rules against the database directly.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::multipart::{Form, Part};
+use serde_json::{json, Value};
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// `picie serve` in a scaled-out role; SIGKILLed when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+    base: String,
+    client: reqwest::Client,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Proc {
+    fn spawn(name: &str, role: &str, dir: &Path, db: &str, store: &str) -> Proc {
+        let port = free_port();
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_picie"))
+            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--role", role, "--instance-id", name])
+            .args(["--database-url", db, "--store", store, "--lease-secs", "3", "--sync-interval-ms", "200"])
+            // One job thread: the re-clustering job lasts long enough to be killed in the middle.
+            .args(["--job-threads", "1", "--threads", "1", "--quality", "fast", "--models-dir"])
+            .arg(common::root().join("models"))
+            .arg("--data-dir")
+            .arg(dir.join(name))
+            .env("RUST_LOG", "info,ort=warn,sqlx=warn")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Proc { name: name.to_string(), child, base: format!("http://127.0.0.1:{port}"), client: reqwest::Client::new(), log }
+    }
+
+    async fn ready(&self) {
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = self.client.get(self.url("/health/ready")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(180), "{} did not start:\n{}", self.name, self.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.client.get(self.url(path)).send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self.client.post(self.url(path)).json(&body).send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The label mask PNG for `image`, and the model version header.
+    async fn segment(&self, image: &[u8]) -> (Vec<u8>, String) {
+        let r = self.client.post(self.url("/segment")).header("content-type", "image/png").body(image.to_vec()).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", self.name);
+        let version = r.headers()["x-model-version"].to_str().unwrap().to_string();
+        (r.bytes().await.unwrap().to_vec(), version)
+    }
+
+    /// Resident memory, from /proc.
+    fn rss_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).unwrap_or(0.0)
+            / 1024.0
+    }
+}
+
+/// Street-like frames, 480 x 360: bands of sky, wall and road with a seeded pattern.
+fn frames(n: u32) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|seed| {
+            let img = image::RgbImage::from_fn(480, 360, |x, y| {
+                let base = match y * 3 / 360 {
+                    0 => [90, 140, 220],
+                    1 => [150u8.wrapping_add((seed * 7) as u8), 90, 60],
+                    _ => [70, 70, 80],
+                };
+                let stripe = if (x / (8 + seed % 13)) % 2 == 0 { 25 } else { 0 };
+                let n = ((x * 31 + y * 17 + seed * 101) % 11) as u8;
+                image::Rgb(base.map(|c: u8| c.saturating_add(n + stripe)))
+            });
+            let mut out = vec![];
+            img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+            out
+        })
+        .collect()
+}
+
+async fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_and_two_workers() {
+    let (Some(db), Some(store)) = (env("PICIE_TEST_DATABASE_URL"), env("PICIE_TEST_STORE")) else {
+        eprintln!("skipped: needs PostgreSQL and an S3 server; run scripts/scale-out-test.sh");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = Proc::spawn("api-a", "api", dir.path(), &db, &store);
+    let b = Proc::spawn("api-b", "api", dir.path(), &db, &store);
+    let mut workers = vec![Proc::spawn("worker-1", "worker", dir.path(), &db, &store), Proc::spawn("worker-2", "worker", dir.path(), &db, &store)];
+    for p in [&a, &b].into_iter().chain(&workers) {
+        p.ready().await;
+    }
+    let (_, info) = a.get("/info").await;
+    assert_eq!((info["role"].as_str(), info["storage"].as_str()), (Some("api"), Some("shared")), "{info}");
+    let idle_rss: Vec<(String, f64)> = [&a, &b].into_iter().chain(&workers).map(|p| (p.name.clone(), p.rss_mb())).collect();
+
+    // A dataset through replica A; replica B sees it at once (one database).
+    let (status, ds) = a.post("/datasets", json!({"name": "streets"})).await;
+    assert_eq!(status, 201, "{ds}");
+    let id = ds["id"].as_str().unwrap().to_string();
+    const N: u32 = 48;
+    let images = frames(N);
+    let mut form = Form::new();
+    for (i, bytes) in images.iter().enumerate() {
+        form = form.part("files", Part::bytes(bytes.clone()).file_name(format!("f{i}.png")));
+    }
+    let r = a.client.post(a.url(&format!("/datasets/{id}/images"))).multipart(form).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", a.log_text());
+    let (status, seen) = b.get(&format!("/datasets/{id}")).await;
+    assert_eq!((status, seen["num_images"].as_u64()), (200, Some(N as u64)), "{seen}");
+
+    // A re-clustering job through A, claimed by a worker, which is killed in the middle.
+    let (status, job) = a.post("/jobs", json!({"type": "recluster", "dataset": id, "k": 5, "seed": 1, "name": "streets-k5"})).await;
+    assert_eq!(status, 202, "{job}");
+    let job_id = job["id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    // Killed once it is embedding images, as its heartbeats report.
+    let first = wait_for("a worker to be embedding the job's images", Duration::from_secs(60), async || {
+        let (_, j) = b.get(&format!("/jobs/{job_id}")).await;
+        (j["state"] == "running" && j["stage"] == "embedding" && j["progress"].as_f64().unwrap_or(0.0) > 0.0)
+            .then(|| j["worker"].as_str().unwrap().to_string())
+    })
+    .await;
+    let killed = workers.iter().position(|w| w.name == first).expect("a known worker");
+    let mut victim = workers.remove(killed);
+    victim.child.kill().unwrap(); // SIGKILL
+    victim.child.wait().unwrap();
+    let (_, j) = a.get(&format!("/jobs/{job_id}")).await;
+    assert_eq!(j["state"], "running", "killed in the middle of the job: {j}");
+    eprintln!("killed {first} at {:.1} s, job at stage {} ({:.2})", started.elapsed().as_secs_f64(), j["stage"], j["progress"].as_f64().unwrap_or(0.0));
+
+    let survivor = &workers[0];
+    wait_for("the other worker to take the job over", Duration::from_secs(30), async || {
+        let (_, j) = a.get(&format!("/jobs/{job_id}")).await;
+        (j["worker"].as_str() == Some(survivor.name.as_str())).then_some(())
+    })
+    .await;
+    let taken_over = Instant::now();
+    let done = wait_for("the other worker to finish the job", Duration::from_secs(180), async || {
+        let (_, j) = a.get(&format!("/jobs/{job_id}")).await;
+        (!["queued", "running"].contains(&j["state"].as_str().unwrap_or(""))).then_some(j)
+    })
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done}\n{}", survivor.log_text());
+    assert_eq!(done["worker"].as_str(), Some(survivor.name.as_str()), "{done}");
+    assert_eq!(done["result"]["model"], "streets-k5");
+    let (job_secs, rerun_secs) = (started.elapsed().as_secs_f64(), taken_over.elapsed().as_secs_f64());
+    assert!(survivor.log_text().contains("claiming a job whose worker's lease ran out"), "{}", survivor.log_text());
+
+    // Activated on A; B follows within its sync interval.
+    let (status, m) = a.post("/models/streets-k5/activate", json!({})).await;
+    assert_eq!(status, 200, "{m}\n{}", a.log_text());
+    wait_for("replica B to serve the new model", Duration::from_secs(20), async || {
+        let (_, info) = b.get("/info").await;
+        (info["model"] == "streets-k5").then_some(())
+    })
+    .await;
+    let (_, models) = b.get("/models").await;
+    assert!(models.as_array().unwrap().iter().any(|m| m["name"] == "streets-k5" && m["active"] == true), "{models}");
+
+    // Both replicas answer with the same mask, from the new model (K = 5).
+    let probe = &images[3];
+    let (mask_a, version_a) = a.segment(probe).await;
+    let (mask_b, version_b) = b.segment(probe).await;
+    assert_eq!(version_a, version_b);
+    assert!(version_a.starts_with("streets-k5"), "{version_a}");
+    assert!(mask_a == mask_b, "replicas A and B answer different masks");
+    let decoded = image::load_from_memory(&mask_a).unwrap().to_luma8();
+    assert!(decoded.pixels().all(|p| p.0[0] < 5), "labels of a K = 5 model");
+
+    // Deleting the active model is refused for every replica; a job's model is listed on both.
+    let r = b.client.delete(b.url("/models/streets-k5")).send().await.unwrap();
+    assert_eq!(r.status(), 409);
+
+    eprintln!(
+        "scale-out: {N} images of 480x360 re-clustered (k = 5): {job_secs:.1} s from submission, with a worker killed mid-job and a 3 s lease; \
+         the second worker's run {rerun_secs:.1} s ({:.1} images/s, one job thread, debug build)",
+        N as f64 / rerun_secs
+    );
+    for (name, rss) in idle_rss {
+        eprintln!("scale-out: idle RSS {name}: {rss:.0} MB");
+    }
+    for p in [&a, &b, survivor] {
+        eprintln!("scale-out: RSS after the run {}: {:.0} MB", p.name, p.rss_mb());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases() {
+    use picie::server::jobs::{JobSpec, JobState};
+    use picie::server::shared::jobs::SharedJobs;
+    use picie::server::shared::{Shared, SharedSettings};
+
+    let (Some(db), Some(store)) = (env("PICIE_TEST_LEASE_DATABASE_URL"), env("PICIE_TEST_STORE")) else {
+        eprintln!("skipped: needs PostgreSQL and an S3 server; run scripts/scale-out-test.sh");
+        return;
+    };
+    let worker = |name: &str, max_attempts| {
+        let settings = SharedSettings {
+            instance: name.to_string(),
+            lease: Duration::from_millis(1500),
+            sync_interval: Duration::from_millis(100),
+            max_attempts,
+        };
+        let (db, store) = (db.clone(), format!("{store}-leases"));
+        async move { Arc::new(SharedJobs { shared: Arc::new(Shared::connect(&db, &store, settings).await.unwrap()) }) }
+    };
+    let w1 = worker("w1", 2).await;
+    let w2 = worker("w2", 2).await;
+    let spec = || JobSpec::Recluster { dataset: "ds-000000000000".into(), k: 3, seed: None, name: None };
+
+    // One claim per job: the second worker finds nothing while the lease holds.
+    let job = w1.submit(spec(), "default".into()).await.unwrap();
+    let claimed = w1.claim().await.unwrap().expect("the queued job");
+    assert_eq!((claimed.id.as_str(), claimed.state, claimed.worker.as_deref()), (job.id.as_str(), JobState::Running, Some("w1")));
+    assert!(w2.claim().await.unwrap().is_none(), "held by w1's lease");
+
+    // w1 "dies" (no heartbeat): after the lease, w2 takes the job over.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let again = w2.claim().await.unwrap().expect("the expired job");
+    assert_eq!((again.id.as_str(), again.worker.as_deref()), (job.id.as_str(), Some("w2")));
+    assert_eq!(again.started_at, claimed.started_at, "the first start is kept");
+
+    // Expired twice (max_attempts = 2): interrupted, not claimed a third time; resume queues it.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert!(w1.claim().await.unwrap().is_none());
+    let j = w1.get(&job.id).await.unwrap();
+    assert_eq!(j.state, JobState::Interrupted, "{j:?}");
+    assert!(j.error.as_deref().unwrap_or("").contains("stopped 2 times"), "{j:?}");
+    let resumed = w1.resume(&job.id).await.unwrap();
+    assert_eq!((resumed.state, resumed.resumed), (JobState::Queued, 1));
+    assert!(matches!(w1.resume(&job.id).await, Err(picie::server::jobs::JobError::NotResumable { .. })));
+
+    // Cancel: a queued job at once; a running one whose worker died ends canceled when
+    // reclaimed, never running again.
+    let c = w2.claim().await.unwrap().expect("the resumed job");
+    assert_eq!(c.id, job.id);
+    let asked = w1.cancel(&job.id).await.unwrap();
+    assert_eq!(asked.state, JobState::Running, "a running job stops at its worker's next heartbeat");
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert!(w1.claim().await.unwrap().is_none());
+    assert_eq!(w1.get(&job.id).await.unwrap().state, JobState::Canceled);
+    let queued = w1.submit(spec(), "default".into()).await.unwrap();
+    assert_eq!(w2.cancel(&queued.id).await.unwrap().state, JobState::Canceled);
+    assert!(matches!(w2.cancel(&queued.id).await, Err(picie::server::jobs::JobError::Ended { .. })));
+    let counts = w1.counts_by_state().await.unwrap();
+    assert_eq!(counts.iter().find(|c| c.0 == JobState::Canceled).map(|c| c.1), Some(2));
+}

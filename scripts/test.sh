@@ -19,3 +19,9 @@ fi
 
 # The live server against its own OpenAPI document (schemathesis from PyPI, kept in target/).
 ./scripts/schemathesis.sh "$PWD/target/debug/picie"
+
+# Scale-out on loopback: PostgreSQL and an S3 server started here, two API replicas, two workers.
+./scripts/scale-out-test.sh
+
+# The Kubernetes manifests: schema-valid, and every flag and env name known to `picie serve --help`.
+./scripts/check-deploy.sh "$PWD/target/debug/picie"

@@ -76,7 +76,9 @@ impl Activation {
         match self {
             Activation::Identity => x,
             Activation::Relu => burn::tensor::activation::relu(x),
-            Activation::Relu6 => x.clamp(0.0, 6.0),
+            // ReLU, then the upper clamp: burn's two-sided clamp is two masked fills under
+            // autodiff (two comparisons, two stored masks); ReLU's backward reuses its output.
+            Activation::Relu6 => burn::tensor::activation::relu(x).clamp_max(6.0),
         }
     }
 

@@ -166,6 +166,44 @@ pub fn package_from_embedder(
     Ok((pkg, report))
 }
 
+/// `picie package rebuild`: a package's embedder with `tap_weight` (hypercolumn output, see
+/// [`EmbedderConfig::tap_weight`]), exported again and its centroids clustered on `images`.
+#[allow(clippy::too_many_arguments)]
+pub fn rebuild_package(
+    from: &Path,
+    tap_weight: f32,
+    images: &Path,
+    k: Option<usize>,
+    seed: u64,
+    out: &Path,
+    name: Option<&str>,
+    replace: bool,
+    command: String,
+) -> Result<(Package, ClusterReport)> {
+    if !(tap_weight >= 0.0 && tap_weight.is_finite()) {
+        bail!("--tap-weight must be 0 or more (got {tap_weight})");
+    }
+    let source = Package::load(from)?;
+    let config = EmbedderConfig { tap_weight, ..source.manifest.embedder };
+    let embedder = Embedder::load(config, &source.load_weights()?, &cpu_device())?;
+    let paths = list_images(images)?;
+    let p = &source.manifest.provenance;
+    let mut details = p.details.clone();
+    details.insert("rebuilt_from".into(), serde_json::json!(source.version()));
+    let provenance = Provenance {
+        created_at: crate::package::now_rfc3339(),
+        picie_version: env!("CARGO_PKG_VERSION").into(),
+        command,
+        backbone_weights: p.backbone_weights.clone(),
+        trained: p.trained,
+        parent: Some(source.version()),
+        details,
+    };
+    let name = name.unwrap_or(&source.manifest.name).to_string();
+    let target = PackageTarget { out, name: &name, policy: source.manifest.input, replace, sessions: SessionSettings::default() };
+    package_from_embedder(&embedder, config, &paths, KMeansConfig::new(k.unwrap_or(source.manifest.k), seed), provenance, &target)
+}
+
 /// `picie export`: the ONNX graph of a package's burn weights.
 pub fn export_package(model: &Path, out: &Path) -> Result<()> {
     let pkg = Package::load(model)?;
@@ -233,6 +271,10 @@ pub fn train_with(args: &TrainArgs, sessions: SessionSettings, on: &mut dyn FnMu
             (pkg.manifest.embedder, pkg.load_weights()?, pkg.version(), pkg.manifest.input)
         }
     };
+    if args.self_train.is_some() && embedder_config.tap_weight > 0.0 {
+        // Its targets are centroids of the served (hypercolumn) features; it trains the FPN's.
+        bail!("self-training needs a package that serves the FPN's features alone (this one has tap_weight {})", embedder_config.tap_weight);
+    }
     let mut trainer = if args.resume && args.checkpoint.join(crate::train::picie::CHECKPOINT_STATE).exists() {
         let t = Trainer::resume(args.config.clone(), embedder_config, &args.checkpoint)?;
         tracing::info!(epochs_done = t.epochs_done, "resuming from {}", args.checkpoint.display());

@@ -237,6 +237,30 @@ enum PackageCommand {
     },
     /// Load and validate a package, print its manifest.
     Check { dir: PathBuf },
+    /// A package's trained embedder with other output settings (hypercolumn features), its
+    /// centroids clustered again on the new features.
+    Rebuild {
+        #[arg(long)]
+        from: PathBuf,
+        /// Weight of the backbone's four taps concatenated to the FPN's features (0: none).
+        #[arg(long, default_value_t = 0.0)]
+        tap_weight: f32,
+        #[arg(long)]
+        images: PathBuf,
+        /// K of the new centroids (default: the source package's).
+        #[arg(long)]
+        k: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+        /// Name of the new package (default: the source's).
+        #[arg(long)]
+        name: Option<String>,
+        /// Replace an existing package at --out (only once the new one is complete).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() {
@@ -294,6 +318,11 @@ fn run(cli: Cli) -> Result<()> {
                 report.vectors,
                 if report.skipped.is_empty() { String::new() } else { format!(", skipped: {}", report.skipped.join(", ")) }
             );
+        }
+        Command::Package { command: PackageCommand::Rebuild { from, tap_weight, images, k, seed, out, name, force } } => {
+            let command = std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
+            let (pkg, report) = commands::rebuild_package(&from, tap_weight, &images, k, seed, &out, name.as_deref(), force, command)?;
+            println!("wrote {} (K = {}, {} features per pixel, {} vectors clustered)", pkg.dir.display(), pkg.manifest.k, pkg.manifest.embedder.output_dim(), report.vectors);
         }
         Command::Package { command: PackageCommand::Check { dir } } => {
             let pkg = picie::package::Package::load(&dir)?;

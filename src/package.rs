@@ -301,7 +301,7 @@ impl Package {
         let centroids: Centroids = serde_json::from_slice(&centroid_bytes)
             .map_err(|e| anyhow!("{}: broken centroids file: {e}", centroids_path.display()))?;
         let source = centroids_path.display().to_string();
-        centroids.validate(&source, manifest.embedder.dim)?;
+        centroids.validate(&source, manifest.embedder.output_dim())?;
         if centroids.k() != manifest.k {
             bail!("{source}: {} centroids but the manifest says K = {}", centroids.k(), manifest.k);
         }
@@ -316,7 +316,7 @@ impl Package {
     /// swapped out only once the new one is complete.
     pub fn write(dir: &Path, contents: PackageContents<'_>, replace: bool) -> Result<Package> {
         let PackageContents { mut manifest, onnx, weights, centroids } = contents;
-        centroids.validate("new package", manifest.embedder.dim)?;
+        centroids.validate("new package", manifest.embedder.output_dim())?;
         manifest.k = centroids.k();
         manifest.format_version = FORMAT_VERSION;
         if dir.exists() && !replace {
@@ -377,7 +377,7 @@ impl Package {
     /// Writes the package with new centroids into a sibling `.NAME.partial-*` folder (fsynced)
     /// and returns it with the new manifest; the package itself is not touched.
     fn stage_centroids(&self, centroids: &Centroids) -> Result<(PathBuf, Manifest)> {
-        centroids.validate("updated centroids", self.manifest.embedder.dim)?;
+        centroids.validate("updated centroids", self.manifest.embedder.output_dim())?;
         if centroids.k() != self.manifest.k {
             bail!("updated centroids have K = {}, the package has {}", centroids.k(), self.manifest.k);
         }

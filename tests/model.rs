@@ -26,19 +26,19 @@ fn parity(embedder: &Embedder, config: EmbedderConfig, sizes: &[(usize, usize, u
     for &(n, h, w) in sizes {
         let x = input(n, h, w);
         let burn_out: Vec<f32> = embedder
-            .forward(Tensor::from_data(TensorData::new(x.clone(), [n, 3, h, w]), &device()))
+            .forward_served(Tensor::from_data(TensorData::new(x.clone(), [n, 3, h, w]), &device()), config.tap_weight)
             .into_data()
             .try_to_vec()
             .unwrap();
         let arr = ndarray::Array4::from_shape_vec((n, 3, h, w), x).unwrap();
         let (shape, ort_out) = session.run(&arr).unwrap();
-        assert_eq!(shape, [n, config.dim, h / 4, w / 4], "ONNX output shape at {h}x{w}");
+        assert_eq!(shape, [n, config.output_dim(), h / 4, w / 4], "ONNX output shape at {h}x{w}");
         assert_eq!(burn_out.len(), ort_out.len());
         let diff = burn_out.iter().zip(&ort_out).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         // Unit norm over channels.
         let hw = (h / 4) * (w / 4);
         for p in 0..hw {
-            let norm: f32 = (0..config.dim).map(|d| ort_out[d * hw + p].powi(2)).sum::<f32>().sqrt();
+            let norm: f32 = (0..config.output_dim()).map(|d| ort_out[d * hw + p].powi(2)).sum::<f32>().sqrt();
             assert!((norm - 1.0).abs() < 1e-4, "feature norm {norm}");
         }
         eprintln!("parity {n}x{h}x{w}: max abs diff {diff:e}");
@@ -61,6 +61,17 @@ fn lite0_onnx_matches_burn_at_two_sizes() {
     let weights = TensorMap::load_safetensors(common::lite0_safetensors()).unwrap();
     let embedder = Embedder::from_backbone(config, &weights.sub("backbone"), 0, &device()).unwrap();
     let diff = parity(&embedder, config, &[(1, 64, 96), (2, 96, 64)]);
+    assert!(diff <= 1e-4, "max abs difference {diff}");
+}
+
+#[test]
+fn hypercolumn_onnx_matches_burn() {
+    // The FPN's features with the backbone's four taps, upsampled by 1, 2, 4 and 8.
+    let config = EmbedderConfig { tap_weight: 0.5, ..EmbedderConfig::new(BackboneKind::EfficientnetLite0) };
+    assert_eq!(config.output_dim(), 128 + 24 + 40 + 112 + 320);
+    let weights = TensorMap::load_safetensors(common::lite0_safetensors()).unwrap();
+    let embedder = Embedder::from_backbone(config, &weights.sub("backbone"), 0, &device()).unwrap();
+    let diff = parity(&embedder, config, &[(1, 64, 96), (1, 96, 128)]);
     assert!(diff <= 1e-4, "max abs difference {diff}");
 }
 

@@ -2,6 +2,8 @@
 
 use anyhow::{Context, Result};
 use burn::module::Module;
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -38,16 +40,31 @@ impl BackboneKind {
     }
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
 pub struct EmbedderConfig {
     pub backbone: BackboneKind,
-    /// Width of the per-pixel features.
+    /// Width of the FPN's per-pixel features.
     pub dim: usize,
+    /// Hypercolumn output: the backbone's four taps, each L2-normalised, upsampled to stride 4
+    /// and scaled by this weight, concatenated to the L2-normalised FPN features before the
+    /// final normalisation. 0 (the default): the FPN's features alone. Training always trains
+    /// the FPN's features; this only shapes what the package serves and clusters.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tap_weight: f32,
+}
+
+fn is_zero(w: &f32) -> bool {
+    *w == 0.0
 }
 
 impl EmbedderConfig {
     pub fn new(backbone: BackboneKind) -> Self {
-        Self { backbone, dim: DEFAULT_DIM }
+        Self { backbone, dim: DEFAULT_DIM, tap_weight: 0.0 }
+    }
+
+    /// Width of the served (exported) features.
+    pub fn output_dim(&self) -> usize {
+        self.dim + if self.tap_weight > 0.0 { self.backbone.tap_channels().iter().sum() } else { 0 }
     }
 }
 
@@ -165,6 +182,28 @@ impl Embedder {
     pub fn forward_raw(&self, x: Tensor<4>) -> Tensor<4> {
         let x = imagenet_normalize(x);
         self.fpn.forward(self.backbone.forward(x))
+    }
+
+    /// What the exported graph computes: [`Embedder::forward`], or with `tap_weight` > 0 the
+    /// hypercolumn of [`EmbedderConfig::tap_weight`].
+    pub fn forward_served(&self, x: Tensor<4>, tap_weight: f32) -> Tensor<4> {
+        if tap_weight <= 0.0 {
+            return self.forward(x);
+        }
+        let taps = self.backbone.forward(imagenet_normalize(x));
+        let fpn = l2_normalize(self.fpn.forward(taps.clone()));
+        let [_, _, h, w] = fpn.dims();
+        let mut parts = vec![fpn];
+        for tap in taps {
+            let tap = l2_normalize(tap);
+            let tap = if tap.dims()[2..] == [h, w] {
+                tap
+            } else {
+                interpolate(tap, InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([h, w]))
+            };
+            parts.push(tap.mul_scalar(tap_weight));
+        }
+        l2_normalize(Tensor::cat(parts, 1))
     }
 }
 

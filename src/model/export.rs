@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use protobuf::Message;
 
 use super::embedder::{Embedder, EmbedderConfig, IMAGENET_MEAN, IMAGENET_STD, NORM_EPS};
-use super::onnx_graph::{attr_int, value_info_f32, Dim, GraphBuilder};
+use super::onnx_graph::{attr_int, attr_string, value_info_f32, Dim, GraphBuilder};
 
 pub const INPUT_NAME: &str = "image";
 pub const OUTPUT_NAME: &str = "features";
@@ -23,15 +23,30 @@ pub fn to_onnx_bytes(embedder: &Embedder, config: EmbedderConfig) -> Result<Vec<
 
     let taps = embedder.backbone.emit(&mut g, &x);
     let raw = embedder.fpn.emit(&mut g, &taps);
-
-    // L2 normalisation over channels: x / max(sqrt(sum(x^2)), eps), as in burn's forward.
-    let sq = g.node("Mul", &[&raw, &raw], vec![]);
-    let axes = g.constant_i64("channel_axis", vec![1]);
-    let sum = g.node("ReduceSum", &[&sq, &axes], vec![attr_int("keepdims", 1)]);
-    let norm = g.node("Sqrt", &[&sum], vec![]);
-    let eps = g.constant_f32("norm_eps", &[], vec![NORM_EPS]);
-    let safe = g.node("Max", &[&norm, &eps], vec![]);
-    g.node("Div", &[&raw, &safe], vec![]);
+    if config.tap_weight > 0.0 {
+        // Hypercolumn (Embedder::forward_served): normalised FPN features, then each normalised
+        // tap upsampled to stride 4 (by exactly 2, 4 or 8: H and W stay dynamic) and weighted.
+        let mut parts = vec![l2_normalize(&mut g, &raw)];
+        let weight = g.constant_f32("tap_weight", &[], vec![config.tap_weight]);
+        for (i, tap) in taps.iter().enumerate() {
+            let mut t = l2_normalize(&mut g, tap);
+            if i > 0 {
+                let s = (1u32 << i) as f32;
+                let scales = g.constant_f32("scales", &[4], vec![1.0, 1.0, s, s]);
+                t = g.node(
+                    "Resize",
+                    &[&t, "", &scales],
+                    vec![attr_string("mode", "linear"), attr_string("coordinate_transformation_mode", "half_pixel")],
+                );
+            }
+            parts.push(g.node("Mul", &[&t, &weight], vec![]));
+        }
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let cat = g.node("Concat", &refs, vec![attr_int("axis", 1)]);
+        l2_normalize(&mut g, &cat);
+    } else {
+        l2_normalize(&mut g, &raw);
+    }
     g.rename_last_output(OUTPUT_NAME);
 
     let input = value_info_f32(
@@ -40,15 +55,29 @@ pub fn to_onnx_bytes(embedder: &Embedder, config: EmbedderConfig) -> Result<Vec<
     );
     let output = value_info_f32(
         OUTPUT_NAME,
-        &[Dim::Symbol("N"), Dim::Fixed(config.dim as i64), Dim::Symbol("H/4"), Dim::Symbol("W/4")],
+        &[Dim::Symbol("N"), Dim::Fixed(config.output_dim() as i64), Dim::Symbol("H/4"), Dim::Symbol("W/4")],
     );
     let doc = format!(
-        "picie embedder ({:?} + FPN {}). Input: RGB in [0,1], N x 3 x H x W, H and W multiples of 32. \
+        "picie embedder ({:?} + FPN {}{}). Input: RGB in [0,1], N x 3 x H x W, H and W multiples of 32. \
          Output: unit-norm features N x {} x H/4 x W/4.",
-        config.backbone, config.dim, config.dim
+        config.backbone,
+        config.dim,
+        if config.tap_weight > 0.0 { format!(", hypercolumn with tap weight {}", config.tap_weight) } else { String::new() },
+        config.output_dim()
     );
     let model = g.finish(vec![input], vec![output], &doc);
     model.write_to_bytes().context("serialising the ONNX model")
+}
+
+/// L2 normalisation over channels: x / max(sqrt(sum(x^2)), eps), as in burn's forward.
+fn l2_normalize(g: &mut GraphBuilder, x: &str) -> String {
+    let sq = g.node("Mul", &[x, x], vec![]);
+    let axes = g.constant_i64("channel_axis", vec![1]);
+    let sum = g.node("ReduceSum", &[&sq, &axes], vec![attr_int("keepdims", 1)]);
+    let norm = g.node("Sqrt", &[&sum], vec![]);
+    let eps = g.constant_f32("norm_eps", &[], vec![NORM_EPS]);
+    let safe = g.node("Max", &[&norm, &eps], vec![]);
+    g.node("Div", &[x, &safe], vec![])
 }
 
 pub fn export_onnx(embedder: &Embedder, config: EmbedderConfig, path: &Path) -> Result<()> {

@@ -231,6 +231,22 @@ impl Job {
         }
     }
 
+    /// Back to `queued` for `POST /jobs/{id}/resume`: only an interrupted or failed job, its
+    /// outcome cleared and the resumption counted.
+    pub fn requeue(&mut self) -> JobResult<()> {
+        if !matches!(self.state, JobState::Interrupted | JobState::Failed) {
+            return Err(JobError::NotResumable { id: self.id.clone(), state: self.state.as_str() });
+        }
+        self.state = JobState::Queued;
+        self.stage = "queued".into();
+        self.progress = 0.0;
+        self.finished_at = None;
+        self.result = None;
+        self.error = None;
+        self.resumed += 1;
+        Ok(())
+    }
+
     /// The job's end: succeeded with the runner's result, canceled, or failed with its error.
     pub fn finish(&mut self, outcome: anyhow::Result<serde_json::Value>, canceled: bool) {
         self.finished_at = Some(crate::package::now_rfc3339());
@@ -428,17 +444,8 @@ impl JobManager {
         let job = {
             let mut jobs = self.inner.jobs.lock().expect("jobs lock");
             let j = jobs.get_mut(id).ok_or_else(|| JobError::NotFound(id.to_string()))?;
-            if !matches!(j.state, JobState::Interrupted | JobState::Failed) {
-                return Err(JobError::NotResumable { id: id.to_string(), state: j.state.as_str() });
-            }
             // Checked and changed under one lock: two resumes cannot queue the job twice.
-            j.state = JobState::Queued;
-            j.stage = "queued".into();
-            j.progress = 0.0;
-            j.finished_at = None;
-            j.result = None;
-            j.error = None;
-            j.resumed += 1;
+            j.requeue()?;
             j.clone()
         };
         self.inner.persist(&job);

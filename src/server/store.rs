@@ -144,7 +144,20 @@ impl ModelRegistry {
         let dir = resolve_in(builtin_dir, data_dir, &name).ok_or_else(|| {
             anyhow::anyhow!("model `{name}` not found in {} or {}", builtin_dir.display(), models.display())
         })?;
-        let seg = Segmenter::load(&dir, device, threads).map_err(|e| StoreError::Unloadable { name: name.clone(), reason: format!("{e:#}") })?;
+        Self::serving(builtin_dir, data_dir, device, threads, name, &dir, None)
+    }
+
+    /// The registry serving `name`, loaded from `dir`.
+    fn serving(
+        builtin_dir: &Path,
+        data_dir: &Path,
+        device: DeviceChoice,
+        threads: Option<usize>,
+        name: String,
+        dir: &Path,
+        shared: Option<SharedModels>,
+    ) -> StoreResult<Self> {
+        let seg = Segmenter::load(dir, device, threads).map_err(|e| StoreError::Unloadable { name: name.clone(), reason: format!("{e:#}") })?;
         Ok(Self {
             builtin_dir: builtin_dir.to_path_buf(),
             data_dir: data_dir.to_path_buf(),
@@ -152,7 +165,7 @@ impl ModelRegistry {
             threads,
             active: RwLock::new((name, Arc::new(seg))),
             edit: tokio::sync::Mutex::new(()),
-            shared: None,
+            shared,
         })
     }
 
@@ -180,17 +193,8 @@ impl ModelRegistry {
         };
         let name = active.map(|a| a.0).or(requested.map(str::to_string)).unwrap_or_else(|| "default".to_string());
         let (dir, revision) = super::shared::block_on(sh.ensure_local(builtin_dir, &models, &name))?;
-        let seg = Segmenter::load(&dir, device, threads).map_err(|e| StoreError::Unloadable { name: name.clone(), reason: format!("{e:#}") })?;
         *sh.active_revision.lock().expect("revision lock") = revision;
-        Ok(Self {
-            builtin_dir: builtin_dir.to_path_buf(),
-            data_dir: data_dir.to_path_buf(),
-            device,
-            threads,
-            active: RwLock::new((name, Arc::new(seg))),
-            edit: tokio::sync::Mutex::new(()),
-            shared: Some(sh),
-        })
+        Self::serving(builtin_dir, data_dir, device, threads, name, &dir, Some(sh))
     }
 
     /// Scaled out: the folder holding `name`'s package on this replica, fetched from the object
@@ -357,9 +361,8 @@ impl ModelRegistry {
     /// done finds its work here.
     pub fn made_by_job(&self, name: &str, job_id: &str) -> Option<Package> {
         if self.shared.is_some() {
-            // Written by this job on a worker that died before the job was marked done.
-            super::shared::block_on(self.refresh_catalog()).ok()?;
-            self.manifest(name).ok()?;
+            // Written by this job on a worker that died before the job was marked done
+            // (`ensure_local` reads the database again for a name this replica does not know).
             let dir = super::shared::block_on(self.ensure_local(name)).ok()?.0;
             let pkg = Package::load(&dir).ok()?;
             return pkg.manifest.provenance.command.ends_with(&format!("(job {job_id})")).then_some(pkg);

@@ -75,6 +75,17 @@ impl SharedJobs {
         Ok(())
     }
 
+    /// Writes a job that no worker holds any more (ended, or interrupted).
+    async fn release(tx: &mut Transaction<'static, Postgres>, job: &Job) -> JobResult<()> {
+        sqlx::query("UPDATE jobs SET state = $2, doc = $3, lease_owner = NULL, lease_expires = NULL WHERE id = $1")
+            .bind(&job.id)
+            .bind(job.state.as_str())
+            .bind(json(job))
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     /// Cancels a queued job at once; asks a running one's worker to stop (it sees the request
     /// at its next heartbeat and stops within one step).
     pub async fn cancel(&self, id: &str) -> JobResult<Job> {
@@ -98,16 +109,7 @@ impl SharedJobs {
     pub async fn resume(&self, id: &str) -> JobResult<Job> {
         let mut tx = self.shared.db.begin().await?;
         let mut job = Self::lock(&mut tx, id).await?;
-        if !matches!(job.state, JobState::Interrupted | JobState::Failed) {
-            return Err(JobError::NotResumable { id: id.to_string(), state: job.state.as_str() });
-        }
-        job.state = JobState::Queued;
-        job.stage = "queued".into();
-        job.progress = 0.0;
-        job.finished_at = None;
-        job.result = None;
-        job.error = None;
-        job.resumed += 1;
+        job.requeue()?;
         sqlx::query(
             "UPDATE jobs SET state = $2, doc = $3, attempts = 0, cancel_requested = false, lease_owner = NULL, lease_expires = NULL WHERE id = $1",
         )
@@ -211,12 +213,7 @@ impl SharedJobs {
                         owner.as_deref().unwrap_or("unknown"),
                         job.id
                     ));
-                    sqlx::query("UPDATE jobs SET state = $2, doc = $3, lease_owner = NULL, lease_expires = NULL WHERE id = $1")
-                        .bind(&job.id)
-                        .bind(job.state.as_str())
-                        .bind(json(&job))
-                        .execute(&mut *tx)
-                        .await?;
+                    Self::release(&mut tx, &job).await?;
                     tx.commit().await?;
                     tracing::warn!(job = %job.id, attempts, "job interrupted: its workers kept stopping");
                     continue;
@@ -317,12 +314,7 @@ impl SharedJobs {
         let mut job = parse(row.try_get("doc")?)?;
         (job.stage, job.progress) = latest.lock().expect("progress lock").clone();
         job.finish(outcome, canceled || row.try_get::<bool, _>("cancel_requested")?);
-        sqlx::query("UPDATE jobs SET state = $2, doc = $3, lease_owner = NULL, lease_expires = NULL WHERE id = $1")
-            .bind(id)
-            .bind(job.state.as_str())
-            .bind(json(&job))
-            .execute(&mut *tx)
-            .await?;
+        Self::release(&mut tx, &job).await?;
         tx.commit().await?;
         tracing::info!(job = id, state = job.state.as_str(), "job ended");
         Ok(())

@@ -169,6 +169,19 @@ fn read_index_at(p: &Path) -> DatasetResult<Index> {
     serde_json::from_slice(&text).map_err(|source| DatasetError::CorruptIndex { path: p.to_path_buf(), source })
 }
 
+/// A stored index document of dataset `id`, checked to be one.
+fn stored_index(id: &str, doc: &serde_json::Value) -> DatasetResult<Index> {
+    let index: Index = serde_json::from_value(doc.clone()).map_err(|e| DatasetError::Internal(format!("a stored dataset index: {e}")))?;
+    if !valid_name(id) || index.id != id {
+        return Err(DatasetError::Internal(format!("a stored dataset index names `{}`, not `{id}`", index.id)));
+    }
+    Ok(index)
+}
+
+fn image_files(index: Index) -> Vec<(String, String, u64)> {
+    index.images.into_iter().map(|e| (e.file, e.sha256, e.bytes)).collect()
+}
+
 /// Writes through a temporary file in the same folder, renamed into place once synced.
 fn write_index_at(p: &Path, index: &Index) -> DatasetResult<()> {
     let dir = p.parent().unwrap_or(Path::new("."));
@@ -298,14 +311,17 @@ impl DatasetStore {
     /// dataset's folders: image files are fetched separately. Returns each image's file name,
     /// SHA-256 and size.
     pub fn materialize(&self, id: &str, doc: &serde_json::Value) -> DatasetResult<Vec<(String, String, u64)>> {
-        let index: Index = serde_json::from_value(doc.clone()).map_err(|e| DatasetError::Internal(format!("a stored dataset index: {e}")))?;
-        if !valid_name(id) || index.id != id {
-            return Err(DatasetError::Internal(format!("a stored dataset index names `{}`, not `{id}`", index.id)));
-        }
+        let index = stored_index(id, doc)?;
         let dir = self.dir.join(id);
         std::fs::create_dir_all(dir.join("images")).map_err(io_err(format!("creating {}", dir.display())))?;
         write_index_at(&dir.join(INDEX_FILE), &index)?;
-        Ok(index.images.into_iter().map(|e| (e.file, e.sha256, e.bytes)).collect())
+        Ok(image_files(index))
+    }
+
+    /// Each image's file name, SHA-256 and size in a stored index, as [`DatasetStore::materialize`]
+    /// returns them, without writing anything.
+    pub fn files_of(id: &str, doc: &serde_json::Value) -> DatasetResult<Vec<(String, String, u64)>> {
+        Ok(image_files(stored_index(id, doc)?))
     }
 
     /// Where the dataset's image files are (or will be) kept.
@@ -795,7 +811,7 @@ impl Datasets {
     pub async fn exists(&self, id: &str) -> DatasetResult<()> {
         match self {
             Datasets::Embedded(s) => s.exists(id),
-            Datasets::Shared(s) => s.get(id).await.map(|_| ()),
+            Datasets::Shared(s) => s.exists(id).await,
         }
     }
 

@@ -58,6 +58,13 @@ impl SharedDatasets {
         doc.map(|d| d.0).ok_or_else(|| DatasetError::NotFound(id.to_string()))
     }
 
+    /// Fails with NotFound unless the dataset exists (without reading its index).
+    pub async fn exists(&self, id: &str) -> DatasetResult<()> {
+        let found: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM datasets WHERE id = $1)").bind(id).fetch_one(&self.shared.db).await.map_err(db)?;
+        if found { Ok(()) } else { Err(DatasetError::NotFound(id.to_string())) }
+    }
+
     pub async fn get(&self, id: &str) -> DatasetResult<Dataset> {
         self.local.view_doc(self.doc(id).await?)
     }
@@ -108,7 +115,7 @@ impl SharedDatasets {
         };
         let report = self.local.add(id, uploads).await?;
         let after = self.local.index_doc(id)?;
-        let files = self.local.materialize(id, &after)?;
+        let files = DatasetStore::files_of(id, &after)?;
         let images = self.local.images_folder(id);
         for (file, _, _) in files.iter().filter(|f| !before.contains(&f.0)) {
             self.shared.blobs.put_file(&image_key(id, file), &images.join(file)).await.map_err(SharedError::from)?;

@@ -5,77 +5,24 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::process::ServeProcess;
 use picie::server::{build_state, serve_on, ServeConfig};
 use reqwest::multipart::{Form, Part};
 use serde_json::{json, Value};
 
 /// `picie serve` as a child process; killed (SIGKILL) when dropped.
-struct Proc {
-    child: Child,
-    base: String,
-    client: reqwest::Client,
-    log: PathBuf,
-}
+type Proc = ServeProcess;
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A server on `data`, listening once its model is warm.
+async fn start_server(data: &Path, log: PathBuf) -> Proc {
+    let p = Proc::spawn(data, &[], log);
+    p.ready(Duration::from_secs(120)).await;
+    p
 }
 
 impl Proc {
-    async fn spawn(data: &Path, log: PathBuf) -> Proc {
-        let port = free_port();
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_picie"))
-            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--models-dir"])
-            .arg(common::root().join("models"))
-            .arg("--data-dir")
-            .arg(data)
-            .env("RUST_LOG", "info,ort=warn")
-            .stdout(Stdio::null())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let p = Proc { child, base: format!("http://127.0.0.1:{port}"), client: reqwest::Client::new(), log };
-        let start = Instant::now();
-        loop {
-            if let Ok(r) = p.client.get(p.url("/health/ready")).send().await {
-                if r.status() == 200 {
-                    return p;
-                }
-            }
-            assert!(start.elapsed() < Duration::from_secs(120), "the server did not start:\n{}", p.log_text());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.client.get(self.url(path)).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self.client.post(self.url(path)).json(&body).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
     async fn wait_job(&self, id: &str, timeout: Duration) -> Value {
         let start = Instant::now();
         loop {
@@ -157,12 +104,12 @@ async fn a_killed_server_recovers_and_the_job_resumes_to_the_same_weights() {
     let (data, fresh) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
 
     // The reference: the same job, never interrupted, in its own data folder.
-    let reference = Proc::spawn(fresh.path(), logs.path().join("reference.log")).await;
+    let reference = start_server(fresh.path(), logs.path().join("reference.log")).await;
     let ref_ds = reference.dataset().await;
     let (status, ref_job) = reference.post("/jobs", finetune_spec(&ref_ds)).await;
     assert_eq!(status, 202, "{ref_job}");
 
-    let s = Proc::spawn(data.path(), logs.path().join("first.log")).await;
+    let s = start_server(data.path(), logs.path().join("first.log")).await;
     let ds = s.dataset().await;
     // A model made before the crash, to be found whole after it.
     let (status, job) = s.post("/jobs", json!({"type": "recluster", "dataset": ds, "k": 3, "name": "before"})).await;
@@ -190,7 +137,7 @@ async fn a_killed_server_recovers_and_the_job_resumes_to_the_same_weights() {
     assert!(!data.path().join("models/tuned").exists(), "the job had not written its model");
 
     let restart = Instant::now();
-    let s = Proc::spawn(data.path(), logs.path().join("second.log")).await;
+    let s = start_server(data.path(), logs.path().join("second.log")).await;
     let restarted = restart.elapsed();
     assert_eq!(leftovers(data.path()), Vec::<PathBuf>::new(), "leftovers of the killed process are gone");
     // Every dataset and model loads; segmenting works.

@@ -12,88 +12,43 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::process::ServeProcess;
 use reqwest::multipart::{Form, Part};
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-/// `picie serve` in a scaled-out role; SIGKILLed when dropped.
+/// `picie serve` in a scaled-out role, named by its `--instance-id`; SIGKILLed when dropped.
 struct Proc {
     name: String,
-    child: Child,
-    base: String,
-    client: reqwest::Client,
-    log: PathBuf,
+    process: ServeProcess,
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Proc {
+    type Target = ServeProcess;
+    fn deref(&self) -> &ServeProcess {
+        &self.process
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Proc {
     fn spawn(name: &str, role: &str, dir: &Path, db: &str, store: &str) -> Proc {
-        let port = free_port();
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_picie"))
-            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--role", role, "--instance-id", name])
-            .args(["--database-url", db, "--store", store, "--lease-secs", "3", "--sync-interval-ms", "200"])
+        let flags = [
+            "--role", role, "--instance-id", name, "--database-url", db, "--store", store, "--lease-secs", "3", "--sync-interval-ms", "200",
             // One job thread: the re-clustering job lasts long enough to be killed in the middle.
-            .args(["--job-threads", "1", "--threads", "1", "--quality", "fast", "--models-dir"])
-            .arg(common::root().join("models"))
-            .arg("--data-dir")
-            .arg(dir.join(name))
-            .env("RUST_LOG", "info,ort=warn,sqlx=warn")
-            .stdout(Stdio::null())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Proc { name: name.to_string(), child, base: format!("http://127.0.0.1:{port}"), client: reqwest::Client::new(), log }
+            "--job-threads", "1", "--threads", "1", "--quality", "fast",
+        ];
+        Proc { name: name.to_string(), process: ServeProcess::spawn(&dir.join(name), &flags, dir.join(format!("{name}.log"))) }
     }
 
     async fn ready(&self) {
-        let start = Instant::now();
-        loop {
-            if let Ok(r) = self.client.get(self.url("/health/ready")).send().await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            assert!(start.elapsed() < Duration::from_secs(180), "{} did not start:\n{}", self.name, self.log_text());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.client.get(self.url(path)).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self.client.post(self.url(path)).json(&body).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        self.process.ready(Duration::from_secs(180)).await;
     }
 
     /// The label mask PNG for `image`, and the model version header.
@@ -106,7 +61,7 @@ impl Proc {
 
     /// Resident memory, from /proc.
     fn rss_mb(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.child.id())).unwrap_or_default();
         status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).unwrap_or(0.0)
             / 1024.0
     }
@@ -190,8 +145,8 @@ async fn two_replicas_and_two_workers() {
     .await;
     let killed = workers.iter().position(|w| w.name == first).expect("a known worker");
     let mut victim = workers.remove(killed);
-    victim.child.kill().unwrap(); // SIGKILL
-    victim.child.wait().unwrap();
+    victim.process.child.kill().unwrap(); // SIGKILL
+    victim.process.child.wait().unwrap();
     let (_, j) = a.get(&format!("/jobs/{job_id}")).await;
     assert_eq!(j["state"], "running", "killed in the middle of the job: {j}");
     eprintln!("killed {first} at {:.1} s, job at stage {} ({:.2})", started.elapsed().as_secs_f64(), j["stage"], j["progress"].as_f64().unwrap_or(0.0));

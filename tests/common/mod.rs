@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use picie::model::{NamedTensor, TensorMap};
 
+pub mod process;
 pub mod server;
 
 /// Distinct noise images, so a dataset has several entries after deduplication.

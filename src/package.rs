@@ -29,6 +29,8 @@ pub const CENTROIDS_FILE: &str = "centroids.json";
 pub const MAX_CLASSES: usize = 255;
 /// How far from unit length a stored centroid may be.
 const UNIT_TOLERANCE: f32 = 1e-3;
+/// How long `Package::load` keeps reading a package that is being replaced under it.
+const REPLACED_RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How an image is brought to the network: the short side resized to `short_side` (the long side
 /// capped at `max_long_side`), then padded to a multiple of `multiple`; with `flip`, the
@@ -257,13 +259,15 @@ impl Package {
     /// a new version under the same name) is read whole, old or new, never mixed; should the
     /// old folder be removed in the middle of the read, the new one is read.
     pub fn load(dir: &Path) -> Result<Self> {
-        let mut attempt = 0;
+        // A package swapped in while we read it is read again. The bound is time, not a
+        // count: a writer replacing the folder back to back can outrun any fixed number of
+        // retries, but never a reader that keeps trying for a while.
+        let deadline = std::time::Instant::now() + REPLACED_RETRY_WINDOW;
         loop {
             let folder = FolderReader::open(dir);
             match Self::load_from(dir, &folder) {
-                Err(e) if attempt < 3 && folder.replaced() => {
+                Err(e) if folder.replaced() && std::time::Instant::now() < deadline => {
                     tracing::debug!(dir = %dir.display(), error = %format!("{e:#}"), "package replaced while read; reading again");
-                    attempt += 1;
                 }
                 r => return r,
             }

@@ -117,6 +117,17 @@ struct TrainCli {
     /// Keep backbone layers up to this stride frozen (0, 4, 8, 16, 32).
     #[arg(long, default_value_t = 16)]
     freeze_stride: usize,
+    /// Weight of the STEGO-style correspondence term: the embedder's pixel similarities
+    /// trained to follow the backbone's stride-16 and stride-32 taps (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    correspondence: f32,
+    /// Shift of the correspondence targets for pairs within a frame (in units of the
+    /// teacher's spread; higher pushes more pairs apart).
+    #[arg(long, default_value_t = picie::train::correspond::CorrespondenceConfig::default().intra_shift)]
+    correspondence_intra_shift: f32,
+    /// Shift for pairs across two frames.
+    #[arg(long, default_value_t = picie::train::correspond::CorrespondenceConfig::default().inter_shift)]
+    correspondence_inter_shift: f32,
     /// Checkpoint folder (default: OUT.checkpoint).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
@@ -364,6 +375,11 @@ fn train(t: TrainCli) -> Result<()> {
         seed: t.seed,
         balance: t.balance,
         freeze_stride: t.freeze_stride,
+        correspondence: picie::train::correspond::CorrespondenceConfig {
+            weight: t.correspondence,
+            intra_shift: t.correspondence_intra_shift,
+            inter_shift: t.correspondence_inter_shift,
+        },
         ..TrainConfig::default()
     };
     let init = match t.from {

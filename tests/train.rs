@@ -8,6 +8,7 @@ use picie::commands::{train, TrainArgs, TrainInit};
 use picie::model::BackboneKind;
 use picie::package::Package;
 use picie::train::loss::Balance;
+use picie::train::correspond::CorrespondenceConfig;
 use picie::train::picie::{TrainConfig, CHECKPOINT_STATE};
 
 fn tiny(epochs: usize) -> TrainConfig {
@@ -106,6 +107,28 @@ fn trains_on_frames_with_the_images_aspect_ratio() {
 }
 
 #[test]
+fn the_correspondence_term_changes_training_and_is_recorded() {
+    let plain_dir = tempfile::tempdir().unwrap();
+    let (plain, _) = train(&args(plain_dir.path(), tiny(1), false), &mut |_| true).unwrap().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let with = TrainConfig { correspondence: CorrespondenceConfig { weight: 1.0, ..Default::default() }, ..tiny(1) };
+    let (pkg, _) = train(&args(dir.path(), with, false), &mut |_| true).unwrap().unwrap();
+    let losses = pkg.manifest.provenance.details["epoch_losses"].as_array().unwrap().clone();
+    assert!(losses.iter().all(|l| l.as_f64().unwrap().is_finite()));
+    // Same seed, same draws: only the term differs, and it moves the trained layers.
+    let late = "backbone._blocks.15._project_conv.weight";
+    let (a, b) = (plain.load_weights().unwrap(), pkg.load_weights().unwrap());
+    assert!(max_weight_difference(&a, &b) > 0.0);
+    assert_ne!(a.tensors[late], b.tensors[late]);
+    // The package and the checkpoint say how it was trained; a run without the term writes
+    // settings as before the term existed.
+    assert_eq!(pkg.manifest.provenance.details["train"]["correspondence"]["weight"], 1.0);
+    assert!(plain.manifest.provenance.details["train"].get("correspondence").is_none());
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("ckpt").join(CHECKPOINT_STATE)).unwrap()).unwrap();
+    assert_eq!(state["config"]["correspondence"]["inter_shift"], 0.5);
+}
+
+#[test]
 fn bad_training_input_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let run = |c: TrainConfig| train(&args(dir.path(), c, false), &mut |_| true).err().map(|e| format!("{e:#}")).unwrap_or_default();
@@ -113,6 +136,9 @@ fn bad_training_input_is_refused() {
     assert!(run(TrainConfig { k2: 3, ..tiny(1) }).contains("k2 must be larger than k"));
     assert!(run(TrainConfig { size: 70, ..tiny(1) }).contains("multiple of 32"));
     assert!(run(TrainConfig { width: Some(100), ..tiny(1) }).contains("width must be a positive multiple of 32"));
+    let corr = |weight: f32, inter_shift: f32| TrainConfig { correspondence: CorrespondenceConfig { weight, inter_shift, ..Default::default() }, ..tiny(1) };
+    assert!(run(corr(-1.0, 0.5)).contains("correspondence weight must be 0 (off) or positive"));
+    assert!(run(corr(1.0, f32::NAN)).contains("correspondence inter shift must be a finite number"));
 
     // Unreadable files are skipped and named; too few readable images is an error.
     let imgs = dir.path().join("imgs");

@@ -178,6 +178,13 @@ impl Embedder {
         l2_normalize(feats)
     }
 
+    /// [`Embedder::forward`] and the backbone's four taps of the same pass (training's
+    /// correspondence term compares the two).
+    pub fn forward_with_taps(&self, x: Tensor<4>) -> (Tensor<4>, [Tensor<4>; 4]) {
+        let taps = self.backbone.forward(imagenet_normalize(x));
+        (l2_normalize(self.fpn.forward(taps.clone())), taps)
+    }
+
     /// The FPN output before L2 normalisation.
     pub fn forward_raw(&self, x: Tensor<4>) -> Tensor<4> {
         let x = imagenet_normalize(x);

@@ -20,6 +20,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::correspond::{correspondence_loss, CorrespondenceConfig};
 use super::augment::{training_frame, Geometric, Photometric, PhotometricConfig};
 use super::kmeans::{assign, KMeansConfig, SphericalKMeans};
 use super::loss::{head_loss, head_weights, pixels, Balance, HeadTargets};
@@ -54,6 +55,9 @@ pub struct TrainConfig {
     /// Freezing the high-resolution layers keeps the ImageNet features of a small dataset
     /// from being destroyed and skips the most expensive part of the backward pass.
     pub freeze_stride: usize,
+    /// The STEGO-style correspondence term beside the PiCIE loss (off unless its weight is set).
+    #[serde(default, skip_serializing_if = "CorrespondenceConfig::is_off")]
+    pub correspondence: CorrespondenceConfig,
 }
 
 /// The defaults are the recipe measured best on CamVid (README, "Quality on CamVid"): it made
@@ -74,6 +78,7 @@ impl Default for TrainConfig {
             init_batches: 20,
             vectors_per_image: 2000,
             freeze_stride: 16,
+            correspondence: CorrespondenceConfig::default(),
         }
     }
 }
@@ -102,6 +107,7 @@ impl TrainConfig {
         if ![0, 4, 8, 16, 32].contains(&self.freeze_stride) {
             bail!("freeze stride must be 0, 4, 8, 16 or 32 (got {})", self.freeze_stride);
         }
+        self.correspondence.check()?;
         Ok(())
     }
 
@@ -290,11 +296,23 @@ fn photometric_batch(frames: &Frames, idx: &[usize], draws: &[Draw], device: &De
     Ok((Tensor::from_data(TensorData::new(a, shape), device), Tensor::from_data(TensorData::new(b, shape), device)))
 }
 
-/// View 1 = f(G(P1 x)), view 2 = G(f(P2 x)), both N x D x cells_h x cells_w.
-fn views(model: &Embedder, p1: Tensor<4>, p2: Tensor<4>, geos: &[Geometric]) -> (Tensor<4>, Tensor<4>) {
+/// The two views of a batch, and what the correspondence term compares.
+struct Views {
+    /// f(G(P1 x)), N x D x cells_h x cells_w.
+    z1: Tensor<4>,
+    /// G(f(P2 x)), the same shape.
+    z2: Tensor<4>,
+    /// f(P2 x) before G: the whole frame.
+    z2_frame: Tensor<4>,
+    /// The backbone's four taps of P2 x.
+    taps: [Tensor<4>; 4],
+}
+
+fn views(model: &Embedder, p1: Tensor<4>, p2: Tensor<4>, geos: &[Geometric]) -> Views {
     let z1 = model.forward(apply_geometric(p1, geos, OUTPUT_STRIDE));
-    let z2 = apply_geometric(model.forward(p2), geos, 1);
-    (z1, z2)
+    let (z2_frame, taps) = model.forward_with_taps(p2);
+    let z2 = apply_geometric(z2_frame.clone(), geos, 1);
+    Views { z1, z2, z2_frame, taps }
 }
 
 /// Both views of a batch through the clustering model (no gradient), as pixel rows:
@@ -302,7 +320,7 @@ fn views(model: &Embedder, p1: Tensor<4>, p2: Tensor<4>, geos: &[Geometric]) -> 
 fn view_rows(model: &Embedder, frames: &Frames, idx: &[usize], draws: &[Draw]) -> Result<[Vec<f32>; 2]> {
     let (p1, p2) = photometric_batch(frames, idx, draws, &Device::flex())?;
     let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
-    let (z1, z2) = views(model, p1, p2, &geos);
+    let Views { z1, z2, .. } = views(model, p1, p2, &geos);
     let rows = |z: Tensor<4>| pixels(z).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"));
     Ok([rows(z1)?, rows(z2)?])
 }
@@ -521,13 +539,19 @@ impl Trainer {
 
             let start = Instant::now();
             let mut total = 0.0f64;
+            let mut pair_rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ 0xC0DE ^ ((epoch as u64) << 16));
             for (b, idx) in batches.iter().enumerate() {
                 let (p1, p2) = photometric_batch(frames, idx, &draws, &self.device)?;
                 let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
-                let (z1, z2) = views(&self.model, p1, p2, &geos);
+                let Views { z1, z2, z2_frame, taps } = views(&self.model, p1, p2, &geos);
                 let (z1, z2) = (pixels(z1), pixels(z2));
                 let y = |h: usize| [labels.batch(h, 0, idx, &self.device), labels.batch(h, 1, idx, &self.device)];
-                let loss = head_loss([&z1, &z2], y(0), &targets[0]) * w1 + head_loss([&z1, &z2], y(1), &targets[1]) * w2;
+                let mut loss = head_loss([&z1, &z2], y(0), &targets[0]) * w1 + head_loss([&z1, &z2], y(1), &targets[1]) * w2;
+                if self.config.correspondence.enabled() {
+                    let term = correspondence_loss(z2_frame, &taps, &self.config.correspondence, &mut pair_rng);
+                    tracing::debug!(step = b + 1, clustering = loss.clone().into_scalar::<f32>(), correspondence = term.clone().into_scalar::<f32>(), "loss terms");
+                    loss = loss + term;
+                }
                 let value: f32 = loss.clone().into_scalar();
                 if !value.is_finite() {
                     bail!("the loss became {value} at epoch {} step {}; lower the learning rate", epoch + 1, b + 1);

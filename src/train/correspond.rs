@@ -1,0 +1,255 @@
+//! A feature-correspondence term in the spirit of STEGO (Hamilton et al., ICLR 2022): the
+//! embedder's pixel-feature similarities are trained to follow those of the backbone's deep
+//! taps. PiCIE's loss only says "stay near your cluster"; this term says which pixels, within
+//! a frame and across two frames, the ImageNet features consider alike, at the embedder's own
+//! stride-4 resolution.
+//!
+//! For sampled cells i, j: teacher similarity F_ij = cos(t_i, t_j) of the backbone's stride-16
+//! and stride-32 taps (each L2-normalised, concatenated, detached), student similarity
+//! S_ij = cos(z_i, z_j) of the embedder's output. The loss is -mean(max(S_ij, 0) * (F'_ij - b))
+//! where F' is F centred per row (STEGO's "pointwise" centring: a cell that is similar to
+//! everything is not more similar to anything) and scaled to unit spread over the batch, and
+//! b a shift in those units: pairs the teacher rates above it are pulled together, the rest
+//! pushed apart until orthogonal. Pairs come from the same frame and from another frame of the
+//! batch; the shift for the second kind is higher, as in STEGO, since most cells of two frames
+//! belong to different things.
+
+use burn::tensor::{Int, Tensor, TensorData};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::loss::pixels;
+use crate::model::embedder::{l2_normalize, OUTPUT_STRIDE};
+
+/// Cells sampled per frame (STEGO samples an 11 x 11 grid).
+pub const POINTS_PER_IMAGE: usize = 121;
+/// The teacher taps, by index into the backbone's four (strides 4, 8, 16, 32).
+const TEACHER_TAPS: [usize; 2] = [2, 3];
+const TAP_STRIDES: [usize; 4] = [4, 8, 16, 32];
+/// Keeps the spread's division finite on a constant teacher.
+const SPREAD_EPS: f32 = 1e-6;
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CorrespondenceConfig {
+    /// Weight of the term next to the PiCIE loss (0: off).
+    pub weight: f32,
+    /// Shift b for pairs within a frame, in units of the teacher's spread.
+    pub intra_shift: f32,
+    /// Shift b for pairs across two frames.
+    pub inter_shift: f32,
+}
+
+impl Default for CorrespondenceConfig {
+    fn default() -> Self {
+        Self { weight: 0.0, intra_shift: 0.0, inter_shift: 0.5 }
+    }
+}
+
+impl CorrespondenceConfig {
+    pub fn enabled(&self) -> bool {
+        self.weight > 0.0
+    }
+
+    /// Off: settings written before the term existed read back as this.
+    pub fn is_off(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn check(&self) -> anyhow::Result<()> {
+        for (name, v) in [("weight", self.weight), ("intra shift", self.intra_shift), ("inter shift", self.inter_shift)] {
+            if !v.is_finite() {
+                anyhow::bail!("correspondence {name} must be a finite number (got {v})");
+            }
+        }
+        if self.weight < 0.0 {
+            anyhow::bail!("correspondence weight must be 0 (off) or positive (got {})", self.weight);
+        }
+        Ok(())
+    }
+}
+
+/// Row indices of `points` random cells per image in an N x h x w map flattened image-major,
+/// and the same cells' rows in the coarser taps.
+struct Samples {
+    student: Vec<i64>,
+    taps: Vec<Vec<i64>>,
+}
+
+fn sample(rng: &mut impl Rng, n: usize, (h, w): (usize, usize), tap_sizes: &[(usize, usize)], points: usize) -> Samples {
+    let mut student = Vec::with_capacity(n * points);
+    let mut taps = vec![Vec::with_capacity(n * points); tap_sizes.len()];
+    for img in 0..n {
+        for _ in 0..points {
+            let (y, x) = (rng.random_range(0..h), rng.random_range(0..w));
+            student.push((img * h * w + y * w + x) as i64);
+            for (t, &(th, tw)) in tap_sizes.iter().enumerate() {
+                // The tap cell that covers this stride-4 cell (its centre, scaled).
+                let ty = ((y * th) / h).min(th - 1);
+                let tx = ((x * tw) / w).min(tw - 1);
+                taps[t].push((img * th * tw + ty * tw + tx) as i64);
+            }
+        }
+    }
+    Samples { student, taps }
+}
+
+fn rows_at(map: Tensor<4>, idx: &[i64]) -> Tensor<2> {
+    let device = map.device();
+    let idx = Tensor::<1, Int>::from_data(TensorData::new(idx.to_vec(), [idx.len()]), &device);
+    pixels(map).select(0, idx)
+}
+
+/// Teacher similarities centred per row and scaled to unit spread, minus `shift`.
+fn teacher_targets(f: Tensor<3>, shift: f32) -> Tensor<3> {
+    let centred = f.clone() - f.mean_dim(2);
+    let spread = centred.clone().powf_scalar(2.0).mean().sqrt().clamp_min(SPREAD_EPS);
+    let [a, b, c] = centred.dims();
+    (centred / spread.reshape([1, 1, 1]).expand([a, b, c])) - shift
+}
+
+/// -mean(max(S, 0) * target).
+fn pair_loss(s: Tensor<3>, target: Tensor<3>) -> Tensor<1> {
+    (s.clamp_min(0.0) * target).mean().neg()
+}
+
+/// The correspondence loss of one batch. `z`: the embedder's unit features, N x D x h x w;
+/// `taps`: the backbone's four taps of the same forward pass. Needs N >= 2 for the cross-frame
+/// pairs; with one frame only the within-frame term counts.
+pub fn correspondence_loss(z: Tensor<4>, taps: &[Tensor<4>; 4], config: &CorrespondenceConfig, rng: &mut impl Rng) -> Tensor<1> {
+    let [n, _, h, w] = z.dims();
+    let tap_sizes: Vec<(usize, usize)> = TEACHER_TAPS
+        .iter()
+        .map(|&t| {
+            let [_, _, th, tw] = taps[t].dims();
+            debug_assert_eq!(th * TAP_STRIDES[t], h * OUTPUT_STRIDE);
+            (th, tw)
+        })
+        .collect();
+    let p = POINTS_PER_IMAGE;
+    let s = sample(rng, n, (h, w), &tap_sizes, p);
+    let student = rows_at(z, &s.student).reshape([n as i32, p as i32, -1]);
+    let teacher_parts: Vec<Tensor<2>> = TEACHER_TAPS.iter().zip(&s.taps).map(|(&t, idx)| rows_at(l2_normalize(taps[t].clone().detach()), idx)).collect();
+    // Each part is a unit vector; their concatenation has norm sqrt(parts).
+    let teacher = (Tensor::cat(teacher_parts, 1) / (TEACHER_TAPS.len() as f32).sqrt()).reshape([n as i32, p as i32, -1]);
+
+    let sim = |a: &Tensor<3>, b: &Tensor<3>| a.clone().matmul(b.clone().swap_dims(1, 2));
+    let intra = pair_loss(sim(&student, &student), teacher_targets(sim(&teacher, &teacher), config.intra_shift));
+    if n < 2 {
+        return intra * config.weight;
+    }
+    // Each frame against the next one in the batch.
+    let device = student.device();
+    let next: Vec<i64> = (0..n).map(|i| ((i + 1) % n) as i64).collect();
+    let next = Tensor::<1, Int>::from_data(TensorData::new(next, [n]), &device);
+    let (student_b, teacher_b) = (student.clone().select(0, next.clone()), teacher.clone().select(0, next));
+    let inter = pair_loss(sim(&student, &student_b), teacher_targets(sim(&teacher, &teacher_b), config.inter_shift));
+    (intra + inter) * (config.weight / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    /// Maps whose cells are one of two "things": the left half of every frame is thing A, the
+    /// right half thing B, in the teacher's features.
+    fn two_things_taps(n: usize, h: usize, w: usize) -> [Tensor<4>; 4] {
+        let tap = |stride: usize, c: usize| {
+            let (th, tw) = (h * OUTPUT_STRIDE / stride, w * OUTPUT_STRIDE / stride);
+            let mut v = vec![0.0f32; n * c * th * tw];
+            for img in 0..n {
+                for y in 0..th {
+                    for x in 0..tw {
+                        let ch = if x < tw / 2 { 0 } else { 1 };
+                        v[((img * c + ch) * th + y) * tw + x] = 1.0;
+                    }
+                }
+            }
+            Tensor::<4>::from_data(TensorData::new(v, [n, c, th, tw]), &Device::flex())
+        };
+        [tap(4, 2), tap(8, 2), tap(16, 3), tap(32, 4)]
+    }
+
+    #[test]
+    fn samples_land_in_the_tap_cell_that_covers_them() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let s = sample(&mut rng, 2, (8, 16), &[(2, 4), (1, 2)], 50);
+        for (k, &row) in s.student.iter().enumerate() {
+            let (img, y, x) = (row as usize / 128, (row as usize % 128) / 16, row as usize % 16);
+            assert_eq!(s.taps[0][k] as usize, img * 8 + (y / 4) * 4 + x / 4);
+            assert_eq!(s.taps[1][k] as usize, img * 2 + x / 8);
+        }
+    }
+
+    #[test]
+    fn teacher_targets_are_centred_per_row_with_unit_spread() {
+        let f = Tensor::<3>::from_data(TensorData::new(vec![0.9f32, 0.5, 0.1, 0.2, 0.4, 0.6], [1, 2, 3]), &Device::flex());
+        let t: Vec<f32> = teacher_targets(f, 0.5).into_data().to_vec().unwrap();
+        let centred = [0.4f32, 0.0, -0.4, -0.2, 0.0, 0.2];
+        let spread = (centred.iter().map(|v| v * v).sum::<f32>() / 6.0).sqrt();
+        for (got, c) in t.iter().zip(centred) {
+            assert!((got - (c / spread - 0.5)).abs() < 1e-5, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn descending_the_loss_groups_the_teachers_things() {
+        // A student that starts from random features: a few gradient steps against the loss
+        // must make cells of the same thing (in either frame) more alike than cells of
+        // different things, as the teacher says.
+        let (n, h, w, d) = (2, 8, 16, 4);
+        let device = Device::flex().autodiff();
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        // Random directions in the positive orthant, so every pair starts with S > 0 (the loss
+        // leaves pairs already orthogonal or opposed alone).
+        let mut values: Vec<f32> = (0..n * d * h * w).map(|_| rng.random_range(0.0f32..1.0)).collect();
+        let taps = two_things_taps(n, h, w).map(|t| t.to_device(&device));
+        let config = CorrespondenceConfig { weight: 1.0, ..Default::default() };
+        let cell = |v: &[f32], img: usize, y: usize, x: usize| -> Vec<f32> {
+            let c: Vec<f32> = (0..d).map(|c| v[((img * d + c) * h + y) * w + x]).collect();
+            let norm = c.iter().map(|a| a * a).sum::<f32>().sqrt();
+            c.iter().map(|a| a / norm).collect()
+        };
+        let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f32>();
+        // Mean similarity of same-thing and different-thing pairs over every cell pair.
+        let margin = |v: &[f32]| {
+            let (mut same, mut diff, mut ns, mut nd) = (0.0f32, 0.0f32, 0usize, 0usize);
+            let cells: Vec<(usize, usize, usize)> = (0..n).flat_map(|i| (0..h).flat_map(move |y| (0..w).map(move |x| (i, y, x)))).collect();
+            for &(i, y, x) in &cells {
+                for &(j, v2, u) in &cells {
+                    let c = cos(&cell(v, i, y, x), &cell(v, j, v2, u));
+                    if (x < w / 2) == (u < w / 2) {
+                        (same, ns) = (same + c, ns + 1);
+                    } else {
+                        (diff, nd) = (diff + c, nd + 1);
+                    }
+                }
+            }
+            same / ns as f32 - diff / nd as f32
+        };
+        const STEPS: usize = 40;
+        const LR: f32 = 200.0;
+        let before = margin(&values);
+        for _ in 0..STEPS {
+            let raw = Tensor::<4>::from_data(TensorData::new(values.clone(), [n, d, h, w]), &device).require_grad();
+            let loss = correspondence_loss(l2_normalize(raw.clone()), &taps, &config, &mut rng);
+            let g = raw.grad(&loss.backward()).unwrap();
+            values = (raw.inner() - g * LR).into_data().to_vec().unwrap();
+        }
+        let after = margin(&values);
+        assert!(after > before + 0.3 && after > 0.5, "same-thing minus different-thing similarity: {before} before, {after} after");
+    }
+
+    #[test]
+    fn off_by_default_and_one_frame_is_enough() {
+        assert!(!CorrespondenceConfig::default().enabled());
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let z = l2_normalize(Tensor::<4>::ones([1, 4, 8, 16], &Device::flex()));
+        let config = CorrespondenceConfig { weight: 2.0, ..Default::default() };
+        let loss: f32 = correspondence_loss(z, &two_things_taps(1, 8, 16), &config, &mut rng).into_scalar();
+        // Every student pair has similarity 1 and the targets are centred per row: the mean is 0.
+        assert!(loss.abs() < 1e-5, "{loss}");
+    }
+}

@@ -15,6 +15,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use picie::model::layers::Activation;
 use picie::model::{BackboneKind, EmbedderConfig, TensorMap};
 use picie::train::kmeans::{KMeansConfig, SphericalKMeans};
 use picie::train::picie::{Frames, TrainConfig, Trainer};
@@ -167,7 +168,7 @@ fn breakdown(size: usize, batch: usize) -> Vec<(String, f64)> {
         let bn = BatchNormConfig::new(cout).with_epsilon(1e-3).init(&device);
         add("batch norm (training mode)", time(cout, ho, &|x| bn.forward(x)) - overhead(cout, ho));
         if relu6 {
-            add("ReLU6 (clamp)", time(cout, ho, &|x| x.clamp(0.0, 6.0)) - overhead(cout, ho));
+            add("ReLU6 (fused, src/model/relu6.rs)", time(cout, ho, &|x| Activation::Relu6.forward(x)) - overhead(cout, ho));
         }
         ho
     };
@@ -205,6 +206,18 @@ fn breakdown(size: usize, batch: usize) -> Vec<(String, f64)> {
     }
     let h4 = taps[0].1;
     add("L2 norm over channels", time(128, h4, &|x| x.clone() / (x.clone() * x).sum_dim(1).sqrt().clamp_min(1e-12)) - overhead(128, h4));
+    // The activation three ways on the largest tensor it sees (the first expansion), side by
+    // side: not part of the sum above.
+    let (c, h1) = (96, size / 2);
+    let relu6_ways: [(&str, &dyn Fn(Tensor<4>) -> Tensor<4>); 3] = [
+        ("fused ReLU6 (src/model/relu6.rs)", &|x| Activation::Relu6.forward(x)),
+        ("ReLU6 composed: relu(x).clamp_max(6) (before)", &|x| burn::tensor::activation::relu(x).clamp_max(6.0)),
+        ("ReLU alone (burn's own fused op)", &|x| burn::tensor::activation::relu(x)),
+    ];
+    println!("\nReLU6 forward + backward on one {batch}x{c}x{h1}x{h1} tensor (min of 3):");
+    for (name, f) in relu6_ways {
+        println!("{name:<58} {:>10.3} s", time(c, h1, f) - overhead(c, h1));
+    }
     kinds
 }
 

@@ -7,6 +7,7 @@ pub mod fpn;
 pub mod import;
 pub mod layers;
 pub mod onnx_graph;
+pub mod relu6;
 pub mod resnet;
 pub mod weights;
 

@@ -97,7 +97,7 @@ mod tests {
     /// convention).
     fn input(device: &Device) -> Tensor<4> {
         let x = Tensor::<4>::random([2, 3, 17, 19], Distribution::Uniform(-3.0, 9.0), &Device::flex());
-        let v: Vec<f32> = x.into_data().to_vec().unwrap();
+        let v: Vec<f32> = x.into_data().try_to_vec::<f32>().unwrap();
         let v: Vec<f32> = v.into_iter().map(|a| if a == 0.0 || a == CAP { a + 1e-3 } else { a }).collect();
         Tensor::from_data(TensorData::new(v, [2, 3, 17, 19]), device)
     }
@@ -112,7 +112,7 @@ mod tests {
         assert_eq!(relu6(x.clone()).into_data(), reference(x).into_data());
         // NaN propagates, as the composed version's does.
         let nan = Tensor::<1>::from_floats([f32::NAN, -1.0, 7.0], &Device::flex());
-        let out: Vec<f32> = relu6(nan).into_data().to_vec().unwrap();
+        let out: Vec<f32> = relu6(nan).into_data().try_to_vec::<f32>().unwrap();
         assert!(out[0].is_nan());
         assert_eq!(&out[1..], &[0.0, 6.0]);
     }
@@ -126,13 +126,13 @@ mod tests {
         let grad_of = |f: fn(Tensor<4>) -> Tensor<4>| {
             let x = x.clone().detach().require_grad();
             let loss = (f(x.clone()) * w.clone()).sum();
-            let g: Vec<f32> = x.grad(&loss.backward()).unwrap().into_data().to_vec().unwrap();
+            let g: Vec<f32> = x.grad(&loss.backward()).unwrap().into_data().try_to_vec::<f32>().unwrap();
             g
         };
         let (ours, theirs) = (grad_of(relu6), grad_of(reference));
         assert_eq!(ours, theirs);
         // Both bounds are exercised: some gradients pass, some are cut at either end.
-        let xs: Vec<f32> = x.into_data().to_vec().unwrap();
+        let xs: Vec<f32> = x.into_data().try_to_vec::<f32>().unwrap();
         assert!(xs.iter().zip(&ours).any(|(x, g)| *x < 0.0 && *g == 0.0));
         assert!(xs.iter().zip(&ours).any(|(x, g)| *x > CAP && *g == 0.0));
         assert!(xs.iter().zip(&ours).any(|(x, g)| *x > 0.0 && *x < CAP && *g != 0.0));

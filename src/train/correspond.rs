@@ -186,7 +186,7 @@ mod tests {
     #[test]
     fn teacher_targets_are_centred_per_row_with_unit_spread() {
         let f = Tensor::<3>::from_data(TensorData::new(vec![0.9f32, 0.5, 0.1, 0.2, 0.4, 0.6], [1, 2, 3]), &Device::flex());
-        let t: Vec<f32> = teacher_targets(f, 0.5).into_data().to_vec().unwrap();
+        let t: Vec<f32> = teacher_targets(f, 0.5).into_data().try_to_vec::<f32>().unwrap();
         let centred = [0.4f32, 0.0, -0.4, -0.2, 0.0, 0.2];
         let spread = (centred.iter().map(|v| v * v).sum::<f32>() / 6.0).sqrt();
         for (got, c) in t.iter().zip(centred) {
@@ -236,7 +236,7 @@ mod tests {
             let raw = Tensor::<4>::from_data(TensorData::new(values.clone(), [n, d, h, w]), &device).require_grad();
             let loss = correspondence_loss(l2_normalize(raw.clone()), &taps, &config, &mut rng);
             let g = raw.grad(&loss.backward()).unwrap();
-            values = (raw.inner() - g * LR).into_data().to_vec().unwrap();
+            values = (raw.inner() - g * LR).into_data().try_to_vec::<f32>().unwrap();
         }
         let after = margin(&values);
         assert!(after > before + 0.3 && after > 0.5, "same-thing minus different-thing similarity: {before} before, {after} after");

@@ -425,16 +425,42 @@ fn train(t: TrainCli) -> Result<()> {
 
 /// The training progress bar on stderr (indicatif): phase, step, loss, pixels/s and ETA. Its
 /// position starts where a resumed run starts, so the ETA counts only this process's work.
+/// Where stderr is no terminal (a log file, a container), indicatif draws nothing at all, so
+/// plain lines take its place: one every `PLAIN_LINE_EVERY` and one per finished epoch.
 #[derive(Default)]
 struct ProgressBar {
     bar: Option<indicatif::ProgressBar>,
+    last_plain_line: Option<std::time::Instant>,
 }
 
 /// Positions per run: fractions of the whole run in 1/10000.
 const PROGRESS_STEPS: u64 = 10_000;
+const PLAIN_LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl ProgressBar {
     fn draw(&mut self, p: &picie::train::picie::Progress) {
+        use std::io::IsTerminal;
+        let loss = p.loss.map(|l| format!(" loss {l:.4}")).unwrap_or_default();
+        let message = format!(
+            "epoch {}/{} {} {}/{}{loss} | {:.0} kpx/s",
+            p.epoch + 1,
+            p.epochs,
+            p.phase,
+            p.step,
+            p.steps,
+            p.pixels_per_sec / 1000.0
+        );
+        let epoch_done = p.phase == "train" && p.step == p.steps;
+        if !std::io::stderr().is_terminal() {
+            if self.last_plain_line.is_none_or(|t| t.elapsed() >= PLAIN_LINE_EVERY) {
+                eprintln!("{:>3.0}% {message}", 100.0 * p.fraction());
+                self.last_plain_line = Some(std::time::Instant::now());
+            }
+            if epoch_done {
+                eprintln!("epoch {}/{} done{loss}", p.epoch + 1, p.epochs);
+            }
+            return;
+        }
         let bar = self.bar.get_or_insert_with(|| {
             let bar = indicatif::ProgressBar::new(PROGRESS_STEPS);
             bar.set_style(
@@ -446,18 +472,9 @@ impl ProgressBar {
             bar.reset_eta();
             bar
         });
-        let loss = p.loss.map(|l| format!(" loss {l:.4}")).unwrap_or_default();
-        bar.set_message(format!(
-            "epoch {}/{} {} {}/{}{loss} | {:.0} kpx/s",
-            p.epoch + 1,
-            p.epochs,
-            p.phase,
-            p.step,
-            p.steps,
-            p.pixels_per_sec / 1000.0
-        ));
+        bar.set_message(message);
         bar.set_position((PROGRESS_STEPS as f64 * p.fraction()) as u64);
-        if p.phase == "train" && p.step == p.steps {
+        if epoch_done {
             // Keep each finished epoch's line in the log.
             bar.println(format!("epoch {}/{} done{loss}", p.epoch + 1, p.epochs));
         }

@@ -129,6 +129,27 @@ fn the_correspondence_term_changes_training_and_is_recorded() {
 }
 
 #[test]
+fn the_command_reports_progress_in_a_log() {
+    // stderr is a pipe here, as in a log file or a container: indicatif would draw nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_picie"))
+        .args(["train", "--images"])
+        .arg(common::root().join("fixtures/images"))
+        .arg("--out")
+        .arg(dir.path().join("pkg"))
+        .arg("--backbone-weights")
+        .arg(common::lite0_safetensors())
+        .args(["--k", "3", "--k2", "5", "--package-k", "3", "--epochs", "2", "--size", "64", "--batch", "2", "--freeze-stride", "4"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // The first step's line, then one line per finished epoch.
+    assert!(stderr.contains("% epoch 1/2 cluster 1/2"), "{stderr}");
+    assert!(stderr.contains("epoch 1/2 done loss") && stderr.contains("epoch 2/2 done loss"), "{stderr}");
+}
+
+#[test]
 fn bad_training_input_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let run = |c: TrainConfig| train(&args(dir.path(), c, false), &mut |_| true).err().map(|e| format!("{e:#}")).unwrap_or_default();

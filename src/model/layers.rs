@@ -199,7 +199,11 @@ impl ConvBn {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.activation.forward(self.bn.forward(self.conv.forward(x)))
+        let y = self.conv.forward(x);
+        // In training, the fused batch-norm kernels (see `batchnorm`) in place of burn's
+        // composed ones; the same condition as `BatchNorm::forward`'s.
+        let y = if y.device().is_autodiff() && self.bn.training.is_enabled() { super::batchnorm::batch_norm_train(&self.bn, y) } else { self.bn.forward(y) };
+        self.activation.forward(y)
     }
 
     pub fn export(&self, out: &mut TensorMap, conv_key: &str, bn_key: &str) {

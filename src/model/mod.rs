@@ -1,5 +1,6 @@
 //! The embedder: backbones, FPN decoder, weights in and out, ONNX export.
 
+pub mod batchnorm;
 pub mod efficientnet;
 pub mod embedder;
 pub mod export;

@@ -450,14 +450,14 @@ impl ProgressBar {
             p.steps,
             p.pixels_per_sec / 1000.0
         );
-        let epoch_done = p.phase == "train" && p.step == p.steps;
+        let epoch_done = (p.phase == "train" && p.step == p.steps).then(|| format!("epoch {}/{} done{loss}", p.epoch + 1, p.epochs));
         if !std::io::stderr().is_terminal() {
             if self.last_plain_line.is_none_or(|t| t.elapsed() >= PLAIN_LINE_EVERY) {
                 eprintln!("{:>3.0}% {message}", 100.0 * p.fraction());
                 self.last_plain_line = Some(std::time::Instant::now());
             }
-            if epoch_done {
-                eprintln!("epoch {}/{} done{loss}", p.epoch + 1, p.epochs);
+            if let Some(line) = epoch_done {
+                eprintln!("{line}");
             }
             return;
         }
@@ -474,9 +474,9 @@ impl ProgressBar {
         });
         bar.set_message(message);
         bar.set_position((PROGRESS_STEPS as f64 * p.fraction()) as u64);
-        if epoch_done {
+        if let Some(line) = epoch_done {
             // Keep each finished epoch's line in the log.
-            bar.println(format!("epoch {}/{} done{loss}", p.epoch + 1, p.epochs));
+            bar.println(line);
         }
     }
 }

@@ -3,10 +3,10 @@
 //!
 //! Flex has no batch-norm kernel of its own: burn's default builds the training forward and
 //! backward from `swap_dims` copies, means and element-wise passes, about ten full passes over
-//! the activation, the largest share of a training step. Here the statistics are one read of
-//! the input per channel (mean, then variance around it), the normalisation one pass, and the
+//! the activation, the largest share of a training step. Here the statistics are two reads of
+//! each channel (the mean, then the variance around it), the normalisation one pass, and the
 //! backward two: one for the per-channel sums of dy and dy * x_hat, one for the input gradient.
-//! Channels run in parallel.
+//! Channels (statistics, sums) or planes (element-wise passes) run in parallel.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -51,7 +51,7 @@ fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
-/// One value per channel: `f(c, planes of channel c)`, channels in parallel.
+/// One value per channel, `f(channel)`, channels in parallel.
 fn per_channel<T: Send>(c: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
     (0..c).into_par_iter().map(f).collect()
 }

@@ -20,8 +20,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::correspond::{correspondence_loss, CorrespondenceConfig};
 use super::augment::{training_frame, Geometric, Photometric, PhotometricConfig};
+use super::correspond::{correspondence_loss, CorrespondenceConfig};
 use super::kmeans::{assign, KMeansConfig, SphericalKMeans};
 use super::loss::{head_loss, head_weights, pixels, Balance, HeadTargets};
 use crate::model::embedder::OUTPUT_STRIDE;

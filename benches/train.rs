@@ -8,9 +8,11 @@
 //!     BENCH_TORCH=1 cargo bench --bench train     (also PyTorch, from target/torch-venv: made
 //!                                                  with `pip install torch` from PyPI when missing)
 //!
-//! BENCH_BATCH, BENCH_SIZE and BENCH_FREEZE ("16 0") change the settings; BENCH_KMEANS=0 skips k-means.
+//! BENCH_BATCH, BENCH_SIZE, BENCH_STEPS (3: the fastest step counts) and BENCH_FREEZE ("16 0")
+//! change the settings; BENCH_KMEANS=0 skips k-means.
 //! BENCH_BREAKDOWN=1 also times the step's operations one kind at a time (forward + backward of
-//! each layer of the network on its own shapes, summed per kind) to show where the time goes.
+//! each layer of the network on its own shapes, summed per kind) to show where the time goes,
+//! beside the same layers on burn's own modules (Conv2d, BatchNorm, composed ReLU6).
 
 use std::path::Path;
 use std::time::Instant;
@@ -32,8 +34,8 @@ struct Timing {
     total: f64,
 }
 
-/// One epoch on 2 x `batch` frames (clustering, labelling and two training steps); the
-/// fastest training step counts.
+/// One epoch on BENCH_STEPS x `batch` frames (clustering, labelling and that many training
+/// steps); the fastest training step counts.
 fn measure(config: EmbedderConfig, init: &TensorMap, frames: &Frames, size: usize, batch: usize, freeze_stride: usize, dir: &Path) -> anyhow::Result<Timing> {
     let cfg = TrainConfig { k: 4, k2: 8, epochs: 1, size, batch, init_batches: 1, vectors_per_image: 500, freeze_stride, ..TrainConfig::default() };
     let mut trainer = Trainer::new(cfg, config, init)?;
@@ -56,6 +58,8 @@ fn measure(config: EmbedderConfig, init: &TensorMap, frames: &Frames, size: usiz
 }
 
 fn main() -> anyhow::Result<()> {
+    // As `picie train` runs (src/train/memory.rs); the PyTorch side gets the same settings.
+    let kept = picie::train::memory::keep_freed_memory();
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let batch = env("BENCH_BATCH", 8);
@@ -72,11 +76,12 @@ fn main() -> anyhow::Result<()> {
     // Two steps on `batch` copies of the shipped photos (one epoch = clustering, labelling and
     // training passes).
     let photos: Vec<_> = picie::train::cluster::list_images(&root.join("fixtures/images"))?;
-    let paths: Vec<_> = photos.iter().cycle().take(batch * 2).cloned().collect();
+    let steps = env("BENCH_STEPS", 3).max(1);
+    let paths: Vec<_> = photos.iter().cycle().take(batch * steps).cloned().collect();
     let frames = Frames::load(&paths, (size, size));
     let threads = rayon::current_num_threads();
     let timings: Vec<(usize, Timing)> = freezes.iter().map(|&f| measure(config, &init, &frames, size, batch, f, dir.path()).map(|t| (f, t))).collect::<anyhow::Result<_>>()?;
-    let torch = if std::env::var("BENCH_TORCH").as_deref() == Ok("1") { torch_steps(&root, &pth, size, batch, threads, &freezes) } else { Err("BENCH_TORCH=1 not set".into()) };
+    let torch = if std::env::var("BENCH_TORCH").as_deref() == Ok("1") { torch_steps(&root, &pth, (size, batch, steps), threads, &freezes, kept) } else { Err("BENCH_TORCH=1 not set".into()) };
 
     let breakdown = if std::env::var("BENCH_BREAKDOWN").as_deref() == Ok("1") { Some(breakdown(size, batch)) } else { None };
 
@@ -94,6 +99,7 @@ fn main() -> anyhow::Result<()> {
 
     let label = |f: usize| if f == 0 { "all layers trainable".to_string() } else { format!("frozen to stride {f}") };
     println!("PiCIE training on burn Flex (CPU, {threads} threads), {size}x{size}, batch {batch}");
+    println!("allocator: {}", if kept { "freed memory kept for reuse, on both sides (src/train/memory.rs)" } else { "the C library's defaults" });
     println!("{:<58} {:>10} {:>10}", "", "burn s", "PyTorch s");
     for (f, t) in &timings {
         let theirs = match &torch {
@@ -104,9 +110,10 @@ fn main() -> anyhow::Result<()> {
         println!("{:<58} {:>10.2}", format!("train step, {}, per batch", label(*f)), t.step);
     }
     if let Some((_, t)) = timings.first() {
-        println!("{:<58} {:>10.2}", "clustering pass (2 views, no grad), per image", t.cluster / (2 * batch) as f64);
-        println!("{:<58} {:>10.2}", "labelling pass (2 views, no grad), per image", t.label / (2 * batch) as f64);
-        println!("{:<58} {:>10.2}", format!("whole epoch incl. checkpoint, {}, per image", label(timings[0].0)), t.total / (2 * batch) as f64);
+        let images = (steps * batch) as f64;
+        println!("{:<58} {:>10.2}", "clustering pass (2 views, no grad), per image", t.cluster / images);
+        println!("{:<58} {:>10.2}", "labelling pass (2 views, no grad), per image", t.label / images);
+        println!("{:<58} {:>10.2}", format!("whole epoch incl. checkpoint, {}, per image", label(timings[0].0)), t.total / images);
     }
     if let Some(km) = km {
         println!("{:<58} {:>10.2}", "spherical k-means 1M x 128, K=27, ++ + 20 iters", km);
@@ -118,11 +125,13 @@ fn main() -> anyhow::Result<()> {
     println!("reference (steering): faiss 20 iters: 7.1 s");
     if let Some(rows) = breakdown {
         let total: f64 = rows.iter().map(|r| r.1).sum();
+        let before: f64 = rows.iter().map(|r| r.2).sum();
         println!("\nwhere a step's time goes: each layer's forward + backward (grads of input and weights) on its own, summed per kind, both views, all layers trainable, {size}x{size} batch {batch} (min of 3)");
-        for (name, secs) in rows {
-            println!("{name:<58} {secs:>10.2} {:>9.0} %", 100.0 * secs / total);
+        println!("{:<58} {:>10} {:>11} {:>14}", "", "s", "share", "burn's own s");
+        for (name, secs, theirs) in rows {
+            println!("{name:<58} {secs:>10.2} {:>9.0} % {theirs:>14.2}", 100.0 * secs / total);
         }
-        println!("{:<58} {total:>10.2}", "sum");
+        println!("{:<58} {total:>10.2} {:>11} {before:>14.2}", "sum", "");
     }
     Ok(())
 }
@@ -131,12 +140,13 @@ fn main() -> anyhow::Result<()> {
 /// it sees in a step, with gradients for the input and the weights, summed per kind of layer
 /// and doubled for the two views. Each layer's `sum()` loss and its backward are timed apart
 /// and taken off.
-fn breakdown(size: usize, batch: usize) -> Vec<(String, f64)> {
+fn breakdown(size: usize, batch: usize) -> Vec<(String, f64, f64)> {
     use burn::nn::conv::Conv2dConfig;
     use burn::nn::{BatchNormConfig, PaddingConfig2d};
     use burn::tensor::module::interpolate;
     use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
     use burn::tensor::{Distribution, Tensor};
+    use picie::model::batchnorm::batch_norm_train;
     let device = burn::tensor::Device::flex().autodiff();
     let input = |c: usize, h: usize| Tensor::<4>::random([batch, c, h, h], Distribution::Uniform(-1.0, 1.0), &device).require_grad();
     // min over 3 runs of forward + backward of `f` on an input of c x h x h channels.
@@ -153,22 +163,27 @@ fn breakdown(size: usize, batch: usize) -> Vec<(String, f64)> {
             .fold(f64::INFINITY, f64::min)
     };
     let overhead = |c: usize, h: usize| time(c, h, &|x| x);
-    let mut kinds: Vec<(String, f64)> = vec![];
-    let mut add = |name: &str, secs: f64| match kinds.iter_mut().find(|k| k.0 == name) {
-        Some(k) => k.1 += 2.0 * secs.max(0.0),
-        None => kinds.push((name.to_string(), 2.0 * secs.max(0.0))),
+    // Per kind: the time with the project's kernels, and with burn's own modules (before).
+    let mut kinds: Vec<(String, f64, f64)> = vec![];
+    let mut add = |name: &str, ours: f64, before: f64| match kinds.iter_mut().find(|k| k.0 == name) {
+        Some(k) => {
+            k.1 += 2.0 * ours.max(0.0);
+            k.2 += 2.0 * before.max(0.0);
+        }
+        None => kinds.push((name.to_string(), 2.0 * ours.max(0.0), 2.0 * before.max(0.0))),
     };
     let conv = |cin: usize, cout: usize, k: usize, s: usize, groups: usize| {
         Conv2dConfig::new([cin, cout], [k, k]).with_stride([s, s]).with_groups(groups).with_padding(PaddingConfig2d::Same).with_bias(false).init(&device)
     };
-    let conv_bn_act = |add: &mut dyn FnMut(&str, f64), name: &str, cin: usize, cout: usize, k: usize, s: usize, groups: usize, h: usize, relu6: bool| {
+    let conv_bn_act = |add: &mut dyn FnMut(&str, f64, f64), name: &str, cin: usize, cout: usize, k: usize, s: usize, groups: usize, h: usize, relu6: bool| {
         let c = conv(cin, cout, k, s, groups);
         let ho = h.div_ceil(s);
-        add(name, time(cin, h, &|x| c.forward(x)) - overhead(cout, ho));
+        let base = overhead(cout, ho);
+        add(name, time(cin, h, &|x| picie::model::conv::forward(&c, x)) - base, time(cin, h, &|x| c.forward(x)) - base);
         let bn = BatchNormConfig::new(cout).with_epsilon(1e-3).init(&device);
-        add("batch norm (training mode)", time(cout, ho, &|x| bn.forward(x)) - overhead(cout, ho));
+        add("batch norm (training mode)", time(cout, ho, &|x| batch_norm_train(&bn, x)) - base, time(cout, ho, &|x| bn.forward(x)) - base);
         if relu6 {
-            add("ReLU6 (fused, src/model/relu6.rs)", time(cout, ho, &|x| Activation::Relu6.forward(x)) - overhead(cout, ho));
+            add("ReLU6", time(cout, ho, &|x| Activation::Relu6.forward(x)) - base, time(cout, ho, &|x| burn::tensor::activation::relu(x).clamp_max(6.0)) - base);
         }
         ho
     };
@@ -187,7 +202,8 @@ fn breakdown(size: usize, batch: usize) -> Vec<(String, f64)> {
             let ho = conv_bn_act(&mut add, &format!("depthwise conv {k}x{k}"), hidden, hidden, k, s, hidden, h, true);
             conv_bn_act(&mut add, "1x1 conv (expand, project, FPN laterals)", hidden, c_out, 1, 1, 1, ho, false);
             if s == 1 && cin == c_out {
-                add("residual add", time(c_out, ho, &|x| x.clone() + x) - overhead(c_out, ho));
+                let t = time(c_out, ho, &|x| x.clone() + x) - overhead(c_out, ho);
+                add("residual add", t, t);
             }
             h = ho;
             if [2, 4, 10, 15].contains(&block) {
@@ -198,14 +214,17 @@ fn breakdown(size: usize, batch: usize) -> Vec<(String, f64)> {
     }
     for &(c, th) in &taps {
         let l = Conv2dConfig::new([c, 128], [1, 1]).init(&device);
-        add("1x1 conv (expand, project, FPN laterals)", time(c, th, &|x| l.forward(x)) - overhead(128, th));
+        let base = overhead(128, th);
+        add("1x1 conv (expand, project, FPN laterals)", time(c, th, &|x| picie::model::conv::forward(&l, x)) - base, time(c, th, &|x| l.forward(x)) - base);
     }
     for &(_, th) in taps.iter().rev().skip(1) {
         let opts = InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([th, th]);
-        add("bilinear upsample + add (FPN)", time(128, th / 2, &|x| interpolate(x, opts.clone()) + Tensor::<4>::zeros([batch, 128, th, th], &device)) - overhead(128, th));
+        let t = time(128, th / 2, &|x| interpolate(x, opts.clone()) + Tensor::<4>::zeros([batch, 128, th, th], &device)) - overhead(128, th);
+        add("bilinear upsample + add (FPN)", t, t);
     }
     let h4 = taps[0].1;
-    add("L2 norm over channels", time(128, h4, &|x| x.clone() / (x.clone() * x).sum_dim(1).sqrt().clamp_min(1e-12)) - overhead(128, h4));
+    let t = time(128, h4, &|x| x.clone() / (x.clone() * x).sum_dim(1).sqrt().clamp_min(1e-12)) - overhead(128, h4);
+    add("L2 norm over channels", t, t);
     // The activation three ways on the largest tensor it sees (the first expansion), side by
     // side: not part of the sum above.
     let (c, h1) = (96, size / 2);
@@ -237,7 +256,7 @@ fn torch_version(root: &Path) -> String {
 
 /// PyTorch's step per image for each freeze stride: target/torch-venv is made (python3 -m venv,
 /// `pip install torch` from PyPI) when it cannot import torch; any failure is returned as text.
-fn torch_steps(root: &Path, pth: &Path, size: usize, batch: usize, threads: usize, freezes: &[usize]) -> Result<Vec<(usize, f64)>, String> {
+fn torch_steps(root: &Path, pth: &Path, (size, batch, steps): (usize, usize, usize), threads: usize, freezes: &[usize], kept: bool) -> Result<Vec<(usize, f64)>, String> {
     use std::process::Command;
     let py = torch_python(root);
     let has_torch = |py: &Path| Command::new(py).args(["-c", "import torch"]).output().is_ok_and(|o| o.status.success());
@@ -258,11 +277,14 @@ fn torch_steps(root: &Path, pth: &Path, size: usize, batch: usize, threads: usiz
     if std::env::var_os("OMP_WAIT_POLICY").is_none() {
         cmd.env("OMP_WAIT_POLICY", "PASSIVE");
     }
+    if kept {
+        cmd.envs(picie::train::memory::KEEP_FREED_MEMORY_ENV);
+    }
     let out = cmd
         .arg(root.join("benches/torch_step.py"))
         .arg("--weights")
         .arg(pth)
-        .args(["--size", &size.to_string(), "--batch", &batch.to_string(), "--threads", &threads.to_string(), "--freeze-strides", &strides.join(",")])
+        .args(["--size", &size.to_string(), "--batch", &batch.to_string(), "--steps", &steps.to_string(), "--threads", &threads.to_string(), "--freeze-strides", &strides.join(",")])
         .output()
         .map_err(|e| format!("running benches/torch_step.py: {e}"))?;
     if !out.status.success() {

@@ -276,6 +276,16 @@ enum PackageCommand {
 
 fn main() {
     let cli = Cli::parse();
+    // A process that trains keeps freed memory for reuse (see `memory`); set before any thread
+    // starts. A server that also serves (`--role all`) keeps glibc's defaults and shrinks back.
+    let trains = match &cli.command {
+        Command::Train(_) => true,
+        Command::Serve(cfg) => cfg.role == picie::server::shared::Role::Worker,
+        _ => false,
+    };
+    if trains {
+        picie::train::memory::keep_freed_memory();
+    }
     // RUST_LOG filters as usual; ONNX Runtime's own chatter stays at warnings.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into());
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);

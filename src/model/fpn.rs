@@ -9,6 +9,7 @@ use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 
+use super::conv;
 use super::layers::{emit_conv_bias, export_conv_bias, load_conv_bias, ConvSpec, WeightSource};
 use super::onnx_graph::{attr_string, GraphBuilder};
 use super::weights::TensorMap;
@@ -35,9 +36,9 @@ impl Fpn {
 
     pub fn forward(&self, taps: [Tensor<4>; 4]) -> Tensor<4> {
         let [c2, c3, c4, c5] = taps;
-        let mut out = self.laterals[3].forward(c5);
+        let mut out = conv::forward(&self.laterals[3], c5);
         for (i, tap) in [(2, c4), (1, c3), (0, c2)] {
-            let lateral = self.laterals[i].forward(tap);
+            let lateral = conv::forward(&self.laterals[i], tap);
             let [_, _, h, w] = lateral.dims();
             let up = interpolate(
                 out,

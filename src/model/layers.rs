@@ -199,7 +199,8 @@ impl ConvBn {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let y = self.conv.forward(x);
+        // Depthwise and pointwise convolutions on the project's kernels (see `conv`).
+        let y = super::conv::forward(&self.conv, x);
         // In training, the fused batch-norm kernels (see `batchnorm`) in place of burn's
         // composed ones; the same condition as `BatchNorm::forward`'s.
         let y = if y.device().is_autodiff() && self.bn.training.is_enabled() { super::batchnorm::batch_norm_train(&self.bn, y) } else { self.bn.forward(y) };

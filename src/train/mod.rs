@@ -6,5 +6,6 @@ pub mod cluster;
 pub mod correspond;
 pub mod kmeans;
 pub mod loss;
+pub mod memory;
 pub mod picie;
 pub mod selftrain;

@@ -19,6 +19,8 @@ use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::lanes;
+
 #[backend_extension(Flex, Autodiff)]
 pub trait BatchNormBackend: Backend {
     /// Per-channel mean and biased variance of an N x C x ... tensor, as a 2 x C tensor.
@@ -68,9 +70,9 @@ impl BatchNormBackend for Flex {
         let v = x.as_slice::<f32>().expect("contiguous");
         let count = (n * inner) as f64;
         let stats = per_channel(c, |ch| {
-            let mean = (0..n).map(|s| plane(v, c, inner, s, ch).iter().sum::<f32>() as f64).sum::<f64>() / count;
+            let mean = (0..n).map(|s| lanes::sum(plane(v, c, inner, s, ch)) as f64).sum::<f64>() / count;
             let m = mean as f32;
-            let var = (0..n).map(|s| plane(v, c, inner, s, ch).iter().map(|&a| (a - m) * (a - m)).sum::<f32>() as f64).sum::<f64>() / count;
+            let var = (0..n).map(|s| lanes::sum_sq_dev(plane(v, c, inner, s, ch), m) as f64).sum::<f64>() / count;
             (mean as f32, var as f32)
         });
         let (means, vars): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
@@ -86,10 +88,7 @@ impl BatchNormBackend for Flex {
         let shift: Vec<f32> = (0..c).map(|ch| b[ch] - st[ch] * scale[ch]).collect();
         let mut out = vec![0f32; v.len()];
         out.par_chunks_mut(inner.max(1)).zip(v.par_chunks(inner.max(1))).enumerate().for_each(|(i, (o, x))| {
-            let (k, m) = (scale[i % c], shift[i % c]);
-            for (o, &x) in o.iter_mut().zip(x) {
-                *o = x * k + m;
-            }
+            lanes::affine(o, x, scale[i % c], shift[i % c]);
         });
         flex(out, shape)
     }
@@ -105,8 +104,8 @@ impl BatchNormBackend for Flex {
             let (mut sum_dy, mut sum_dy_xc) = (0f64, 0f64);
             for s in 0..n {
                 let (x, d) = (plane(v, c, inner, s, ch), plane(d, c, inner, s, ch));
-                sum_dy += d.iter().sum::<f32>() as f64;
-                sum_dy_xc += x.iter().zip(d).map(|(&a, &g)| g * (a - m)).sum::<f32>() as f64;
+                sum_dy += lanes::sum(d) as f64;
+                sum_dy_xc += lanes::dot_dev(d, x, m) as f64;
             }
             (sum_dy as f32, (sum_dy_xc * inv_std) as f32)
         });
@@ -135,9 +134,7 @@ impl BatchNormBackend for Flex {
         let mut out = vec![0f32; v.len()];
         out.par_chunks_mut(inner.max(1)).zip(v.par_chunks(inner.max(1)).zip(d.par_chunks(inner.max(1)))).enumerate().for_each(|(i, (o, (x, d)))| {
             let (a, b, c0) = coef[i % c];
-            for ((o, &x), &d) in o.iter_mut().zip(x).zip(d) {
-                *o = a * d + b * x + c0;
-            }
+            lanes::affine2(o, x, d, a, b, c0);
         });
         flex(out, shape)
     }

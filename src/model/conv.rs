@@ -30,6 +30,8 @@ use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::lanes;
+
 /// Where a depthwise convolution reads and writes: square kernel, equal strides, no dilation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DepthwiseGeometry {
@@ -91,7 +93,7 @@ fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
 
 /// `out[i] += w * x[i * stride]` over `out`: the inner loop of the forward and the input
 /// gradient (contiguous at stride 1, so the compiler vectorises it).
-#[inline]
+#[inline(always)]
 fn axpy(out: &mut [f32], w: f32, x: &[f32], stride: usize) {
     if stride == 1 {
         let n = out.len();
@@ -105,24 +107,15 @@ fn axpy(out: &mut [f32], w: f32, x: &[f32], stride: usize) {
     }
 }
 
-/// Dot product in eight independent lanes (a plain `sum` is a serial chain the compiler may not
-/// reorder, so it would not vectorise).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
+// The per-plane kernels, built for AVX2 where the CPU has it (see `lanes`).
+lanes::with_avx2!(fn forward_plane(x: &[f32], w: &[f32], out: &mut [f32], g: &DepthwiseGeometry) => forward_plane_body);
+lanes::with_avx2!(fn input_grad_plane(dy: &[f32], w: &[f32], dx: &mut [f32], g: &DepthwiseGeometry) => input_grad_plane_body);
+lanes::with_avx2!(fn weight_grad_plane(x: &[f32], dy: &[f32], acc: &mut [f64], split: &mut [f32], g: &DepthwiseGeometry) => weight_grad_plane_body);
 
 /// One channel plane of the forward: `out` (out_h x out_w) from `x` (in_h x in_w) and the
 /// channel's k x k filter.
-fn forward_plane(x: &[f32], w: &[f32], out: &mut [f32], g: &DepthwiseGeometry) {
+#[inline(always)]
+fn forward_plane_body(x: &[f32], w: &[f32], out: &mut [f32], g: &DepthwiseGeometry) {
     for ky in 0..g.kernel {
         for oy in g.rows(ky) {
             let iy = oy * g.stride + ky - g.pad_top;
@@ -142,7 +135,8 @@ fn forward_plane(x: &[f32], w: &[f32], out: &mut [f32], g: &DepthwiseGeometry) {
 
 /// One channel plane of the input gradient: every output's gradient sent back to the inputs
 /// it read, weighted by the tap that read them.
-fn input_grad_plane(dy: &[f32], w: &[f32], dx: &mut [f32], g: &DepthwiseGeometry) {
+#[inline(always)]
+fn input_grad_plane_body(dy: &[f32], w: &[f32], dx: &mut [f32], g: &DepthwiseGeometry) {
     if g.stride > 1 {
         return input_grad_plane_strided(dy, w, dx, g);
     }
@@ -181,16 +175,19 @@ impl Phases {
     }
 
     /// Where input column `col` lives in a split row.
+    #[inline(always)]
     fn index(&self, col: usize) -> usize {
         (col % self.stride) * self.width + col / self.stride
     }
 
+    #[inline(always)]
     fn split(&self, row: &[f32], out: &mut [f32]) {
         for (col, &v) in row.iter().enumerate() {
             out[self.index(col)] = v;
         }
     }
 
+    #[inline(always)]
     fn merge(&self, split: &[f32], row: &mut [f32]) {
         for (col, v) in row.iter_mut().enumerate() {
             *v = split[self.index(col)];
@@ -200,6 +197,7 @@ impl Phases {
 
 /// The input gradient at stride > 1: accumulated in phase-split rows (contiguous writes),
 /// merged back into the plane at the end.
+#[inline(always)]
 fn input_grad_plane_strided(dy: &[f32], w: &[f32], dx: &mut [f32], g: &DepthwiseGeometry) {
     let ph = Phases::new(g);
     let mut split = vec![0f32; g.in_h * ph.row_len()];
@@ -226,7 +224,8 @@ fn input_grad_plane_strided(dy: &[f32], w: &[f32], dx: &mut [f32], g: &Depthwise
 /// One channel plane's contribution to its filter's gradient, added to `acc` (k x k): per tap,
 /// the sum of output gradient times the input that tap read. At stride > 1 the input rows are
 /// read phase-split (`split`, one row of `Phases`), so every product is a contiguous dot.
-fn weight_grad_plane(x: &[f32], dy: &[f32], acc: &mut [f64], split: &mut [f32], g: &DepthwiseGeometry) {
+#[inline(always)]
+fn weight_grad_plane_body(x: &[f32], dy: &[f32], acc: &mut [f64], split: &mut [f32], g: &DepthwiseGeometry) {
     let ph = Phases::new(g);
     for ky in 0..g.kernel {
         for oy in g.rows(ky) {
@@ -246,7 +245,7 @@ fn weight_grad_plane(x: &[f32], dy: &[f32], acc: &mut [f64], split: &mut [f32], 
                 }
                 let start = ph.index(cols.start * g.stride + kx - g.pad_left);
                 let n = cols.len();
-                acc[ky * g.kernel + kx] += dot(&dy_row[cols], &x_row[start..start + n]) as f64;
+                acc[ky * g.kernel + kx] += lanes::dot_body(&dy_row[cols], &x_row[start..start + n]) as f64;
             }
         }
     }

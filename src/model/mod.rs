@@ -7,6 +7,7 @@ pub mod embedder;
 pub mod export;
 pub mod fpn;
 pub mod import;
+pub mod lanes;
 pub mod layers;
 pub mod onnx_graph;
 pub mod relu6;

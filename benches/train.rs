@@ -8,6 +8,7 @@
 //!     BENCH_TORCH=1 cargo bench --bench train     (also PyTorch, from target/torch-venv: made
 //!                                                  with `pip install torch` from PyPI when missing)
 //!
+//! PICIE_TRAIN_DEVICE=vulkan (a build with `--features wgpu`) runs the step on a GPU.
 //! BENCH_BATCH, BENCH_SIZE, BENCH_STEPS (3: the fastest step counts) and BENCH_FREEZE ("16 0")
 //! change the settings; BENCH_KMEANS=0 skips k-means.
 //! BENCH_BREAKDOWN=1 also times the step's operations one kind at a time (forward + backward of
@@ -60,7 +61,9 @@ fn measure(config: EmbedderConfig, init: &TensorMap, frames: &Frames, size: usiz
 fn main() -> anyhow::Result<()> {
     // As `picie train` runs (src/train/memory.rs); the PyTorch side gets the same settings.
     let kept = picie::train::memory::keep_freed_memory();
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // BENCH_ROOT: the repository when the binary runs elsewhere (scripts/gpu-check.sh).
+    let root = std::env::var_os("BENCH_ROOT").map(std::path::PathBuf::from).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let device = picie::train::device::training_device()?;
     let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let batch = env("BENCH_BATCH", 8);
     let size = env("BENCH_SIZE", 320);
@@ -98,7 +101,8 @@ fn main() -> anyhow::Result<()> {
     };
 
     let label = |f: usize| if f == 0 { "all layers trainable".to_string() } else { format!("frozen to stride {f}") };
-    println!("PiCIE training on burn Flex (CPU, {threads} threads), {size}x{size}, batch {batch}");
+    let backend = if picie::model::on_flex(&device) { format!("burn Flex (CPU, {threads} threads)") } else { format!("burn wgpu ({device:?})") };
+    println!("PiCIE training on {backend}, {size}x{size}, batch {batch}");
     println!("allocator: {}", if kept { "freed memory kept for reuse, on both sides (src/train/memory.rs)" } else { "the C library's defaults" });
     println!("{:<58} {:>10} {:>10}", "", "burn s", "PyTorch s");
     for (f, t) in &timings {

@@ -17,11 +17,11 @@
 #                                  `picie serve --device cuda` on models/default, /info must say cuda,
 #                                  /segment p50/p95 and images/s at 1/4/16 clients (a CPU server on
 #                                  the same machine alongside), CUDA against CPU masks on
-#                                  fixtures/images (>= 99.9 % equal pixels); prints everything,
-#                                  and into $OUT/gpu-check.log when OUT is set. Exit 1 on a failed check.
-#
-# Not checked yet: a training step on the GPU. Training runs on burn's Flex CPU backend; a
-# wgpu backend is not built (a `wgpu` feature would lengthen every build), so `run` says so.
+#                                  fixtures/images (>= 99.9 % equal pixels); then the training bench
+#                                  built with `--features wgpu`: one PiCIE step on the GPU through
+#                                  Vulkan (PICIE_TRAIN_DEVICE=vulkan) beside the same step on the CPU
+#                                  there; prints everything, and into $OUT/gpu-check.log when OUT is
+#                                  set. Exit 1 on a failed check.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -56,13 +56,22 @@ prepare() {
     bin="$ROOT/target/release/picie"
   fi
   [ -x "$bin" ] || die "no picie binary at $bin"
+  # The training bench with burn's wgpu backend (Vulkan): a build of its own, with the feature.
+  local bench
+  bench="$(cd "$ROOT" && cargo bench --locked --features wgpu --bench train --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "train"][-1])')" \
+    || die "building the training bench with --features wgpu failed (cargo bench --features wgpu --bench train --no-run)"
+  [ -f "$ROOT/.weights/efficientnet-lite0.pth" ] || die ".weights/efficientnet-lite0.pth is missing: scripts/setup.sh fetches it"
 
   rm -rf "$WORK"
   mkdir -p "$WORK/pack/lib" "$WORK/pack/bin" "$PARTS"
   cp "$lib/libonnxruntime.so.$ORT_GPU_VERSION" "$lib/libonnxruntime_providers_shared.so" "$lib/libonnxruntime_providers_cuda.so" "$WORK/pack/lib/"
   ln -s "libonnxruntime.so.$ORT_GPU_VERSION" "$WORK/pack/lib/libonnxruntime.so"
   cp "$bin" "$WORK/pack/bin/picie"
-  strip "$WORK/pack/bin/picie" 2>/dev/null || true
+  cp "$bench" "$WORK/pack/bin/train-bench"
+  strip "$WORK/pack/bin/picie" "$WORK/pack/bin/train-bench" 2>/dev/null || true
+  mkdir -p "$WORK/pack/weights"
+  cp "$ROOT/.weights/efficientnet-lite0.pth" "$WORK/pack/weights/"
   echo "$ORT_GPU_VERSION" >"$WORK/pack/ORT_GPU_VERSION"
   git -C "$ROOT" rev-parse HEAD >"$WORK/pack/COMMIT" 2>/dev/null || true
   say "packing (gzip) ..."
@@ -319,7 +328,20 @@ EOF
     wait "$pid" 2>/dev/null || true
   done
 
-  echo "== training step on the GPU: not measured. Training runs on burn's Flex CPU backend; a wgpu backend is not built yet (a wgpu feature would lengthen every build)."
+  # The training step through burn's wgpu backend on Vulkan, beside the CPU step on this
+  # machine. The bench reads the backbone from $BENCH_ROOT/.weights and photos from fixtures/.
+  echo "== training step: burn wgpu (Vulkan) against burn Flex (CPU) on this machine"
+  mkdir -p "$tmp/bench-root"
+  ln -sfn "$ROOT/fixtures" "$tmp/bench-root/fixtures"
+  ln -sfn "$app/weights" "$tmp/bench-root/.weights"
+  local dev
+  for dev in vulkan cpu; do
+    if ! BENCH_ROOT="$tmp/bench-root" PICIE_TRAIN_DEVICE="$dev" BENCH_KMEANS=0 BENCH_FREEZE="0 16" \
+      timeout 600 "$app/bin/train-bench" --bench >"$tmp/train-$dev.log" 2>&1; then
+      fail "the training bench on $dev (its log below; Vulkan needs the NVIDIA driver's Vulkan ICD, nvidia_icd.json)"
+    fi
+    grep -E "^PiCIE training|per image" "$tmp/train-$dev.log" || tail -n 20 "$tmp/train-$dev.log"
+  done
   rm -rf "$tmp"
   if [ "$failed" = 0 ]; then echo "== all checks passed"; else echo "== some checks FAILED (above)"; fi
   return "$failed"

@@ -394,8 +394,9 @@ fn kind(conv: &Conv2d, h: usize, w: usize) -> Kind {
 pub fn forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     use burn::backend::Dispatch;
     let [n, c_in, h, w] = x.dims();
-    // Without autodiff, Flex's own convolution forward is as fast or faster.
-    if !x.device().is_autodiff() {
+    // Without autodiff, Flex's own convolution forward is as fast or faster; other backends
+    // have their own kernels.
+    if !x.device().is_autodiff() || !super::on_flex(&x.device()) {
         return conv.forward(x);
     }
     let y = match kind(conv, h, w) {

@@ -203,7 +203,7 @@ impl ConvBn {
         let y = super::conv::forward(&self.conv, x);
         // In training, the fused batch-norm kernels (see `batchnorm`) in place of burn's
         // composed ones; the same condition as `BatchNorm::forward`'s.
-        let y = if y.device().is_autodiff() && self.bn.training.is_enabled() { super::batchnorm::batch_norm_train(&self.bn, y) } else { self.bn.forward(y) };
+        let y = if y.device().is_autodiff() && self.bn.training.is_enabled() && super::on_flex(&y.device()) { super::batchnorm::batch_norm_train(&self.bn, y) } else { self.bn.forward(y) };
         self.activation.forward(y)
     }
 

@@ -15,4 +15,11 @@ pub mod resnet;
 pub mod weights;
 
 pub use embedder::{BackboneKind, Embedder, EmbedderConfig};
+
+/// Whether tensors on `device` run on burn's Flex CPU backend, the one the project's own
+/// training kernels (`relu6`, `batchnorm`, `conv`) are written for; on any other backend (a GPU
+/// through the `wgpu` feature) layers use burn's own operations.
+pub fn on_flex(device: &burn::tensor::Device) -> bool {
+    device.clone().inner() == burn::tensor::Device::flex()
+}
 pub use weights::{NamedTensor, TensorMap};

@@ -83,8 +83,12 @@ impl<B: Backend + Relu6Backend, C: CheckpointStrategy> Relu6Backend for Autodiff
     }
 }
 
-/// ReLU6 on a tensor of any rank, on the Flex backend with or without autodiff.
+/// ReLU6 on a tensor of any rank, on the Flex backend with or without autodiff (composed from
+/// burn's ops on other backends).
 pub fn relu6<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if !super::on_flex(&x.device()) {
+        return burn::tensor::activation::relu(x).clamp_max(CAP);
+    }
     Tensor::from_dispatch(<burn::backend::Dispatch as Relu6Backend>::relu6(x.into_dispatch()))
 }
 

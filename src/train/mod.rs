@@ -3,6 +3,7 @@
 
 pub mod augment;
 pub mod cluster;
+pub mod device;
 pub mod correspond;
 pub mod kmeans;
 pub mod loss;

@@ -317,8 +317,8 @@ fn views(model: &Embedder, p1: Tensor<4>, p2: Tensor<4>, geos: &[Geometric]) -> 
 
 /// Both views of a batch through the clustering model (no gradient), as pixel rows:
 /// [view] -> (N cells) x D, image-major. The clustering and labelling passes see the same.
-fn view_rows(model: &Embedder, frames: &Frames, idx: &[usize], draws: &[Draw]) -> Result<[Vec<f32>; 2]> {
-    let (p1, p2) = photometric_batch(frames, idx, draws, &Device::flex())?;
+fn view_rows(model: &Embedder, device: &Device, frames: &Frames, idx: &[usize], draws: &[Draw]) -> Result<[Vec<f32>; 2]> {
+    let (p1, p2) = photometric_batch(frames, idx, draws, device)?;
     let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
     let Views { z1, z2, .. } = views(model, p1, p2, &geos);
     let rows = |z: Tensor<4>| pixels(z).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"));
@@ -377,7 +377,7 @@ pub struct Trainer {
 impl Trainer {
     /// Starts from weights (a pretrained backbone with a seeded FPN, or a package's embedder).
     pub fn new(config: TrainConfig, embedder_config: EmbedderConfig, weights: &TensorMap) -> Result<Self> {
-        let device = Device::flex().autodiff();
+        let device = super::device::training_device()?.autodiff();
         let mut model = Embedder::load(embedder_config, weights, &device)?;
         model.backbone = model.backbone.freeze_through(config.freeze_stride);
         Ok(Self { config, embedder_config, model, optim: new_optimizer(), device, epochs_done: 0, losses: vec![] })
@@ -446,7 +446,7 @@ impl Trainer {
         let start = Instant::now();
         for (b, idx) in batches.iter().enumerate() {
             let mut rows = [vec![], vec![]];
-            for (v, data) in view_rows(&model, frames, idx, draws)?.into_iter().enumerate() {
+            for (v, data) in view_rows(&model, &self.device.clone().inner(), frames, idx, draws)?.into_iter().enumerate() {
                 for img in 0..idx.len() {
                     for _ in 0..per_image {
                         let p = img * per + rng.random_range(0..per);
@@ -491,7 +491,7 @@ impl Trainer {
         let mut counts: [[Vec<u64>; 2]; 2] = std::array::from_fn(|h| std::array::from_fn(|v| vec![0u64; km[h][v].k]));
         let start = Instant::now();
         for (b, idx) in batches.iter().enumerate() {
-            for (v, data) in view_rows(&model, frames, idx, draws)?.into_iter().enumerate() {
+            for (v, data) in view_rows(&model, &self.device.clone().inner(), frames, idx, draws)?.into_iter().enumerate() {
                 for h in 0..2 {
                     let (nearest, _) = assign(&data, dim, &km[h][v].centroids);
                     for (j, &i) in idx.iter().enumerate() {

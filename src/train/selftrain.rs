@@ -176,7 +176,7 @@ pub struct SelfTrainer {
 
 impl SelfTrainer {
     pub fn new(config: SelfTrainConfig, train: super::picie::TrainConfig, embedder: EmbedderConfig, weights: &TensorMap) -> Result<Self> {
-        let device = Device::flex().autodiff();
+        let device = super::device::training_device()?.autodiff();
         let mut model = Embedder::load(embedder, weights, &device)?;
         model.backbone = model.backbone.freeze_through(train.freeze_stride);
         Ok(Self { config, train, model, optim: new_optimizer(), device, epochs_done: 0, losses: vec![] })

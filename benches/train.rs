@@ -150,7 +150,7 @@ fn breakdown(size: usize, batch: usize) -> Vec<(String, f64, f64)> {
     use burn::tensor::module::interpolate;
     use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
     use burn::tensor::{Distribution, Tensor};
-    use picie::model::batchnorm::batch_norm_train;
+    use picie::model::batchnorm::{batch_norm_relu6_train, batch_norm_train};
     let device = burn::tensor::Device::flex().autodiff();
     let input = |c: usize, h: usize| Tensor::<4>::random([batch, c, h, h], Distribution::Uniform(-1.0, 1.0), &device).require_grad();
     // min over 3 runs of forward + backward of `f` on an input of c x h x h channels.
@@ -185,9 +185,10 @@ fn breakdown(size: usize, batch: usize) -> Vec<(String, f64, f64)> {
         let base = overhead(cout, ho);
         add(name, time(cin, h, &|x| picie::model::conv::forward(&c, x)) - base, time(cin, h, &|x| c.forward(x)) - base);
         let bn = BatchNormConfig::new(cout).with_epsilon(1e-3).init(&device);
-        add("batch norm (training mode)", time(cout, ho, &|x| batch_norm_train(&bn, x)) - base, time(cout, ho, &|x| bn.forward(x)) - base);
         if relu6 {
-            add("ReLU6", time(cout, ho, &|x| Activation::Relu6.forward(x)) - base, time(cout, ho, &|x| burn::tensor::activation::relu(x).clamp_max(6.0)) - base);
+            add("batch norm + ReLU6 (training mode, fused)", time(cout, ho, &|x| batch_norm_relu6_train(&bn, x)) - base, time(cout, ho, &|x| burn::tensor::activation::relu(bn.forward(x)).clamp_max(6.0)) - base);
+        } else {
+            add("batch norm (training mode)", time(cout, ho, &|x| batch_norm_train(&bn, x)) - base, time(cout, ho, &|x| bn.forward(x)) - base);
         }
         ho
     };

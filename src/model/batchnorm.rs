@@ -25,12 +25,15 @@ use super::lanes;
 pub trait BatchNormBackend: Backend {
     /// Per-channel mean and biased variance of an N x C x ... tensor, as a 2 x C tensor.
     fn bn_stats(x: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// (x - mean) / sqrt(var + eps) * gamma + beta, with `stats` from [`Self::bn_stats`].
-    fn bn_normalize(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, stats: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self>;
-    /// Per-channel sums of dy and of dy * x_hat, as a 2 x C tensor (the gradients of beta and gamma).
-    fn bn_param_grads(x: FloatTensor<Self>, stats: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self>;
-    /// The input gradient, from the sums of [`Self::bn_param_grads`].
-    fn bn_input_grad(x: FloatTensor<Self>, gamma: FloatTensor<Self>, stats: FloatTensor<Self>, sums: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self>;
+    /// (x - mean) / sqrt(var + eps) * gamma + beta, with `stats` from [`Self::bn_stats`];
+    /// clamped to [0, 6] in the same pass when `relu6` (ReLU6 fused in).
+    fn bn_normalize(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, stats: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self>;
+    /// Per-channel sums of dy and of dy * x_hat, as a 2 x C tensor (the gradients of beta and
+    /// gamma). With `relu6`, dy counts only where the forward's `output` was inside (0, 6).
+    fn bn_param_grads(x: FloatTensor<Self>, output: FloatTensor<Self>, stats: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self>;
+    /// The input gradient, from the sums of [`Self::bn_param_grads`] (dy masked as there).
+    #[allow(clippy::too_many_arguments)]
+    fn bn_input_grad(x: FloatTensor<Self>, output: FloatTensor<Self>, gamma: FloatTensor<Self>, stats: FloatTensor<Self>, sums: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self>;
     /// Row `row` of a 2 x C tensor, as a C tensor.
     fn bn_row(pair: FloatTensor<Self>, row: usize) -> FloatTensor<Self>;
 }
@@ -79,7 +82,7 @@ impl BatchNormBackend for Flex {
         flex([means, vars].concat(), vec![2, c])
     }
 
-    fn bn_normalize(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, stats: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
+    fn bn_normalize(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, stats: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self> {
         let (x, _, c, inner) = planes(&x);
         let shape = x.layout().shape().to_vec();
         let v = x.as_slice::<f32>().expect("contiguous");
@@ -88,15 +91,20 @@ impl BatchNormBackend for Flex {
         let shift: Vec<f32> = (0..c).map(|ch| b[ch] - st[ch] * scale[ch]).collect();
         let mut out = vec![0f32; v.len()];
         out.par_chunks_mut(inner.max(1)).zip(v.par_chunks(inner.max(1))).enumerate().for_each(|(i, (o, x))| {
-            lanes::affine(o, x, scale[i % c], shift[i % c]);
+            if relu6 {
+                lanes::affine_relu6(o, x, scale[i % c], shift[i % c]);
+            } else {
+                lanes::affine(o, x, scale[i % c], shift[i % c]);
+            }
         });
         flex(out, shape)
     }
 
-    fn bn_param_grads(x: FloatTensor<Self>, stats: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
+    fn bn_param_grads(x: FloatTensor<Self>, output: FloatTensor<Self>, stats: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self> {
         let (x, n, c, inner) = planes(&x);
         let (dy, ..) = planes(&dy);
-        let (v, d) = (x.as_slice::<f32>().expect("contiguous"), dy.as_slice::<f32>().expect("contiguous"));
+        let (out, ..) = planes(&output);
+        let (v, d, y) = (x.as_slice::<f32>().expect("contiguous"), dy.as_slice::<f32>().expect("contiguous"), out.as_slice::<f32>().expect("contiguous"));
         let st = vector(&stats);
         let sums = per_channel(c, |ch| {
             let inv_std = 1.0 / (st[c + ch] as f64 + epsilon).sqrt();
@@ -104,8 +112,9 @@ impl BatchNormBackend for Flex {
             let (mut sum_dy, mut sum_dy_xc) = (0f64, 0f64);
             for s in 0..n {
                 let (x, d) = (plane(v, c, inner, s, ch), plane(d, c, inner, s, ch));
-                sum_dy += lanes::sum(d) as f64;
-                sum_dy_xc += lanes::dot_dev(d, x, m) as f64;
+                let (a, b) = if relu6 { lanes::masked_sums(d, x, plane(y, c, inner, s, ch), m) } else { (lanes::sum(d), lanes::dot_dev(d, x, m)) };
+                sum_dy += a as f64;
+                sum_dy_xc += b as f64;
             }
             (sum_dy as f32, (sum_dy_xc * inv_std) as f32)
         });
@@ -113,10 +122,12 @@ impl BatchNormBackend for Flex {
         flex([dbeta, dgamma].concat(), vec![2, c])
     }
 
-    fn bn_input_grad(x: FloatTensor<Self>, gamma: FloatTensor<Self>, stats: FloatTensor<Self>, sums: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
+    fn bn_input_grad(x: FloatTensor<Self>, output: FloatTensor<Self>, gamma: FloatTensor<Self>, stats: FloatTensor<Self>, sums: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self> {
         let (x, n, c, inner) = planes(&x);
         let shape = x.layout().shape().to_vec();
         let (dy, ..) = planes(&dy);
+        let (out, ..) = planes(&output);
+        let y = out.as_slice::<f32>().expect("contiguous");
         let (v, d) = (x.as_slice::<f32>().expect("contiguous"), dy.as_slice::<f32>().expect("contiguous"));
         let (g, st, sm) = (vector(&gamma), vector(&stats), vector(&sums));
         let count = (n * inner) as f32;
@@ -131,12 +142,17 @@ impl BatchNormBackend for Flex {
                 (k, b, -k * mean_dy - b * st[ch])
             })
             .collect();
-        let mut out = vec![0f32; v.len()];
-        out.par_chunks_mut(inner.max(1)).zip(v.par_chunks(inner.max(1)).zip(d.par_chunks(inner.max(1)))).enumerate().for_each(|(i, (o, (x, d)))| {
+        let mut dx = vec![0f32; v.len()];
+        let chunk = inner.max(1);
+        dx.par_chunks_mut(chunk).zip(v.par_chunks(chunk).zip(d.par_chunks(chunk).zip(y.par_chunks(chunk)))).enumerate().for_each(|(i, (o, (x, (d, y))))| {
             let (a, b, c0) = coef[i % c];
-            lanes::affine2(o, x, d, a, b, c0);
+            if relu6 {
+                lanes::affine2_masked(o, x, d, y, a, b, c0);
+            } else {
+                lanes::affine2(o, x, d, a, b, c0);
+            }
         });
-        flex(out, shape)
+        flex(dx, shape)
     }
 
     fn bn_row(pair: FloatTensor<Self>, row: usize) -> FloatTensor<Self> {
@@ -150,16 +166,16 @@ impl BatchNormBackend for Flex {
 struct BatchNormTrainStep;
 
 impl<B: Backend + BatchNormBackend> Backward<B, 3> for BatchNormTrainStep {
-    /// Input, gamma, the batch statistics and epsilon.
-    type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive, f64);
+    /// Input, output, gamma, the batch statistics, epsilon and whether ReLU6 is fused in.
+    type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive, f64, bool);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [node_x, node_gamma, node_beta] = ops.parents;
         let dy = grads.consume::<B>(&ops.node);
-        let (x, gamma, stats, epsilon) = ops.state;
-        let sums = B::bn_param_grads(x.clone(), stats.clone(), dy.clone(), epsilon);
+        let (x, output, gamma, stats, epsilon, relu6) = ops.state;
+        let sums = B::bn_param_grads(x.clone(), output.clone(), stats.clone(), dy.clone(), epsilon, relu6);
         if let Some(node) = node_x {
-            grads.register::<B>(node.id, B::bn_input_grad(x, gamma, stats, sums.clone(), dy, epsilon));
+            grads.register::<B>(node.id, B::bn_input_grad(x, output, gamma, stats, sums.clone(), dy, epsilon, relu6));
         }
         if let Some(node) = node_gamma {
             grads.register::<B>(node.id, B::bn_row(sums.clone(), 1));
@@ -175,26 +191,26 @@ impl<B: Backend + BatchNormBackend, C: CheckpointStrategy> BatchNormBackend for 
         Self::from_inner(B::bn_stats(Self::inner(x)))
     }
 
-    fn bn_normalize(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, stats: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
+    fn bn_normalize(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, stats: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self> {
         let stats = Self::inner(stats);
         let (x, node_x) = x.into_parts();
         let (gamma, node_gamma) = gamma.into_parts();
         let (beta, node_beta) = beta.into_parts();
         match BatchNormTrainStep.prepare::<C>([node_x, node_gamma, node_beta]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let output = B::bn_normalize(x.clone(), gamma.clone(), beta, stats.clone(), epsilon);
-                prep.finish((x, gamma, stats, epsilon), output)
+                let output = B::bn_normalize(x.clone(), gamma.clone(), beta, stats.clone(), epsilon, relu6);
+                prep.finish((x, output.clone(), gamma, stats, epsilon, relu6), output)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::bn_normalize(x, gamma, beta, stats, epsilon)),
+            OpsKind::UnTracked(prep) => prep.finish(B::bn_normalize(x, gamma, beta, stats, epsilon, relu6)),
         }
     }
 
-    fn bn_param_grads(x: FloatTensor<Self>, stats: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
-        Self::from_inner(B::bn_param_grads(Self::inner(x), Self::inner(stats), Self::inner(dy), epsilon))
+    fn bn_param_grads(x: FloatTensor<Self>, output: FloatTensor<Self>, stats: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self> {
+        Self::from_inner(B::bn_param_grads(Self::inner(x), Self::inner(output), Self::inner(stats), Self::inner(dy), epsilon, relu6))
     }
 
-    fn bn_input_grad(x: FloatTensor<Self>, gamma: FloatTensor<Self>, stats: FloatTensor<Self>, sums: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
-        Self::from_inner(B::bn_input_grad(Self::inner(x), Self::inner(gamma), Self::inner(stats), Self::inner(sums), Self::inner(dy), epsilon))
+    fn bn_input_grad(x: FloatTensor<Self>, output: FloatTensor<Self>, gamma: FloatTensor<Self>, stats: FloatTensor<Self>, sums: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self> {
+        Self::from_inner(B::bn_input_grad(Self::inner(x), Self::inner(output), Self::inner(gamma), Self::inner(stats), Self::inner(sums), Self::inner(dy), epsilon, relu6))
     }
 
     fn bn_row(pair: FloatTensor<Self>, row: usize) -> FloatTensor<Self> {
@@ -205,6 +221,17 @@ impl<B: Backend + BatchNormBackend, C: CheckpointStrategy> BatchNormBackend for 
 /// `bn.forward(x)` in training mode with the fused kernels: normalises with the batch's
 /// statistics and moves the running statistics as burn's `BatchNorm` does.
 pub fn batch_norm_train(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    normalize_train(bn, x, false)
+}
+
+/// `relu6(bn.forward(x))` in training mode as one pass forward and two backward: the clamp
+/// happens as the normalised value is written, and the backward masks dy where it reads it,
+/// instead of a ReLU6 pass over the whole tensor each way.
+pub fn batch_norm_relu6_train(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    normalize_train(bn, x, true)
+}
+
+fn normalize_train(bn: &BatchNorm, x: Tensor<4>, relu6: bool) -> Tensor<4> {
     use burn::backend::Dispatch;
     let stats = Tensor::<2>::from_dispatch(<Dispatch as BatchNormBackend>::bn_stats(x.clone().into_dispatch()));
     let output = Tensor::<4>::from_dispatch(<Dispatch as BatchNormBackend>::bn_normalize(
@@ -213,6 +240,7 @@ pub fn batch_norm_train(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
         bn.beta.val().into_dispatch(),
         stats.clone().into_dispatch(),
         bn.epsilon,
+        relu6,
     ));
     let [_, c] = stats.dims();
     let row = |i: usize| stats.clone().slice([i..i + 1, 0..c]).reshape([c]).detach();
@@ -276,5 +304,22 @@ mod tests {
         close(&ours.3, &theirs.3, 1e-4);
         close(&ours.4, &theirs.4, 1e-6);
         close(&ours.5, &theirs.5, 1e-6);
+
+        // ReLU6 fused in, against the fused batch norm followed by the separate ReLU6 (whose
+        // gradient is itself tested against burn's composed ops).
+        let shared_bn = make_bn();
+        let run_relu6 = |fused: bool| {
+            let bn = shared_bn.clone();
+            let x = x.clone().detach().require_grad();
+            let y = if fused { batch_norm_relu6_train(&bn, x.clone()) } else { super::super::relu6::relu6(batch_norm_train(&bn, x.clone())) };
+            let grads = (y.clone() * w.clone()).sum().backward();
+            (values(y), values(x.grad(&grads).unwrap()), values(bn.gamma.val().grad(&grads).unwrap()), values(bn.beta.val().grad(&grads).unwrap()))
+        };
+        let (fused, separate) = (run_relu6(true), run_relu6(false));
+        assert!(fused.0.iter().any(|&v| v == 0.0) && fused.0.iter().any(|&v| v > 0.0 && v < 6.0), "both sides of the clamp exercised");
+        close(&fused.0, &separate.0, 1e-6);
+        close(&fused.1, &separate.1, 1e-4);
+        close(&fused.2, &separate.2, 1e-4);
+        close(&fused.3, &separate.3, 1e-4);
     }
 }

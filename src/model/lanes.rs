@@ -96,7 +96,69 @@ fn affine2_body(out: &mut [f32], x: &[f32], d: &[f32], a: f32, b: f32, c: f32) {
     }
 }
 
+#[inline(always)]
+fn affine_relu6_body(out: &mut [f32], x: &[f32], scale: f32, shift: f32) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v * scale + shift).clamp(0.0, RELU6_CAP);
+    }
+}
+
+/// Whether ReLU6 passed the gradient at an output of `y`: strictly inside (0, 6).
+#[inline(always)]
+fn relu6_open(y: f32) -> f32 {
+    if y > 0.0 && y < RELU6_CAP {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+#[inline(always)]
+fn masked_sums_body(d: &[f32], x: &[f32], y: &[f32], mean: f32) -> (f32, f32) {
+    let n = d.len().min(x.len()).min(y.len());
+    let (d, x, y) = (&d[..n], &x[..n], &y[..n]);
+    let (mut s1, mut s2) = ([0f32; LANES], [0f32; LANES]);
+    let (cd, cx, cy) = (d.chunks_exact(LANES), x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let (mut t1, mut t2) = (0f32, 0f32);
+    for ((&g, &v), &o) in cd.remainder().iter().zip(cx.remainder()).zip(cy.remainder()) {
+        let g = g * relu6_open(o);
+        t1 += g;
+        t2 += g * (v - mean);
+    }
+    for ((d, x), y) in cd.zip(cx).zip(cy) {
+        for i in 0..LANES {
+            let g = d[i] * relu6_open(y[i]);
+            s1[i] += g;
+            s2[i] += g * (x[i] - mean);
+        }
+    }
+    (s1.iter().sum::<f32>() + t1, s2.iter().sum::<f32>() + t2)
+}
+
+#[inline(always)]
+fn affine2_masked_body(out: &mut [f32], x: &[f32], d: &[f32], y: &[f32], a: f32, b: f32, c: f32) {
+    for (((o, &v), &g), &z) in out.iter_mut().zip(x).zip(d).zip(y) {
+        *o = a * (g * relu6_open(z)) + b * v + c;
+    }
+}
+
+/// ReLU6's upper bound.
+const RELU6_CAP: f32 = 6.0;
+
 with_avx2!(pub fn sum(a: &[f32]) -> f32 => sum_body);
+with_avx2!(
+    /// `out[i] = clamp(x[i] * scale + shift, 0, 6)`: batch norm's affine with ReLU6 fused in.
+    pub fn affine_relu6(out: &mut [f32], x: &[f32], scale: f32, shift: f32) => affine_relu6_body
+);
+with_avx2!(
+    /// Sums of `g[i]` and of `g[i] * (x[i] - mean)` with `g = d` where ReLU6's output `y` was
+    /// inside (0, 6), else 0: batch norm's parameter gradients behind a fused ReLU6.
+    pub fn masked_sums(d: &[f32], x: &[f32], y: &[f32], mean: f32) -> (f32, f32) => masked_sums_body
+);
+with_avx2!(
+    /// `out[i] = a * g[i] + b * x[i] + c` with `g` masked as in [`masked_sums`].
+    pub fn affine2_masked(out: &mut [f32], x: &[f32], d: &[f32], y: &[f32], a: f32, b: f32, c: f32) => affine2_masked_body
+);
 with_avx2!(
     /// Sum of squared deviations from `mean`.
     pub fn sum_sq_dev(a: &[f32], mean: f32) -> f32 => sum_sq_dev_body

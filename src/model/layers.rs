@@ -203,8 +203,14 @@ impl ConvBn {
         let y = super::conv::forward(&self.conv, x);
         // In training, the fused batch-norm kernels (see `batchnorm`) in place of burn's
         // composed ones; the same condition as `BatchNorm::forward`'s.
-        let y = if y.device().is_autodiff() && self.bn.training.is_enabled() && super::on_flex(&y.device()) { super::batchnorm::batch_norm_train(&self.bn, y) } else { self.bn.forward(y) };
-        self.activation.forward(y)
+        if y.device().is_autodiff() && self.bn.training.is_enabled() && super::on_flex(&y.device()) {
+            return match self.activation {
+                // ReLU6 fused into batch norm's passes.
+                Activation::Relu6 => super::batchnorm::batch_norm_relu6_train(&self.bn, y),
+                other => other.forward(super::batchnorm::batch_norm_train(&self.bn, y)),
+            };
+        }
+        self.activation.forward(self.bn.forward(y))
     }
 
     pub fn export(&self, out: &mut TensorMap, conv_key: &str, bn_key: &str) {

@@ -251,6 +251,21 @@ fn weight_grad_plane_body(x: &[f32], dy: &[f32], acc: &mut [f64], split: &mut [f
     }
 }
 
+/// An N x C x `to` tensor from an N x C x `from` one, plane by plane in parallel: `f(source
+/// plane, the channel's filter of `taps`, zeroed destination plane)`.
+fn per_plane(src: &FlexTensor, weight: &FlexTensor, from: (usize, usize), to: (usize, usize), taps: usize, f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> FlexTensor {
+    let (src, n, c) = contiguous(src);
+    let (w, ..) = contiguous(weight);
+    let (ss, ws) = (src.as_slice::<f32>().expect("contiguous"), w.as_slice::<f32>().expect("contiguous"));
+    let (plane_in, plane_out) = (from.0 * from.1, to.0 * to.1);
+    let mut out = vec![0f32; n * c * plane_out];
+    out.par_chunks_mut(plane_out.max(1)).enumerate().for_each(|(i, o)| {
+        let ch = i % c;
+        f(&ss[i * plane_in..(i + 1) * plane_in], &ws[ch * taps..(ch + 1) * taps], o);
+    });
+    flex(out, vec![n, c, to.0, to.1])
+}
+
 impl DepthwiseBackend for Flex {
     fn depthwise_conv(x: FloatTensor<Self>, weight: FloatTensor<Self>, g: DepthwiseGeometry) -> FloatTensor<Self> {
         if g.pad_top == g.pad_bottom && g.pad_left == g.pad_right {
@@ -259,29 +274,11 @@ impl DepthwiseBackend for Flex {
             let options = ConvOptions::new([g.stride; 2], [g.pad_top, g.pad_left], [1, 1], c);
             return <Flex as ModuleOps<Flex>>::conv2d(x, weight, None, options);
         }
-        let (x, n, c) = contiguous(&x);
-        let (w, ..) = contiguous(&weight);
-        let (xs, ws) = (x.as_slice::<f32>().expect("contiguous"), w.as_slice::<f32>().expect("contiguous"));
-        let (plane_in, plane_out) = (g.in_h * g.in_w, g.out_h * g.out_w);
-        let mut out = vec![0f32; n * c * plane_out];
-        out.par_chunks_mut(plane_out.max(1)).enumerate().for_each(|(i, o)| {
-            let ch = i % c;
-            forward_plane(&xs[i * plane_in..(i + 1) * plane_in], &ws[ch * g.taps()..(ch + 1) * g.taps()], o, &g);
-        });
-        flex(out, vec![n, c, g.out_h, g.out_w])
+        per_plane(&x, &weight, (g.in_h, g.in_w), (g.out_h, g.out_w), g.taps(), |x, w, out| forward_plane(x, w, out, &g))
     }
 
     fn depthwise_input_grad(dy: FloatTensor<Self>, weight: FloatTensor<Self>, g: DepthwiseGeometry) -> FloatTensor<Self> {
-        let (dy, n, c) = contiguous(&dy);
-        let (w, ..) = contiguous(&weight);
-        let (ds, ws) = (dy.as_slice::<f32>().expect("contiguous"), w.as_slice::<f32>().expect("contiguous"));
-        let (plane_in, plane_out) = (g.in_h * g.in_w, g.out_h * g.out_w);
-        let mut dx = vec![0f32; n * c * plane_in];
-        dx.par_chunks_mut(plane_in.max(1)).enumerate().for_each(|(i, d)| {
-            let ch = i % c;
-            input_grad_plane(&ds[i * plane_out..(i + 1) * plane_out], &ws[ch * g.taps()..(ch + 1) * g.taps()], d, &g);
-        });
-        flex(dx, vec![n, c, g.in_h, g.in_w])
+        per_plane(&dy, &weight, (g.out_h, g.out_w), (g.in_h, g.in_w), g.taps(), |dy, w, dx| input_grad_plane(dy, w, dx, &g))
     }
 
     fn depthwise_weight_grad(x: FloatTensor<Self>, dy: FloatTensor<Self>, g: DepthwiseGeometry) -> FloatTensor<Self> {

@@ -15,10 +15,11 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, AutodiffBackend, Backend, Flex};
 use burn::nn::BatchNorm;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::Tensor;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::flex_data::{flex, planes};
 use super::lanes;
 
 #[backend_extension(Flex, Autodiff)]
@@ -38,22 +39,8 @@ pub trait BatchNormBackend: Backend {
     fn bn_row(pair: FloatTensor<Self>, row: usize) -> FloatTensor<Self>;
 }
 
-/// A contiguous f32 view of a Flex tensor and its (N, C, elements per channel and sample).
-fn planes(x: &FlexTensor) -> (FlexTensor, usize, usize, usize) {
-    assert_eq!(x.dtype(), DType::F32, "batch norm kernels run on f32");
-    let x = x.to_contiguous();
-    let dims = x.layout().shape().clone();
-    let (n, c) = (dims[0], dims[1]);
-    let inner = x.layout().num_elements() / (n * c).max(1);
-    (x, n, c, inner)
-}
-
 fn vector(x: &FlexTensor) -> Vec<f32> {
     x.to_contiguous().as_slice::<f32>().expect("contiguous").to_vec()
-}
-
-fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, shape))
 }
 
 /// One value per channel, `f(channel)`, channels in parallel.

@@ -26,10 +26,11 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, AutodiffBackend, Backend, Flex};
 use burn::nn::conv::Conv2d;
 use burn::nn::PaddingConfig2d;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::Tensor;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::flex_data::{flex, planes};
 use super::lanes;
 
 /// Where a depthwise convolution reads and writes: square kernel, equal strides, no dilation.
@@ -67,6 +68,30 @@ impl DepthwiseGeometry {
     fn taps(&self) -> usize {
         self.kernel * self.kernel
     }
+
+    /// Every (ky, oy, iy) where filter row `ky` carries input row `iy` into output row `oy`.
+    fn row_pairs(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        (0..self.kernel).flat_map(move |ky| self.rows(ky).map(move |oy| (ky, oy, oy * self.stride + ky - self.pad_top)))
+    }
+
+    /// The filter columns that reach any output, each with its reach (the same in every row):
+    /// computed once per plane rather than per row.
+    fn column_taps(&self) -> Vec<ColumnTap> {
+        (0..self.kernel)
+            .filter_map(|kx| {
+                let cols = self.cols(kx);
+                (!cols.is_empty()).then(|| ColumnTap { kx, first: cols.start * self.stride + kx - self.pad_left, cols })
+            })
+            .collect()
+    }
+}
+
+/// Filter column `kx` contributes to the outputs `cols` of a row; the first of them reads input
+/// column `first`, the rest follow at the stride.
+struct ColumnTap {
+    kx: usize,
+    cols: Range<usize>,
+    first: usize,
 }
 
 #[backend_extension(Flex, Autodiff)]
@@ -77,18 +102,6 @@ pub trait DepthwiseBackend: Backend {
     fn depthwise_input_grad(dy: FloatTensor<Self>, weight: FloatTensor<Self>, geometry: DepthwiseGeometry) -> FloatTensor<Self>;
     /// The weight gradient (C x 1 x k x k), summed over the batch.
     fn depthwise_weight_grad(x: FloatTensor<Self>, dy: FloatTensor<Self>, geometry: DepthwiseGeometry) -> FloatTensor<Self>;
-}
-
-/// A contiguous f32 copy-or-view of a Flex tensor and its first two dimensions.
-fn contiguous(x: &FlexTensor) -> (FlexTensor, usize, usize) {
-    assert_eq!(x.dtype(), DType::F32, "depthwise kernels run on f32");
-    let x = x.to_contiguous();
-    let dims = x.layout().shape().clone();
-    (x, dims[0], dims[1])
-}
-
-fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, shape))
 }
 
 /// `out[i] += w * x[i * stride]` over `out`: the inner loop of the forward and the input
@@ -116,49 +129,19 @@ lanes::with_avx2!(fn weight_grad_plane(x: &[f32], dy: &[f32], acc: &mut [f64], s
 /// channel's k x k filter.
 #[inline(always)]
 fn forward_plane_body(x: &[f32], w: &[f32], out: &mut [f32], g: &DepthwiseGeometry) {
-    for ky in 0..g.kernel {
-        for oy in g.rows(ky) {
-            let iy = oy * g.stride + ky - g.pad_top;
-            let x_row = &x[iy * g.in_w..(iy + 1) * g.in_w];
-            let out_row = &mut out[oy * g.out_w..(oy + 1) * g.out_w];
-            for kx in 0..g.kernel {
-                let cols = g.cols(kx);
-                if cols.is_empty() {
-                    continue;
-                }
-                let first = cols.start * g.stride + kx - g.pad_left;
-                axpy(&mut out_row[cols], w[ky * g.kernel + kx], &x_row[first..], g.stride);
-            }
-        }
-    }
-}
-
-/// One channel plane of the input gradient: every output's gradient sent back to the inputs
-/// it read, weighted by the tap that read them.
-#[inline(always)]
-fn input_grad_plane_body(dy: &[f32], w: &[f32], dx: &mut [f32], g: &DepthwiseGeometry) {
-    if g.stride > 1 {
-        return input_grad_plane_strided(dy, w, dx, g);
-    }
-    for ky in 0..g.kernel {
-        for oy in g.rows(ky) {
-            let iy = oy + ky - g.pad_top;
-            let dy_row = &dy[oy * g.out_w..(oy + 1) * g.out_w];
-            let dx_row = &mut dx[iy * g.in_w..(iy + 1) * g.in_w];
-            for kx in 0..g.kernel {
-                let cols = g.cols(kx);
-                if cols.is_empty() {
-                    continue;
-                }
-                let first = cols.start + kx - g.pad_left;
-                axpy(&mut dx_row[first..first + cols.len()], w[ky * g.kernel + kx], &dy_row[cols], 1);
-            }
+    let taps = g.column_taps();
+    for (ky, oy, iy) in g.row_pairs() {
+        let x_row = &x[iy * g.in_w..(iy + 1) * g.in_w];
+        let out_row = &mut out[oy * g.out_w..(oy + 1) * g.out_w];
+        for t in &taps {
+            axpy(&mut out_row[t.cols.clone()], w[ky * g.kernel + t.kx], &x_row[t.first..], g.stride);
         }
     }
 }
 
 /// Columns of one input row split by phase at stride `s`: phase `p` holds columns p, p + s,
-/// p + 2s, ... contiguously, so a tap's strided reads and writes become contiguous ones.
+/// p + 2s, ... contiguously, so a tap's strided reads and writes become contiguous ones. At
+/// stride 1 the split row is the row itself.
 struct Phases {
     stride: usize,
     /// Columns per phase.
@@ -195,29 +178,28 @@ impl Phases {
     }
 }
 
-/// The input gradient at stride > 1: accumulated in phase-split rows (contiguous writes),
-/// merged back into the plane at the end.
+/// One channel plane of the input gradient: every output's gradient sent back to the inputs
+/// it read, weighted by the tap that read them. At stride > 1 it is accumulated in phase-split
+/// rows (contiguous writes) and merged back into the plane at the end; at stride 1 that layout
+/// is the plane's own, so it is written in place.
 #[inline(always)]
-fn input_grad_plane_strided(dy: &[f32], w: &[f32], dx: &mut [f32], g: &DepthwiseGeometry) {
+fn input_grad_plane_body(dy: &[f32], w: &[f32], dx: &mut [f32], g: &DepthwiseGeometry) {
     let ph = Phases::new(g);
-    let mut split = vec![0f32; g.in_h * ph.row_len()];
-    for ky in 0..g.kernel {
-        for oy in g.rows(ky) {
-            let iy = oy * g.stride + ky - g.pad_top;
-            let dy_row = &dy[oy * g.out_w..(oy + 1) * g.out_w];
-            let dx_row = &mut split[iy * ph.row_len()..(iy + 1) * ph.row_len()];
-            for kx in 0..g.kernel {
-                let cols = g.cols(kx);
-                if cols.is_empty() {
-                    continue;
-                }
-                let start = ph.index(cols.start * g.stride + kx - g.pad_left);
-                axpy(&mut dx_row[start..start + cols.len()], w[ky * g.kernel + kx], &dy_row[cols], 1);
-            }
+    let taps = g.column_taps();
+    let mut split = if g.stride > 1 { vec![0f32; g.in_h * ph.row_len()] } else { vec![] };
+    let target: &mut [f32] = if g.stride > 1 { &mut split } else { &mut *dx };
+    for (ky, oy, iy) in g.row_pairs() {
+        let dy_row = &dy[oy * g.out_w..(oy + 1) * g.out_w];
+        let dx_row = &mut target[iy * ph.row_len()..(iy + 1) * ph.row_len()];
+        for t in &taps {
+            let start = ph.index(t.first);
+            axpy(&mut dx_row[start..start + t.cols.len()], w[ky * g.kernel + t.kx], &dy_row[t.cols.clone()], 1);
         }
     }
-    for iy in 0..g.in_h {
-        ph.merge(&split[iy * ph.row_len()..(iy + 1) * ph.row_len()], &mut dx[iy * g.in_w..(iy + 1) * g.in_w]);
+    if g.stride > 1 {
+        for iy in 0..g.in_h {
+            ph.merge(&split[iy * ph.row_len()..(iy + 1) * ph.row_len()], &mut dx[iy * g.in_w..(iy + 1) * g.in_w]);
+        }
     }
 }
 
@@ -227,26 +209,19 @@ fn input_grad_plane_strided(dy: &[f32], w: &[f32], dx: &mut [f32], g: &Depthwise
 #[inline(always)]
 fn weight_grad_plane_body(x: &[f32], dy: &[f32], acc: &mut [f64], split: &mut [f32], g: &DepthwiseGeometry) {
     let ph = Phases::new(g);
-    for ky in 0..g.kernel {
-        for oy in g.rows(ky) {
-            let iy = oy * g.stride + ky - g.pad_top;
-            let x_row = &x[iy * g.in_w..(iy + 1) * g.in_w];
-            let x_row = if g.stride == 1 {
-                x_row
-            } else {
-                ph.split(x_row, split);
-                &split[..]
-            };
-            let dy_row = &dy[oy * g.out_w..(oy + 1) * g.out_w];
-            for kx in 0..g.kernel {
-                let cols = g.cols(kx);
-                if cols.is_empty() {
-                    continue;
-                }
-                let start = ph.index(cols.start * g.stride + kx - g.pad_left);
-                let n = cols.len();
-                acc[ky * g.kernel + kx] += lanes::dot_body(&dy_row[cols], &x_row[start..start + n]) as f64;
-            }
+    let taps = g.column_taps();
+    for (ky, oy, iy) in g.row_pairs() {
+        let x_row = &x[iy * g.in_w..(iy + 1) * g.in_w];
+        let x_row = if g.stride == 1 {
+            x_row
+        } else {
+            ph.split(x_row, split);
+            &split[..]
+        };
+        let dy_row = &dy[oy * g.out_w..(oy + 1) * g.out_w];
+        for t in &taps {
+            let start = ph.index(t.first);
+            acc[ky * g.kernel + t.kx] += lanes::dot_body(&dy_row[t.cols.clone()], &x_row[start..start + t.cols.len()]) as f64;
         }
     }
 }
@@ -254,8 +229,8 @@ fn weight_grad_plane_body(x: &[f32], dy: &[f32], acc: &mut [f64], split: &mut [f
 /// An N x C x `to` tensor from an N x C x `from` one, plane by plane in parallel: `f(source
 /// plane, the channel's filter of `taps`, zeroed destination plane)`.
 fn per_plane(src: &FlexTensor, weight: &FlexTensor, from: (usize, usize), to: (usize, usize), taps: usize, f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> FlexTensor {
-    let (src, n, c) = contiguous(src);
-    let (w, ..) = contiguous(weight);
+    let (src, n, c, _) = planes(src);
+    let (w, ..) = planes(weight);
     let (ss, ws) = (src.as_slice::<f32>().expect("contiguous"), w.as_slice::<f32>().expect("contiguous"));
     let (plane_in, plane_out) = (from.0 * from.1, to.0 * to.1);
     let mut out = vec![0f32; n * c * plane_out];
@@ -282,8 +257,8 @@ impl DepthwiseBackend for Flex {
     }
 
     fn depthwise_weight_grad(x: FloatTensor<Self>, dy: FloatTensor<Self>, g: DepthwiseGeometry) -> FloatTensor<Self> {
-        let (x, n, c) = contiguous(&x);
-        let (dy, ..) = contiguous(&dy);
+        let (x, n, c, _) = planes(&x);
+        let (dy, ..) = planes(&dy);
         let (xs, ds) = (x.as_slice::<f32>().expect("contiguous"), dy.as_slice::<f32>().expect("contiguous"));
         let (plane_in, plane_out) = (g.in_h * g.in_w, g.out_h * g.out_w);
         let filters: Vec<f32> = (0..c)

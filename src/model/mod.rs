@@ -5,6 +5,7 @@ pub mod conv;
 pub mod efficientnet;
 pub mod embedder;
 pub mod export;
+mod flex_data;
 pub mod fpn;
 pub mod import;
 pub mod lanes;

@@ -13,8 +13,10 @@ use crate::model::efficientnet::{EfficientNetLite0, Lite0Classifier};
 use crate::model::embedder::BackboneKind;
 use crate::model::{export, import, Embedder, EmbedderConfig, TensorMap};
 use crate::package::{InputPolicy, Manifest, Package, PackageContents, Provenance, FORMAT_VERSION};
+use crate::train::fpn_init::{self, FpnInit};
 use crate::train::cluster::{cluster_images, list_images, ClusterReport, MAX_CLUSTER_VECTORS};
 use crate::train::kmeans::KMeansConfig;
+use crate::train::picie::{Frames, TrainConfig};
 
 /// The seed of the default package's FPN initialisation.
 pub const DEFAULT_FPN_SEED: u64 = 0;
@@ -70,16 +72,25 @@ pub struct InitPackage {
     pub policy: InputPolicy,
     pub replace: bool,
     pub command: String,
+    /// How the FPN's laterals start (seeded random, or from the taps' principal components on `images`).
+    pub fpn_init: FpnInit,
 }
 
-/// `picie package init`: pretrained backbone + seeded FPN, exported to ONNX, centroids from
+/// `picie package init`: pretrained backbone + FPN (laterals per `fpn_init`), exported to ONNX, centroids from
 /// k-means on `images`. The manifest says the embedder is untrained.
 pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
     let device = cpu_device();
     let weights = TensorMap::load_safetensors(&args.backbone_weights)?;
     let config = EmbedderConfig::new(args.backbone);
-    let embedder = Embedder::from_backbone(config, &weights.sub("backbone"), args.seed, &device)?;
     let paths = list_images(&args.images)?;
+    let embedder = if args.fpn_init == FpnInit::Pca {
+        // The taps are measured on frames as training would see them.
+        let frames = Frames::load(&paths, TrainConfig::default().frame());
+        let start = starting_weights(config, &weights.sub("backbone"), args.seed, args.fpn_init, &frames)?;
+        Embedder::load(config, &start, &device)?
+    } else {
+        Embedder::from_backbone(config, &weights.sub("backbone"), args.seed, &device)?
+    };
     let provenance = Provenance {
         created_at: crate::package::now_rfc3339(),
         picie_version: env!("CARGO_PKG_VERSION").into(),
@@ -87,7 +98,7 @@ pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
         backbone_weights: args.backbone_weights.display().to_string(),
         trained: false,
         parent: None,
-        details: BTreeMap::from([("fpn_seed".into(), serde_json::json!(args.seed))]),
+        details: BTreeMap::from([("fpn_seed".into(), serde_json::json!(args.seed)), ("fpn_init".into(), serde_json::json!(args.fpn_init))]),
     };
     let target = PackageTarget { out: &args.out, name: &args.name, policy: args.policy, replace: args.replace, sessions: SessionSettings::default() };
     package_from_embedder(&embedder, config, &paths, KMeansConfig::new(args.k, args.seed), provenance, &target)
@@ -213,6 +224,18 @@ pub fn export_package(model: &Path, out: &Path) -> Result<()> {
     export::export_onnx(&embedder, pkg.manifest.embedder, out)
 }
 
+/// An untrained embedder's weights: the pretrained backbone and the FPN's laterals, seeded or
+/// (`FpnInit::Pca`) from the principal components of the backbone's taps on `frames`.
+pub fn starting_weights(config: EmbedderConfig, backbone: &TensorMap, fpn_seed: u64, fpn_init: FpnInit, frames: &Frames) -> Result<TensorMap> {
+    let embedder = Embedder::from_backbone(config, backbone, fpn_seed, &cpu_device())?;
+    let mut weights = embedder.to_tensor_map("init");
+    if fpn_init == FpnInit::Pca {
+        let sample = fpn_init::spread(frames.len(), fpn_init::PCA_FRAMES).into_iter().map(|i| frames.frame(i)).collect::<Result<Vec<_>>>()?;
+        fpn_init::init_pca_laterals(&embedder, &sample, (frames.width, frames.height), config.dim, &mut weights)?;
+    }
+    Ok(weights)
+}
+
 /// Where `picie train` starts from.
 pub enum TrainInit {
     /// The pretrained backbone with a seeded FPN.
@@ -251,7 +274,7 @@ pub fn train(args: &TrainArgs, on: &mut dyn FnMut(&crate::train::picie::Progress
 /// [`train`], with the ONNX Runtime session that clusters the final package made per `sessions`.
 /// Training and k-means run on the current rayon pool (the caller's `ThreadPool::install`).
 pub fn train_with(args: &TrainArgs, sessions: SessionSettings, on: &mut dyn FnMut(&crate::train::picie::Progress) -> bool) -> Result<Option<(Package, ClusterReport)>> {
-    use crate::train::picie::{Frames, Trainer};
+    use crate::train::picie::Trainer;
     let paths = list_images(&args.images)?;
     args.config.check()?;
     let frames = Frames::load(&paths, args.config.frame());
@@ -262,9 +285,12 @@ pub fn train_with(args: &TrainArgs, sessions: SessionSettings, on: &mut dyn FnMu
     let (embedder_config, weights, source, policy) = match &args.init {
         TrainInit::Backbone { kind, weights } => {
             let config = EmbedderConfig::new(*kind);
+            // A resumed run loads its checkpoint's weights: no need to measure the taps again.
+            let resuming = args.resume && args.checkpoint.join(crate::train::picie::CHECKPOINT_STATE).exists();
+            let fpn = if resuming { FpnInit::Random } else { args.config.fpn_init };
             let backbone = TensorMap::load_safetensors(weights)?;
-            let e = Embedder::from_backbone(config, &backbone.sub("backbone"), args.config.seed, &cpu_device())?;
-            (config, e.to_tensor_map("init"), weights.display().to_string(), InputPolicy::default())
+            let init = starting_weights(config, &backbone.sub("backbone"), args.config.seed, fpn, &frames)?;
+            (config, init, weights.display().to_string(), InputPolicy::default())
         }
         TrainInit::Package(dir) => {
             let pkg = Package::load(dir)?;

@@ -97,7 +97,7 @@ struct TrainCli {
     /// K of the written package's centroids (default: --k).
     #[arg(long)]
     package_k: Option<usize>,
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 8)]
     epochs: usize,
     /// Training frame height, and width unless --width is given (square centre crops).
     #[arg(long, default_value_t = 320)]
@@ -128,6 +128,11 @@ struct TrainCli {
     /// Shift for pairs across two frames.
     #[arg(long, default_value_t = picie::train::correspond::CorrespondenceConfig::default().inter_shift)]
     correspondence_inter_shift: f32,
+    /// How the FPN's laterals start: pca (each tap projected onto its principal components on
+    /// the training frames, so training starts from the backbone's own features) or random
+    /// (seeded, the authors' choice).
+    #[arg(long, value_enum, default_value = "pca")]
+    fpn_init: picie::train::fpn_init::FpnInit,
     /// Checkpoint folder (default: OUT.checkpoint).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
@@ -224,7 +229,8 @@ enum WeightsCommand {
 
 #[derive(Subcommand)]
 enum PackageCommand {
-    /// Create an untrained package: pretrained backbone, seeded FPN, centroids by k-means.
+    /// Create an untrained package: pretrained backbone, FPN laterals from the taps' principal
+    /// components (or seeded), centroids by k-means.
     Init {
         #[arg(long, value_enum, default_value = "efficientnet-lite0")]
         backbone: BackboneKind,
@@ -245,6 +251,10 @@ enum PackageCommand {
         /// Replace an existing package at --out (only once the new one is complete).
         #[arg(long)]
         force: bool,
+        /// How the FPN's laterals start: pca (from the principal components of the backbone's
+        /// taps on --images) or random (seeded).
+        #[arg(long, value_enum, default_value = "pca")]
+        fpn_init: picie::train::fpn_init::FpnInit,
     },
     /// Load and validate a package, print its manifest.
     Check { dir: PathBuf },
@@ -317,7 +327,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{class:4}  {p:.4}");
             }
         }
-        Command::Package { command: PackageCommand::Init { backbone, backbone_weights, images, k, seed, out, name, short_side, force } } => {
+        Command::Package { command: PackageCommand::Init { backbone, backbone_weights, images, k, seed, out, name, short_side, force, fpn_init } } => {
             let args = commands::InitPackage {
                 backbone,
                 backbone_weights,
@@ -329,6 +339,7 @@ fn run(cli: Cli) -> Result<()> {
                 policy: InputPolicy { short_side, ..InputPolicy::default() },
                 replace: force,
                 command: std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
+                fpn_init,
             };
             let (pkg, report) = commands::init_package(&args)?;
             println!(
@@ -390,6 +401,7 @@ fn train(t: TrainCli) -> Result<()> {
             intra_shift: t.correspondence_intra_shift,
             inter_shift: t.correspondence_inter_shift,
         },
+        fpn_init: t.fpn_init,
         ..TrainConfig::default()
     };
     let init = match t.from {

@@ -145,3 +145,49 @@ fn bad_weights_name_the_file_and_tensor() {
     let e = format!("{:#}", picie::commands::import_weights(BackboneKind::Resnet18, &common::lite0_checkpoint(), &dir.path().join("o.safetensors")).unwrap_err());
     assert!(e.contains("conv1.weight"), "{e}");
 }
+
+/// `--fpn-init pca` on the real Lite0 backbone, measured on the fixture photos it is then
+/// applied to: each lateral maps its tap into its own block of channels, centred, with unit
+/// mean squared norm, and leaves every other channel at exactly zero; the embedder it makes
+/// exports with ONNX parity like any other.
+#[test]
+fn pca_laterals_project_each_tap_into_its_own_block() {
+    use picie::model::embedder::imagenet_normalize;
+    use picie::train::fpn_init::{block_dims, init_pca_laterals};
+    let config = EmbedderConfig::new(BackboneKind::EfficientnetLite0);
+    let weights = TensorMap::load_safetensors(common::lite0_safetensors()).unwrap();
+    let embedder = Embedder::from_backbone(config, &weights.sub("backbone"), 0, &device()).unwrap();
+    let mut map = embedder.to_tensor_map("test");
+    let frames: Vec<Vec<f32>> = ["astronaut.jpg", "chelsea.png", "coffee.jpg"]
+        .iter()
+        .map(|f| picie::train::augment::training_frame(&image::open(common::root().join("fixtures/images").join(f)).unwrap().to_rgb8(), 160, 160))
+        .collect();
+    init_pca_laterals(&embedder, &frames, (160, 160), config.dim, &mut map).unwrap();
+    let loaded = Embedder::load(config, &map, &device()).unwrap();
+    let x = Tensor::<4>::from_data(TensorData::new(frames.concat(), [3, 3, 160, 160]), &device());
+    let taps = loaded.backbone.forward(imagenet_normalize(x));
+    let dims = block_dims(config.backbone.tap_channels(), config.dim).unwrap();
+    let mut offset = 0;
+    for ((tap, lateral), d) in taps.into_iter().zip(&loaded.fpn.laterals).zip(dims) {
+        let out = lateral.forward(tap);
+        let [n, c, h, w] = out.dims();
+        let data = NamedTensor::from_burn(out).data;
+        let cells = (n * h * w) as f64;
+        let channel = |ch: usize| (0..n).flat_map(move |img| (0..h * w).map(move |cell| (img * c + ch) * h * w + cell));
+        let mut sq = 0.0;
+        for ch in 0..c {
+            if (offset..offset + d).contains(&ch) {
+                let mean = channel(ch).map(|i| data[i] as f64).sum::<f64>() / cells;
+                assert!(mean.abs() < 1e-3, "block at {offset}, channel {ch}: mean {mean}");
+                sq += channel(ch).map(|i| (data[i] as f64).powi(2)).sum::<f64>() / cells;
+            } else {
+                assert!(channel(ch).all(|i| data[i] == 0.0), "block at {offset}: channel {ch} is not zero");
+            }
+        }
+        // Covariance divides by cells - 1, the mean square here by cells.
+        assert!((sq - 1.0).abs() < 0.05, "block at {offset}: mean squared norm {sq}");
+        offset += d;
+    }
+    let diff = parity(&loaded, config, &[(1, 64, 96)]);
+    assert!(diff <= 1e-4, "max abs difference {diff}");
+}

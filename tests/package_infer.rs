@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use picie::commands::{init_package, InitPackage};
+use picie::train::fpn_init::FpnInit;
 use picie::infer::{decode_image, DecodeError, DeviceChoice, Segmenter};
 use picie::model::BackboneKind;
 use picie::package::{InputPolicy, Package, MANIFEST_FILE, ONNX_FILE};
@@ -29,6 +30,7 @@ fn package_dir() -> &'static Path {
             policy: InputPolicy { short_side: 128, ..InputPolicy::default() },
             replace: false,
             command: "test".into(),
+            fpn_init: FpnInit::Random,
         })
         .unwrap();
         (dir, out)
@@ -70,6 +72,45 @@ fn init_writes_a_valid_untrained_package() {
         .filter(|n| n != "pkg")
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// `--fpn-init pca`: each lateral writes its own block of output channels (the rest of its
+/// rows are zero), the provenance says how the FPN started, and the package segments.
+#[test]
+fn pca_init_writes_block_laterals() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pca");
+    let (pkg, _) = init_package(&InitPackage {
+        backbone: BackboneKind::EfficientnetLite0,
+        backbone_weights: common::lite0_safetensors().to_path_buf(),
+        images: common::root().join("fixtures/images"),
+        k: K,
+        seed: 0,
+        out: out.clone(),
+        name: "pca".into(),
+        policy: InputPolicy { short_side: 128, ..InputPolicy::default() },
+        replace: false,
+        command: "test".into(),
+        fpn_init: FpnInit::Pca,
+    })
+    .unwrap();
+    assert_eq!(pkg.manifest.provenance.details["fpn_init"], "pca");
+    let weights = pkg.load_weights().unwrap();
+    let dims = picie::train::fpn_init::block_dims(BackboneKind::EfficientnetLite0.tap_channels(), 128).unwrap();
+    let mut offset = 0;
+    for (i, d) in dims.into_iter().enumerate() {
+        let c = BackboneKind::EfficientnetLite0.tap_channels()[i];
+        let w = weights.get(&format!("fpn.lateral.{i}.weight"), &[128, c, 1, 1]).unwrap();
+        for row in 0..128 {
+            let nonzero = w.data[row * c..(row + 1) * c].iter().any(|&v| v != 0.0);
+            assert_eq!(nonzero, (offset..offset + d).contains(&row), "lateral {i} row {row}");
+        }
+        offset += d;
+    }
+    let seg = Segmenter::load(&out, DeviceChoice::Cpu, None).unwrap();
+    let mask = seg.segment(&load_fixture("chelsea.png")).unwrap();
+    assert_eq!((mask.width, mask.height), (451, 300));
+    assert!(mask.labels.iter().all(|&l| (l as usize) < K));
 }
 
 #[test]

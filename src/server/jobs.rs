@@ -182,6 +182,8 @@ pub fn finetune_config(spec: &JobSpec) -> Option<crate::train::picie::TrainConfi
         width: *width,
         batch: batch.unwrap_or(d.batch),
         freeze_stride: freeze_stride.unwrap_or(d.freeze_stride),
+        // Fine-tuning starts from the package's embedder: its laterals are already set.
+        fpn_init: crate::train::fpn_init::FpnInit::Random,
         ..d
     })
 }

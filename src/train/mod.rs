@@ -4,6 +4,7 @@
 pub mod augment;
 pub mod cluster;
 pub mod device;
+pub mod fpn_init;
 pub mod correspond;
 pub mod kmeans;
 pub mod loss;

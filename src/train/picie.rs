@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::augment::{training_frame, Geometric, Photometric, PhotometricConfig};
 use super::correspond::{correspondence_loss, CorrespondenceConfig};
+use super::fpn_init::FpnInit;
 use super::kmeans::{assign, KMeansConfig, SphericalKMeans};
 use super::loss::{head_loss, head_weights, pixels, Balance, HeadTargets};
 use crate::model::embedder::OUTPUT_STRIDE;
@@ -58,6 +59,10 @@ pub struct TrainConfig {
     /// The STEGO-style correspondence term beside the PiCIE loss (off unless its weight is set).
     #[serde(default, skip_serializing_if = "CorrespondenceConfig::is_off")]
     pub correspondence: CorrespondenceConfig,
+    /// How the FPN's laterals start when training from the pretrained backbone (a package's
+    /// embedder keeps its own).
+    #[serde(default, skip_serializing_if = "FpnInit::is_random")]
+    pub fpn_init: FpnInit,
 }
 
 /// The defaults are the recipe measured best on CamVid (README, "Quality on CamVid"): it made
@@ -67,7 +72,7 @@ impl Default for TrainConfig {
         Self {
             k: 27,
             k2: 100,
-            epochs: 6,
+            epochs: 8,
             size: 320,
             width: None,
             batch: 8,
@@ -79,6 +84,7 @@ impl Default for TrainConfig {
             vectors_per_image: 2000,
             freeze_stride: 16,
             correspondence: CorrespondenceConfig::default(),
+            fpn_init: FpnInit::Pca,
         }
     }
 }

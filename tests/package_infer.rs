@@ -19,23 +19,29 @@ fn package_dir() -> &'static Path {
     let (_, p) = DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("pkg");
-        init_package(&InitPackage {
-            backbone: BackboneKind::EfficientnetLite0,
-            backbone_weights: common::lite0_safetensors().to_path_buf(),
-            images: common::root().join("fixtures/images"),
-            k: K,
-            seed: 0,
-            out: out.clone(),
-            name: "test".into(),
-            policy: InputPolicy { short_side: 128, ..InputPolicy::default() },
-            replace: false,
-            command: "test".into(),
-            fpn_init: FpnInit::Random,
-        })
-        .unwrap();
+        init_fixture_package(&out, FpnInit::Random);
         (dir, out)
     });
     p
+}
+
+/// An untrained package of the fixture photos at short side 128, K clusters.
+fn init_fixture_package(out: &Path, fpn_init: FpnInit) -> Package {
+    init_package(&InitPackage {
+        backbone: BackboneKind::EfficientnetLite0,
+        backbone_weights: common::lite0_safetensors().to_path_buf(),
+        images: common::root().join("fixtures/images"),
+        k: K,
+        seed: 0,
+        out: out.to_path_buf(),
+        name: "test".into(),
+        policy: InputPolicy { short_side: 128, ..InputPolicy::default() },
+        replace: false,
+        command: "test".into(),
+        fpn_init,
+    })
+    .unwrap()
+    .0
 }
 
 /// A copy of the shared package that a test may damage.
@@ -80,20 +86,7 @@ fn init_writes_a_valid_untrained_package() {
 fn pca_init_writes_block_laterals() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pca");
-    let (pkg, _) = init_package(&InitPackage {
-        backbone: BackboneKind::EfficientnetLite0,
-        backbone_weights: common::lite0_safetensors().to_path_buf(),
-        images: common::root().join("fixtures/images"),
-        k: K,
-        seed: 0,
-        out: out.clone(),
-        name: "pca".into(),
-        policy: InputPolicy { short_side: 128, ..InputPolicy::default() },
-        replace: false,
-        command: "test".into(),
-        fpn_init: FpnInit::Pca,
-    })
-    .unwrap();
+    let pkg = init_fixture_package(&out, FpnInit::Pca);
     assert_eq!(pkg.manifest.provenance.details["fpn_init"], "pca");
     let weights = pkg.load_weights().unwrap();
     let dims = picie::train::fpn_init::block_dims(BackboneKind::EfficientnetLite0.tap_channels(), 128).unwrap();

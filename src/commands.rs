@@ -84,8 +84,10 @@ pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
     let config = EmbedderConfig::new(args.backbone);
     let paths = list_images(&args.images)?;
     let embedder = if args.fpn_init == FpnInit::Pca {
-        // The taps are measured on frames as training would see them.
-        let frames = Frames::load(&paths, TrainConfig::default().frame());
+        // The taps are measured on frames as training would see them; only the sampled images
+        // are read here (the clustering pass reads them all).
+        let sampled: Vec<PathBuf> = fpn_init::spread(paths.len(), fpn_init::PCA_FRAMES).into_iter().map(|i| paths[i].clone()).collect();
+        let frames = Frames::load(&sampled, TrainConfig::default().frame());
         let start = starting_weights(config, &weights.sub("backbone"), args.seed, args.fpn_init, &frames)?;
         Embedder::load(config, &start, &device)?
     } else {
@@ -282,11 +284,11 @@ pub fn train_with(args: &TrainArgs, sessions: SessionSettings, on: &mut dyn FnMu
         tracing::warn!(skipped = frames.skipped.len(), files = ?frames.skipped, "unreadable images skipped");
     }
     args.config.validate(frames.len())?;
+    let resuming = args.resume && args.checkpoint.join(crate::train::picie::CHECKPOINT_STATE).exists();
     let (embedder_config, weights, source, policy) = match &args.init {
         TrainInit::Backbone { kind, weights } => {
             let config = EmbedderConfig::new(*kind);
             // A resumed run loads its checkpoint's weights: no need to measure the taps again.
-            let resuming = args.resume && args.checkpoint.join(crate::train::picie::CHECKPOINT_STATE).exists();
             let fpn = if resuming { FpnInit::Random } else { args.config.fpn_init };
             let backbone = TensorMap::load_safetensors(weights)?;
             let init = starting_weights(config, &backbone.sub("backbone"), args.config.seed, fpn, &frames)?;
@@ -301,7 +303,7 @@ pub fn train_with(args: &TrainArgs, sessions: SessionSettings, on: &mut dyn FnMu
         // Its targets are centroids of the served (hypercolumn) features; it trains the FPN's.
         bail!("self-training needs a package that serves the FPN's features alone (this one has tap_weight {})", embedder_config.tap_weight);
     }
-    let mut trainer = if args.resume && args.checkpoint.join(crate::train::picie::CHECKPOINT_STATE).exists() {
+    let mut trainer = if resuming {
         let t = Trainer::resume(args.config.clone(), embedder_config, &args.checkpoint)?;
         tracing::info!(epochs_done = t.epochs_done, "resuming from {}", args.checkpoint.display());
         t

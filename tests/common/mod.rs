@@ -149,3 +149,10 @@ pub fn seeded_resnet18_state_dict(seed: u64) -> TensorMap {
     backbone.export(&mut map);
     map
 }
+
+/// A client that opens a connection per request. A server may close a kept-alive connection
+/// after answering an error before reading the request's body; a pooled client can race that
+/// close and fail the next request with "IncompleteMessage", which is not what a test checks.
+pub fn fresh_connections() -> reqwest::Client {
+    reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("HTTP client")
+}

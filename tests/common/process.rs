@@ -42,7 +42,7 @@ impl ServeProcess {
             .stderr(out)
             .spawn()
             .unwrap();
-        ServeProcess { child, base: format!("http://127.0.0.1:{port}"), client: fresh_connections(), log }
+        ServeProcess { child, base: format!("http://127.0.0.1:{port}"), client: super::fresh_connections(), log }
     }
 
     /// Waits until `/health/ready` answers 200 (the model is loaded and warm).
@@ -76,11 +76,4 @@ impl ServeProcess {
         let r = self.client.post(self.url(path)).json(&body).send().await.unwrap();
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
-}
-
-/// A client that opens a connection per request. A server may close a kept-alive connection
-/// after answering an error before reading the request's body; a pooled client can race that
-/// close and fail the next request with "IncompleteMessage", which is not what a test checks.
-fn fresh_connections() -> reqwest::Client {
-    reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("HTTP client")
 }

@@ -42,7 +42,7 @@ impl TestServer {
             .await
             .unwrap();
         });
-        TestServer { base, client: fresh_connections(), stop: Some(tx), handle: Some(handle), _data: None }
+        TestServer { base, client: super::fresh_connections(), stop: Some(tx), handle: Some(handle), _data: None }
     }
 
     /// A server on the shipped models and a fresh data dir of its own, with `tweak` applied to
@@ -88,11 +88,4 @@ pub fn png(w: u32, h: u32) -> Vec<u8> {
     let mut out = vec![];
     img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
     out
-}
-
-/// A client that opens a connection per request. A server may close a kept-alive connection
-/// after answering an error before reading the request's body; a pooled client can race that
-/// close and fail the next request with "IncompleteMessage", which is not what a test checks.
-fn fresh_connections() -> reqwest::Client {
-    reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("HTTP client")
 }

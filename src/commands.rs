@@ -9,7 +9,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
 
 use crate::infer::{DeviceChoice, EmbedSession};
-use crate::model::efficientnet::{EfficientNetLite0, Lite0Classifier};
+use crate::model::efficientnet::{EfficientNetLite, LiteClassifier};
 use crate::model::embedder::BackboneKind;
 use crate::model::{export, import, Embedder, EmbedderConfig, TensorMap};
 use crate::package::{InputPolicy, Manifest, Package, PackageContents, Provenance, FORMAT_VERSION};
@@ -39,14 +39,15 @@ pub fn image_tensor(img: &RgbImage, device: &Device) -> Tensor<4> {
     Tensor::from_data(TensorData::new(data, [1, 3, h, w]), device)
 }
 
-/// ImageNet top-5 (class index, probability) of the Lite0 classifier shipped with the checkpoint:
-/// the check that an import is right. The image is resized to 256 on the short side and
-/// centre-cropped to 224, the usual ImageNet evaluation.
-pub fn imagenet_top5(weights: &Path, image: &Path) -> Result<Vec<(usize, f32)>> {
+/// ImageNet top-5 (class index, probability) of the EfficientNet-Lite classifier shipped with
+/// the checkpoint: the check that an import is right. The image is resized to 256 on the short
+/// side and centre-cropped to 224, the usual ImageNet evaluation.
+pub fn imagenet_top5(kind: BackboneKind, weights: &Path, image: &Path) -> Result<Vec<(usize, f32)>> {
+    let variant = kind.lite_variant().with_context(|| format!("{kind:?} has no ImageNet classifier in picie"))?;
     let map = TensorMap::load_safetensors(weights)?.sub("backbone");
     let device = cpu_device();
-    let backbone = EfficientNetLite0::load(&map, &device)?;
-    let classifier = Lite0Classifier::load(&map, &device)?;
+    let backbone = EfficientNetLite::load(variant, &map, &device)?;
+    let classifier = LiteClassifier::load(variant, &map, &device)?;
     let img = crate::infer::preprocess::decode_file(image)?;
     let scale = 256.0 / img.width().min(img.height()) as f32;
     let (w, h) = ((img.width() as f32 * scale).round() as u32, (img.height() as f32 * scale).round() as u32);

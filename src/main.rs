@@ -88,8 +88,10 @@ struct TrainCli {
     from: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "efficientnet-lite0")]
     backbone: BackboneKind,
-    #[arg(long, default_value = ".weights/efficientnet-lite0.safetensors")]
-    backbone_weights: PathBuf,
+    /// Imported backbone weights (default: .weights/<backbone>.safetensors, where
+    /// scripts/setup.sh puts the EfficientNet-Lite ones).
+    #[arg(long)]
+    backbone_weights: Option<PathBuf>,
     #[arg(long, default_value_t = 27)]
     k: usize,
     #[arg(long, default_value_t = 100)]
@@ -219,8 +221,10 @@ enum WeightsCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// ImageNet top-5 of the EfficientNet-Lite0 classifier head (checks an import).
+    /// ImageNet top-5 of an EfficientNet-Lite classifier head (checks an import).
     Classify {
+        #[arg(long, value_enum, default_value = "efficientnet-lite0")]
+        backbone: BackboneKind,
         #[arg(long)]
         weights: PathBuf,
         image: PathBuf,
@@ -234,8 +238,9 @@ enum PackageCommand {
     Init {
         #[arg(long, value_enum, default_value = "efficientnet-lite0")]
         backbone: BackboneKind,
+        /// Imported backbone weights (default: .weights/<backbone>.safetensors).
         #[arg(long)]
-        backbone_weights: PathBuf,
+        backbone_weights: Option<PathBuf>,
         #[arg(long)]
         images: PathBuf,
         #[arg(long, default_value_t = 11)]
@@ -322,15 +327,15 @@ fn run(cli: Cli) -> Result<()> {
             let n = commands::import_weights(backbone, &checkpoint, &out)?;
             println!("wrote {} ({n} tensors)", out.display());
         }
-        Command::Weights { command: WeightsCommand::Classify { weights, image } } => {
-            for (class, p) in commands::imagenet_top5(&weights, &image)? {
+        Command::Weights { command: WeightsCommand::Classify { backbone, weights, image } } => {
+            for (class, p) in commands::imagenet_top5(backbone, &weights, &image)? {
                 println!("{class:4}  {p:.4}");
             }
         }
         Command::Package { command: PackageCommand::Init { backbone, backbone_weights, images, k, seed, out, name, short_side, force, fpn_init } } => {
             let args = commands::InitPackage {
                 backbone,
-                backbone_weights,
+                backbone_weights: backbone_weights.unwrap_or_else(|| default_backbone_weights(backbone)),
                 images,
                 k,
                 seed,
@@ -406,7 +411,10 @@ fn train(t: TrainCli) -> Result<()> {
     };
     let init = match t.from {
         Some(p) => TrainInit::Package(p),
-        None => TrainInit::Backbone { kind: t.backbone, weights: t.backbone_weights },
+        None => {
+            let weights = t.backbone_weights.unwrap_or_else(|| default_backbone_weights(t.backbone));
+            TrainInit::Backbone { kind: t.backbone, weights }
+        }
     };
     let args = TrainArgs {
         checkpoint: t.checkpoint.unwrap_or_else(|| t.out.with_extension("checkpoint")),
@@ -589,6 +597,11 @@ fn eval(e: EvalCli) -> Result<()> {
 }
 
 /// GET /health/ready on loopback with a plain HTTP/1.0 request.
+/// Where scripts/setup.sh puts a backbone's imported weights.
+fn default_backbone_weights(kind: BackboneKind) -> PathBuf {
+    PathBuf::from(format!(".weights/{}.safetensors", kind.name()))
+}
+
 fn healthcheck(port: u16) -> Result<()> {
     use std::io::{Read, Write};
     let timeout = std::time::Duration::from_secs(3);

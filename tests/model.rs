@@ -48,11 +48,36 @@ fn parity(embedder: &Embedder, config: EmbedderConfig, sizes: &[(usize, usize, u
 }
 
 #[test]
-fn lite0_import_classifies_the_cat() {
-    let top5 = picie::commands::imagenet_top5(common::lite0_safetensors(), &common::fixture("chelsea.png")).unwrap();
-    let (top1, p) = top5[0];
-    assert!((281..=285).contains(&top1), "top-5 {top5:?}: the cat is not a cat");
-    assert!(p > 0.2, "top-1 probability {p}");
+fn lite_imports_classify_the_cat() {
+    for (kind, weights) in [(BackboneKind::EfficientnetLite0, common::lite0_safetensors()), (BackboneKind::EfficientnetLite2, common::lite2_safetensors())] {
+        let top5 = picie::commands::imagenet_top5(kind, weights, &common::fixture("chelsea.png")).unwrap();
+        let (top1, p) = top5[0];
+        assert!((281..=285).contains(&top1), "{kind:?} top-5 {top5:?}: the cat is not a cat");
+        assert!(p > 0.2, "{kind:?} top-1 probability {p}");
+    }
+}
+
+#[test]
+fn lite_variants_do_not_load_each_others_checkpoints() {
+    // Same tensor names, other widths and depths: a mix-up is an import error, not a quiet
+    // half-loaded backbone.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    for (kind, lite) in [(BackboneKind::EfficientnetLite2, "lite0"), (BackboneKind::EfficientnetLite0, "lite2")] {
+        let e = format!("{:#}", picie::commands::import_weights(kind, &common::lite_checkpoint(lite), &out).unwrap_err());
+        assert!(e.contains("is not a") && e.contains("_blocks."), "{lite} as {kind:?}: {e}");
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn lite2_onnx_matches_burn() {
+    let config = EmbedderConfig::new(BackboneKind::EfficientnetLite2);
+    assert_eq!(config.backbone.tap_channels(), [24, 48, 120, 352]);
+    let weights = TensorMap::load_safetensors(common::lite2_safetensors()).unwrap();
+    let embedder = Embedder::from_backbone(config, &weights.sub("backbone"), 0, &device()).unwrap();
+    let diff = parity(&embedder, config, &[(1, 64, 96), (2, 96, 64)]);
+    assert!(diff <= 1e-4, "max abs difference {diff}");
 }
 
 #[test]

@@ -19,17 +19,22 @@ fn package_dir() -> &'static Path {
     let (_, p) = DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("pkg");
-        init_fixture_package(&out, FpnInit::Random);
+        init_fixture_package(&out, BackboneKind::EfficientnetLite0, FpnInit::Random);
         (dir, out)
     });
     p
 }
 
 /// An untrained package of the fixture photos at short side 128, K clusters.
-fn init_fixture_package(out: &Path, fpn_init: FpnInit) -> Package {
+fn init_fixture_package(out: &Path, backbone: BackboneKind, fpn_init: FpnInit) -> Package {
+    let weights = match backbone {
+        BackboneKind::EfficientnetLite0 => common::lite0_safetensors(),
+        BackboneKind::EfficientnetLite2 => common::lite2_safetensors(),
+        other => panic!("no fixture weights for {other:?}"),
+    };
     init_package(&InitPackage {
-        backbone: BackboneKind::EfficientnetLite0,
-        backbone_weights: common::lite0_safetensors().to_path_buf(),
+        backbone,
+        backbone_weights: weights.to_path_buf(),
         images: common::root().join("fixtures/images"),
         k: K,
         seed: 0,
@@ -83,16 +88,19 @@ fn init_writes_a_valid_untrained_package() {
 /// `--fpn-init pca`: each lateral writes its own block of output channels (the rest of its
 /// rows are zero), the provenance says how the FPN started, and the package segments.
 #[test]
-fn pca_init_writes_block_laterals() {
+fn lite2_pca_package_writes_block_laterals_and_segments() {
+    // The larger backbone end to end: import, PCA laterals over its own taps, export, serve.
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pca");
-    let pkg = init_fixture_package(&out, FpnInit::Pca);
+    let kind = BackboneKind::EfficientnetLite2;
+    let pkg = init_fixture_package(&out, kind, FpnInit::Pca);
     assert_eq!(pkg.manifest.provenance.details["fpn_init"], "pca");
+    assert_eq!(pkg.manifest.embedder.backbone, kind);
     let weights = pkg.load_weights().unwrap();
-    let dims = picie::train::fpn_init::block_dims(BackboneKind::EfficientnetLite0.tap_channels(), 128).unwrap();
+    let dims = picie::train::fpn_init::block_dims(kind.tap_channels(), 128).unwrap();
     let mut offset = 0;
     for (i, d) in dims.into_iter().enumerate() {
-        let c = BackboneKind::EfficientnetLite0.tap_channels()[i];
+        let c = kind.tap_channels()[i];
         let w = weights.get(&format!("fpn.lateral.{i}.weight"), &[128, c, 1, 1]).unwrap();
         for row in 0..128 {
             let nonzero = w.data[row * c..(row + 1) * c].iter().any(|&v| v != 0.0);

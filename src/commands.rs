@@ -84,16 +84,15 @@ pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
     let weights = TensorMap::load_safetensors(&args.backbone_weights)?;
     let config = EmbedderConfig::new(args.backbone);
     let paths = list_images(&args.images)?;
-    let embedder = if args.fpn_init == FpnInit::Pca {
-        // The taps are measured on frames as training would see them; only the sampled images
-        // are read here (the clustering pass reads them all).
-        let sampled: Vec<PathBuf> = fpn_init::spread(paths.len(), fpn_init::PCA_FRAMES).into_iter().map(|i| paths[i].clone()).collect();
-        let frames = Frames::load(&sampled, TrainConfig::default().frame());
-        let start = starting_weights(config, &weights.sub("backbone"), args.seed, args.fpn_init, &frames)?;
-        Embedder::load(config, &start, &device)?
-    } else {
-        Embedder::from_backbone(config, &weights.sub("backbone"), args.seed, &device)?
+    // The taps are measured on frames as training would see them; only the sampled images are
+    // read here (the clustering pass reads them all), and none for seeded laterals.
+    let sampled: Vec<PathBuf> = match args.fpn_init {
+        FpnInit::Pca => fpn_init::spread(paths.len(), fpn_init::PCA_FRAMES).into_iter().map(|i| paths[i].clone()).collect(),
+        FpnInit::Random => vec![],
     };
+    let frames = Frames::load(&sampled, TrainConfig::default().frame());
+    let start = starting_weights(config, &weights.sub("backbone"), args.seed, args.fpn_init, &frames)?;
+    let embedder = Embedder::load(config, &start, &device)?;
     let provenance = Provenance {
         created_at: crate::package::now_rfc3339(),
         picie_version: env!("CARGO_PKG_VERSION").into(),

@@ -40,13 +40,10 @@ impl BackboneKind {
         }
     }
 
-    /// The name on the command line and in manifests.
-    pub fn name(self) -> &'static str {
-        match self {
-            BackboneKind::EfficientnetLite0 => "efficientnet-lite0",
-            BackboneKind::EfficientnetLite2 => "efficientnet-lite2",
-            BackboneKind::Resnet18 => "resnet18",
-        }
+    /// The name on the command line (clap's, which serde's kebab-case matches: tested).
+    pub fn name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value().expect("every backbone has a name").get_name().to_string()
     }
 
     /// The EfficientNet-Lite variant, for the backbones that are one.

@@ -163,7 +163,7 @@ pub fn init_pca_laterals(embedder: &Embedder, frames: &[Vec<f32>], (width, heigh
         let data: Vec<f32> = batch.concat();
         let x = Tensor::<4>::from_data(burn::tensor::TensorData::new(data, vec![batch.len(), 3, height, width]), &device);
         let taps = embedder.backbone.forward(imagenet_normalize(x));
-        let m = moments.get_or_insert_with(|| taps.clone().map(|t| TapMoments::new(t.dims()[1])));
+        let m = moments.get_or_insert_with(|| taps.each_ref().map(|t| TapMoments::new(t.dims()[1])));
         for (tap, stats) in taps.into_iter().zip(m.iter_mut()) {
             let [n, _, h, w] = tap.dims();
             let data = NamedTensor::from_burn(tap).data;
@@ -171,7 +171,7 @@ pub fn init_pca_laterals(embedder: &Embedder, frames: &[Vec<f32>], (width, heigh
         }
     }
     let moments = moments.expect("at least one batch");
-    let dims = block_dims(moments.clone().map(|m| m.channels), dim)?;
+    let dims = block_dims(moments.each_ref().map(|m| m.channels), dim)?;
     for (i, (weight, bias)) in pca_laterals(&moments, dims, dim).into_iter().enumerate() {
         let c = moments[i].channels;
         weights.insert(format!("fpn.lateral.{i}.weight"), NamedTensor::new(vec![dim, c, 1, 1], weight));

@@ -4,13 +4,16 @@
 //! left out, Hungarian matching of clusters to classes (maximising matched pixels), then pixel
 //! accuracy, per-class IoU and mIoU under that matching.
 
+pub mod boundary;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use pathfinding::prelude::{kuhn_munkres, Matrix};
 use serde::Serialize;
 
-use crate::infer::{assign_refined, assign_to, preprocess, CrfConfig, DeviceChoice, Quality, Segmenter};
+use boundary::BoundaryCounts;
+use crate::infer::{assign_at, preprocess, DeviceChoice, Quality, Refinement, Segmenter};
 use crate::package::{InputPolicy, Package};
 use crate::train::cluster::{embed_images, list_images, MAX_CLUSTER_VECTORS};
 use crate::train::kmeans::KMeansConfig;
@@ -33,6 +36,9 @@ pub struct EvalReport {
     pub matching: Vec<Option<usize>>,
     /// K x C counts: confusion[cluster][class].
     pub confusion: Vec<Vec<u64>>,
+    /// Class-agnostic boundary F-score within [`boundary::DEFAULT_TOLERANCE`] pixels ([`boundary`]).
+    pub boundary_f: f64,
+    pub boundary: BoundaryCounts,
 }
 
 /// Pairs of (image, label mask) by file stem.
@@ -71,10 +77,10 @@ pub fn hungarian(confusion: &[Vec<u64>]) -> Vec<Option<usize>> {
 
 /// Scores a confusion matrix under its Hungarian matching.
 pub fn score(confusion: Vec<Vec<u64>>, model: String) -> EvalReport {
-    score_at(confusion, model, Quality::Fast)
+    score_at(confusion, BoundaryCounts::default(), model, Quality::Fast)
 }
 
-fn score_at(confusion: Vec<Vec<u64>>, model: String, quality: Quality) -> EvalReport {
+fn score_at(confusion: Vec<Vec<u64>>, boundary: BoundaryCounts, model: String, quality: Quality) -> EvalReport {
     let k = confusion.len();
     let c = confusion.first().map_or(0, |r| r.len());
     let matching = hungarian(&confusion);
@@ -102,6 +108,8 @@ fn score_at(confusion: Vec<Vec<u64>>, model: String, quality: Quality) -> EvalRe
         class_iou,
         matching,
         confusion,
+        boundary_f: boundary.f_score(),
+        boundary,
     }
 }
 
@@ -125,7 +133,7 @@ pub fn evaluate(
     clusters: Clusters<'_>,
     device: DeviceChoice,
     qualities: &[Quality],
-    crf: &CrfConfig,
+    refine: &Refinement,
 ) -> Result<Vec<EvalReport>> {
     let pkg = Package::load(model_dir)?;
     let name = pkg.manifest.name.clone();
@@ -151,9 +159,11 @@ pub fn evaluate(
                     .collect::<Result<_>>()?
             }
         };
-        // confusions[quality][seed]
-        let mut confusions: Vec<Vec<Vec<Vec<u64>>>> =
-            wanted.iter().map(|_| centroid_sets.iter().map(|(k, _)| vec![vec![0u64; classes]; *k]).collect()).collect();
+        // confusions[quality][seed], with the boundary counts beside each
+        let mut confusions: Vec<Vec<(Vec<Vec<u64>>, BoundaryCounts)>> = wanted
+            .iter()
+            .map(|_| centroid_sets.iter().map(|(k, _)| (vec![vec![0u64; classes]; *k], BoundaryCounts::default())).collect())
+            .collect();
         for (img_path, label_path) in pairs {
             let img = preprocess::decode_file(img_path)?;
             let labels = image::open(label_path).with_context(|| format!("reading {}", label_path.display()))?.to_luma8();
@@ -162,8 +172,10 @@ pub fn evaluate(
             }
             let features = seg.embed_with(std::slice::from_ref(&img), flip)?.remove(0);
             for ((_, quality), per_seed) in wanted.iter().zip(&mut confusions) {
-                for ((k, centroids), confusion) in centroid_sets.iter().zip(per_seed.iter_mut()) {
-                    let mask = if quality.crf() { assign_refined(&features, centroids, *k, &img, crf) } else { assign_to(&features, centroids, *k) };
+                for ((k, centroids), (confusion, edges)) in centroid_sets.iter().zip(per_seed.iter_mut()) {
+                    let mask = assign_at(&features, centroids, *k, &img, *quality, refine);
+                    let (w, h) = (labels.width() as usize, labels.height() as usize);
+                    edges.add(boundary::boundary_counts(&mask.labels, labels.as_raw(), w, h, IGNORE_LABEL, boundary::DEFAULT_TOLERANCE));
                     for (&p, l) in mask.labels.iter().zip(labels.pixels()) {
                         let l = l[0];
                         if l == IGNORE_LABEL {
@@ -178,7 +190,7 @@ pub fn evaluate(
             }
         }
         for ((order, quality), per_seed) in wanted.into_iter().zip(confusions) {
-            reports.extend(per_seed.into_iter().map(|c| (order, score_at(c, name.clone(), quality))));
+            reports.extend(per_seed.into_iter().map(|(c, b)| (order, score_at(c, b, name.clone(), quality))));
         }
     }
     // In the order the qualities were asked for, seeds in order within each.
@@ -190,9 +202,9 @@ pub fn evaluate(
 pub fn table(reports: &[EvalReport], class_names: &[String]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "{:<28} {:>4} {:>10} {:>8}", "model", "K", "pixel acc", "mIoU");
+    let _ = writeln!(out, "{:<28} {:>4} {:>10} {:>8} {:>10}", "model", "K", "pixel acc", "mIoU", "boundary F");
     for r in reports {
-        let _ = writeln!(out, "{:<28} {:>4} {:>10.2} {:>8.2}", r.model, r.k, 100.0 * r.pixel_accuracy, 100.0 * r.miou);
+        let _ = writeln!(out, "{:<28} {:>4} {:>10.2} {:>8.2} {:>10.2}", r.model, r.k, 100.0 * r.pixel_accuracy, 100.0 * r.miou, 100.0 * r.boundary_f);
     }
     let _ = writeln!(out, "\nIoU per class (%)");
     let _ = write!(out, "{:<14}", "class");

@@ -90,7 +90,7 @@ fn main() -> anyhow::Result<()> {
     // shipped model unless BENCH_MODELS names packages (comma-separated).
     let models = std::env::var("BENCH_MODELS").unwrap_or_else(|_| root.join("models/default").display().to_string());
     let photo = preprocess::decode_file(&root.join("fixtures/images/coffee.jpg"))?;
-    let crf = picie::infer::CrfConfig::default();
+    let crf = picie::infer::Refinement::default();
     for model in models.split(',').filter(|m| !m.is_empty()) {
         let seg = picie::infer::Segmenter::load(std::path::Path::new(model), DeviceChoice::Cpu, Some(threads))?;
         println!("\n/segment work per image by quality, {model} (K = {}), median of runs", seg.k());

@@ -16,6 +16,7 @@ use crate::package::{InputPolicy, Manifest, Package, PackageContents, Provenance
 use crate::train::fpn_init::{self, FpnInit};
 use crate::train::cluster::{cluster_images, list_images, ClusterReport, MAX_CLUSTER_VECTORS};
 use crate::train::kmeans::KMeansConfig;
+use crate::train::augment::Photometric;
 use crate::train::picie::{Frames, TrainConfig};
 
 /// The seed of the default package's FPN initialisation.
@@ -90,7 +91,7 @@ pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
         FpnInit::Pca => fpn_init::spread(paths.len(), fpn_init::PCA_FRAMES).into_iter().map(|i| paths[i].clone()).collect(),
         FpnInit::Random => vec![],
     };
-    let frames = Frames::load(&sampled, TrainConfig::default().frame());
+    let frames = Frames::load(&sampled, TrainConfig::default().frame()).standardized(args.policy.standardize);
     let start = starting_weights(config, &weights.sub("backbone"), args.seed, args.fpn_init, &frames)?;
     let embedder = Embedder::load(config, &start, &device)?;
     let provenance = Provenance {
@@ -232,7 +233,10 @@ pub fn starting_weights(config: EmbedderConfig, backbone: &TensorMap, fpn_seed: 
     let embedder = Embedder::from_backbone(config, backbone, fpn_seed, &cpu_device())?;
     let mut weights = embedder.to_tensor_map("init");
     if fpn_init == FpnInit::Pca {
-        let sample = fpn_init::spread(frames.len(), fpn_init::PCA_FRAMES).into_iter().map(|i| frames.frame(i)).collect::<Result<Vec<_>>>()?;
+        let sample = fpn_init::spread(frames.len(), fpn_init::PCA_FRAMES)
+            .into_iter()
+            .map(|i| Ok(frames.view(frames.frame(i)?, &Photometric::IDENTITY)))
+            .collect::<Result<Vec<_>>>()?;
         fpn_init::init_pca_laterals(&embedder, &sample, (frames.width, frames.height), config.dim, &mut weights)?;
     }
     Ok(weights)
@@ -260,12 +264,21 @@ pub struct TrainArgs {
     pub command: String,
     /// Self-training after PiCIE (None: none).
     pub self_train: Option<crate::train::selftrain::SelfTrainConfig>,
+    /// Epochs after which a package of the embedder so far is written too, beside `out` as
+    /// `OUT-eN` (the epoch an embedder generalises best at is measured, not assumed).
+    pub snapshots: Vec<usize>,
 }
 
 /// Where, inside the checkpoint folder, the self-training stage keeps the PiCIE stage's package
 /// (its targets and centroids) and its own progress.
 pub const STAGE_PACKAGE: &str = "picie-package";
 pub const SELF_TRAIN_CHECKPOINT: &str = "selftrain";
+
+/// Where a snapshot of `out` after `epoch` epochs goes: `OUT-eN` beside it.
+pub fn snapshot_path(out: &Path, epoch: usize) -> PathBuf {
+    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("package");
+    out.with_file_name(format!("{name}-e{epoch}"))
+}
 
 /// `picie train`: PiCIE on the images, then a package clustered with the trained embedder.
 /// Returns None when `on` stopped it (the last epoch's checkpoint is kept).
@@ -279,67 +292,89 @@ pub fn train_with(args: &TrainArgs, sessions: SessionSettings, on: &mut dyn FnMu
     use crate::train::picie::Trainer;
     let paths = list_images(&args.images)?;
     args.config.check()?;
-    let frames = Frames::load(&paths, args.config.frame());
+    let source_package = match &args.init {
+        TrainInit::Package(dir) => Some(Package::load(dir)?),
+        TrainInit::Backbone { .. } => None,
+    };
+    // A package's embedder trains on images prepared as the package prepares them.
+    let mut config = args.config.clone();
+    if let Some(pkg) = &source_package {
+        config.standardize = pkg.manifest.input.standardize;
+    }
+    let frames = Frames::load(&paths, config.frame()).standardized(config.standardize);
     if !frames.skipped.is_empty() {
         tracing::warn!(skipped = frames.skipped.len(), files = ?frames.skipped, "unreadable images skipped");
     }
-    args.config.validate(frames.len())?;
+    config.validate(frames.len())?;
     let resuming = args.resume && args.checkpoint.join(crate::train::picie::CHECKPOINT_STATE).exists();
-    let (embedder_config, weights, source, policy) = match &args.init {
-        TrainInit::Backbone { kind, weights } => {
-            let config = EmbedderConfig::new(*kind);
+    let (embedder_config, weights, source, policy) = match (&args.init, source_package) {
+        (_, Some(pkg)) => (pkg.manifest.embedder, pkg.load_weights()?, pkg.version(), pkg.manifest.input),
+        (TrainInit::Backbone { kind, weights }, None) => {
+            let embedder = EmbedderConfig::new(*kind);
             // A resumed run loads its checkpoint's weights: no need to measure the taps again.
-            let fpn = if resuming { FpnInit::Random } else { args.config.fpn_init };
+            let fpn = if resuming { FpnInit::Random } else { config.fpn_init };
             let backbone = TensorMap::load_safetensors(weights)?;
-            let init = starting_weights(config, &backbone.sub("backbone"), args.config.seed, fpn, &frames)?;
-            (config, init, weights.display().to_string(), InputPolicy::default())
+            let init = starting_weights(embedder, &backbone.sub("backbone"), config.seed, fpn, &frames)?;
+            (embedder, init, weights.display().to_string(), InputPolicy { standardize: config.standardize, ..InputPolicy::default() })
         }
-        TrainInit::Package(dir) => {
-            let pkg = Package::load(dir)?;
-            (pkg.manifest.embedder, pkg.load_weights()?, pkg.version(), pkg.manifest.input)
-        }
+        (TrainInit::Package(_), None) => unreachable!("the package was loaded above"),
     };
     if args.self_train.is_some() && embedder_config.tap_weight > 0.0 {
         // Its targets are centroids of the served (hypercolumn) features; it trains the FPN's.
         bail!("self-training needs a package that serves the FPN's features alone (this one has tap_weight {})", embedder_config.tap_weight);
     }
     let mut trainer = if resuming {
-        let t = Trainer::resume(args.config.clone(), embedder_config, &args.checkpoint)?;
+        let t = Trainer::resume(config.clone(), embedder_config, &args.checkpoint)?;
         tracing::info!(epochs_done = t.epochs_done, "resuming from {}", args.checkpoint.display());
         t
     } else {
         if args.resume {
             tracing::warn!("no checkpoint at {}: starting from the beginning", args.checkpoint.display());
         }
-        Trainer::new(args.config.clone(), embedder_config, &weights)?
+        Trainer::new(config.clone(), embedder_config, &weights)?
     };
+    let k = args.package_k.unwrap_or(config.k);
+    let provenance = |trainer: &Trainer| -> Result<Provenance> {
+        Ok(Provenance {
+            created_at: crate::package::now_rfc3339(),
+            picie_version: env!("CARGO_PKG_VERSION").into(),
+            command: args.command.clone(),
+            backbone_weights: source.clone(),
+            trained: true,
+            parent: None,
+            details: BTreeMap::from([
+                ("train".into(), serde_json::to_value(TrainConfig { epochs: trainer.epochs_done, ..config.clone() })?),
+                ("train_images".into(), serde_json::json!(frames.len())),
+                ("skipped".into(), serde_json::json!(frames.skipped)),
+                ("epoch_losses".into(), serde_json::json!(trainer.losses)),
+            ]),
+        })
+    };
+    let mut snapshots: Vec<usize> = args.snapshots.iter().copied().filter(|&e| e > trainer.epochs_done && e < config.epochs).collect();
+    snapshots.sort_unstable();
+    snapshots.dedup();
+    for epoch in snapshots {
+        if !trainer.run_to(epoch, &frames, &args.checkpoint, on)? {
+            return Ok(None);
+        }
+        let out = snapshot_path(&args.out, epoch);
+        let target = PackageTarget { out: &out, name: &args.name, policy, replace: true, sessions };
+        package_from_embedder(&trainer.model.valid(), embedder_config, frames.paths(), KMeansConfig::new(k, config.seed), provenance(&trainer)?, &target)?;
+        tracing::info!(epoch, package = %out.display(), "snapshot written");
+    }
     if !trainer.run(&frames, &args.checkpoint, on)? {
         return Ok(None);
     }
     let model = trainer.model.valid();
-    let provenance = Provenance {
-        created_at: crate::package::now_rfc3339(),
-        picie_version: env!("CARGO_PKG_VERSION").into(),
-        command: args.command.clone(),
-        backbone_weights: source,
-        trained: true,
-        parent: None,
-        details: BTreeMap::from([
-            ("train".into(), serde_json::to_value(&args.config)?),
-            ("train_images".into(), serde_json::json!(frames.len())),
-            ("skipped".into(), serde_json::json!(frames.skipped)),
-            ("epoch_losses".into(), serde_json::json!(trainer.losses)),
-        ]),
-    };
-    let k = args.package_k.unwrap_or(args.config.k);
+    let provenance = provenance(&trainer)?;
     let Some(st) = &args.self_train else {
         let target = PackageTarget { out: &args.out, name: &args.name, policy, replace: args.replace, sessions };
-        return package_from_embedder(&model, embedder_config, frames.paths(), KMeansConfig::new(k, args.config.seed), provenance, &target).map(Some);
+        return package_from_embedder(&model, embedder_config, frames.paths(), KMeansConfig::new(k, config.seed), provenance, &target).map(Some);
     };
     // The PiCIE stage's package: the self-training targets and the final centroids.
     let stage_dir = args.checkpoint.join(STAGE_PACKAGE);
     let stage_target = PackageTarget { out: &stage_dir, name: &args.name, policy, replace: true, sessions };
-    let (stage, report) = package_from_embedder(&model, embedder_config, frames.paths(), KMeansConfig::new(k, args.config.seed), provenance, &stage_target)?;
+    let (stage, report) = package_from_embedder(&model, embedder_config, frames.paths(), KMeansConfig::new(k, config.seed), provenance, &stage_target)?;
     let seg = crate::infer::Segmenter::from_package(stage.clone(), sessions.device, sessions.threads)?;
     let mut label_progress = |done: usize, all: usize| {
         on(&crate::train::picie::Progress { epoch: 0, epochs: st.epochs, phase: "pseudo-label", step: done, steps: all, loss: None, pixels_per_sec: 0.0 })
@@ -348,7 +383,7 @@ pub fn train_with(args: &TrainArgs, sessions: SessionSettings, on: &mut dyn FnMu
     tracing::info!(kept = targets.kept(), "self-training targets");
     let mut trainer = crate::train::selftrain::SelfTrainer::resume_or_new(
         st.clone(),
-        args.config.clone(),
+        config.clone(),
         embedder_config,
         &stage.load_weights()?,
         &args.checkpoint.join(SELF_TRAIN_CHECKPOINT),

@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use picie::commands;
-use picie::infer::{CrfConfig, DeviceChoice, Quality, Segmenter};
+use picie::infer::{CrfConfig, DeviceChoice, GuidedConfig, Quality, Refinement, Segmenter};
 use picie::model::embedder::BackboneKind;
 use picie::package::InputPolicy;
 
@@ -71,6 +71,9 @@ enum Command {
         /// Dense CRF settings, key=value pairs over the defaults (see `picie serve --help`).
         #[arg(long, default_value = "")]
         crf: CrfConfig,
+        /// Guided-filter settings (quality `edges`), key=value pairs over the defaults.
+        #[arg(long, default_value = "")]
+        guided: GuidedConfig,
         images: Vec<PathBuf>,
     },
 }
@@ -135,6 +138,11 @@ struct TrainCli {
     /// (seeded, the authors' choice).
     #[arg(long, value_enum, default_value = "pca")]
     fpn_init: picie::train::fpn_init::FpnInit,
+    /// Standardise each image's colour channels (mean and spread) before the network, in
+    /// training and in the written package's input policy: exposure and colour cast (dusk
+    /// against noon) stop mattering.
+    #[arg(long)]
+    standardize: bool,
     /// Checkpoint folder (default: OUT.checkpoint).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
@@ -162,6 +170,10 @@ struct TrainCli {
     /// Logits = -cosine distance / this (1: PiCIE's loss; lower sharpens).
     #[arg(long, default_value_t = 1.0)]
     self_train_temperature: f32,
+    /// Also write a package after each of these epochs (comma-separated), as OUT-eN beside
+    /// --out: one run gives the scores of several epochs.
+    #[arg(long, value_delimiter = ',')]
+    snapshot_epochs: Vec<usize>,
 }
 
 #[derive(clap::Args)]
@@ -208,6 +220,9 @@ struct EvalCli {
     /// Dense CRF settings, key=value pairs over the defaults (e.g. "iterations=5,appearance_srgb=13").
     #[arg(long, default_value = "")]
     crf: CrfConfig,
+    /// Guided-filter settings (quality `edges`), key=value pairs over the defaults (e.g. "radius=4,eps=0.01").
+    #[arg(long, default_value = "")]
+    guided: GuidedConfig,
 }
 
 #[derive(Subcommand)]
@@ -260,6 +275,9 @@ enum PackageCommand {
         /// taps on --images) or random (seeded).
         #[arg(long, value_enum, default_value = "pca")]
         fpn_init: picie::train::fpn_init::FpnInit,
+        /// Standardise each image's colour channels before the network (see `picie train`).
+        #[arg(long)]
+        standardize: bool,
     },
     /// Load and validate a package, print its manifest.
     Check { dir: PathBuf },
@@ -332,7 +350,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{class:4}  {p:.4}");
             }
         }
-        Command::Package { command: PackageCommand::Init { backbone, backbone_weights, images, k, seed, out, name, short_side, force, fpn_init } } => {
+        Command::Package { command: PackageCommand::Init { backbone, backbone_weights, images, k, seed, out, name, short_side, force, fpn_init, standardize } } => {
             let args = commands::InitPackage {
                 backbone,
                 backbone_weights: backbone_weights.unwrap_or_else(|| default_backbone_weights(backbone)),
@@ -341,7 +359,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
                 out,
                 name,
-                policy: InputPolicy { short_side, ..InputPolicy::default() },
+                policy: InputPolicy { short_side, standardize, ..InputPolicy::default() },
                 replace: force,
                 command: std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
                 fpn_init,
@@ -369,12 +387,12 @@ fn run(cli: Cli) -> Result<()> {
             commands::export_package(&model, &out)?;
             println!("wrote {}", out.display());
         }
-        Command::Segment { model, out, device, quality, crf, images } => {
+        Command::Segment { model, out, device, quality, crf, guided, images } => {
             let seg = Segmenter::load(&model, device, None)?;
             std::fs::create_dir_all(&out)?;
             for path in images {
                 let img = picie::infer::preprocess::decode_file(&path)?;
-                let mask = seg.segment_batch_at(std::slice::from_ref(&img), quality, &crf)?.remove(0);
+                let mask = seg.segment_batch_at(std::slice::from_ref(&img), quality, &Refinement { crf, guided })?.remove(0);
                 let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
                 let dest = out.join(format!("{stem}.png"));
                 image::GrayImage::from_raw(mask.width, mask.height, mask.labels)
@@ -407,6 +425,7 @@ fn train(t: TrainCli) -> Result<()> {
             inter_shift: t.correspondence_inter_shift,
         },
         fpn_init: t.fpn_init,
+        standardize: t.standardize,
         ..TrainConfig::default()
     };
     let init = match t.from {
@@ -436,6 +455,7 @@ fn train(t: TrainCli) -> Result<()> {
             temperature: t.self_train_temperature,
             ..Default::default()
         }),
+        snapshots: t.snapshot_epochs,
     };
     let mut bar = ProgressBar::default();
     match picie::commands::train(&args, &mut |p| {
@@ -536,7 +556,7 @@ fn eval(e: EvalCli) -> Result<()> {
     let mut reports = vec![];
     let mut means = vec![];
     let seed_list: Vec<u64> = (0..seeds).map(|s| e.seed + s).collect();
-    let crf = e.crf;
+    let refine = Refinement { crf: e.crf, guided: e.guided };
     for model in e.baseline.iter().chain(std::iter::once(&e.model)) {
         let name = model.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
         let clusters = match &cluster_paths {
@@ -544,14 +564,15 @@ fn eval(e: EvalCli) -> Result<()> {
             None => Clusters::Package,
         };
         let started = std::time::Instant::now();
-        let runs = evaluate(model, &pairs, classes, clusters, DeviceChoice::Auto, &e.quality, &crf)?;
+        let runs = evaluate(model, &pairs, classes, clusters, DeviceChoice::Auto, &e.quality, &refine)?;
         tracing::info!(model = %name, seconds = started.elapsed().as_secs_f64(), "scored");
         for quality in &e.quality {
             let label = format!("{name} [{quality}]");
             let mut these: Vec<_> = runs.iter().filter(|r| r.quality == *quality).cloned().collect();
             these.iter_mut().for_each(|r| r.model = label.clone());
             let n = these.len() as f64;
-            means.push((label, these.iter().map(|r| r.pixel_accuracy).sum::<f64>() / n, these.iter().map(|r| r.miou).sum::<f64>() / n));
+            let mean = |f: fn(&picie::eval::EvalReport) -> f64| these.iter().map(f).sum::<f64>() / n;
+            means.push((label, mean(|r| r.pixel_accuracy), mean(|r| r.miou), mean(|r| r.boundary_f)));
             reports.extend(these);
         }
     }
@@ -563,8 +584,9 @@ fn eval(e: EvalCli) -> Result<()> {
     print!("{}", table(&reports, &names));
     if seeds > 1 {
         println!("\nmean over {seeds} k-means seeds");
-        for (model, acc, miou) in &means {
-            println!("{model:<28} {:>10.2} {:>8.2}", 100.0 * acc, 100.0 * miou);
+        println!("{:<28} {:>10} {:>8} {:>10}", "model", "pixel acc", "mIoU", "boundary F");
+        for (model, acc, miou, boundary) in &means {
+            println!("{model:<28} {:>10.2} {:>8.2} {:>10.2}", 100.0 * acc, 100.0 * miou, 100.0 * boundary);
         }
     }
     if let Some(j) = &e.json {

@@ -117,7 +117,7 @@ async fn without_a_key_only_loopback_may_change_state() {
 }
 
 fn worker_config(stall_after: Duration) -> WorkerConfig {
-    WorkerConfig { capacity: 8, max_batch: 1, stall_after, crf: Default::default(), initial_time_per_image: Duration::ZERO }
+    WorkerConfig { capacity: 8, max_batch: 1, stall_after, refine: Default::default(), initial_time_per_image: Duration::ZERO }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

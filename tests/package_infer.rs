@@ -164,11 +164,11 @@ fn flip_averaging_is_mirror_symmetric() {
 /// An image too large for the CRF's budget is refined at a reduced size and scaled back up.
 #[test]
 fn the_crf_shrinks_what_does_not_fit_its_budget() {
-    use picie::infer::{CrfConfig, Quality};
+    use picie::infer::{CrfConfig, Quality, Refinement};
     let seg = Segmenter::load(package_dir(), DeviceChoice::Cpu, None).unwrap();
     let img = load_fixture("coffee.jpg");
-    let full = seg.segment_batch_at(std::slice::from_ref(&img), Quality::Crf, &CrfConfig::default()).unwrap().remove(0);
-    let small = CrfConfig { max_pixels: 600 * 400 / 4, ..CrfConfig::default() };
+    let full = seg.segment_batch_at(std::slice::from_ref(&img), Quality::Crf, &Refinement::default()).unwrap().remove(0);
+    let small = Refinement { crf: CrfConfig { max_pixels: 600 * 400 / 4, ..CrfConfig::default() }, ..Refinement::default() };
     let reduced = seg.segment_batch_at(std::slice::from_ref(&img), Quality::Crf, &small).unwrap().remove(0);
     assert_eq!((reduced.width, reduced.height), (600, 400));
     let same = full.labels.iter().zip(&reduced.labels).filter(|(a, b)| a == b).count() as f64 / full.labels.len() as f64;

@@ -36,6 +36,7 @@ fn args(dir: &std::path::Path, config: TrainConfig, resume: bool) -> TrainArgs {
         replace: true,
         command: "test".into(),
         self_train: None,
+        snapshots: vec![],
     }
 }
 
@@ -45,7 +46,9 @@ fn trains_checkpoints_resumes_and_writes_a_package() {
     // Two epochs straight.
     let mut phases = vec![];
     let mut last_fraction = 0.0;
-    let (pkg, report) = train(&args(dir.path(), tiny(2), false), &mut |p| {
+    // With a snapshot after the first epoch, which must not change the run (checked below
+    // against a run resumed without one).
+    let (pkg, report) = train(&TrainArgs { snapshots: vec![1, 5], ..args(dir.path(), tiny(2), false) }, &mut |p| {
         assert!(p.fraction() >= last_fraction && p.fraction() <= 1.0, "progress only moves forward");
         last_fraction = p.fraction();
         phases.push(p.phase);
@@ -62,6 +65,11 @@ fn trains_checkpoints_resumes_and_writes_a_package() {
     let epoch = ["cluster", "cluster", "label", "label", "train", "train"];
     assert_eq!(phases, [epoch, epoch].concat(), "per epoch: two clustering, two labelling and two training steps");
     Package::load(&pkg.dir).unwrap();
+    let snapshot = Package::load(&dir.path().join("pkg-e1")).unwrap();
+    assert_eq!(snapshot.manifest.provenance.details["epoch_losses"].as_array().unwrap().len(), 1);
+    assert_eq!(snapshot.manifest.provenance.details["train"]["epochs"], 1);
+    assert_ne!(snapshot.load_weights().unwrap().tensors, pkg.load_weights().unwrap().tensors);
+    assert!(!dir.path().join("pkg-e5").exists(), "no snapshot past the last epoch");
 
     // Training changed the embedder but not the frozen stem.
     let trained = pkg.load_weights().unwrap();
@@ -200,7 +208,7 @@ fn eval_scores_a_package_against_labels() {
     }
     let pairs = picie::eval::paired_files(&imgs, &labels).unwrap();
     use picie::infer::Quality;
-    let crf = picie::infer::CrfConfig::default();
+    let crf = picie::infer::Refinement::default();
     let fast = [Quality::Fast];
     let r = picie::eval::evaluate(&model, &pairs, 11, picie::eval::Clusters::Package, picie::infer::DeviceChoice::Cpu, &fast, &crf).unwrap().remove(0);
     assert!((r.pixel_accuracy - 1.0).abs() < 1e-12, "{}", r.pixel_accuracy);

@@ -2,6 +2,7 @@
 
 pub mod assign;
 pub mod crf;
+pub mod guided;
 pub mod lattice;
 pub mod preprocess;
 pub mod runtime;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub use assign::LabelMask;
 pub use crf::CrfConfig;
+pub use guided::GuidedConfig;
 pub use preprocess::{decode_image, DecodeError, Geometry};
 pub use session::{DeviceChoice, EmbedSession, Provider};
 
@@ -67,7 +69,7 @@ pub fn embed_batch(session: &EmbedSession, policy: &InputPolicy, images: &[RgbIm
     let mut input = vec![0f32; copies * count * plane];
     let (own, mirrored) = input.split_at_mut(count * plane);
     own.chunks_mut(plane).zip(images.iter().zip(&geoms)).for_each(|(out, (img, g))| {
-        preprocess::fill_input(img, g, (cw, ch), out);
+        preprocess::fill_input(img, g, policy.standardize, (cw, ch), out);
     });
     if policy.flip {
         for (src, dst) in own.chunks(cw as usize).zip(mirrored.chunks_mut(cw as usize)) {
@@ -107,19 +109,21 @@ fn average_mirrored(features: &mut [f32], mirrored: &[f32], dim: usize, w: usize
 }
 
 /// How much work goes into a label map, per request: `fast` assigns the plain features,
-/// `flip` averages them over a horizontal flip first (about twice the embedder's cost), `crf`
-/// refines the labels with the dense CRF at the image's resolution, `best` does both.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// `flip` averages them over a horizontal flip first (about twice the embedder's cost), `edges`
+/// guided-filters the class scores with the image so boundaries follow its edges, `crf`
+/// refines the labels with the dense CRF at the image's resolution, `best` does flip and CRF.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Quality {
     Fast,
     Flip,
+    Edges,
     Crf,
     Best,
 }
 
 impl Quality {
-    pub const ALL: [Quality; 4] = [Quality::Fast, Quality::Flip, Quality::Crf, Quality::Best];
+    pub const ALL: [Quality; 5] = [Quality::Fast, Quality::Flip, Quality::Edges, Quality::Crf, Quality::Best];
 
     pub fn flip(self) -> bool {
         matches!(self, Quality::Flip | Quality::Best)
@@ -129,14 +133,27 @@ impl Quality {
         matches!(self, Quality::Crf | Quality::Best)
     }
 
+    /// The guided filter refines the scores.
+    pub fn guided(self) -> bool {
+        self == Quality::Edges
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Quality::Fast => "fast",
             Quality::Flip => "flip",
+            Quality::Edges => "edges",
             Quality::Crf => "crf",
             Quality::Best => "best",
         }
     }
+}
+
+/// The settings of the refinements a quality may ask for.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Refinement {
+    pub crf: CrfConfig,
+    pub guided: GuidedConfig,
 }
 
 impl std::fmt::Display for Quality {
@@ -151,7 +168,7 @@ impl std::str::FromStr for Quality {
         Quality::ALL
             .into_iter()
             .find(|q| q.as_str() == s)
-            .ok_or_else(|| format!("unknown quality `{s}` (expected fast, flip, crf or best)"))
+            .ok_or_else(|| format!("unknown quality `{s}` (expected fast, flip, edges, crf or best)"))
     }
 }
 
@@ -160,6 +177,20 @@ pub fn assign_to(features: &FeatureMap, centroids: &[f32], k: usize) -> LabelMas
     let hw = features.width * features.height;
     let scores = assign::similarities(&features.data, features.dim, hw, centroids);
     assign::labels_at_original_size(&scores, k, (features.width, features.height), &features.geometry)
+}
+
+/// The labels `quality` asks for from features made as it asks (flip averaging is the caller's):
+/// nearest centroid, then the CRF or the guided filter where the quality refines.
+pub fn assign_at(features: &FeatureMap, centroids: &[f32], k: usize, image: &RgbImage, quality: Quality, refine: &Refinement) -> LabelMask {
+    if quality.crf() {
+        assign_refined(features, centroids, k, image, &refine.crf)
+    } else if quality.guided() {
+        let hw = features.width * features.height;
+        let scores = assign::similarities(&features.data, features.dim, hw, centroids);
+        guided::labels_guided(&scores, k, (features.width, features.height), &features.geometry, image, &refine.guided)
+    } else {
+        assign_to(features, centroids, k)
+    }
 }
 
 /// Like [`assign_to`], then refined by the dense CRF on `image` (the original image the features
@@ -242,13 +273,9 @@ impl Segmenter {
     }
 
     /// Masks at a quality: flip averaging and the dense CRF switched on or off.
-    pub fn segment_batch_at(&self, images: &[RgbImage], quality: Quality, crf: &CrfConfig) -> Result<Vec<LabelMask>> {
+    pub fn segment_batch_at(&self, images: &[RgbImage], quality: Quality, refine: &Refinement) -> Result<Vec<LabelMask>> {
         let features = self.embed_with(images, quality.flip())?;
-        Ok(features
-            .iter()
-            .zip(images)
-            .map(|(f, img)| if quality.crf() { assign_refined(f, &self.centroids, self.k(), img, crf) } else { self.assign(f) })
-            .collect())
+        Ok(features.iter().zip(images).map(|(f, img)| assign_at(f, &self.centroids, self.k(), img, quality, refine)).collect())
     }
 
     pub fn segment(&self, image: &RgbImage) -> Result<LabelMask> {

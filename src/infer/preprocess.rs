@@ -102,9 +102,28 @@ pub fn rgb_planes(img: &RgbImage) -> Vec<f32> {
     out
 }
 
-/// Writes the image, resized per `geom`, into a 3 x H x W plane (RGB in [0, 1]) of a padded
-/// canvas of `canvas` = (W, H). Padding is the ImageNet mean colour, which the network sees as 0.
-pub fn fill_input(img: &RgbImage, geom: &Geometry, canvas: (u32, u32), out: &mut [f32]) {
+/// Shifts and scales each colour channel of a 3 x n plane so that its mean and standard
+/// deviation are ImageNet's: after the network's own ImageNet normalisation every channel of
+/// the image has mean 0 and spread 1, whatever its exposure and colour cast. A flat channel
+/// (spread under 1/255) is only shifted.
+pub fn standardize(planes: &mut [f32]) {
+    use crate::model::embedder::{IMAGENET_MEAN, IMAGENET_STD};
+    let n = planes.len() / 3;
+    if n == 0 {
+        return;
+    }
+    for (c, plane) in planes.chunks_mut(n).enumerate() {
+        let mean = plane.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        let var = plane.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+        let scale = if var.sqrt() < 1.0 / 255.0 { 1.0 } else { IMAGENET_STD[c] as f64 / var.sqrt() };
+        plane.iter_mut().for_each(|v| *v = ((*v as f64 - mean) * scale + IMAGENET_MEAN[c] as f64) as f32);
+    }
+}
+
+/// Writes the image, resized per `geom`, into a 3 x H x W plane (RGB in [0, 1], or
+/// [`standardize`]d with `standardized`) of a padded canvas of `canvas` = (W, H). Padding is the
+/// ImageNet mean colour, which the network sees as 0.
+pub fn fill_input(img: &RgbImage, geom: &Geometry, standardized: bool, canvas: (u32, u32), out: &mut [f32]) {
     let (cw, ch) = (canvas.0 as usize, canvas.1 as usize);
     assert_eq!(out.len(), 3 * cw * ch);
     let resized = if (img.width(), img.height()) == geom.resized {
@@ -115,10 +134,63 @@ pub fn fill_input(img: &RgbImage, geom: &Geometry, canvas: (u32, u32), out: &mut
     for (c, mean) in crate::model::embedder::IMAGENET_MEAN.iter().enumerate() {
         out[c * cw * ch..(c + 1) * cw * ch].fill(*mean);
     }
-    for (x, y, p) in resized.enumerate_pixels() {
-        let i = y as usize * cw + x as usize;
-        for c in 0..3 {
-            out[c * cw * ch + i] = p[c] as f32 / 255.0;
+    let mut planes = rgb_planes(&resized);
+    if standardized {
+        standardize(&mut planes);
+    }
+    let (rw, n) = (resized.width() as usize, (resized.width() * resized.height()) as usize);
+    for c in 0..3 {
+        for (y, row) in planes[c * n..(c + 1) * n].chunks(rw).enumerate() {
+            out[c * cw * ch + y * cw..][..rw].copy_from_slice(row);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standardizing_removes_exposure_and_colour_cast() {
+        // The same scene at noon and at dusk with a blue cast: an affine change per channel.
+        let scene = RgbImage::from_fn(24, 16, |x, y| image::Rgb([(x * 9) as u8, (y * 13) as u8, ((x + y) * 5) as u8]));
+        let dusk = RgbImage::from_fn(24, 16, |x, y| {
+            let p = scene.get_pixel(x, y);
+            image::Rgb([p[0] / 3 + 4, p[1] / 3 + 4, p[2] / 2 + 30])
+        });
+        let standardized = |img: &RgbImage| {
+            let mut v = rgb_planes(img);
+            standardize(&mut v);
+            v
+        };
+        let (a, b) = (standardized(&scene), standardized(&dusk));
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst < 0.02, "standardized views differ by {worst}");
+        let n = a.len() / 3;
+        for c in 0..3 {
+            let plane = &a[c * n..(c + 1) * n];
+            let mean = plane.iter().sum::<f32>() / n as f32;
+            let sd = (plane.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / n as f32).sqrt();
+            assert!((mean - crate::model::embedder::IMAGENET_MEAN[c]).abs() < 1e-4);
+            assert!((sd - crate::model::embedder::IMAGENET_STD[c]).abs() < 1e-4);
+        }
+        // A flat image is only shifted, not blown up.
+        let mut flat = vec![0.5f32; 3 * 10];
+        standardize(&mut flat);
+        assert!(flat.iter().all(|v| v.is_finite() && (0.4..0.5).contains(v)), "{flat:?}");
+    }
+
+    #[test]
+    fn the_padded_canvas_keeps_the_mean_colour_around_a_standardized_image() {
+        let img = RgbImage::from_fn(40, 30, |x, y| image::Rgb([(x * 6) as u8, (y * 8) as u8, 99]));
+        let policy = InputPolicy { short_side: 30, max_long_side: 64, multiple: 32, flip: false, standardize: true };
+        let g = geometry(40, 30, &policy);
+        assert_eq!((g.resized, g.padded), ((40, 30), (64, 32)));
+        let mut out = vec![0f32; 3 * 64 * 32];
+        fill_input(&img, &g, true, g.padded, &mut out);
+        let mut expected = rgb_planes(&img);
+        standardize(&mut expected);
+        assert_eq!(out[64 * 32 + 5 * 64 + 7], expected[40 * 30 + 5 * 40 + 7], "green at (7, 5)");
+        assert_eq!(out[63], crate::model::embedder::IMAGENET_MEAN[0], "padding on the right");
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::infer::{CrfConfig, DeviceChoice, Quality};
+use crate::infer::{CrfConfig, DeviceChoice, GuidedConfig, Quality, Refinement};
 
 pub use super::state::Limits;
 use super::datasets::DatasetLimits;
@@ -73,6 +73,12 @@ pub struct ServeConfig {
     /// appearance_weight (4), max_pixels (1048576: larger images are refined scaled down).
     #[arg(long, env = "PICIE_CRF", default_value = "")]
     pub crf: CrfConfig,
+    /// Guided-filter settings (quality `edges`) as key=value pairs over the defaults: radius (24,
+    /// in pixels), eps (0.001), temperature (0: the similarities themselves are filtered),
+    /// max_pixels (524288: larger images are filtered scaled down and the filter's coefficients
+    /// scaled back up).
+    #[arg(long, env = "PICIE_GUIDED", default_value = "")]
+    pub guided: GuidedConfig,
     /// Images per inference batch when requests queue up.
     #[arg(long, env = "PICIE_MAX_BATCH", default_value_t = 4)]
     pub max_batch: usize,
@@ -145,6 +151,7 @@ impl ServeConfig {
             max_batch: 4,
             quality: DEFAULT_QUALITY,
             crf: CrfConfig::default(),
+            guided: GuidedConfig::default(),
             max_entry_bytes: d.max_entry_bytes,
             max_compression_ratio: d.max_compression_ratio,
             max_archive_entries: d.max_archive_entries,
@@ -159,6 +166,11 @@ impl ServeConfig {
             lease_secs: 30,
             sync_interval_ms: 2000,
         }
+    }
+
+    /// The settings of the refinements a request's quality may ask for.
+    pub fn refinement(&self) -> Refinement {
+        Refinement { crf: self.crf, guided: self.guided }
     }
 
     /// The caps dataset storage enforces on uploads.

@@ -58,7 +58,7 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
     // the CRF its real work.
     let frame = image::RgbImage::from_fn(480, 360, |x, y| image::Rgb([(x * 7 + y * 3) as u8, (x * y % 251) as u8, (x ^ y) as u8]));
     let started = std::time::Instant::now();
-    seg.segment_batch_at(std::slice::from_ref(&frame), cfg.quality, &cfg.crf).with_context(|| format!("warming up model `{name}`"))?;
+    seg.segment_batch_at(std::slice::from_ref(&frame), cfg.quality, &cfg.refinement()).with_context(|| format!("warming up model `{name}`"))?;
     let initial_time_per_image = started.elapsed();
     tracing::info!(model = %name, provider = seg.provider().as_str(), quality = %cfg.quality, warm_ms = initial_time_per_image.as_millis() as u64, "model loaded and warmed up");
 
@@ -96,7 +96,7 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
             capacity: cfg.max_concurrent,
             max_batch: cfg.max_batch,
             stall_after: std::time::Duration::from_secs(cfg.request_timeout_secs.max(1)),
-            crf: cfg.crf,
+            refine: cfg.refinement(),
             initial_time_per_image,
         }),
         quality: cfg.quality,

@@ -20,7 +20,7 @@ use super::routes;
         routes::jobs::resume,
     ),
     modifiers(&SecurityAddon, &ErrorResponses),
-    components(schemas(crate::server::routes::segment::OutputFormat, crate::server::routes::segment::SegmentQuality, BinaryBody)),
+    components(schemas(crate::server::routes::segment::OutputFormat, crate::infer::Quality, BinaryBody)),
     tags((name = "segment"), (name = "models"), (name = "datasets"), (name = "jobs"), (name = "operations"))
 )]
 pub struct ApiDoc;

@@ -150,6 +150,7 @@ fn run_job(
                 replace: false,
                 command: format!("finetune dataset={dataset} (job {})", job.id),
                 self_train: jobs::finetune_self_train(&job.spec),
+                snapshots: vec![],
             };
             // Progress over both stages, each weighted by its epochs.
             let picie_epochs = args.config.epochs as f64;

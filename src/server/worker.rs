@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use image::RgbImage;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::infer::{preprocess, CrfConfig, LabelMask, Quality, Segmenter};
+use crate::infer::{preprocess, LabelMask, Quality, Refinement, Segmenter};
 
 /// What the thread runs for one batch of images that share a quality: the model's
 /// `segment_batch_at`, or a stand-in in tests.
@@ -49,8 +49,8 @@ pub struct WorkerConfig {
     pub max_batch: usize,
     /// A batch running longer than this marks the worker not live (readiness answers 503).
     pub stall_after: Duration,
-    /// The dense CRF's settings, for requests whose quality asks for it.
-    pub crf: CrfConfig,
+    /// The refinements' settings, for requests whose quality asks for one.
+    pub refine: Refinement,
     /// The time per image assumed until the first batch has been measured (the warm-up's):
     /// without it a burst arriving at a fresh server is admitted whole.
     pub initial_time_per_image: Duration,
@@ -95,8 +95,8 @@ impl WorkerHandle {
     /// Starts the backend thread running the models' own `segment_batch_at`. The CRF runs on
     /// this thread too, so the measured time per image (and the 429 bound) includes it.
     pub fn start(config: WorkerConfig) -> Self {
-        let crf = config.crf;
-        Self::start_with(config, Arc::new(move |model: &Segmenter, images: &[RgbImage], quality| model.segment_batch_at(images, quality, &crf)))
+        let refine = config.refine;
+        Self::start_with(config, Arc::new(move |model: &Segmenter, images: &[RgbImage], quality| model.segment_batch_at(images, quality, &refine)))
     }
 
     /// Starts the backend thread with another engine (tests inject failures this way).

@@ -63,6 +63,11 @@ pub struct TrainConfig {
     /// embedder keeps its own).
     #[serde(default, skip_serializing_if = "FpnInit::is_random")]
     pub fpn_init: FpnInit,
+    /// Standardise every view's colour channels before the network, as the written package's
+    /// input policy then does for every image it segments
+    /// ([`crate::infer::preprocess::standardize`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standardize: bool,
 }
 
 /// The defaults are the recipe measured best on CamVid (README, "Quality on CamVid"): it made
@@ -85,6 +90,7 @@ impl Default for TrainConfig {
             freeze_stride: 16,
             correspondence: CorrespondenceConfig::default(),
             fpn_init: FpnInit::Pca,
+            standardize: false,
         }
     }
 }
@@ -185,6 +191,8 @@ pub struct Frames {
     pub height: usize,
     paths: Vec<PathBuf>,
     pub skipped: Vec<String>,
+    /// Whether each view is standardised before the network ([`Frames::view`]).
+    pub standardize: bool,
 }
 
 impl Frames {
@@ -202,7 +210,22 @@ impl Frames {
                 }
             }
         }
-        Self { width, height, paths: readable, skipped }
+        Self { width, height, paths: readable, skipped, standardize: false }
+    }
+
+    /// The same frames, their views standardised (or not) as the package's input policy says.
+    pub fn standardized(self, standardize: bool) -> Self {
+        Self { standardize, ..self }
+    }
+
+    /// What the network sees of a frame: the photometric view `p` of it, then standardised
+    /// when the frames are.
+    pub fn view(&self, mut frame: Vec<f32>, p: &Photometric) -> Vec<f32> {
+        p.apply(&mut frame, self.width, self.height);
+        if self.standardize {
+            crate::infer::preprocess::standardize(&mut frame);
+        }
+        frame
     }
 
     /// Readable images.
@@ -291,12 +314,8 @@ fn photometric_batch(frames: &Frames, idx: &[usize], draws: &[Draw], device: &De
     let mut a = Vec::with_capacity(idx.len() * 3 * w * h);
     let mut b = Vec::with_capacity(idx.len() * 3 * w * h);
     for (&i, frame) in idx.iter().zip(frames.batch(idx)?) {
-        let mut v1 = frame.clone();
-        draws[i].p1.apply(&mut v1, w, h);
-        a.extend(v1);
-        let mut v2 = frame;
-        draws[i].p2.apply(&mut v2, w, h);
-        b.extend(v2);
+        a.extend(frames.view(frame.clone(), &draws[i].p1));
+        b.extend(frames.view(frame, &draws[i].p2));
     }
     let shape = [idx.len(), 3, h, w];
     Ok((Tensor::from_data(TensorData::new(a, shape), device), Tensor::from_data(TensorData::new(b, shape), device)))
@@ -519,9 +538,14 @@ impl Trainer {
     /// Runs the remaining epochs. `on` sees every step and returns false to stop; the last
     /// completed epoch's checkpoint is kept. Returns whether all epochs ran.
     pub fn run(&mut self, frames: &Frames, checkpoint_dir: &Path, on: &mut dyn FnMut(&Progress) -> bool) -> Result<bool> {
+        self.run_to(self.config.epochs, frames, checkpoint_dir, on)
+    }
+
+    /// [`Trainer::run`], stopping after `epochs` of the run's epochs are done (at most all).
+    pub fn run_to(&mut self, epochs: usize, frames: &Frames, checkpoint_dir: &Path, on: &mut dyn FnMut(&Progress) -> bool) -> Result<bool> {
         self.config.validate(frames.len())?;
         let (w1, w2) = head_weights(self.config.k, self.config.k2);
-        while self.epochs_done < self.config.epochs {
+        while self.epochs_done < epochs.min(self.config.epochs) {
             let epoch = self.epochs_done;
             let draws = self.draws(epoch, frames.len());
             let batches = self.batches(epoch, frames.len());

@@ -239,9 +239,7 @@ impl SelfTrainer {
                     .collect();
                 let mut input = Vec::with_capacity(idx.len() * 3 * frames.width * frames.height);
                 for (frame, (p, _)) in frames.batch(idx)?.into_iter().zip(&draws) {
-                    let mut v = frame;
-                    p.apply(&mut v, frames.width, frames.height);
-                    input.extend(v);
+                    input.extend(frames.view(frame, p));
                 }
                 let x = Tensor::<4>::from_data(TensorData::new(input, [idx.len(), 3, frames.height, frames.width]), &self.device);
                 let geos: Vec<Geometric> = draws.iter().map(|d| d.1).collect();

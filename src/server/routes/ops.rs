@@ -46,7 +46,7 @@ pub struct Info {
     pub execution_provider: &'static str,
     pub requested_device: String,
     /// `/segment`'s quality when a request names none.
-    pub default_quality: crate::server::routes::segment::SegmentQuality,
+    pub default_quality: crate::infer::Quality,
     /// Whether the model's centroids were clustered on flip-averaged features.
     pub clustered_with_flip: bool,
     /// `api`, `worker` or `all` (`--role`).
@@ -69,7 +69,7 @@ pub async fn info(State(state): State<AppState>) -> Json<Info> {
         trained: m.provenance.trained,
         execution_provider: model.provider().as_str(),
         requested_device: state.requested_device.clone(),
-        default_quality: state.quality.into(),
+        default_quality: state.quality,
         clustered_with_flip: m.input.flip,
         role: state.role.as_str(),
         storage: if state.shared { "shared" } else { "embedded" },

@@ -31,46 +31,12 @@ pub enum OutputFormat {
     Json,
 }
 
-/// How much work goes into the mask: `fast` assigns the embedder's features as they are;
-/// `flip` averages them over a horizontal flip (about twice the embedder's cost); `crf` refines
-/// the labels with a dense CRF so boundaries follow the image's edges; `best` does both.
-#[derive(Deserialize, Serialize, ToSchema, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SegmentQuality {
-    Fast,
-    Flip,
-    Crf,
-    Best,
-}
-
-impl From<SegmentQuality> for Quality {
-    fn from(q: SegmentQuality) -> Self {
-        match q {
-            SegmentQuality::Fast => Quality::Fast,
-            SegmentQuality::Flip => Quality::Flip,
-            SegmentQuality::Crf => Quality::Crf,
-            SegmentQuality::Best => Quality::Best,
-        }
-    }
-}
-
-impl From<Quality> for SegmentQuality {
-    fn from(q: Quality) -> Self {
-        match q {
-            Quality::Fast => SegmentQuality::Fast,
-            Quality::Flip => SegmentQuality::Flip,
-            Quality::Crf => SegmentQuality::Crf,
-            Quality::Best => SegmentQuality::Best,
-        }
-    }
-}
-
 #[derive(Deserialize, IntoParams)]
 pub struct SegmentQuery {
     /// Response format (default `mask`).
     pub format: Option<OutputFormat>,
     /// Quality (default: the server's `--quality`, `crf` unless set; `GET /info` tells).
-    pub quality: Option<SegmentQuality>,
+    pub quality: Option<Quality>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -188,7 +154,7 @@ pub async fn segment(
         .map_err(|e| ApiError::Internal(e.to_string()))??;
     let (_, model) = state.models.active();
     let timeout = Duration::from_secs(state.limits.request_timeout_secs);
-    let quality = query.quality.map(Quality::from).unwrap_or(state.quality);
+    let quality = query.quality.unwrap_or(state.quality);
     let (mask, elapsed) = tokio::time::timeout(timeout, state.worker.segment(ticket, model.clone(), image.clone(), quality))
         .await
         .map_err(|_| ApiError::Timeout(format!("segmentation took longer than {}s", timeout.as_secs())))??;

@@ -30,7 +30,13 @@ fn time<T>(reps: usize, mut f: impl FnMut() -> T) -> (Duration, Duration) {
 
 /// ONNX Runtime and burn medians and bests for one backbone's untrained embedder, and its
 /// exported session for the assignment timing.
-fn embedder_times(kind: BackboneKind, root: &std::path::Path, dir: &std::path::Path, threads: usize, x: &[f32]) -> anyhow::Result<([(Duration, Duration); 2], EmbedSession)> {
+fn embedder_times(
+    kind: BackboneKind,
+    root: &std::path::Path,
+    dir: &std::path::Path,
+    threads: usize,
+    x: &[f32],
+) -> anyhow::Result<([(Duration, Duration); 2], EmbedSession)> {
     let st = dir.join(format!("{}.safetensors", kind.name()));
     picie::commands::import_weights(kind, &root.join(format!(".weights/{}.pth", kind.name())), &st)?;
     let config = EmbedderConfig::new(kind);
@@ -58,7 +64,8 @@ fn main() -> anyhow::Result<()> {
 
     println!("embedder {W}x{H}, batch 1, {threads} threads (median / best of runs)");
     println!("{:<52} {:>10} {:>10}", "", "median ms", "best ms");
-    let row = |name: &str, (m, b): (Duration, Duration)| println!("{name:<52} {:>10.1} {:>10.1}", m.as_secs_f64() * 1e3, b.as_secs_f64() * 1e3);
+    let row =
+        |name: &str, (m, b): (Duration, Duration)| println!("{name:<52} {:>10.1} {:>10.1}", m.as_secs_f64() * 1e3, b.as_secs_f64() * 1e3);
     let mut lite0_session = None;
     for kind in [BackboneKind::EfficientnetLite0, BackboneKind::EfficientnetLite2] {
         let ([ort, burn], session) = embedder_times(kind, &root, dir.path(), threads, &x)?;

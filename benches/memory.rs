@@ -56,7 +56,10 @@ impl Server {
                 }
             }
             if start.elapsed() > Duration::from_secs(180) {
-                bail!("the server did not get ready; its log: {}", std::fs::read_to_string(s._data.path().join("server.log")).unwrap_or_default());
+                bail!(
+                    "the server did not get ready; its log: {}",
+                    std::fs::read_to_string(s._data.path().join("server.log")).unwrap_or_default()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -68,10 +71,7 @@ impl Server {
 
     fn status_kb(&self, key: &str) -> u64 {
         let text = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        text.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
+        text.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
     }
 
     /// Peak resident memory so far, in GB.
@@ -121,7 +121,11 @@ async fn scenario_bomb(bin: &Path, root: &Path, quick: bool) -> Result<()> {
     let t = Instant::now();
     let bomb = build_bomb(entries, entry_mb)?;
     let body = std::fs::read(bomb.path())?;
-    println!("(a) zip bomb: {entries} entries of {entry_mb} MB of zeros = {:.1} MB zipped (built in {:.1} s)", body.len() as f64 / 1e6, t.elapsed().as_secs_f64());
+    println!(
+        "(a) zip bomb: {entries} entries of {entry_mb} MB of zeros = {:.1} MB zipped (built in {:.1} s)",
+        body.len() as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
     let s = Server::start(bin, root).await?;
     let client = reqwest::Client::new();
     let base = s.peak_gb();
@@ -231,7 +235,14 @@ async fn upload_images(s: &Server, client: &reqwest::Client, id: &str, n: usize)
             b.append_data(&mut h, format!("img-{i:05}.jpg"), &jpeg[..])?;
         }
         let body = b.into_inner()?;
-        let r: Value = client.post(s.url(&format!("/datasets/{id}/images"))).header("content-type", "application/x-tar").body(body).send().await?.json().await?;
+        let r: Value = client
+            .post(s.url(&format!("/datasets/{id}/images")))
+            .header("content-type", "application/x-tar")
+            .body(body)
+            .send()
+            .await?
+            .json()
+            .await?;
         added += r["added"].as_array().map(|v| v.len()).unwrap_or(0);
     }
     Ok(added)

@@ -21,7 +21,8 @@ use rand::{Rng, SeedableRng};
 fn main() -> anyhow::Result<()> {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let n: usize = std::env::var("BENCH_IMAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
-    let threads: usize = std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(picie::server::config::default_job_threads);
+    let threads: usize =
+        std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(picie::server::config::default_job_threads);
     let plans: Vec<EmbedPlan> = std::env::var("BENCH_PLANS")
         .unwrap_or_else(|_| "1 4 1p 4p 8p".into())
         .split_whitespace()
@@ -29,7 +30,10 @@ fn main() -> anyhow::Result<()> {
         .collect();
 
     // 320x240 crops of the shipped photos at random places and scales, as JPEGs.
-    let photos: Vec<image::RgbImage> = picie::train::cluster::list_images(&root.join("fixtures/images"))?.iter().map(|p| picie::infer::preprocess::decode_file(p)).collect::<anyhow::Result<_>>()?;
+    let photos: Vec<image::RgbImage> = picie::train::cluster::list_images(&root.join("fixtures/images"))?
+        .iter()
+        .map(|p| picie::infer::preprocess::decode_file(p))
+        .collect::<anyhow::Result<_>>()?;
     let dir = tempfile::tempdir()?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let t = Instant::now();

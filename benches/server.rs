@@ -109,7 +109,8 @@ fn main() -> anyhow::Result<()> {
     })?;
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let (b50, b95, h50, h95) = (percentile(bare.clone(), 0.5), percentile(bare, 0.95), percentile(http.clone(), 0.5), percentile(http, 0.95));
+    let (b50, b95, h50, h95) =
+        (percentile(bare.clone(), 0.5), percentile(bare, 0.95), percentile(http.clone(), 0.5), percentile(http, 0.95));
     println!("480x360 JPEG, model default, {threads} threads, {REPS} requests each");
     println!("{:<36} {:>9} {:>9}", "", "p50 ms", "p95 ms");
     println!("{:<36} {:>9.1} {:>9.1}", "bare inference (decode+embed+assign)", ms(b50), ms(b95));
@@ -120,7 +121,8 @@ fn main() -> anyhow::Result<()> {
     }
 
     if std::env::var("BENCH_JOBS").as_deref() != Ok("0") {
-        let budgets: Vec<usize> = std::env::var("BENCH_JOB_THREADS").unwrap_or_else(|_| "1 2".into()).split_whitespace().filter_map(|v| v.parse().ok()).collect();
+        let budgets: Vec<usize> =
+            std::env::var("BENCH_JOB_THREADS").unwrap_or_else(|_| "1 2".into()).split_whitespace().filter_map(|v| v.parse().ok()).collect();
         println!("\n/segment while a finetune job runs (320x320 frames, batch 8), inference threads {threads}");
         println!("{:<12} {:>14} {:>14} {:>14} {:>14}", "job threads", "idle p50 ms", "idle p95 ms", "job p50 ms", "job p95 ms");
         for n in budgets {
@@ -129,7 +131,13 @@ fn main() -> anyhow::Result<()> {
             let data = tempfile::tempdir()?;
             cfg.data_dir = data.path().to_path_buf();
             let (idle, busy) = rt.block_on(segment_during_job(cfg, &jpeg, &root))?;
-            println!("{n:<12} {:>14.1} {:>14.1} {:>14.1} {:>14.1}", ms(percentile(idle.clone(), 0.5)), ms(percentile(idle, 0.95)), ms(percentile(busy.clone(), 0.5)), ms(percentile(busy, 0.95)));
+            println!(
+                "{n:<12} {:>14.1} {:>14.1} {:>14.1} {:>14.1}",
+                ms(percentile(idle.clone(), 0.5)),
+                ms(percentile(idle, 0.95)),
+                ms(percentile(busy.clone(), 0.5)),
+                ms(percentile(busy, 0.95))
+            );
         }
     }
 
@@ -139,7 +147,8 @@ fn main() -> anyhow::Result<()> {
         for n in [500, 2000] {
             let mut row = vec![];
             for mode in ["sampled", "all"] {
-                let out = std::process::Command::new(std::env::current_exe()?).env("BENCH_RECLUSTER_CHILD", format!("{mode}:{n}")).output()?;
+                let out =
+                    std::process::Command::new(std::env::current_exe()?).env("BENCH_RECLUSTER_CHILD", format!("{mode}:{n}")).output()?;
                 anyhow::ensure!(out.status.success(), "child failed: {}", String::from_utf8_lossy(&out.stderr));
                 row.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
             }
@@ -154,7 +163,11 @@ const RECLUSTER_CAP: usize = 50_000;
 /// Peak RSS (VmHWM) in MB.
 fn peak_rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).unwrap_or(0.0);
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
     kb / 1024.0
 }
 
@@ -220,7 +233,8 @@ async fn segment_during_job(cfg: ServeConfig, jpeg: &[u8], root: &std::path::Pat
         idle.push(segment().await?);
     }
 
-    let ds: serde_json::Value = client.post(format!("{base}/datasets")).json(&serde_json::json!({"name": "bench"})).send().await?.json().await?;
+    let ds: serde_json::Value =
+        client.post(format!("{base}/datasets")).json(&serde_json::json!({"name": "bench"})).send().await?.json().await?;
     let id = ds["id"].as_str().unwrap_or_default().to_string();
     let mut form = reqwest::multipart::Form::new();
     for p in picie::train::cluster::list_images(&root.join("fixtures/images"))? {

@@ -37,8 +37,26 @@ struct Timing {
 
 /// One epoch on BENCH_STEPS x `batch` frames (clustering, labelling and that many training
 /// steps); the fastest training step counts.
-fn measure(config: EmbedderConfig, init: &TensorMap, frames: &Frames, size: usize, batch: usize, freeze_stride: usize, dir: &Path) -> anyhow::Result<Timing> {
-    let cfg = TrainConfig { k: 4, k2: 8, epochs: 1, size, batch, init_batches: 1, vectors_per_image: 500, freeze_stride, ..TrainConfig::default() };
+fn measure(
+    config: EmbedderConfig,
+    init: &TensorMap,
+    frames: &Frames,
+    size: usize,
+    batch: usize,
+    freeze_stride: usize,
+    dir: &Path,
+) -> anyhow::Result<Timing> {
+    let cfg = TrainConfig {
+        k: 4,
+        k2: 8,
+        epochs: 1,
+        size,
+        batch,
+        init_batches: 1,
+        vectors_per_image: 500,
+        freeze_stride,
+        ..TrainConfig::default()
+    };
     let mut trainer = Trainer::new(cfg, config, init)?;
     let mut train_times = vec![];
     let (mut cluster, mut label) = (0.0, 0.0);
@@ -67,14 +85,16 @@ fn main() -> anyhow::Result<()> {
     let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let batch = env("BENCH_BATCH", 8);
     let size = env("BENCH_SIZE", 320);
-    let freezes: Vec<usize> = std::env::var("BENCH_FREEZE").unwrap_or_else(|_| "16 0".into()).split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    let freezes: Vec<usize> =
+        std::env::var("BENCH_FREEZE").unwrap_or_else(|_| "16 0".into()).split_whitespace().filter_map(|v| v.parse().ok()).collect();
     let dir = tempfile::tempdir()?;
     let pth = root.join(".weights/efficientnet-lite0.pth");
     let st = dir.path().join("lite0.safetensors");
     picie::commands::import_weights(BackboneKind::EfficientnetLite0, &pth, &st)?;
     let backbone = TensorMap::load_safetensors(&st)?;
     let config = EmbedderConfig::new(BackboneKind::EfficientnetLite0);
-    let init = picie::model::Embedder::from_backbone(config, &backbone.sub("backbone"), 0, &burn::tensor::Device::flex())?.to_tensor_map("bench");
+    let init =
+        picie::model::Embedder::from_backbone(config, &backbone.sub("backbone"), 0, &burn::tensor::Device::flex())?.to_tensor_map("bench");
 
     // Two steps on `batch` copies of the shipped photos (one epoch = clustering, labelling and
     // training passes).
@@ -83,8 +103,15 @@ fn main() -> anyhow::Result<()> {
     let paths: Vec<_> = photos.iter().cycle().take(batch * steps).cloned().collect();
     let frames = Frames::load(&paths, (size, size));
     let threads = rayon::current_num_threads();
-    let timings: Vec<(usize, Timing)> = freezes.iter().map(|&f| measure(config, &init, &frames, size, batch, f, dir.path()).map(|t| (f, t))).collect::<anyhow::Result<_>>()?;
-    let torch = if std::env::var("BENCH_TORCH").as_deref() == Ok("1") { torch_steps(&root, &pth, (size, batch, steps), threads, &freezes, kept) } else { Err("BENCH_TORCH=1 not set".into()) };
+    let timings: Vec<(usize, Timing)> = freezes
+        .iter()
+        .map(|&f| measure(config, &init, &frames, size, batch, f, dir.path()).map(|t| (f, t)))
+        .collect::<anyhow::Result<_>>()?;
+    let torch = if std::env::var("BENCH_TORCH").as_deref() == Ok("1") {
+        torch_steps(&root, &pth, (size, batch, steps), threads, &freezes, kept)
+    } else {
+        Err("BENCH_TORCH=1 not set".into())
+    };
 
     let breakdown = if std::env::var("BENCH_BREAKDOWN").as_deref() == Ok("1") { Some(breakdown(size, batch)) } else { None };
 
@@ -101,9 +128,13 @@ fn main() -> anyhow::Result<()> {
     };
 
     let label = |f: usize| if f == 0 { "all layers trainable".to_string() } else { format!("frozen to stride {f}") };
-    let backend = if picie::model::on_flex(&device) { format!("burn Flex (CPU, {threads} threads)") } else { format!("burn wgpu ({device:?})") };
+    let backend =
+        if picie::model::on_flex(&device) { format!("burn Flex (CPU, {threads} threads)") } else { format!("burn wgpu ({device:?})") };
     println!("PiCIE training on {backend}, {size}x{size}, batch {batch}");
-    println!("allocator: {}", if kept { "freed memory kept for reuse, on both sides (src/train/memory.rs)" } else { "the C library's defaults" });
+    println!(
+        "allocator: {}",
+        if kept { "freed memory kept for reuse, on both sides (src/train/memory.rs)" } else { "the C library's defaults" }
+    );
     println!("{:<58} {:>10} {:>10}", "", "burn s", "PyTorch s");
     for (f, t) in &timings {
         let theirs = match &torch {
@@ -123,7 +154,10 @@ fn main() -> anyhow::Result<()> {
         println!("{:<58} {:>10.2}", "spherical k-means 1M x 128, K=27, ++ + 20 iters", km);
     }
     match &torch {
-        Ok(v) => println!("PyTorch {} ({threads} threads) measured in this run on the same network and step (benches/torch_step.py)", v.first().map(|_| torch_version(&root)).unwrap_or_default()),
+        Ok(v) => println!(
+            "PyTorch {} ({threads} threads) measured in this run on the same network and step (benches/torch_step.py)",
+            v.first().map(|_| torch_version(&root)).unwrap_or_default()
+        ),
         Err(e) => println!("PyTorch: not measured ({e}); reference: {TORCH_REFERENCE}"),
     }
     println!("reference (steering): faiss 20 iters: 7.1 s");
@@ -177,23 +211,51 @@ fn breakdown(size: usize, batch: usize) -> Vec<(String, f64, f64)> {
         None => kinds.push((name.to_string(), 2.0 * ours.max(0.0), 2.0 * before.max(0.0))),
     };
     let conv = |cin: usize, cout: usize, k: usize, s: usize, groups: usize| {
-        Conv2dConfig::new([cin, cout], [k, k]).with_stride([s, s]).with_groups(groups).with_padding(PaddingConfig2d::Same).with_bias(false).init(&device)
+        Conv2dConfig::new([cin, cout], [k, k])
+            .with_stride([s, s])
+            .with_groups(groups)
+            .with_padding(PaddingConfig2d::Same)
+            .with_bias(false)
+            .init(&device)
     };
-    let conv_bn_act = |add: &mut dyn FnMut(&str, f64, f64), name: &str, cin: usize, cout: usize, k: usize, s: usize, groups: usize, h: usize, relu6: bool| {
+    let conv_bn_act = |add: &mut dyn FnMut(&str, f64, f64),
+                       name: &str,
+                       cin: usize,
+                       cout: usize,
+                       k: usize,
+                       s: usize,
+                       groups: usize,
+                       h: usize,
+                       relu6: bool| {
         let c = conv(cin, cout, k, s, groups);
         let ho = h.div_ceil(s);
         let base = overhead(cout, ho);
         add(name, time(cin, h, &|x| picie::model::conv::forward(&c, x)) - base, time(cin, h, &|x| c.forward(x)) - base);
         let bn = BatchNormConfig::new(cout).with_epsilon(1e-3).init(&device);
         if relu6 {
-            add("batch norm + ReLU6 (training mode, fused)", time(cout, ho, &|x| batch_norm_relu6_train(&bn, x)) - base, time(cout, ho, &|x| burn::tensor::activation::relu(bn.forward(x)).clamp_max(6.0)) - base);
+            add(
+                "batch norm + ReLU6 (training mode, fused)",
+                time(cout, ho, &|x| batch_norm_relu6_train(&bn, x)) - base,
+                time(cout, ho, &|x| burn::tensor::activation::relu(bn.forward(x)).clamp_max(6.0)) - base,
+            );
         } else {
-            add("batch norm (training mode)", time(cout, ho, &|x| batch_norm_train(&bn, x)) - base, time(cout, ho, &|x| bn.forward(x)) - base);
+            add(
+                "batch norm (training mode)",
+                time(cout, ho, &|x| batch_norm_train(&bn, x)) - base,
+                time(cout, ho, &|x| bn.forward(x)) - base,
+            );
         }
         ho
     };
-    const STAGES: [(usize, usize, usize, usize, usize, usize); 7] =
-        [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)];
+    const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
+        (1, 3, 1, 1, 32, 16),
+        (2, 3, 2, 6, 16, 24),
+        (2, 5, 2, 6, 24, 40),
+        (3, 3, 2, 6, 40, 80),
+        (3, 5, 1, 6, 80, 112),
+        (4, 5, 2, 6, 112, 192),
+        (1, 3, 1, 6, 192, 320),
+    ];
     let mut h = conv_bn_act(&mut add, "stem conv 3x3", 3, 32, 3, 2, 1, size, true);
     let mut taps = vec![];
     let mut block = 0;
@@ -220,11 +282,16 @@ fn breakdown(size: usize, batch: usize) -> Vec<(String, f64, f64)> {
     for &(c, th) in &taps {
         let l = Conv2dConfig::new([c, 128], [1, 1]).init(&device);
         let base = overhead(128, th);
-        add("1x1 conv (expand, project, FPN laterals)", time(c, th, &|x| picie::model::conv::forward(&l, x)) - base, time(c, th, &|x| l.forward(x)) - base);
+        add(
+            "1x1 conv (expand, project, FPN laterals)",
+            time(c, th, &|x| picie::model::conv::forward(&l, x)) - base,
+            time(c, th, &|x| l.forward(x)) - base,
+        );
     }
     for &(_, th) in taps.iter().rev().skip(1) {
         let opts = InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([th, th]);
-        let t = time(128, th / 2, &|x| interpolate(x, opts.clone()) + Tensor::<4>::zeros([batch, 128, th, th], &device)) - overhead(128, th);
+        let t =
+            time(128, th / 2, &|x| interpolate(x, opts.clone()) + Tensor::<4>::zeros([batch, 128, th, th], &device)) - overhead(128, th);
         add("bilinear upsample + add (FPN)", t, t);
     }
     let h4 = taps[0].1;
@@ -261,7 +328,14 @@ fn torch_version(root: &Path) -> String {
 
 /// PyTorch's step per image for each freeze stride: target/torch-venv is made (python3 -m venv,
 /// `pip install torch` from PyPI) when it cannot import torch; any failure is returned as text.
-fn torch_steps(root: &Path, pth: &Path, (size, batch, steps): (usize, usize, usize), threads: usize, freezes: &[usize], kept: bool) -> Result<Vec<(usize, f64)>, String> {
+fn torch_steps(
+    root: &Path,
+    pth: &Path,
+    (size, batch, steps): (usize, usize, usize),
+    threads: usize,
+    freezes: &[usize],
+    kept: bool,
+) -> Result<Vec<(usize, f64)>, String> {
     use std::process::Command;
     let py = torch_python(root);
     let has_torch = |py: &Path| Command::new(py).args(["-c", "import torch"]).output().is_ok_and(|o| o.status.success());
@@ -269,7 +343,10 @@ fn torch_steps(root: &Path, pth: &Path, (size, batch, steps): (usize, usize, usi
         eprintln!("bench: making target/torch-venv with `pip install torch` from PyPI (large download)");
         let venv = root.join("target/torch-venv");
         let ok = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().is_ok_and(|s| s.success())
-            && Command::new(&py).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "torch"]).status().is_ok_and(|s| s.success());
+            && Command::new(&py)
+                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "torch"])
+                .status()
+                .is_ok_and(|s| s.success());
         if !ok || !has_torch(&py) {
             return Err("could not install torch into target/torch-venv".into());
         }
@@ -289,7 +366,18 @@ fn torch_steps(root: &Path, pth: &Path, (size, batch, steps): (usize, usize, usi
         .arg(root.join("benches/torch_step.py"))
         .arg("--weights")
         .arg(pth)
-        .args(["--size", &size.to_string(), "--batch", &batch.to_string(), "--steps", &steps.to_string(), "--threads", &threads.to_string(), "--freeze-strides", &strides.join(",")])
+        .args([
+            "--size",
+            &size.to_string(),
+            "--batch",
+            &batch.to_string(),
+            "--steps",
+            &steps.to_string(),
+            "--threads",
+            &threads.to_string(),
+            "--freeze-strides",
+            &strides.join(","),
+        ])
         .output()
         .map_err(|e| format!("running benches/torch_step.py: {e}"))?;
     if !out.status.success() {

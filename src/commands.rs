@@ -13,10 +13,10 @@ use crate::model::efficientnet::{EfficientNetLite, LiteClassifier};
 use crate::model::embedder::BackboneKind;
 use crate::model::{export, import, Embedder, EmbedderConfig, TensorMap};
 use crate::package::{InputPolicy, Manifest, Package, PackageContents, Provenance, FORMAT_VERSION};
-use crate::train::fpn_init::{self, FpnInit};
-use crate::train::cluster::{cluster_images, list_images, ClusterReport, MAX_CLUSTER_VECTORS};
-use crate::train::kmeans::KMeansConfig;
 use crate::train::augment::Photometric;
+use crate::train::cluster::{cluster_images, list_images, ClusterReport, MAX_CLUSTER_VECTORS};
+use crate::train::fpn_init::{self, FpnInit};
+use crate::train::kmeans::KMeansConfig;
 use crate::train::picie::{Frames, TrainConfig};
 
 /// The seed of the default package's FPN initialisation.
@@ -103,7 +103,13 @@ pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
         parent: None,
         details: BTreeMap::from([("fpn_seed".into(), serde_json::json!(args.seed)), ("fpn_init".into(), serde_json::json!(args.fpn_init))]),
     };
-    let target = PackageTarget { out: &args.out, name: &args.name, policy: args.policy, replace: args.replace, sessions: SessionSettings::default() };
+    let target = PackageTarget {
+        out: &args.out,
+        name: &args.name,
+        policy: args.policy,
+        replace: args.replace,
+        sessions: SessionSettings::default(),
+    };
     package_from_embedder(&embedder, config, &paths, KMeansConfig::new(args.k, args.seed), provenance, &target)
 }
 
@@ -176,7 +182,8 @@ pub fn package_from_embedder(
         sha256: BTreeMap::new(),
     };
     let tensors = embedder.to_tensor_map("picie");
-    let pkg = Package::write(target.out, PackageContents { manifest, onnx: &onnx, weights: &tensors, centroids: &centroids }, target.replace)?;
+    let pkg =
+        Package::write(target.out, PackageContents { manifest, onnx: &onnx, weights: &tensors, centroids: &centroids }, target.replace)?;
     Ok((pkg, report))
 }
 
@@ -229,7 +236,13 @@ pub fn export_package(model: &Path, out: &Path) -> Result<()> {
 
 /// An untrained embedder's weights: the pretrained backbone and the FPN's laterals, seeded or
 /// (`FpnInit::Pca`) from the principal components of the backbone's taps on `frames`.
-pub fn starting_weights(config: EmbedderConfig, backbone: &TensorMap, fpn_seed: u64, fpn_init: FpnInit, frames: &Frames) -> Result<TensorMap> {
+pub fn starting_weights(
+    config: EmbedderConfig,
+    backbone: &TensorMap,
+    fpn_seed: u64,
+    fpn_init: FpnInit,
+    frames: &Frames,
+) -> Result<TensorMap> {
     let embedder = Embedder::from_backbone(config, backbone, fpn_seed, &cpu_device())?;
     let mut weights = embedder.to_tensor_map("init");
     if fpn_init == FpnInit::Pca {
@@ -288,7 +301,11 @@ pub fn train(args: &TrainArgs, on: &mut dyn FnMut(&crate::train::picie::Progress
 
 /// [`train`], with the ONNX Runtime session that clusters the final package made per `sessions`.
 /// Training and k-means run on the current rayon pool (the caller's `ThreadPool::install`).
-pub fn train_with(args: &TrainArgs, sessions: SessionSettings, on: &mut dyn FnMut(&crate::train::picie::Progress) -> bool) -> Result<Option<(Package, ClusterReport)>> {
+pub fn train_with(
+    args: &TrainArgs,
+    sessions: SessionSettings,
+    on: &mut dyn FnMut(&crate::train::picie::Progress) -> bool,
+) -> Result<Option<(Package, ClusterReport)>> {
     use crate::train::picie::Trainer;
     let paths = list_images(&args.images)?;
     args.config.check()?;
@@ -321,7 +338,10 @@ pub fn train_with(args: &TrainArgs, sessions: SessionSettings, on: &mut dyn FnMu
     };
     if args.self_train.is_some() && embedder_config.tap_weight > 0.0 {
         // Its targets are centroids of the served (hypercolumn) features; it trains the FPN's.
-        bail!("self-training needs a package that serves the FPN's features alone (this one has tap_weight {})", embedder_config.tap_weight);
+        bail!(
+            "self-training needs a package that serves the FPN's features alone (this one has tap_weight {})",
+            embedder_config.tap_weight
+        );
     }
     let mut trainer = if resuming {
         let t = Trainer::resume(config.clone(), embedder_config, &args.checkpoint)?;
@@ -359,7 +379,14 @@ pub fn train_with(args: &TrainArgs, sessions: SessionSettings, on: &mut dyn FnMu
         }
         let out = snapshot_path(&args.out, epoch);
         let target = PackageTarget { out: &out, name: &args.name, policy, replace: true, sessions };
-        package_from_embedder(&trainer.model.valid(), embedder_config, frames.paths(), KMeansConfig::new(k, config.seed), provenance(&trainer)?, &target)?;
+        package_from_embedder(
+            &trainer.model.valid(),
+            embedder_config,
+            frames.paths(),
+            KMeansConfig::new(k, config.seed),
+            provenance(&trainer)?,
+            &target,
+        )?;
         tracing::info!(epoch, package = %out.display(), "snapshot written");
     }
     if !trainer.run(&frames, &args.checkpoint, on)? {
@@ -369,17 +396,31 @@ pub fn train_with(args: &TrainArgs, sessions: SessionSettings, on: &mut dyn FnMu
     let provenance = provenance(&trainer)?;
     let Some(st) = &args.self_train else {
         let target = PackageTarget { out: &args.out, name: &args.name, policy, replace: args.replace, sessions };
-        return package_from_embedder(&model, embedder_config, frames.paths(), KMeansConfig::new(k, config.seed), provenance, &target).map(Some);
+        return package_from_embedder(&model, embedder_config, frames.paths(), KMeansConfig::new(k, config.seed), provenance, &target)
+            .map(Some);
     };
     // The PiCIE stage's package: the self-training targets and the final centroids.
     let stage_dir = args.checkpoint.join(STAGE_PACKAGE);
     let stage_target = PackageTarget { out: &stage_dir, name: &args.name, policy, replace: true, sessions };
-    let (stage, report) = package_from_embedder(&model, embedder_config, frames.paths(), KMeansConfig::new(k, config.seed), provenance, &stage_target)?;
+    let (stage, report) =
+        package_from_embedder(&model, embedder_config, frames.paths(), KMeansConfig::new(k, config.seed), provenance, &stage_target)?;
     let seg = crate::infer::Segmenter::from_package(stage.clone(), sessions.device, sessions.threads)?;
     let mut label_progress = |done: usize, all: usize| {
-        on(&crate::train::picie::Progress { epoch: 0, epochs: st.epochs, phase: "pseudo-label", step: done, steps: all, loss: None, pixels_per_sec: 0.0 })
+        on(&crate::train::picie::Progress {
+            epoch: 0,
+            epochs: st.epochs,
+            phase: "pseudo-label",
+            step: done,
+            steps: all,
+            loss: None,
+            pixels_per_sec: 0.0,
+        })
     };
-    let Some(targets) = crate::train::selftrain::pseudo_labels(&seg, &frames, st, &crate::infer::CrfConfig::default(), &mut label_progress)? else { return Ok(None) };
+    let Some(targets) =
+        crate::train::selftrain::pseudo_labels(&seg, &frames, st, &crate::infer::CrfConfig::default(), &mut label_progress)?
+    else {
+        return Ok(None);
+    };
     tracing::info!(kept = targets.kept(), "self-training targets");
     let mut trainer = crate::train::selftrain::SelfTrainer::resume_or_new(
         st.clone(),
@@ -402,6 +443,7 @@ pub fn train_with(args: &TrainArgs, sessions: SessionSettings, on: &mut dyn FnMu
     manifest.sha256.clear();
     manifest.metrics.clear();
     let tensors = model.to_tensor_map("picie");
-    let pkg = Package::write(&args.out, PackageContents { manifest, onnx: &onnx, weights: &tensors, centroids: &stage.centroids }, args.replace)?;
+    let pkg =
+        Package::write(&args.out, PackageContents { manifest, onnx: &onnx, weights: &tensors, centroids: &stage.centroids }, args.replace)?;
     Ok(Some((pkg, report)))
 }

@@ -350,7 +350,10 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{class:4}  {p:.4}");
             }
         }
-        Command::Package { command: PackageCommand::Init { backbone, backbone_weights, images, k, seed, out, name, short_side, force, fpn_init, standardize } } => {
+        Command::Package {
+            command:
+                PackageCommand::Init { backbone, backbone_weights, images, k, seed, out, name, short_side, force, fpn_init, standardize },
+        } => {
             let args = commands::InitPackage {
                 backbone,
                 backbone_weights: backbone_weights.unwrap_or_else(|| default_backbone_weights(backbone)),
@@ -377,7 +380,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Package { command: PackageCommand::Rebuild { from, tap_weight, images, k, seed, out, name, force } } => {
             let command = std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
             let (pkg, report) = commands::rebuild_package(&from, tap_weight, &images, k, seed, &out, name.as_deref(), force, command)?;
-            println!("wrote {} (K = {}, {} features per pixel, {} vectors clustered)", pkg.dir.display(), pkg.manifest.k, pkg.manifest.embedder.output_dim(), report.vectors);
+            println!(
+                "wrote {} (K = {}, {} features per pixel, {} vectors clustered)",
+                pkg.dir.display(),
+                pkg.manifest.k,
+                pkg.manifest.embedder.output_dim(),
+                report.vectors
+            );
         }
         Command::Package { command: PackageCommand::Check { dir } } => {
             let pkg = picie::package::Package::load(&dir)?;
@@ -395,9 +404,7 @@ fn run(cli: Cli) -> Result<()> {
                 let mask = seg.segment_batch_at(std::slice::from_ref(&img), quality, &Refinement { crf, guided })?.remove(0);
                 let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
                 let dest = out.join(format!("{stem}.png"));
-                image::GrayImage::from_raw(mask.width, mask.height, mask.labels)
-                    .expect("mask size")
-                    .save(&dest)?;
+                image::GrayImage::from_raw(mask.width, mask.height, mask.labels).expect("mask size").save(&dest)?;
                 println!("{} -> {}", path.display(), dest.display());
             }
         }
@@ -491,15 +498,8 @@ impl ProgressBar {
     fn draw(&mut self, p: &picie::train::picie::Progress) {
         use std::io::IsTerminal;
         let loss = p.loss.map(|l| format!(" loss {l:.4}")).unwrap_or_default();
-        let message = format!(
-            "epoch {}/{} {} {}/{}{loss} | {:.0} kpx/s",
-            p.epoch + 1,
-            p.epochs,
-            p.phase,
-            p.step,
-            p.steps,
-            p.pixels_per_sec / 1000.0
-        );
+        let message =
+            format!("epoch {}/{} {} {}/{}{loss} | {:.0} kpx/s", p.epoch + 1, p.epochs, p.phase, p.step, p.steps, p.pixels_per_sec / 1000.0);
         let epoch_done = (p.phase == "train" && p.step == p.steps).then(|| format!("epoch {}/{} done{loss}", p.epoch + 1, p.epochs));
         if !std::io::stderr().is_terminal() {
             if self.last_plain_line.is_none_or(|t| t.elapsed() >= PLAIN_LINE_EVERY) {
@@ -580,7 +580,12 @@ fn eval(e: EvalCli) -> Result<()> {
         Some(n) => n.split(',').map(|s| s.trim().to_string()).collect(),
         None => (0..classes).map(|c| format!("class {c}")).collect(),
     };
-    println!("{} images, {} classes, {}", pairs.len(), classes, if e.cluster_images.is_some() { "fresh k-means per model" } else { "package centroids" });
+    println!(
+        "{} images, {} classes, {}",
+        pairs.len(),
+        classes,
+        if e.cluster_images.is_some() { "fresh k-means per model" } else { "package centroids" }
+    );
     print!("{}", table(&reports, &names));
     if seeds > 1 {
         println!("\nmean over {seeds} k-means seeds");
@@ -602,7 +607,10 @@ fn eval(e: EvalCli) -> Result<()> {
         println!("recorded the scores in {}", pkg.dir.join(picie::package::MANIFEST_FILE).display());
     }
     if e.write_names {
-        anyhow::ensure!(e.cluster_images.is_none() && e.class_names.is_some(), "--write-names needs --class-names and the package's own centroids");
+        anyhow::ensure!(
+            e.cluster_images.is_none() && e.class_names.is_some(),
+            "--write-names needs --class-names and the package's own centroids"
+        );
         let report = reports.last().expect("the model's report");
         let mut pkg = picie::package::Package::load(&e.model)?;
         let mut centroids = pkg.centroids.clone();

@@ -153,8 +153,18 @@ impl Centroids {
 /// A palette of distinct colours (CamVid-like for the first classes, then golden-angle hues).
 pub fn default_color(class: usize) -> [u8; 3] {
     const BASE: [[u8; 3]; 12] = [
-        [128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], [60, 40, 222], [128, 128, 0],
-        [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0], [0, 128, 192], [255, 160, 0],
+        [128, 128, 128],
+        [128, 0, 0],
+        [192, 192, 128],
+        [128, 64, 128],
+        [60, 40, 222],
+        [128, 128, 0],
+        [192, 128, 128],
+        [64, 64, 128],
+        [64, 0, 128],
+        [64, 64, 0],
+        [0, 128, 192],
+        [255, 160, 0],
     ];
     if class < BASE.len() {
         return BASE[class];
@@ -282,8 +292,7 @@ impl Package {
     fn load_from(dir: &Path, folder: &FolderReader) -> Result<Self> {
         let manifest_path = dir.join(MANIFEST_FILE);
         let text = folder.read(MANIFEST_FILE).with_context(|| format!("{}: cannot read the package manifest", manifest_path.display()))?;
-        let manifest: Manifest = serde_json::from_slice(&text)
-            .map_err(|e| anyhow!("{}: broken manifest: {e}", manifest_path.display()))?;
+        let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| anyhow!("{}: broken manifest: {e}", manifest_path.display()))?;
         if manifest.format_version != FORMAT_VERSION {
             bail!(
                 "{}: format version {} is not supported (this picie reads version {FORMAT_VERSION})",
@@ -295,10 +304,7 @@ impl Package {
         for file in [ONNX_FILE, WEIGHTS_FILE, CENTROIDS_FILE] {
             let path = dir.join(file);
             let bytes = folder.read(file).with_context(|| format!("{}: missing from the package", path.display()))?;
-            let expected = manifest
-                .sha256
-                .get(file)
-                .ok_or_else(|| anyhow!("{}: no checksum for {file}", manifest_path.display()))?;
+            let expected = manifest.sha256.get(file).ok_or_else(|| anyhow!("{}: no checksum for {file}", manifest_path.display()))?;
             if &sha256_hex(&bytes) != expected {
                 bail!("{}: checksum mismatch (the file is corrupt or was changed by hand)", path.display());
             }
@@ -307,8 +313,8 @@ impl Package {
             }
         }
         let centroids_path = dir.join(CENTROIDS_FILE);
-        let centroids: Centroids = serde_json::from_slice(&centroid_bytes)
-            .map_err(|e| anyhow!("{}: broken centroids file: {e}", centroids_path.display()))?;
+        let centroids: Centroids =
+            serde_json::from_slice(&centroid_bytes).map_err(|e| anyhow!("{}: broken centroids file: {e}", centroids_path.display()))?;
         let source = centroids_path.display().to_string();
         centroids.validate(&source, manifest.embedder.output_dim())?;
         if centroids.k() != manifest.k {
@@ -424,9 +430,7 @@ impl Package {
 }
 
 pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -450,7 +454,8 @@ mod tests {
             metrics: BTreeMap::new(),
             sha256: BTreeMap::new(),
         };
-        let contents = PackageContents { manifest, onnx: b"not really onnx", weights: &weights, centroids: &Centroids::from_vectors(4, vectors) };
+        let contents =
+            PackageContents { manifest, onnx: b"not really onnx", weights: &weights, centroids: &Centroids::from_vectors(4, vectors) };
         Package::write(dir, contents, true).unwrap()
     }
 

@@ -174,7 +174,8 @@ mod tests {
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        let names: Vec<String> = std::fs::read_dir(p.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let names: Vec<String> =
+            std::fs::read_dir(p.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         assert_eq!(names, ["a.json"]);
     }
 
@@ -204,7 +205,20 @@ mod tests {
         ] {
             assert!(is_leftover(name), "{name}");
         }
-        for name in ["default", "tuned", "ds-0123456789ab", "job-0123.json", "dataset.json", "images", "a.partial", "tmp", ".tmp", "active_model", "x.old-1", "m.tmp-1"] {
+        for name in [
+            "default",
+            "tuned",
+            "ds-0123456789ab",
+            "job-0123.json",
+            "dataset.json",
+            "images",
+            "a.partial",
+            "tmp",
+            ".tmp",
+            "active_model",
+            "x.old-1",
+            "m.tmp-1",
+        ] {
             assert!(!is_leftover(name), "{name}");
         }
     }

@@ -61,12 +61,12 @@ async fn every_rejection_is_json() {
     let form = Form::new().part("image", Part::bytes(png(16, 16)).file_name("a.png")).text("extra", "1");
     let r = c.post(s.url("/segment")).multipart(form).send().await.unwrap();
     assert_eq!(error_code(r).await, (StatusCode::BAD_REQUEST, "bad_request".into()));
-    let ds: serde_json::Value = c.post(s.url("/datasets")).json(&serde_json::json!({"name": "d"})).send().await.unwrap().json().await.unwrap();
+    let ds: serde_json::Value =
+        c.post(s.url("/datasets")).json(&serde_json::json!({"name": "d"})).send().await.unwrap().json().await.unwrap();
     let upload = s.url(&format!("/datasets/{}/images", ds["id"].as_str().unwrap()));
-    for form in [
-        Form::new().part("photos", Part::bytes(png(16, 16)).file_name("a.png")),
-        Form::new().part("files", Part::bytes(png(16, 16))),
-    ] {
+    for form in
+        [Form::new().part("photos", Part::bytes(png(16, 16)).file_name("a.png")), Form::new().part("files", Part::bytes(png(16, 16)))]
+    {
         let r = c.post(&upload).multipart(form).send().await.unwrap();
         assert_eq!(error_code(r).await, (StatusCode::BAD_REQUEST, "bad_request".into()));
     }
@@ -129,7 +129,8 @@ async fn a_panic_in_inference_fails_only_its_batch() {
         }
         model.segment_batch_at(images, quality, &Default::default())
     });
-    let s = TestServer::start_with(|_| {}, move |st| st.worker = WorkerHandle::start_with(worker_config(Duration::from_secs(30)), engine)).await;
+    let s = TestServer::start_with(|_| {}, move |st| st.worker = WorkerHandle::start_with(worker_config(Duration::from_secs(30)), engine))
+        .await;
     let seg = |bytes: Vec<u8>| s.client.post(s.url("/segment")).header("content-type", "image/png").body(bytes).send();
 
     let (status, code) = error_code(seg(png(13, 20)).await.unwrap()).await;
@@ -152,11 +153,9 @@ async fn readiness_reflects_a_stuck_inference_thread() {
         }
         model.segment_batch_at(images, quality, &Default::default())
     });
-    let s = TestServer::start_with(
-        |_| {},
-        move |st| st.worker = WorkerHandle::start_with(worker_config(Duration::from_millis(300)), engine),
-    )
-    .await;
+    let s =
+        TestServer::start_with(|_| {}, move |st| st.worker = WorkerHandle::start_with(worker_config(Duration::from_millis(300)), engine))
+            .await;
     let ready = || async { s.client.get(s.url("/health/ready")).send().await.unwrap().status() };
     assert_eq!(ready().await, StatusCode::OK);
     let pending = tokio::spawn({

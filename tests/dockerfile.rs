@@ -72,7 +72,8 @@ fn runtime_stages_are_safe_and_healthy() {
 
 #[test]
 fn every_copied_path_exists_and_is_not_ignored() {
-    let ignored: Vec<String> = std::fs::read_to_string(root().join(".dockerignore")).unwrap().lines().map(|l| l.trim().to_string()).collect();
+    let ignored: Vec<String> =
+        std::fs::read_to_string(root().join(".dockerignore")).unwrap().lines().map(|l| l.trim().to_string()).collect();
     for stage in stages() {
         for l in stage.lines.iter().filter(|l| l.starts_with("COPY ") && !l.contains("--from=")) {
             let parts: Vec<&str> = l.split_whitespace().skip(1).collect();

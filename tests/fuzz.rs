@@ -231,7 +231,8 @@ fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
 
 fn archive_seeds() -> Vec<Vec<u8>> {
     let imgs = image_seeds();
-    let entries: Vec<(&str, &[u8])> = vec![("set/a.png", &imgs[0]), ("set/b.jpg", &imgs[3]), ("c.gif", &imgs[5]), (".hidden.png", &imgs[1])];
+    let entries: Vec<(&str, &[u8])> =
+        vec![("set/a.png", &imgs[0]), ("set/b.jpg", &imgs[3]), ("c.gif", &imgs[5]), (".hidden.png", &imgs[1])];
     vec![
         zip_of(&entries, zip::CompressionMethod::Deflated),
         zip_of(&entries, zip::CompressionMethod::Stored),
@@ -307,7 +308,8 @@ fn check_answer(status: u16, body: &[u8]) -> Result<(), String> {
     if !(400..500).contains(&status) {
         return Err(format!("status {status}: {}", String::from_utf8_lossy(body)));
     }
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("status {status}, body not JSON ({e}): {}", String::from_utf8_lossy(body)))?;
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("status {status}, body not JSON ({e}): {}", String::from_utf8_lossy(body)))?;
     let ok = v["error"]["code"].as_str().is_some_and(|c| !c.is_empty()) && v["error"]["message"].as_str().is_some_and(|m| !m.is_empty());
     if ok {
         Ok(())
@@ -353,7 +355,10 @@ fn fuzz_multipart_through_the_router() {
         multipart(boundary, &[("files", "set.tar", &archives[3])]),
     ];
     for (path, body) in [("/segment", &seeds[0]), (&format!("/datasets/{id}/images") as &str, &seeds[2])] {
-        let req = Request::post(path).header("content-type", format!("multipart/form-data; boundary={boundary}")).body(Body::from(body.clone())).unwrap();
+        let req = Request::post(path)
+            .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+            .body(Body::from(body.clone()))
+            .unwrap();
         let (status, answer) = call(req).unwrap();
         assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&answer));
     }

@@ -49,7 +49,9 @@ fn parity(embedder: &Embedder, config: EmbedderConfig, sizes: &[(usize, usize, u
 
 #[test]
 fn lite_imports_classify_the_cat() {
-    for (kind, weights) in [(BackboneKind::EfficientnetLite0, common::lite0_safetensors()), (BackboneKind::EfficientnetLite2, common::lite2_safetensors())] {
+    for (kind, weights) in
+        [(BackboneKind::EfficientnetLite0, common::lite0_safetensors()), (BackboneKind::EfficientnetLite2, common::lite2_safetensors())]
+    {
         let top5 = picie::commands::imagenet_top5(kind, weights, &common::fixture("chelsea.png")).unwrap();
         let (top1, p) = top5[0];
         assert!((281..=285).contains(&top1), "{kind:?} top-5 {top5:?}: the cat is not a cat");
@@ -114,7 +116,10 @@ fn resnet18_torchvision_zip_checkpoint_imports_and_exports() {
     let out = dir.path().join("resnet18.safetensors");
     picie::commands::import_weights(BackboneKind::Resnet18, &ckpt, &out).unwrap();
     let imported = TensorMap::load_safetensors(&out).unwrap();
-    assert_eq!(imported.get("backbone.layer3.0.downsample.0.weight", &[256, 128, 1, 1]).unwrap(), &sd.tensors["layer3.0.downsample.0.weight"]);
+    assert_eq!(
+        imported.get("backbone.layer3.0.downsample.0.weight", &[256, 128, 1, 1]).unwrap(),
+        &sd.tensors["layer3.0.downsample.0.weight"]
+    );
 
     let config = EmbedderConfig::new(BackboneKind::Resnet18);
     let embedder = Embedder::from_backbone(config, &imported.sub("backbone"), 1, &device()).unwrap();
@@ -162,12 +167,19 @@ fn bad_weights_name_the_file_and_tensor() {
     let raw = std::fs::read(common::lite0_checkpoint()).unwrap();
     let cut = dir.path().join("cut.pth");
     std::fs::write(&cut, &raw[..raw.len() / 3]).unwrap();
-    let e = format!("{:#}", picie::commands::import_weights(BackboneKind::EfficientnetLite0, &cut, &dir.path().join("o.safetensors")).unwrap_err());
+    let e = format!(
+        "{:#}",
+        picie::commands::import_weights(BackboneKind::EfficientnetLite0, &cut, &dir.path().join("o.safetensors")).unwrap_err()
+    );
     assert!(e.contains("cut.pth"), "{e}");
     assert!(!dir.path().join("o.safetensors").exists(), "no output on failure");
 
     // The wrong backbone for a checkpoint.
-    let e = format!("{:#}", picie::commands::import_weights(BackboneKind::Resnet18, &common::lite0_checkpoint(), &dir.path().join("o.safetensors")).unwrap_err());
+    let e = format!(
+        "{:#}",
+        picie::commands::import_weights(BackboneKind::Resnet18, &common::lite0_checkpoint(), &dir.path().join("o.safetensors"))
+            .unwrap_err()
+    );
     assert!(e.contains("conv1.weight"), "{e}");
 }
 
@@ -185,7 +197,9 @@ fn pca_laterals_project_each_tap_into_its_own_block() {
     let mut map = embedder.to_tensor_map("test");
     let frames: Vec<Vec<f32>> = ["astronaut.jpg", "chelsea.png", "coffee.jpg"]
         .iter()
-        .map(|f| picie::train::augment::training_frame(&image::open(common::root().join("fixtures/images").join(f)).unwrap().to_rgb8(), 160, 160))
+        .map(|f| {
+            picie::train::augment::training_frame(&image::open(common::root().join("fixtures/images").join(f)).unwrap().to_rgb8(), 160, 160)
+        })
         .collect();
     init_pca_laterals(&embedder, &frames, (160, 160), config.dim, &mut map).unwrap();
     let loaded = Embedder::load(config, &map, &device()).unwrap();

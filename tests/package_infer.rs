@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use picie::commands::{init_package, InitPackage};
-use picie::train::fpn_init::FpnInit;
 use picie::infer::{decode_image, DecodeError, DeviceChoice, Segmenter};
 use picie::model::BackboneKind;
 use picie::package::{InputPolicy, Package, MANIFEST_FILE, ONNX_FILE};
+use picie::train::fpn_init::FpnInit;
 
 const K: usize = 5;
 

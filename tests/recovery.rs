@@ -52,7 +52,14 @@ impl Proc {
     }
 
     async fn segment_ok(&self) {
-        let r = self.client.post(self.url("/segment?format=json")).header("content-type", "image/png").body(images().remove(0)).send().await.unwrap();
+        let r = self
+            .client
+            .post(self.url("/segment?format=json"))
+            .header("content-type", "image/png")
+            .body(images().remove(0))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
     }
 }
@@ -214,7 +221,15 @@ async fn startup_removes_leftovers_and_keeps_real_data() {
     let ds_id = ds["id"].as_str().unwrap().to_string();
     let form = Form::new().part("files", Part::bytes(images().remove(0)).file_name("a.png"));
     assert_eq!(client.post(format!("{base}/datasets/{ds_id}/images")).multipart(form).send().await.unwrap().status(), 200);
-    let job: Value = client.post(format!("{base}/jobs")).json(&json!({"type": "recluster", "dataset": ds_id, "k": 2, "name": "kept"})).send().await.unwrap().json().await.unwrap();
+    let job: Value = client
+        .post(format!("{base}/jobs"))
+        .json(&json!({"type": "recluster", "dataset": ds_id, "k": 2, "name": "kept"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let job_id = job["id"].as_str().unwrap().to_string();
     for _ in 0..1200 {
         let j: Value = client.get(format!("{base}/jobs/{job_id}")).send().await.unwrap().json().await.unwrap();
@@ -229,7 +244,8 @@ async fn startup_removes_leftovers_and_keeps_real_data() {
     let real_checkpoint = d.join("checkpoints/job-000000000001.checkpoint");
     std::fs::create_dir_all(&real_checkpoint).unwrap();
     std::fs::write(real_checkpoint.join("state.json"), b"{}").unwrap();
-    let mut real: Vec<PathBuf> = vec![real_checkpoint.join("state.json"), d.join("models/kept/manifest.json"), d.join(format!("jobs/{job_id}.json"))];
+    let mut real: Vec<PathBuf> =
+        vec![real_checkpoint.join("state.json"), d.join("models/kept/manifest.json"), d.join(format!("jobs/{job_id}.json"))];
     let image_dir = d.join("datasets").join(&ds_id).join("images");
     real.extend(std::fs::read_dir(&image_dir).unwrap().map(|e| e.unwrap().path()));
     real.push(d.join("datasets").join(&ds_id).join("dataset.json"));

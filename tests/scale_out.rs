@@ -40,9 +40,25 @@ impl std::ops::Deref for Proc {
 impl Proc {
     fn spawn(name: &str, role: &str, dir: &Path, db: &str, store: &str) -> Proc {
         let flags = [
-            "--role", role, "--instance-id", name, "--database-url", db, "--store", store, "--lease-secs", "3", "--sync-interval-ms", "200",
+            "--role",
+            role,
+            "--instance-id",
+            name,
+            "--database-url",
+            db,
+            "--store",
+            store,
+            "--lease-secs",
+            "3",
+            "--sync-interval-ms",
+            "200",
             // One job thread: the re-clustering job lasts long enough to be killed in the middle.
-            "--job-threads", "1", "--threads", "1", "--quality", "fast",
+            "--job-threads",
+            "1",
+            "--threads",
+            "1",
+            "--quality",
+            "fast",
         ];
         Proc { name: name.to_string(), process: ServeProcess::spawn(&dir.join(name), &flags, dir.join(format!("{name}.log"))) }
     }
@@ -62,7 +78,11 @@ impl Proc {
     /// Resident memory, from /proc.
     fn rss_mb(&self) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.child.id())).unwrap_or_default();
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).unwrap_or(0.0)
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
             / 1024.0
     }
 }
@@ -108,7 +128,8 @@ async fn two_replicas_and_two_workers() {
     let dir = tempfile::tempdir().unwrap();
     let a = Proc::spawn("api-a", "api", dir.path(), &db, &store);
     let b = Proc::spawn("api-b", "api", dir.path(), &db, &store);
-    let mut workers = vec![Proc::spawn("worker-1", "worker", dir.path(), &db, &store), Proc::spawn("worker-2", "worker", dir.path(), &db, &store)];
+    let mut workers =
+        vec![Proc::spawn("worker-1", "worker", dir.path(), &db, &store), Proc::spawn("worker-2", "worker", dir.path(), &db, &store)];
     for p in [&a, &b].into_iter().chain(&workers) {
         p.ready().await;
     }
@@ -149,7 +170,12 @@ async fn two_replicas_and_two_workers() {
     victim.process.child.wait().unwrap();
     let (_, j) = a.get(&format!("/jobs/{job_id}")).await;
     assert_eq!(j["state"], "running", "killed in the middle of the job: {j}");
-    eprintln!("killed {first} at {:.1} s, job at stage {} ({:.2})", started.elapsed().as_secs_f64(), j["stage"], j["progress"].as_f64().unwrap_or(0.0));
+    eprintln!(
+        "killed {first} at {:.1} s, job at stage {} ({:.2})",
+        started.elapsed().as_secs_f64(),
+        j["stage"],
+        j["progress"].as_f64().unwrap_or(0.0)
+    );
 
     let survivor = &workers[0];
     wait_for("the other worker to take the job over", Duration::from_secs(30), async || {

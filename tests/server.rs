@@ -123,7 +123,14 @@ async fn quality_is_chosen_per_request_with_a_server_default() {
     let img = image::load_from_memory(&cat).unwrap().to_rgb8();
     let mut masks = std::collections::BTreeMap::new();
     for q in ["fast", "flip", "crf", "best"] {
-        let r = s.client.post(s.url(&format!("/segment?quality={q}"))).header("content-type", "image/png").body(cat.clone()).send().await.unwrap();
+        let r = s
+            .client
+            .post(s.url(&format!("/segment?quality={q}")))
+            .header("content-type", "image/png")
+            .body(cat.clone())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "{q}");
         assert_eq!(r.headers()["x-quality"], q);
         let mask = image::load_from_memory(&r.bytes().await.unwrap()).unwrap().to_luma8().into_raw();
@@ -170,7 +177,14 @@ async fn malformed_input_gets_clear_errors() {
     let form = Form::new().part("photo", Part::bytes(png).file_name("x.png"));
     let r = s.client.post(s.url("/segment")).multipart(form).send().await.unwrap();
     assert_eq!(error_code(r).await, (StatusCode::BAD_REQUEST, "bad_request".into()));
-    let r = s.client.post(s.url("/segment?format=gif")).header("content-type", "image/png").body(fixture_bytes("chelsea.png")).send().await.unwrap();
+    let r = s
+        .client
+        .post(s.url("/segment?format=gif"))
+        .header("content-type", "image/png")
+        .body(fixture_bytes("chelsea.png"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 
     for path in ["/jobs/job-nope", "/datasets/ds-nope", "/models/nope", "/no/such/route", "/models/..%2F..%2Fetc"] {
@@ -256,7 +270,13 @@ async fn api_key_guards_every_mutation() {
     assert_eq!(create(Some("s3cret")).await.unwrap().status(), 201);
     let r = s.client.post(s.url("/datasets")).bearer_auth("s3cret").json(&json!({"name": "y"})).send().await.unwrap();
     assert_eq!(r.status(), 201);
-    for (method, path) in [("POST", "/models/default/activate"), ("DELETE", "/models/default"), ("PUT", "/models/default/classes"), ("POST", "/jobs"), ("POST", "/jobs/x/cancel")] {
+    for (method, path) in [
+        ("POST", "/models/default/activate"),
+        ("DELETE", "/models/default"),
+        ("PUT", "/models/default/classes"),
+        ("POST", "/jobs"),
+        ("POST", "/jobs/x/cancel"),
+    ] {
         let r = s.client.request(method.parse().unwrap(), s.url(path)).json(&json!({})).send().await.unwrap();
         assert_eq!(r.status(), 401, "{method} {path}");
     }
@@ -305,7 +325,14 @@ async fn dataset_recluster_activate_segment_cycle() {
         std::io::Write::write_all(&mut z, &fixture_bytes("rocket.jpg")).unwrap();
         z.finish().unwrap();
     }
-    let r = s.client.post(s.url(&format!("/datasets/{id}/images"))).header("content-type", "application/zip").body(zipped).send().await.unwrap();
+    let r = s
+        .client
+        .post(s.url(&format!("/datasets/{id}/images")))
+        .header("content-type", "application/zip")
+        .body(zipped)
+        .send()
+        .await
+        .unwrap();
     let report: Value = r.json().await.unwrap();
     assert_eq!(report["duplicates"], json!(["archive/set/coffee-again.jpg"]));
     assert_eq!(report["added"], json!(["archive/set/rocket.jpg"]));
@@ -314,7 +341,8 @@ async fn dataset_recluster_activate_segment_cycle() {
     assert_eq!(shown["num_images"], 3);
 
     // Recluster into 3 classes, following the job over SSE.
-    let r = s.client.post(s.url("/jobs")).json(&json!({"type": "recluster", "dataset": id, "k": 3, "name": "street-k3"})).send().await.unwrap();
+    let r =
+        s.client.post(s.url("/jobs")).json(&json!({"type": "recluster", "dataset": id, "k": 3, "name": "street-k3"})).send().await.unwrap();
     assert_eq!(r.status(), 202);
     let job: Value = r.json().await.unwrap();
     let jid = job["id"].as_str().unwrap().to_string();
@@ -337,7 +365,13 @@ async fn dataset_recluster_activate_segment_cycle() {
     assert_eq!((info["model"].as_str(), info["num_classes"].as_u64()), (Some("street-k3"), Some(3)));
     let r = s.segment(fixture_bytes("chelsea.png"), "image/png", "mask").await;
     assert_eq!(r.headers()["x-num-classes"], "3");
-    let r = s.client.put(s.url("/models/street-k3/classes")).json(&json!({"classes": [{"index": 1, "name": "fur", "color": [1, 2, 3]}]})).send().await.unwrap();
+    let r = s
+        .client
+        .put(s.url("/models/street-k3/classes"))
+        .json(&json!({"classes": [{"index": 1, "name": "fur", "color": [1, 2, 3]}]}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let j: Value = s.segment(fixture_bytes("chelsea.png"), "image/png", "json").await.json().await.unwrap();
     assert_eq!(j["classes"][1]["name"], "fur");
@@ -514,7 +548,14 @@ async fn a_zip_bomb_entry_is_rejected_by_name() {
         z.finish().unwrap();
     }
     assert!(zipped.len() < 2 << 20, "the bomb itself is small");
-    let r = s.client.post(s.url(&format!("/datasets/{id}/images"))).header("content-type", "application/zip").body(zipped).send().await.unwrap();
+    let r = s
+        .client
+        .post(s.url(&format!("/datasets/{id}/images")))
+        .header("content-type", "application/zip")
+        .body(zipped)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let report: Value = r.json().await.unwrap();
     assert_eq!(report["rejected"][0]["name"], "archive/huge.png");

@@ -7,12 +7,25 @@ use std::path::PathBuf;
 use picie::commands::{train, TrainArgs, TrainInit};
 use picie::model::BackboneKind;
 use picie::package::Package;
-use picie::train::loss::Balance;
 use picie::train::correspond::CorrespondenceConfig;
+use picie::train::loss::Balance;
 use picie::train::picie::{TrainConfig, CHECKPOINT_STATE};
 
 fn tiny(epochs: usize) -> TrainConfig {
-    TrainConfig { k: 3, k2: 5, epochs, size: 64, batch: 2, lr: 1e-4, seed: 7, balance: Balance::Frequency, init_batches: 1, vectors_per_image: 64, freeze_stride: 4, ..TrainConfig::default() }
+    TrainConfig {
+        k: 3,
+        k2: 5,
+        epochs,
+        size: 64,
+        batch: 2,
+        lr: 1e-4,
+        seed: 7,
+        balance: Balance::Frequency,
+        init_batches: 1,
+        vectors_per_image: 64,
+        freeze_stride: 4,
+        ..TrainConfig::default()
+    }
 }
 
 /// The largest difference between two sets of weights, tensor by tensor.
@@ -83,7 +96,8 @@ fn trains_checkpoints_resumes_and_writes_a_package() {
     let dir2 = tempfile::tempdir().unwrap();
     let stopped = train(&args(dir2.path(), tiny(2), false), &mut |p| !(p.epoch == 1 && p.phase == "cluster")).unwrap();
     assert!(stopped.is_none(), "stopping returns no package");
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir2.path().join("ckpt").join(CHECKPOINT_STATE)).unwrap()).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir2.path().join("ckpt").join(CHECKPOINT_STATE)).unwrap()).unwrap();
     assert_eq!(state["epochs_done"], 1);
     assert!(!dir2.path().join("pkg").exists(), "no half-written package");
     let (resumed, _) = train(&args(dir2.path(), tiny(2), true), &mut |_| true).unwrap().unwrap();
@@ -110,7 +124,10 @@ fn trains_on_frames_with_the_images_aspect_ratio() {
     let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("ckpt").join(CHECKPOINT_STATE)).unwrap()).unwrap();
     assert_eq!((state["config"]["size"].as_u64(), state["config"]["width"].as_u64()), (Some(64), Some(96)));
     // The same run with square frames is another run: its checkpoint is not resumed.
-    let e = train(&args(dir.path(), TrainConfig { epochs: 2, ..tiny(1) }, true), &mut |_| true).err().map(|e| format!("{e:#}")).unwrap_or_default();
+    let e = train(&args(dir.path(), TrainConfig { epochs: 2, ..tiny(1) }, true), &mut |_| true)
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
     assert!(e.contains("different settings"), "{e}");
 }
 
@@ -165,7 +182,10 @@ fn bad_training_input_is_refused() {
     assert!(run(TrainConfig { k2: 3, ..tiny(1) }).contains("k2 must be larger than k"));
     assert!(run(TrainConfig { size: 70, ..tiny(1) }).contains("multiple of 32"));
     assert!(run(TrainConfig { width: Some(100), ..tiny(1) }).contains("width must be a positive multiple of 32"));
-    let corr = |weight: f32, inter_shift: f32| TrainConfig { correspondence: CorrespondenceConfig { weight, inter_shift, ..Default::default() }, ..tiny(1) };
+    let corr = |weight: f32, inter_shift: f32| TrainConfig {
+        correspondence: CorrespondenceConfig { weight, inter_shift, ..Default::default() },
+        ..tiny(1)
+    };
     assert!(run(corr(-1.0, 0.5)).contains("correspondence weight must be 0 (off) or positive"));
     assert!(run(corr(1.0, f32::NAN)).contains("correspondence inter shift must be a finite number"));
 
@@ -210,14 +230,25 @@ fn eval_scores_a_package_against_labels() {
     use picie::infer::Quality;
     let crf = picie::infer::Refinement::default();
     let fast = [Quality::Fast];
-    let r = picie::eval::evaluate(&model, &pairs, 11, picie::eval::Clusters::Package, picie::infer::DeviceChoice::Cpu, &fast, &crf).unwrap().remove(0);
+    let r = picie::eval::evaluate(&model, &pairs, 11, picie::eval::Clusters::Package, picie::infer::DeviceChoice::Cpu, &fast, &crf)
+        .unwrap()
+        .remove(0);
     assert!((r.pixel_accuracy - 1.0).abs() < 1e-12, "{}", r.pixel_accuracy);
     assert_eq!(r.pixels, (451 * 300 + 600 * 400 - 200) as u64);
     assert_eq!(r.matching[0], Some(3));
 
     // Several qualities in one run come back in the order asked, each scored on its own masks:
     // the labels are the fast masks, so the refined ones score less, though not much less.
-    let rs = picie::eval::evaluate(&model, &pairs, 11, picie::eval::Clusters::Package, picie::infer::DeviceChoice::Cpu, &[Quality::Best, Quality::Fast], &crf).unwrap();
+    let rs = picie::eval::evaluate(
+        &model,
+        &pairs,
+        11,
+        picie::eval::Clusters::Package,
+        picie::infer::DeviceChoice::Cpu,
+        &[Quality::Best, Quality::Fast],
+        &crf,
+    )
+    .unwrap();
     assert_eq!(rs.iter().map(|r| r.quality).collect::<Vec<_>>(), [Quality::Best, Quality::Fast]);
     assert!((rs[1].pixel_accuracy - 1.0).abs() < 1e-12);
     assert!(rs[0].pixel_accuracy > 0.6 && rs[0].pixel_accuracy < 0.999, "{}", rs[0].pixel_accuracy);
@@ -230,7 +261,8 @@ fn eval_scores_a_package_against_labels() {
     let both = evaluate(&model, &pairs, 11, Clusters::Fresh { images: &cluster_imgs, seeds: &[0, 1] }, cpu, &fast, &crf).unwrap();
     assert_eq!(both.len(), 2);
     for (seed, r) in [0u64, 1].into_iter().zip(&both) {
-        let alone = evaluate(&model, &pairs, 11, Clusters::Fresh { images: &cluster_imgs, seeds: &[seed] }, cpu, &fast, &crf).unwrap().remove(0);
+        let alone =
+            evaluate(&model, &pairs, 11, Clusters::Fresh { images: &cluster_imgs, seeds: &[seed] }, cpu, &fast, &crf).unwrap().remove(0);
         assert_eq!((r.k, &r.confusion), (alone.k, &alone.confusion), "seed {seed}");
     }
     assert_ne!(both[0].confusion, both[1].confusion, "the seeds give different clusterings");
@@ -256,7 +288,10 @@ fn self_training_keeps_the_centroids_and_resumes() {
     assert_eq!(phases.iter().filter(|p| **p == "self-train").count(), 4, "two epochs of two steps");
     let stage = Package::load(&dir.path().join("ckpt").join(picie::commands::STAGE_PACKAGE)).unwrap();
     assert_eq!(pkg.centroids.matrix(), stage.centroids.matrix(), "centroids held fixed");
-    assert_ne!(pkg.load_weights().unwrap().tensors["backbone._blocks.15._project_conv.weight"], stage.load_weights().unwrap().tensors["backbone._blocks.15._project_conv.weight"]);
+    assert_ne!(
+        pkg.load_weights().unwrap().tensors["backbone._blocks.15._project_conv.weight"],
+        stage.load_weights().unwrap().tensors["backbone._blocks.15._project_conv.weight"]
+    );
     let d = &pkg.manifest.provenance.details;
     assert_eq!(d["self_train_losses"].as_array().unwrap().len(), 2);
     let kept = d["self_train_targets_kept"].as_f64().unwrap();

@@ -251,7 +251,10 @@ async fn a_full_dataset_rejects_new_files_by_name() {
     let id = app.create().await;
     let (_, report) = app.post_raw(&id, "application/zip", zip_of(&files[..3])).await;
     assert_eq!(report["added"].as_array().unwrap().len(), 2, "{report}");
-    assert!(rejected_reason(&report, "archive/n2.png").contains("dataset is full") && rejected_reason(&report, "archive/n2.png").contains("--max-dataset-bytes"));
+    assert!(
+        rejected_reason(&report, "archive/n2.png").contains("dataset is full")
+            && rejected_reason(&report, "archive/n2.png").contains("--max-dataset-bytes")
+    );
     assert_eq!(count_files(&app.images_dir(&id)), 2);
 }
 

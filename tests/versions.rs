@@ -17,9 +17,9 @@ struct Site {
 /// The version that follows `key` in `file` (digits and dots).
 fn version_at(site: &Site) -> String {
     let text = std::fs::read_to_string(root().join(site.file)).unwrap_or_else(|e| panic!("{}: {e}", site.file));
-    let mut found = text.match_indices(site.key).map(|(i, _)| {
-        text[i + site.key.len()..].chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect::<String>()
-    });
+    let mut found = text
+        .match_indices(site.key)
+        .map(|(i, _)| text[i + site.key.len()..].chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect::<String>());
     let v = found.next().unwrap_or_else(|| panic!("{} names no version: `{}` not found", site.file, site.key));
     assert!(found.next().is_none(), "{}: `{}` appears more than once", site.file, site.key);
     assert!(
@@ -39,7 +39,14 @@ fn agree(what: &str, sites: &[Site]) {
     if found.iter().any(|(_, v)| v != first) {
         let lines: Vec<String> = found
             .iter()
-            .map(|(s, v)| format!("  {:<22} {:<40} {v}{}", s.file, s.key, if v != first { format!("   <- differs from {first_file}") } else { String::new() }))
+            .map(|(s, v)| {
+                format!(
+                    "  {:<22} {:<40} {v}{}",
+                    s.file,
+                    s.key,
+                    if v != first { format!("   <- differs from {first_file}") } else { String::new() }
+                )
+            })
             .collect();
         panic!("{what}: the files name different versions; make them equal:\n{}", lines.join("\n"));
     }

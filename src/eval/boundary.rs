@@ -40,12 +40,20 @@ impl BoundaryCounts {
     /// The harmonic mean of precision and recall (0 when both are 0).
     pub fn f_score(&self) -> f64 {
         let (p, r) = (self.precision(), self.recall());
-        if p + r == 0.0 { 0.0 } else { 2.0 * p * r / (p + r) }
+        if p + r == 0.0 {
+            0.0
+        } else {
+            2.0 * p * r / (p + r)
+        }
     }
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
-    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
 }
 
 /// The default tolerance at CamVid's 480 x 360: 3 pixels, about 0.5 % of the image diagonal
@@ -162,7 +170,17 @@ mod tests {
         let flat = boundary_counts(&vec![3; w * h], &labels, w, h, 255, 1);
         assert_eq!((flat.predicted, flat.recall(), flat.f_score()), (0, 0.0, 0.0));
         // The right edge plus a spurious one far from any label edge.
-        let extra: Vec<u8> = (0..w * h).map(|i| if i % w >= 8 { 1 } else if i % w >= 2 { 0 } else { 2 }).collect();
+        let extra: Vec<u8> = (0..w * h)
+            .map(|i| {
+                if i % w >= 8 {
+                    1
+                } else if i % w >= 2 {
+                    0
+                } else {
+                    2
+                }
+            })
+            .collect();
         let c = boundary_counts(&extra, &labels, w, h, 255, 1);
         assert_eq!(c.recall(), 1.0);
         assert_eq!(c.precision(), 0.5, "{c:?}");
@@ -172,7 +190,13 @@ mod tests {
     fn void_pixels_have_no_boundaries_and_hide_predicted_ones_near_them() {
         let (w, h) = (20, 6);
         // Class 0, then a void band in columns 8..12, then class 1: no label boundary at all.
-        let labels: Vec<u8> = (0..w * h).map(|i| match i % w { x if x < 8 => 0, x if x < 12 => 255, _ => 1 }).collect();
+        let labels: Vec<u8> = (0..w * h)
+            .map(|i| match i % w {
+                x if x < 8 => 0,
+                x if x < 12 => 255,
+                _ => 1,
+            })
+            .collect();
         let pred = halves(w, h, 10);
         let c = boundary_counts(&pred, &labels, w, h, 255, 1);
         assert_eq!((c.labelled, c.predicted), (0, 0), "{c:?}");

@@ -12,11 +12,11 @@ use anyhow::{bail, Context, Result};
 use pathfinding::prelude::{kuhn_munkres, Matrix};
 use serde::Serialize;
 
-use boundary::BoundaryCounts;
 use crate::infer::{assign_at, preprocess, DeviceChoice, Quality, Refinement, Segmenter};
 use crate::package::{InputPolicy, Package};
 use crate::train::cluster::{embed_images, list_images, MAX_CLUSTER_VECTORS};
 use crate::train::kmeans::KMeansConfig;
+use boundary::BoundaryCounts;
 
 pub const IGNORE_LABEL: u8 = 255;
 
@@ -93,7 +93,11 @@ fn score_at(confusion: Vec<Vec<u64>>, boundary: BoundaryCounts, model: String, q
             let tp: u64 = clusters.iter().map(|&i| confusion[i][j]).sum();
             let pred: u64 = clusters.iter().map(|&i| confusion[i].iter().sum::<u64>()).sum();
             let union = gt + pred - tp;
-            if union == 0 { f64::NAN } else { tp as f64 / union as f64 }
+            if union == 0 {
+                f64::NAN
+            } else {
+                tp as f64 / union as f64
+            }
         })
         .collect();
     let valid: Vec<f64> = class_iou.iter().copied().filter(|v| !v.is_nan()).collect();
@@ -168,7 +172,14 @@ pub fn evaluate(
             let img = preprocess::decode_file(img_path)?;
             let labels = image::open(label_path).with_context(|| format!("reading {}", label_path.display()))?.to_luma8();
             if (labels.width(), labels.height()) != (img.width(), img.height()) {
-                bail!("{}: label size {}x{} differs from the image's {}x{}", label_path.display(), labels.width(), labels.height(), img.width(), img.height());
+                bail!(
+                    "{}: label size {}x{} differs from the image's {}x{}",
+                    label_path.display(),
+                    labels.width(),
+                    labels.height(),
+                    img.width(),
+                    img.height()
+                );
             }
             let features = seg.embed_with(std::slice::from_ref(&img), flip)?.remove(0);
             for ((_, quality), per_seed) in wanted.iter().zip(&mut confusions) {
@@ -204,7 +215,15 @@ pub fn table(reports: &[EvalReport], class_names: &[String]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{:<28} {:>4} {:>10} {:>8} {:>10}", "model", "K", "pixel acc", "mIoU", "boundary F");
     for r in reports {
-        let _ = writeln!(out, "{:<28} {:>4} {:>10.2} {:>8.2} {:>10.2}", r.model, r.k, 100.0 * r.pixel_accuracy, 100.0 * r.miou, 100.0 * r.boundary_f);
+        let _ = writeln!(
+            out,
+            "{:<28} {:>4} {:>10.2} {:>8.2} {:>10.2}",
+            r.model,
+            r.k,
+            100.0 * r.pixel_accuracy,
+            100.0 * r.miou,
+            100.0 * r.boundary_f
+        );
     }
     let _ = writeln!(out, "\nIoU per class (%)");
     let _ = write!(out, "{:<14}", "class");

@@ -63,7 +63,13 @@ impl std::str::FromStr for CrfConfig {
         let mut c = CrfConfig::default();
         for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').ok_or_else(|| format!("`{pair}` is not key=value"))?;
-            let float = || value.parse::<f32>().ok().filter(|v| v.is_finite() && *v > 0.0).ok_or_else(|| format!("{key}: `{value}` is not a positive number"));
+            let float = || {
+                value
+                    .parse::<f32>()
+                    .ok()
+                    .filter(|v| v.is_finite() && *v > 0.0)
+                    .ok_or_else(|| format!("{key}: `{value}` is not a positive number"))
+            };
             let count = || value.parse::<usize>().map_err(|_| format!("{key}: `{value}` is not a whole number"));
             match key {
                 "iterations" => c.iterations = count()?,
@@ -88,10 +94,12 @@ const MIN_PROBABILITY: f32 = 1e-5;
 /// truncated at three standard deviations; a missing neighbour beyond the border counts as 0.
 fn gaussian_blur_planes(planes: &[f32], w: usize, h: usize, sigma: f32) -> Vec<f32> {
     let radius = (3.0 * sigma).ceil().max(1.0) as usize;
-    let taps: Vec<f32> = (0..=2 * radius).map(|t| {
-        let d = t as f32 - radius as f32;
-        (-(d * d) / (2.0 * sigma * sigma)).exp()
-    }).collect();
+    let taps: Vec<f32> = (0..=2 * radius)
+        .map(|t| {
+            let d = t as f32 - radius as f32;
+            (-(d * d) / (2.0 * sigma * sigma)).exp()
+        })
+        .collect();
     let n = w * h;
     let mut rows = vec![0f32; planes.len()];
     rows.par_chunks_mut(w).zip(planes.par_chunks(w)).for_each(|(out, src)| {

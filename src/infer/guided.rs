@@ -46,13 +46,24 @@ impl std::str::FromStr for GuidedConfig {
         let mut c = GuidedConfig::default();
         for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').ok_or_else(|| format!("`{pair}` is not key=value"))?;
-            let count = || value.parse::<usize>().ok().filter(|v| *v > 0).ok_or_else(|| format!("{key}: `{value}` is not a positive whole number"));
+            let count =
+                || value.parse::<usize>().ok().filter(|v| *v > 0).ok_or_else(|| format!("{key}: `{value}` is not a positive whole number"));
             match key {
                 "radius" => c.radius = count()?,
                 "max_pixels" => c.max_pixels = count()?,
-                "eps" => c.eps = value.parse::<f32>().ok().filter(|v| v.is_finite() && *v > 0.0).ok_or_else(|| format!("eps: `{value}` is not a positive number"))?,
+                "eps" => {
+                    c.eps = value
+                        .parse::<f32>()
+                        .ok()
+                        .filter(|v| v.is_finite() && *v > 0.0)
+                        .ok_or_else(|| format!("eps: `{value}` is not a positive number"))?
+                }
                 "temperature" => {
-                    c.temperature = value.parse::<f32>().ok().filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(|| format!("temperature: `{value}` is not a number of 0 or more"))?
+                    c.temperature = value
+                        .parse::<f32>()
+                        .ok()
+                        .filter(|v| v.is_finite() && *v >= 0.0)
+                        .ok_or_else(|| format!("temperature: `{value}` is not a number of 0 or more"))?
                 }
                 _ => return Err(format!("unknown guided-filter setting `{key}`")),
             }
@@ -75,7 +86,14 @@ pub fn working_size(w: u32, h: u32, max_pixels: usize) -> (usize, usize) {
 /// Labels at the original image size: K score maps of size `feat` on the stride-4 feature grid,
 /// each guided-filtered with `image` (the original the features were made from), then the
 /// argmax per pixel.
-pub fn labels_guided(scores: &[f32], k: usize, feat: (usize, usize), geom: &Geometry, image: &RgbImage, config: &GuidedConfig) -> LabelMask {
+pub fn labels_guided(
+    scores: &[f32],
+    k: usize,
+    feat: (usize, usize),
+    geom: &Geometry,
+    image: &RgbImage,
+    config: &GuidedConfig,
+) -> LabelMask {
     let (ow, oh) = (geom.original.0 as usize, geom.original.1 as usize);
     debug_assert_eq!((image.width() as usize, image.height() as usize), (ow, oh));
     let (ww, wh) = working_size(ow as u32, oh as u32, config.max_pixels);
@@ -360,7 +378,14 @@ mod tests {
     fn the_boundary_moves_onto_the_colour_edge() {
         let (image, scores, geom) = split_scene();
         let plain = crate::infer::assign::labels_at_original_size(&scores, 2, (16, 8), &geom);
-        let refined = labels_guided(&scores, 2, (16, 8), &geom, &image, &GuidedConfig { radius: 24, eps: 1e-4, max_pixels: 1 << 20, temperature: 0.0 });
+        let refined = labels_guided(
+            &scores,
+            2,
+            (16, 8),
+            &geom,
+            &image,
+            &GuidedConfig { radius: 24, eps: 1e-4, max_pixels: 1 << 20, temperature: 0.0 },
+        );
         let first_right = |m: &LabelMask| (0..64).position(|x| m.labels[16 * 64 + x] == 1).unwrap();
         assert_eq!(first_right(&plain), 32, "the features alone cut at their own boundary");
         assert_eq!(first_right(&refined), 40, "the filter moves it to the colour edge");

@@ -191,7 +191,13 @@ impl Lattice {
         let inv_std = (2.0f32 / 3.0).sqrt() * (d + 1) as f32;
         let scale: Vec<f32> = (0..d).map(|i| inv_std / (((i + 2) * (i + 1)) as f32).sqrt()).collect();
         // The canonical simplex: remainder r's vertex offset for a coordinate of rank k.
-        let canonical = |r: usize, k: usize| -> i32 { if k + r <= d { r as i32 } else { r as i32 - (d as i32 + 1) } };
+        let canonical = |r: usize, k: usize| -> i32 {
+            if k + r <= d {
+                r as i32
+            } else {
+                r as i32 - (d as i32 + 1)
+            }
+        };
 
         let simplices: Vec<Simplex> = features.par_chunks(d).map(|f| simplex(f, &scale)).collect();
         let mut table = KeyTable::new(d, n.max(1));

@@ -201,7 +201,13 @@ pub fn assign_refined(features: &FeatureMap, centroids: &[f32], k: usize, image:
 }
 
 /// [`assign_refined`], with the CRF's marginal probability of each pixel's label.
-pub fn assign_refined_with_confidence(features: &FeatureMap, centroids: &[f32], k: usize, image: &RgbImage, crf: &CrfConfig) -> (LabelMask, Vec<f32>) {
+pub fn assign_refined_with_confidence(
+    features: &FeatureMap,
+    centroids: &[f32],
+    k: usize,
+    image: &RgbImage,
+    crf: &CrfConfig,
+) -> (LabelMask, Vec<f32>) {
     let (ow, oh) = features.geometry.original;
     debug_assert_eq!((image.width(), image.height()), (ow, oh), "the image the features were made from");
     let hw = features.width * features.height;

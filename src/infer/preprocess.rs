@@ -83,11 +83,7 @@ pub fn resized_size(width: u32, height: u32, policy: &InputPolicy) -> (u32, u32)
 
 pub fn geometry(width: u32, height: u32, policy: &InputPolicy) -> Geometry {
     let (rw, rh) = resized_size(width, height, policy);
-    Geometry {
-        original: (width, height),
-        resized: (rw, rh),
-        padded: (round_up(rw, policy.multiple), round_up(rh, policy.multiple)),
-    }
+    Geometry { original: (width, height), resized: (rw, rh), padded: (round_up(rw, policy.multiple), round_up(rh, policy.multiple)) }
 }
 
 /// An RGB image as a 3 x H x W plane in [0, 1].

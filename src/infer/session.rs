@@ -103,9 +103,8 @@ impl EmbedSession {
             }
         };
         let mut builder = builder;
-        let session = builder
-            .commit_from_file(onnx)
-            .map_err(|e| anyhow!("{}: ONNX Runtime cannot load the embedder: {e}", onnx.display()))?;
+        let session =
+            builder.commit_from_file(onnx).map_err(|e| anyhow!("{}: ONNX Runtime cannot load the embedder: {e}", onnx.display()))?;
         tracing::info!(provider = provider.as_str(), model = %onnx.display(), "embedder session ready");
         Ok(Self { session: Mutex::new(session), provider })
     }
@@ -122,9 +121,7 @@ impl EmbedSession {
         }
         let tensor = TensorRef::from_array_view(input).map_err(|e| anyhow!("input tensor: {e}"))?;
         let mut session = self.session.lock().map_err(|_| anyhow!("inference session poisoned"))?;
-        let outputs = session
-            .run(ort::inputs![INPUT_NAME => tensor])
-            .map_err(|e| anyhow!("ONNX Runtime run failed: {e}"))?;
+        let outputs = session.run(ort::inputs![INPUT_NAME => tensor]).map_err(|e| anyhow!("ONNX Runtime run failed: {e}"))?;
         let view = outputs[OUTPUT_NAME].try_extract_array::<f32>().context("reading the features output")?;
         let shape: [usize; 4] = view.shape().try_into().map_err(|_| anyhow!("features output is not 4-D"))?;
         Ok((shape, view.iter().copied().collect()))

@@ -28,13 +28,36 @@ pub trait BatchNormBackend: Backend {
     fn bn_stats(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// (x - mean) / sqrt(var + eps) * gamma + beta, with `stats` from [`Self::bn_stats`];
     /// clamped to [0, 6] in the same pass when `relu6` (ReLU6 fused in).
-    fn bn_normalize(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, stats: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self>;
+    fn bn_normalize(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        epsilon: f64,
+        relu6: bool,
+    ) -> FloatTensor<Self>;
     /// Per-channel sums of dy and of dy * x_hat, as a 2 x C tensor (the gradients of beta and
     /// gamma). With `relu6`, dy counts only where the forward's `output` was inside (0, 6).
-    fn bn_param_grads(x: FloatTensor<Self>, output: FloatTensor<Self>, stats: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self>;
+    fn bn_param_grads(
+        x: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        epsilon: f64,
+        relu6: bool,
+    ) -> FloatTensor<Self>;
     /// The input gradient, from the sums of [`Self::bn_param_grads`] (dy masked as there).
     #[allow(clippy::too_many_arguments)]
-    fn bn_input_grad(x: FloatTensor<Self>, output: FloatTensor<Self>, gamma: FloatTensor<Self>, stats: FloatTensor<Self>, sums: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self>;
+    fn bn_input_grad(
+        x: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        sums: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        epsilon: f64,
+        relu6: bool,
+    ) -> FloatTensor<Self>;
     /// Row `row` of a 2 x C tensor, as a C tensor.
     fn bn_row(pair: FloatTensor<Self>, row: usize) -> FloatTensor<Self>;
 }
@@ -69,7 +92,14 @@ impl BatchNormBackend for Flex {
         flex([means, vars].concat(), vec![2, c])
     }
 
-    fn bn_normalize(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, stats: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self> {
+    fn bn_normalize(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        epsilon: f64,
+        relu6: bool,
+    ) -> FloatTensor<Self> {
         let (x, _, c, inner) = planes(&x);
         let shape = x.layout().shape().to_vec();
         let v = x.as_slice::<f32>().expect("contiguous");
@@ -87,11 +117,22 @@ impl BatchNormBackend for Flex {
         flex(out, shape)
     }
 
-    fn bn_param_grads(x: FloatTensor<Self>, output: FloatTensor<Self>, stats: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self> {
+    fn bn_param_grads(
+        x: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        epsilon: f64,
+        relu6: bool,
+    ) -> FloatTensor<Self> {
         let (x, n, c, inner) = planes(&x);
         let (dy, ..) = planes(&dy);
         let (out, ..) = planes(&output);
-        let (v, d, y) = (x.as_slice::<f32>().expect("contiguous"), dy.as_slice::<f32>().expect("contiguous"), out.as_slice::<f32>().expect("contiguous"));
+        let (v, d, y) = (
+            x.as_slice::<f32>().expect("contiguous"),
+            dy.as_slice::<f32>().expect("contiguous"),
+            out.as_slice::<f32>().expect("contiguous"),
+        );
         let st = vector(&stats);
         let sums = per_channel(c, |ch| {
             let inv_std = 1.0 / (st[c + ch] as f64 + epsilon).sqrt();
@@ -99,7 +140,8 @@ impl BatchNormBackend for Flex {
             let (mut sum_dy, mut sum_dy_xc) = (0f64, 0f64);
             for s in 0..n {
                 let (x, d) = (plane(v, c, inner, s, ch), plane(d, c, inner, s, ch));
-                let (a, b) = if relu6 { lanes::masked_sums(d, x, plane(y, c, inner, s, ch), m) } else { (lanes::sum(d), lanes::dot_dev(d, x, m)) };
+                let (a, b) =
+                    if relu6 { lanes::masked_sums(d, x, plane(y, c, inner, s, ch), m) } else { (lanes::sum(d), lanes::dot_dev(d, x, m)) };
                 sum_dy += a as f64;
                 sum_dy_xc += b as f64;
             }
@@ -109,7 +151,16 @@ impl BatchNormBackend for Flex {
         flex([dbeta, dgamma].concat(), vec![2, c])
     }
 
-    fn bn_input_grad(x: FloatTensor<Self>, output: FloatTensor<Self>, gamma: FloatTensor<Self>, stats: FloatTensor<Self>, sums: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self> {
+    fn bn_input_grad(
+        x: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        sums: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        epsilon: f64,
+        relu6: bool,
+    ) -> FloatTensor<Self> {
         let (x, n, c, inner) = planes(&x);
         let shape = x.layout().shape().to_vec();
         let (dy, ..) = planes(&dy);
@@ -131,14 +182,16 @@ impl BatchNormBackend for Flex {
             .collect();
         let mut dx = vec![0f32; v.len()];
         let chunk = inner.max(1);
-        dx.par_chunks_mut(chunk).zip(v.par_chunks(chunk).zip(d.par_chunks(chunk).zip(y.par_chunks(chunk)))).enumerate().for_each(|(i, (o, (x, (d, y))))| {
-            let (a, b, c0) = coef[i % c];
-            if relu6 {
-                lanes::affine2_masked(o, x, d, y, a, b, c0);
-            } else {
-                lanes::affine2(o, x, d, a, b, c0);
-            }
-        });
+        dx.par_chunks_mut(chunk).zip(v.par_chunks(chunk).zip(d.par_chunks(chunk).zip(y.par_chunks(chunk)))).enumerate().for_each(
+            |(i, (o, (x, (d, y))))| {
+                let (a, b, c0) = coef[i % c];
+                if relu6 {
+                    lanes::affine2_masked(o, x, d, y, a, b, c0);
+                } else {
+                    lanes::affine2(o, x, d, a, b, c0);
+                }
+            },
+        );
         flex(dx, shape)
     }
 
@@ -178,7 +231,14 @@ impl<B: Backend + BatchNormBackend, C: CheckpointStrategy> BatchNormBackend for 
         Self::from_inner(B::bn_stats(Self::inner(x)))
     }
 
-    fn bn_normalize(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, stats: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self> {
+    fn bn_normalize(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        epsilon: f64,
+        relu6: bool,
+    ) -> FloatTensor<Self> {
         let stats = Self::inner(stats);
         let (x, node_x) = x.into_parts();
         let (gamma, node_gamma) = gamma.into_parts();
@@ -192,12 +252,37 @@ impl<B: Backend + BatchNormBackend, C: CheckpointStrategy> BatchNormBackend for 
         }
     }
 
-    fn bn_param_grads(x: FloatTensor<Self>, output: FloatTensor<Self>, stats: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self> {
+    fn bn_param_grads(
+        x: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        epsilon: f64,
+        relu6: bool,
+    ) -> FloatTensor<Self> {
         Self::from_inner(B::bn_param_grads(Self::inner(x), Self::inner(output), Self::inner(stats), Self::inner(dy), epsilon, relu6))
     }
 
-    fn bn_input_grad(x: FloatTensor<Self>, output: FloatTensor<Self>, gamma: FloatTensor<Self>, stats: FloatTensor<Self>, sums: FloatTensor<Self>, dy: FloatTensor<Self>, epsilon: f64, relu6: bool) -> FloatTensor<Self> {
-        Self::from_inner(B::bn_input_grad(Self::inner(x), Self::inner(output), Self::inner(gamma), Self::inner(stats), Self::inner(sums), Self::inner(dy), epsilon, relu6))
+    fn bn_input_grad(
+        x: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        sums: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        epsilon: f64,
+        relu6: bool,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::bn_input_grad(
+            Self::inner(x),
+            Self::inner(output),
+            Self::inner(gamma),
+            Self::inner(stats),
+            Self::inner(sums),
+            Self::inner(dy),
+            epsilon,
+            relu6,
+        ))
     }
 
     fn bn_row(pair: FloatTensor<Self>, row: usize) -> FloatTensor<Self> {
@@ -298,9 +383,15 @@ mod tests {
         let run_relu6 = |fused: bool| {
             let bn = shared_bn.clone();
             let x = x.clone().detach().require_grad();
-            let y = if fused { batch_norm_relu6_train(&bn, x.clone()) } else { super::super::relu6::relu6(batch_norm_train(&bn, x.clone())) };
+            let y =
+                if fused { batch_norm_relu6_train(&bn, x.clone()) } else { super::super::relu6::relu6(batch_norm_train(&bn, x.clone())) };
             let grads = (y.clone() * w.clone()).sum().backward();
-            (values(y), values(x.grad(&grads).unwrap()), values(bn.gamma.val().grad(&grads).unwrap()), values(bn.beta.val().grad(&grads).unwrap()))
+            (
+                values(y),
+                values(x.grad(&grads).unwrap()),
+                values(bn.gamma.val().grad(&grads).unwrap()),
+                values(bn.beta.val().grad(&grads).unwrap()),
+            )
         };
         let (fused, separate) = (run_relu6(true), run_relu6(false));
         assert!(fused.0.contains(&0.0) && fused.0.iter().any(|&v| v > 0.0 && v < 6.0), "both sides of the clamp exercised");

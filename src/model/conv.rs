@@ -228,7 +228,14 @@ fn weight_grad_plane_body(x: &[f32], dy: &[f32], acc: &mut [f64], split: &mut [f
 
 /// An N x C x `to` tensor from an N x C x `from` one, plane by plane in parallel: `f(source
 /// plane, the channel's filter of `taps`, zeroed destination plane)`.
-fn per_plane(src: &FlexTensor, weight: &FlexTensor, from: (usize, usize), to: (usize, usize), taps: usize, f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> FlexTensor {
+fn per_plane(
+    src: &FlexTensor,
+    weight: &FlexTensor,
+    from: (usize, usize),
+    to: (usize, usize),
+    taps: usize,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> FlexTensor {
     let (src, n, c, _) = planes(src);
     let (w, ..) = planes(weight);
     let (ss, ws) = (src.as_slice::<f32>().expect("contiguous"), w.as_slice::<f32>().expect("contiguous"));
@@ -268,7 +275,13 @@ impl DepthwiseBackend for Flex {
                 let mut split = vec![0f32; Phases::new(&g).row_len()];
                 for s in 0..n {
                     let i = s * c + ch;
-                    weight_grad_plane(&xs[i * plane_in..(i + 1) * plane_in], &ds[i * plane_out..(i + 1) * plane_out], &mut acc, &mut split, &g);
+                    weight_grad_plane(
+                        &xs[i * plane_in..(i + 1) * plane_in],
+                        &ds[i * plane_out..(i + 1) * plane_out],
+                        &mut acc,
+                        &mut split,
+                        &g,
+                    );
                 }
                 acc.into_iter().map(|v| v as f32)
             })
@@ -353,7 +366,18 @@ fn kind(conv: &Conv2d, h: usize, w: usize) -> Kind {
             // Rows or columns past the last window (at stride > 1 with too little padding) are
             // never read: they count as negative padding, clipped to none.
             let (pad_bottom, pad_right) = (((out_h - 1) * s + kh).saturating_sub(h + top), ((out_w - 1) * s + kh).saturating_sub(w + left));
-            return Kind::Depthwise(DepthwiseGeometry { kernel: kh, stride: s, pad_top: top, pad_left: left, pad_bottom, pad_right, in_h: h, in_w: w, out_h, out_w });
+            return Kind::Depthwise(DepthwiseGeometry {
+                kernel: kh,
+                stride: s,
+                pad_top: top,
+                pad_left: left,
+                pad_bottom,
+                pad_right,
+                in_h: h,
+                in_w: w,
+                out_h,
+                out_w,
+            });
         }
     }
     if plain && kh == 1 && conv.stride[0] == 1 && conv.groups == 1 && (top, bottom, left, right) == (0, 0, 0, 0) {
@@ -372,7 +396,11 @@ pub fn forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         return conv.forward(x);
     }
     let y = match kind(conv, h, w) {
-        Kind::Depthwise(g) => Tensor::<4>::from_dispatch(<Dispatch as DepthwiseBackend>::depthwise_conv(x.into_dispatch(), conv.weight.val().into_dispatch(), g)),
+        Kind::Depthwise(g) => Tensor::<4>::from_dispatch(<Dispatch as DepthwiseBackend>::depthwise_conv(
+            x.into_dispatch(),
+            conv.weight.val().into_dispatch(),
+            g,
+        )),
         Kind::Pointwise => {
             let [c_out, ..] = conv.weight.dims();
             let weight = conv.weight.val().reshape([1, c_out, c_in]);
@@ -439,7 +467,18 @@ mod tests {
 
     fn geometry(kernel: usize, stride: usize, pad: (usize, usize, usize, usize), input: (usize, usize), output: (usize, usize)) -> Kind {
         let (pad_top, pad_left, pad_bottom, pad_right) = pad;
-        Kind::Depthwise(DepthwiseGeometry { kernel, stride, pad_top, pad_left, pad_bottom, pad_right, in_h: input.0, in_w: input.1, out_h: output.0, out_w: output.1 })
+        Kind::Depthwise(DepthwiseGeometry {
+            kernel,
+            stride,
+            pad_top,
+            pad_left,
+            pad_bottom,
+            pad_right,
+            in_h: input.0,
+            in_w: input.1,
+            out_h: output.0,
+            out_w: output.1,
+        })
     }
 
     #[test]

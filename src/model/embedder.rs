@@ -176,8 +176,8 @@ impl Embedder {
 
     /// A pretrained backbone with a freshly initialised decoder (fixed seed: same weights everywhere).
     pub fn from_backbone(config: EmbedderConfig, backbone: &TensorMap, fpn_seed: u64, device: &Device) -> Result<Self> {
-        let backbone = Backbone::load(config.backbone, backbone, device)
-            .with_context(|| format!("loading the {:?} backbone", config.backbone))?;
+        let backbone =
+            Backbone::load(config.backbone, backbone, device).with_context(|| format!("loading the {:?} backbone", config.backbone))?;
         let fpn = Fpn::load(&SeededInit { seed: fpn_seed }, config.backbone.tap_channels(), config.dim, device)?;
         Ok(Self { backbone, fpn })
     }

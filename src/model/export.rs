@@ -49,14 +49,9 @@ pub fn to_onnx_bytes(embedder: &Embedder, config: EmbedderConfig) -> Result<Vec<
     }
     g.rename_last_output(OUTPUT_NAME);
 
-    let input = value_info_f32(
-        INPUT_NAME,
-        &[Dim::Symbol("N"), Dim::Fixed(3), Dim::Symbol("H"), Dim::Symbol("W")],
-    );
-    let output = value_info_f32(
-        OUTPUT_NAME,
-        &[Dim::Symbol("N"), Dim::Fixed(config.output_dim() as i64), Dim::Symbol("H/4"), Dim::Symbol("W/4")],
-    );
+    let input = value_info_f32(INPUT_NAME, &[Dim::Symbol("N"), Dim::Fixed(3), Dim::Symbol("H"), Dim::Symbol("W")]);
+    let output =
+        value_info_f32(OUTPUT_NAME, &[Dim::Symbol("N"), Dim::Fixed(config.output_dim() as i64), Dim::Symbol("H/4"), Dim::Symbol("W/4")]);
     let doc = format!(
         "picie embedder ({:?} + FPN {}{}). Input: RGB in [0,1], N x 3 x H x W, H and W multiples of 32. \
          Output: unit-norm features N x {} x H/4 x W/4.",

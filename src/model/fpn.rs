@@ -40,10 +40,8 @@ impl Fpn {
         for (i, tap) in [(2, c4), (1, c3), (0, c2)] {
             let lateral = conv::forward(&self.laterals[i], tap);
             let [_, _, h, w] = lateral.dims();
-            let up = interpolate(
-                out,
-                InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([h, w]),
-            );
+            let up =
+                interpolate(out, InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([h, w]));
             out = up + lateral;
         }
         out
@@ -65,10 +63,7 @@ impl Fpn {
             let up = g.node(
                 "Resize",
                 &[&out, "", &scales],
-                vec![
-                    attr_string("mode", "linear"),
-                    attr_string("coordinate_transformation_mode", "half_pixel"),
-                ],
+                vec![attr_string("mode", "linear"), attr_string("coordinate_transformation_mode", "half_pixel")],
             );
             out = g.node("Add", &[&up, &lateral], vec![]);
         }

@@ -18,12 +18,7 @@ pub fn read_torch_checkpoint(path: &Path) -> Result<TensorMap> {
         bail!("{source}: no such file");
     }
     let reader = PytorchReader::new(path)
-        .or_else(|first| {
-            ["state_dict", "model"]
-                .iter()
-                .find_map(|k| PytorchReader::with_top_level_key(path, k).ok())
-                .ok_or(first)
-        })
+        .or_else(|first| ["state_dict", "model"].iter().find_map(|k| PytorchReader::with_top_level_key(path, k).ok()).ok_or(first))
         .map_err(|e| anyhow!("{source}: not a readable torch checkpoint: {e}"))?;
     let mut map = TensorMap::new(&source);
     for (name, t) in reader.tensors() {

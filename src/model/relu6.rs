@@ -35,8 +35,24 @@ impl Relu6Backend for Flex {
         // As Flex's own ReLU (NaN passes, -0 becomes 0), then capped.
         burn_flex::ops::unary::unary_op(
             x,
-            |v: f32| if v.is_nan() { v } else if v > 0.0 { v.min(CAP) } else { 0.0 },
-            |v: f64| if v.is_nan() { v } else if v > 0.0 { v.min(CAP as f64) } else { 0.0 },
+            |v: f32| {
+                if v.is_nan() {
+                    v
+                } else if v > 0.0 {
+                    v.min(CAP)
+                } else {
+                    0.0
+                }
+            },
+            |v: f64| {
+                if v.is_nan() {
+                    v
+                } else if v > 0.0 {
+                    v.min(CAP as f64)
+                } else {
+                    0.0
+                }
+            },
         )
     }
 

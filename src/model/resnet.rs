@@ -27,8 +27,10 @@ pub struct BasicBlock {
 impl BasicBlock {
     fn load(src: &dyn WeightSource, key: &str, c_in: usize, c_out: usize, stride: usize, device: &Device) -> Result<Self> {
         let conv3 = |c_in, stride| ConvSpec { c_in, c_out, kernel: 3, stride, groups: 1, padding: Padding::Symmetric(1) };
-        let conv1 = ConvBn::load(src, &format!("{key}.conv1"), &format!("{key}.bn1"), conv3(c_in, stride), BN_EPS, Activation::Relu, device)?;
-        let conv2 = ConvBn::load(src, &format!("{key}.conv2"), &format!("{key}.bn2"), conv3(c_out, 1), BN_EPS, Activation::Identity, device)?;
+        let conv1 =
+            ConvBn::load(src, &format!("{key}.conv1"), &format!("{key}.bn1"), conv3(c_in, stride), BN_EPS, Activation::Relu, device)?;
+        let conv2 =
+            ConvBn::load(src, &format!("{key}.conv2"), &format!("{key}.bn2"), conv3(c_out, 1), BN_EPS, Activation::Identity, device)?;
         let downsample = if stride != 1 || c_in != c_out {
             Some(ConvBn::load(
                 src,

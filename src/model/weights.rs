@@ -23,11 +23,7 @@ impl NamedTensor {
 
     pub fn from_burn<const D: usize>(tensor: Tensor<D>) -> Self {
         let shape = tensor.dims().to_vec();
-        let data = tensor
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .expect("f32 tensor data");
+        let data = tensor.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 tensor data");
         Self { shape, data }
     }
 
@@ -62,15 +58,9 @@ impl TensorMap {
 
     /// The tensor `name`, checked against the shape the module expects.
     pub fn get(&self, name: &str, expected: &[usize]) -> Result<&NamedTensor> {
-        let t = self.tensors.get(name).ok_or_else(|| {
-            anyhow!("{}: missing tensor `{name}` (expected shape {expected:?})", self.source)
-        })?;
+        let t = self.tensors.get(name).ok_or_else(|| anyhow!("{}: missing tensor `{name}` (expected shape {expected:?})", self.source))?;
         if t.shape != expected {
-            bail!(
-                "{}: tensor `{name}` has shape {:?}, expected {expected:?}",
-                self.source,
-                t.shape
-            );
+            bail!("{}: tensor `{name}` has shape {:?}, expected {expected:?}", self.source, t.shape);
         }
         if let Some(bad) = t.data.iter().position(|v| !v.is_finite()) {
             bail!("{}: tensor `{name}` holds a non-finite value at index {bad}", self.source);
@@ -83,11 +73,7 @@ impl TensorMap {
         let p = format!("{prefix}.");
         TensorMap {
             source: self.source.clone(),
-            tensors: self
-                .tensors
-                .iter()
-                .filter_map(|(k, v)| k.strip_prefix(&p).map(|s| (s.to_string(), v.clone())))
-                .collect(),
+            tensors: self.tensors.iter().filter_map(|(k, v)| k.strip_prefix(&p).map(|s| (s.to_string(), v.clone()))).collect(),
         }
     }
 
@@ -104,12 +90,10 @@ impl TensorMap {
     }
 
     pub fn from_safetensors_bytes(bytes: &[u8], source: &str) -> Result<Self> {
-        let st = safetensors::SafeTensors::deserialize(bytes)
-            .map_err(|e| anyhow!("{source}: not a valid safetensors file: {e}"))?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{source}: not a valid safetensors file: {e}"))?;
         let mut map = TensorMap::new(source);
         for (name, view) in st.tensors() {
-            let data = bytes_to_f32(view.dtype(), view.data())
-                .with_context(|| format!("{source}: tensor `{name}`"))?;
+            let data = bytes_to_f32(view.dtype(), view.data()).with_context(|| format!("{source}: tensor `{name}`"))?;
             map.insert(name, NamedTensor::new(view.shape().to_vec(), data));
         }
         Ok(map)
@@ -123,11 +107,8 @@ impl TensorMap {
     }
 
     pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
-        let raw: Vec<(String, Vec<u8>, Vec<usize>)> = self
-            .tensors
-            .iter()
-            .map(|(k, t)| (k.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
-            .collect();
+        let raw: Vec<(String, Vec<u8>, Vec<usize>)> =
+            self.tensors.iter().map(|(k, t)| (k.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone())).collect();
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = raw
             .iter()
             .map(|(k, b, s)| {
@@ -144,10 +125,7 @@ fn bytes_to_f32(dtype: safetensors::Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     use safetensors::Dtype;
     Ok(match dtype {
         Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-            .collect(),
+        Dtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
         Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         other => bail!("unsupported dtype {other:?} (expected a floating-point tensor)"),

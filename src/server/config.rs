@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use crate::infer::{CrfConfig, DeviceChoice, GuidedConfig, Quality, Refinement};
 
-pub use super::state::Limits;
 use super::datasets::DatasetLimits;
 use super::shared::Role;
+pub use super::state::Limits;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServeConfig {
@@ -186,4 +186,3 @@ impl ServeConfig {
         }
     }
 }
-

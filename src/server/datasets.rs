@@ -247,7 +247,14 @@ impl DatasetStore {
             images: index
                 .images
                 .into_iter()
-                .map(|e| ImageEntry { sha256: e.sha256, original_name: e.original_name, width: e.width, height: e.height, bytes: e.bytes, file: e.file })
+                .map(|e| ImageEntry {
+                    sha256: e.sha256,
+                    original_name: e.original_name,
+                    width: e.width,
+                    height: e.height,
+                    bytes: e.bytes,
+                    file: e.file,
+                })
                 .collect(),
             id: index.id,
             name: index.name,
@@ -522,7 +529,10 @@ impl Ingest {
     }
 
     fn too_many_bytes(&self) -> Stop {
-        Stop::Refuse(format!("unpacks to more than {} bytes in all (--max-unpacked-bytes); nothing of it was kept", self.limits.max_unpacked_bytes))
+        Stop::Refuse(format!(
+            "unpacks to more than {} bytes in all (--max-unpacked-bytes); nothing of it was kept",
+            self.limits.max_unpacked_bytes
+        ))
     }
 
     fn zip(&mut self, u: &Upload) -> Result<(), Stop> {
@@ -562,7 +572,13 @@ impl Ingest {
             let compressed = entry.compressed_size().max(1);
             let ratio_cap = compressed.saturating_mul(self.limits.max_compression_ratio);
             let (cap, why) = if ratio_cap < self.limits.max_entry_bytes {
-                (ratio_cap, format!("unpacks to more than {} times its compressed size of {compressed} bytes (--max-compression-ratio)", self.limits.max_compression_ratio))
+                (
+                    ratio_cap,
+                    format!(
+                        "unpacks to more than {} times its compressed size of {compressed} bytes (--max-compression-ratio)",
+                        self.limits.max_compression_ratio
+                    ),
+                )
             } else {
                 (self.limits.max_entry_bytes, format!("unpacks to more than {} bytes (--max-entry-bytes)", self.limits.max_entry_bytes))
             };
@@ -627,7 +643,8 @@ impl Ingest {
     /// `cap` (the entry is rejected with `why`) or the archive passes its total.
     fn unpack(&self, mut r: impl Read, cap: u64, why: &str, unpacked: &mut u64) -> Result<Unpacked, EntryFail> {
         let fatal = |e: DatasetError| EntryFail::Stop(Stop::Fatal(e));
-        let mut file = NamedTempFile::new_in(&self.tmp).map_err(io_err(format!("creating a file in {}", self.tmp.display()))).map_err(fatal)?;
+        let mut file =
+            NamedTempFile::new_in(&self.tmp).map_err(io_err(format!("creating a file in {}", self.tmp.display()))).map_err(fatal)?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 64 << 10];
         let mut bytes = 0u64;
@@ -665,7 +682,10 @@ impl Ingest {
             return Ok(());
         }
         if self.total_bytes.saturating_add(u.bytes) > l.max_dataset_bytes {
-            let reason = format!("dataset is full: {} more bytes would pass its limit of {} bytes (--max-dataset-bytes)", u.bytes, l.max_dataset_bytes);
+            let reason = format!(
+                "dataset is full: {} more bytes would pass its limit of {} bytes (--max-dataset-bytes)",
+                u.bytes, l.max_dataset_bytes
+            );
             self.reject(name, reason);
             return Ok(());
         }

@@ -30,10 +30,7 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(&LATENCY_BUCKETS)
-            .expect("latency buckets are not empty")
-            .build_recorder();
+        let recorder = PrometheusBuilder::new().set_buckets(&LATENCY_BUCKETS).expect("latency buckets are not empty").build_recorder();
         let describe = [
             (REQUESTS, None, "HTTP requests by method, route and status."),
             (REQUEST_DURATION, Some(Unit::Seconds), "Request latency by method, route and status."),

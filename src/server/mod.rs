@@ -47,7 +47,9 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
     let shared = connect_shared(cfg)?;
     let models = Arc::new(match &shared {
         None => store::ModelRegistry::open(&cfg.models_dir, &cfg.data_dir, cfg.model.as_deref(), cfg.device, cfg.threads)?,
-        Some(sh) => store::ModelRegistry::open_shared(&cfg.models_dir, &cfg.data_dir, cfg.model.as_deref(), cfg.device, cfg.threads, sh.clone())?,
+        Some(sh) => {
+            store::ModelRegistry::open_shared(&cfg.models_dir, &cfg.data_dir, cfg.model.as_deref(), cfg.device, cfg.threads, sh.clone())?
+        }
     });
     // Warm-up: the first run allocates and optimises; no request should pay for it.
     let (name, seg) = models.active();
@@ -58,7 +60,8 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
     // the CRF its real work.
     let frame = image::RgbImage::from_fn(480, 360, |x, y| image::Rgb([(x * 7 + y * 3) as u8, (x * y % 251) as u8, (x ^ y) as u8]));
     let started = std::time::Instant::now();
-    seg.segment_batch_at(std::slice::from_ref(&frame), cfg.quality, &cfg.refinement()).with_context(|| format!("warming up model `{name}`"))?;
+    seg.segment_batch_at(std::slice::from_ref(&frame), cfg.quality, &cfg.refinement())
+        .with_context(|| format!("warming up model `{name}`"))?;
     let initial_time_per_image = started.elapsed();
     tracing::info!(model = %name, provider = seg.provider().as_str(), quality = %cfg.quality, warm_ms = initial_time_per_image.as_millis() as u64, "model loaded and warmed up");
 
@@ -68,7 +71,13 @@ pub fn build_state(cfg: &ServeConfig) -> Result<AppState> {
         Some(sh) => datasets::Datasets::Shared(Arc::new(shared::datasets::SharedDatasets { local, shared: sh.clone() })),
     };
     let runner = || {
-        runner::runner_for(models.clone(), datasets.clone(), cfg.data_dir.join("checkpoints"), runner::JobSettings::from_config(cfg), shared.clone())
+        runner::runner_for(
+            models.clone(),
+            datasets.clone(),
+            cfg.data_dir.join("checkpoints"),
+            runner::JobSettings::from_config(cfg),
+            shared.clone(),
+        )
     };
     let jobs = match &shared {
         None => Jobs::Embedded(JobManager::open(&cfg.data_dir, runner()?)?),
@@ -131,7 +140,8 @@ fn connect_shared(cfg: &ServeConfig) -> Result<Option<Arc<shared::Shared>>> {
         sync_interval: std::time::Duration::from_millis(cfg.sync_interval_ms.max(10)),
         max_attempts: 3,
     };
-    let sh = shared::block_on(shared::Shared::connect(db, store, settings)).context("connecting to the shared database and object store")?;
+    let sh =
+        shared::block_on(shared::Shared::connect(db, store, settings)).context("connecting to the shared database and object store")?;
     Ok(Some(Arc::new(sh)))
 }
 
@@ -142,7 +152,8 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         move || build_state(&cfg)
     })
     .await??;
-    let addr: SocketAddr = format!("{}:{}", cfg.host, cfg.port).parse().with_context(|| format!("bad address {}:{}", cfg.host, cfg.port))?;
+    let addr: SocketAddr =
+        format!("{}:{}", cfg.host, cfg.port).parse().with_context(|| format!("bad address {}:{}", cfg.host, cfg.port))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     serve_on(listener, state, shutdown_signal()).await
 }

@@ -45,7 +45,6 @@ pub fn openapi_json() -> String {
     ApiDoc::openapi().to_pretty_json().expect("OpenAPI serialises")
 }
 
-
 /// A body of raw bytes (an image, an archive), documented as a binary string.
 #[derive(serde::Deserialize, utoipa::ToSchema)]
 #[schema(value_type = String, format = Binary, min_length = 1)]

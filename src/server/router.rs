@@ -40,10 +40,8 @@ async fn require_key(State(state): State<AppState>, req: Request, next: Next) ->
     let Some(expected) = state.api_key.as_deref() else {
         // The peer as the connection reported it (tests supply it with MockConnectInfo).
         let ext = req.extensions();
-        let peer = ext
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip())
-            .or_else(|| ext.get::<MockConnectInfo<SocketAddr>>().map(|c| c.0.ip()));
+        let peer =
+            ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()).or_else(|| ext.get::<MockConnectInfo<SocketAddr>>().map(|c| c.0.ip()));
         return match peer {
             Some(ip) if is_loopback(ip) => next.run(req).await,
             _ => ApiError::Forbidden(
@@ -92,11 +90,8 @@ async fn json_errors(req: Request, next: Next) -> Response {
     if !(status.is_client_error() || status.is_server_error()) {
         return resp;
     }
-    let is_json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/json"));
+    let is_json =
+        resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/json"));
     if is_json {
         return resp;
     }
@@ -119,10 +114,7 @@ pub fn router(state: AppState) -> Router {
         .route("/models/{name}/classes", axum::routing::put(routes::models::update_classes))
         .route("/datasets", post(routes::datasets::create).get(routes::datasets::list))
         .route("/datasets/{id}", get(routes::datasets::show).delete(routes::datasets::delete))
-        .route(
-            "/datasets/{id}/images",
-            post(routes::datasets::upload).layer(DefaultBodyLimit::max(state.limits.max_upload_bytes)),
-        )
+        .route("/datasets/{id}/images", post(routes::datasets::upload).layer(DefaultBodyLimit::max(state.limits.max_upload_bytes)))
         .route("/jobs", post(routes::jobs::submit).get(routes::jobs::list))
         .route("/jobs/{id}", get(routes::jobs::show))
         .route("/jobs/{id}/cancel", post(routes::jobs::cancel))
@@ -150,4 +142,3 @@ pub fn router(state: AppState) -> Router {
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
-

@@ -18,8 +18,8 @@ use crate::train::kmeans::KMeansConfig;
 
 use super::config::ServeConfig;
 use super::datasets::{DatasetStore, Datasets};
-use super::shared::Shared;
 use super::jobs::{self, JobSpec, Runner};
+use super::shared::Shared;
 use super::store::ModelRegistry;
 
 /// Where jobs run: the server's device and the jobs' thread budget.
@@ -41,7 +41,12 @@ impl JobSettings {
 }
 
 /// The embedded server's jobs: models, datasets and checkpoints in the data folder.
-pub fn job_runner(models: Arc<ModelRegistry>, datasets: Arc<DatasetStore>, checkpoints: PathBuf, settings: JobSettings) -> anyhow::Result<Runner> {
+pub fn job_runner(
+    models: Arc<ModelRegistry>,
+    datasets: Arc<DatasetStore>,
+    checkpoints: PathBuf,
+    settings: JobSettings,
+) -> anyhow::Result<Runner> {
     runner_for(models, Datasets::Embedded(datasets), checkpoints, settings, None)
 }
 
@@ -99,10 +104,11 @@ fn run_job(
             let out = models.models_dir().join(&name);
             let seed = seed.unwrap_or(0);
             let command = format!("recluster dataset={dataset} k={k} seed={seed} (job {})", job.id);
-            let (pkg, report) = recluster_package(&source, &session, &paths, KMeansConfig::new(*k, seed), &out, &name, &command, |done, total| {
-                ctx.progress("embedding", 0.9 * done as f64 / total.max(1) as f64);
-                !ctx.canceled()
-            })?;
+            let (pkg, report) =
+                recluster_package(&source, &session, &paths, KMeansConfig::new(*k, seed), &out, &name, &command, |done, total| {
+                    ctx.progress("embedding", 0.9 * done as f64 / total.max(1) as f64);
+                    !ctx.canceled()
+                })?;
             models.publish_blocking(&name)?;
             Ok(serde_json::json!({
                 "model": name,

@@ -7,8 +7,8 @@ use tokio::sync::Semaphore;
 
 use super::datasets::Datasets;
 use super::jobs::Jobs;
-use super::shared::Role;
 use super::metrics::Metrics;
+use super::shared::Role;
 use super::store::ModelRegistry;
 use super::worker::WorkerHandle;
 

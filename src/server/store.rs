@@ -136,14 +136,19 @@ struct SharedModels {
 }
 
 impl ModelRegistry {
-    pub fn open(builtin_dir: &Path, data_dir: &Path, requested: Option<&str>, device: DeviceChoice, threads: Option<usize>) -> StoreResult<Self> {
+    pub fn open(
+        builtin_dir: &Path,
+        data_dir: &Path,
+        requested: Option<&str>,
+        device: DeviceChoice,
+        threads: Option<usize>,
+    ) -> StoreResult<Self> {
         let models = data_dir.join("models");
         std::fs::create_dir_all(&models).map_err(|e| anyhow::anyhow!("creating {}: {e}", models.display()))?;
         let remembered = std::fs::read_to_string(data_dir.join("active_model")).ok().map(|s| s.trim().to_string());
         let name = requested.map(str::to_string).or(remembered).unwrap_or_else(|| "default".to_string());
-        let dir = resolve_in(builtin_dir, data_dir, &name).ok_or_else(|| {
-            anyhow::anyhow!("model `{name}` not found in {} or {}", builtin_dir.display(), models.display())
-        })?;
+        let dir = resolve_in(builtin_dir, data_dir, &name)
+            .ok_or_else(|| anyhow::anyhow!("model `{name}` not found in {} or {}", builtin_dir.display(), models.display()))?;
         Self::serving(builtin_dir, data_dir, device, threads, name, &dir, None)
     }
 
@@ -157,7 +162,8 @@ impl ModelRegistry {
         dir: &Path,
         shared: Option<SharedModels>,
     ) -> StoreResult<Self> {
-        let seg = Segmenter::load(dir, device, threads).map_err(|e| StoreError::Unloadable { name: name.clone(), reason: format!("{e:#}") })?;
+        let seg =
+            Segmenter::load(dir, device, threads).map_err(|e| StoreError::Unloadable { name: name.clone(), reason: format!("{e:#}") })?;
         Ok(Self {
             builtin_dir: builtin_dir.to_path_buf(),
             data_dir: data_dir.to_path_buf(),
@@ -331,13 +337,15 @@ impl ModelRegistry {
     }
 
     pub fn manifest(&self, name: &str) -> StoreResult<Manifest> {
-        if let Some(m) = self.shared.as_ref().and_then(|sh| sh.catalog.read().expect("catalog lock").get(name).map(|m| m.manifest.clone())) {
+        if let Some(m) = self.shared.as_ref().and_then(|sh| sh.catalog.read().expect("catalog lock").get(name).map(|m| m.manifest.clone()))
+        {
             return Ok(m);
         }
         let dir = self.resolve(name).ok_or_else(|| StoreError::NotFound(name.to_string()))?;
         let path = dir.join(crate::package::MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| StoreError::Unloadable { name: name.to_string(), reason: format!("{}: {e}", path.display()) })
+        serde_json::from_str(&text)
+            .map_err(|e| StoreError::Unloadable { name: name.to_string(), reason: format!("{}: {e}", path.display()) })
     }
 
     /// Loads and checks a package (reads and hashes every file: call it off the async runtime,
@@ -456,7 +464,11 @@ impl SharedModels {
         }
         let Some(revision) = revision else {
             let builtin = builtin_dir.join(name);
-            return if builtin.join(crate::package::MANIFEST_FILE).exists() { Ok((builtin, 0)) } else { Err(StoreError::NotFound(name.to_string())) };
+            return if builtin.join(crate::package::MANIFEST_FILE).exists() {
+                Ok((builtin, 0))
+            } else {
+                Err(StoreError::NotFound(name.to_string()))
+            };
         };
         let dir = models_dir.join(name);
         let _one = self.fetching.lock().await;
@@ -475,7 +487,5 @@ fn resolve_in(builtin_dir: &Path, data_dir: &Path, name: &str) -> Option<PathBuf
     if !valid_name(name) {
         return None;
     }
-    [data_dir.join("models").join(name), builtin_dir.join(name)]
-        .into_iter()
-        .find(|p| p.join(crate::package::MANIFEST_FILE).exists())
+    [data_dir.join("models").join(name), builtin_dir.join(name)].into_iter().find(|p| p.join(crate::package::MANIFEST_FILE).exists())
 }

@@ -96,7 +96,10 @@ impl WorkerHandle {
     /// this thread too, so the measured time per image (and the 429 bound) includes it.
     pub fn start(config: WorkerConfig) -> Self {
         let refine = config.refine;
-        Self::start_with(config, Arc::new(move |model: &Segmenter, images: &[RgbImage], quality| model.segment_batch_at(images, quality, &refine)))
+        Self::start_with(
+            config,
+            Arc::new(move |model: &Segmenter, images: &[RgbImage], quality| model.segment_batch_at(images, quality, &refine)),
+        )
     }
 
     /// Starts the backend thread with another engine (tests inject failures this way).
@@ -183,7 +186,13 @@ impl WorkerHandle {
     }
 
     /// Segments an admitted image; the ticket's place in the count passes to the queue.
-    pub async fn segment(&self, mut ticket: Ticket, model: Arc<Segmenter>, image: RgbImage, quality: Quality) -> Result<(LabelMask, Duration), InferenceError> {
+    pub async fn segment(
+        &self,
+        mut ticket: Ticket,
+        model: Arc<Segmenter>,
+        image: RgbImage,
+        quality: Quality,
+    ) -> Result<(LabelMask, Duration), InferenceError> {
         let (reply, rx) = oneshot::channel();
         let counted = ticket.queued.take();
         if self.tx.send(InferenceRequest { model, image, quality, reply }).await.is_err() {

@@ -279,7 +279,11 @@ mod tests {
         // Wide frames: the box keeps the 4:3 aspect ratio (to a cell) and stays inside.
         let g: Vec<Geometric> = (0..2000).map(|_| Geometric::sample(&mut rng, 120, 88, 0.5)).collect();
         assert!(g.iter().all(|g| g.h >= 44 && g.h <= 88 && g.x0 + g.w <= 120 && g.y0 + g.h <= 88));
-        assert!(g.iter().all(|g| (g.w as f32 - g.h as f32 * 120.0 / 88.0).abs() <= 0.5), "{:?}", g.iter().find(|g| (g.w as f32 - g.h as f32 * 120.0 / 88.0).abs() > 0.5));
+        assert!(
+            g.iter().all(|g| (g.w as f32 - g.h as f32 * 120.0 / 88.0).abs() <= 0.5),
+            "{:?}",
+            g.iter().find(|g| (g.w as f32 - g.h as f32 * 120.0 / 88.0).abs() > 0.5)
+        );
         assert!(g.iter().any(|g| g.h == 88 && g.w == 120));
     }
 

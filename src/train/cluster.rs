@@ -19,9 +19,7 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTS.contains(&e.to_ascii_lowercase().as_str()))
-        })
+        .filter(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTS.contains(&e.to_ascii_lowercase().as_str())))
         .collect();
     out.sort();
     Ok(out)
@@ -91,9 +89,15 @@ impl ImageFeatures {
 /// skipped, named and logged. `progress` returning false cancels. Memory grows with the
 /// images (about 5 MB per 480x360 image): `picie eval` uses it on a bounded set of images to
 /// fit several seeds on the same features; clustering a dataset uses [`embed_sampled`].
-pub fn embed_images(session: &EmbedSession, policy: &InputPolicy, paths: &[PathBuf], progress: impl FnMut(usize, usize) -> bool) -> Result<ImageFeatures> {
+pub fn embed_images(
+    session: &EmbedSession,
+    policy: &InputPolicy,
+    paths: &[PathBuf],
+    progress: impl FnMut(usize, usize) -> bool,
+) -> Result<ImageFeatures> {
     let mut vectors: Vec<f32> = Vec::new();
-    let (dim, images_used, skipped) = embed_each(session, policy, paths, EmbedPlan::default(), progress, |_, rows| vectors.extend_from_slice(rows))?;
+    let (dim, images_used, skipped) =
+        embed_each(session, policy, paths, EmbedPlan::default(), progress, |_, rows| vectors.extend_from_slice(rows))?;
     let vectors_seen = (vectors.len() / dim) as u64;
     Ok(ImageFeatures { dim, vectors, images_used, skipped, vectors_seen })
 }
@@ -173,7 +177,10 @@ pub fn cluster_images_with(
 ) -> Result<(Centroids, ClusterReport)> {
     let features = embed_sampled_with(session, policy, paths, max_vectors, config.seed, plan, progress)?;
     let (centroids, vectors) = features.fit(config, max_vectors)?;
-    Ok((centroids, ClusterReport { images_used: features.images_used, skipped: features.skipped, vectors, vectors_seen: features.vectors_seen }))
+    Ok((
+        centroids,
+        ClusterReport { images_used: features.images_used, skipped: features.skipped, vectors, vectors_seen: features.vectors_seen },
+    ))
 }
 
 /// A decoded image, or why it could not be read, in `paths` order.
@@ -204,7 +211,8 @@ fn embed_each(
     sink: impl FnMut(usize, &[f32]),
 ) -> Result<(usize, usize, Vec<String>)> {
     let batch = plan.batch.max(1);
-    let mut run = EmbedRun { session, policy, paths, batch, progress, sink, dim: 0, used: 0, skipped: vec![], pending: vec![], images: vec![] };
+    let mut run =
+        EmbedRun { session, policy, paths, batch, progress, sink, dim: 0, used: 0, skipped: vec![], pending: vec![], images: vec![] };
     if plan.prefetch {
         std::thread::scope(|scope| -> Result<()> {
             // At most `batch` decoded images wait, plus the one being decoded.
@@ -426,7 +434,9 @@ mod tests {
     /// `n` rows of `dim` components whose first component is the row's number `start + i`
     /// and second the image it came from.
     fn rows(start: usize, n: usize, dim: usize, image: usize) -> Vec<f32> {
-        (start..start + n).flat_map(|i| std::iter::once(i as f32).chain(std::iter::once(image as f32)).chain(std::iter::repeat_n(0.5, dim - 2))).collect()
+        (start..start + n)
+            .flat_map(|i| std::iter::once(i as f32).chain(std::iter::once(image as f32)).chain(std::iter::repeat_n(0.5, dim - 2)))
+            .collect()
     }
 
     /// Offers images of these sizes in turn; returns the sample.
@@ -479,7 +489,11 @@ mod tests {
             }
         }
         let draws = (max as u64 * seeds) as f64;
-        let chi2_images: f64 = per_image.iter().zip(sizes).map(|(o, n)| (o - draws * n as f64 / total as f64).powi(2) / (draws * n as f64 / total as f64)).sum();
+        let chi2_images: f64 = per_image
+            .iter()
+            .zip(sizes)
+            .map(|(o, n)| (o - draws * n as f64 / total as f64).powi(2) / (draws * n as f64 / total as f64))
+            .sum();
         let chi2_deciles: f64 = per_decile.iter().map(|o| (o - draws / 10.0).powi(2) / (draws / 10.0)).sum();
         // Critical values at p = 0.001: 18.47 (4 degrees of freedom), 27.88 (9).
         assert!(chi2_images < 18.47, "share per image {per_image:?} (chi2 {chi2_images:.1})");
@@ -543,17 +557,27 @@ mod tests {
         // Runs of one size; 80x60 (resized to 85x64) and a large 300x200 photo (resized to
         // 96x64 on the decoding thread) share the 96x64 canvas; 100x64 needs 128x64; an
         // unreadable file in the middle.
-        let mut paths = write_sized_images(dir.path(), &[(64, 64), (64, 64), (64, 64), (80, 60), (80, 60), (300, 200), (64, 64), (64, 64), (64, 64), (64, 64), (64, 64), (100, 64)]);
+        let mut paths = write_sized_images(
+            dir.path(),
+            &[(64, 64), (64, 64), (64, 64), (80, 60), (80, 60), (300, 200), (64, 64), (64, 64), (64, 64), (64, 64), (64, 64), (100, 64)],
+        );
         let broken = dir.path().join("broken.png");
         std::fs::write(&broken, b"not an image").unwrap();
         paths.insert(7, broken.clone());
         let run = |plan: EmbedPlan| {
             let mut seen = vec![];
             let mut rows = vec![];
-            let (dim, used, skipped) = embed_each(&session, &policy, &paths, plan, |i, n| {
-                seen.push((i, n));
-                true
-            }, |_, r| rows.push(r.to_vec()))
+            let (dim, used, skipped) = embed_each(
+                &session,
+                &policy,
+                &paths,
+                plan,
+                |i, n| {
+                    seen.push((i, n));
+                    true
+                },
+                |_, r| rows.push(r.to_vec()),
+            )
             .unwrap();
             (dim, used, skipped, seen, rows)
         };
@@ -566,7 +590,13 @@ mod tests {
         let before = run(EmbedPlan::SEQUENTIAL);
         assert_eq!((before.1, before.2.clone()), (12, vec![broken.display().to_string()]));
         assert_eq!(before.3, (1..=13).map(|i| (i, 13)).collect::<Vec<_>>(), "progress: every file, in order");
-        for plan in [EmbedPlan::SEQUENTIAL, EmbedPlan::default(), EmbedPlan { batch: 4, prefetch: false }, EmbedPlan { batch: 4, prefetch: true }, EmbedPlan { batch: 8, prefetch: true }] {
+        for plan in [
+            EmbedPlan::SEQUENTIAL,
+            EmbedPlan::default(),
+            EmbedPlan { batch: 4, prefetch: false },
+            EmbedPlan { batch: 4, prefetch: true },
+            EmbedPlan { batch: 8, prefetch: true },
+        ] {
             let after = run(plan);
             assert_eq!((after.0, after.1, &after.2, &after.3), (before.0, before.1, &before.2, &before.3), "{plan:?}");
             assert_eq!(after.4.len(), reference.len());
@@ -575,7 +605,12 @@ mod tests {
             let tolerance = if plan.batch == 1 { 0.0 } else { 1e-6 };
             for (img, (a, b)) in after.4.iter().zip(&reference).enumerate() {
                 let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-                assert!(a.len() == b.len() && worst <= tolerance, "{plan:?}: image {img}: {} vs {} values, largest difference {worst:e}", a.len(), b.len());
+                assert!(
+                    a.len() == b.len() && worst <= tolerance,
+                    "{plan:?}: image {img}: {} vs {} values, largest difference {worst:e}",
+                    a.len(),
+                    b.len()
+                );
             }
         }
     }
@@ -588,10 +623,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let paths = write_noise_images(dir.path(), 40);
         let mut calls = 0;
-        let e = embed_each(&session, &policy, &paths, EmbedPlan { batch: 4, prefetch: true }, |i, _| {
-            calls += 1;
-            i < 6
-        }, |_, _| ())
+        let e = embed_each(
+            &session,
+            &policy,
+            &paths,
+            EmbedPlan { batch: 4, prefetch: true },
+            |i, _| {
+                calls += 1;
+                i < 6
+            },
+            |_, _| (),
+        )
         .unwrap_err();
         assert_eq!((e.to_string(), calls), ("canceled".to_string(), 6));
     }

@@ -128,7 +128,8 @@ pub fn correspondence_loss(z: Tensor<4>, taps: &[Tensor<4>; 4], config: &Corresp
     let p = POINTS_PER_IMAGE;
     let s = sample(rng, n, (h, w), &tap_sizes, p);
     let student = rows_at(z, &s.student).reshape([n as i32, p as i32, -1]);
-    let teacher_parts: Vec<Tensor<2>> = TEACHER_TAPS.iter().zip(&s.taps).map(|(&t, idx)| rows_at(l2_normalize(taps[t].clone().detach()), idx)).collect();
+    let teacher_parts: Vec<Tensor<2>> =
+        TEACHER_TAPS.iter().zip(&s.taps).map(|(&t, idx)| rows_at(l2_normalize(taps[t].clone().detach()), idx)).collect();
     // Each part is a unit vector; their concatenation has norm sqrt(parts).
     let teacher = (Tensor::cat(teacher_parts, 1) / (TEACHER_TAPS.len() as f32).sqrt()).reshape([n as i32, p as i32, -1]);
 

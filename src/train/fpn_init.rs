@@ -153,7 +153,13 @@ pub fn pca_laterals(moments: &[TapMoments; 4], dims: [usize; 4], dim: usize) -> 
 
 /// Measures the backbone's taps on `frames` (3 x H x W planes in [0, 1], all one size) and
 /// writes PCA laterals into `weights` (a full embedder map, `fpn.lateral.{i}.*`).
-pub fn init_pca_laterals(embedder: &Embedder, frames: &[Vec<f32>], (width, height): (usize, usize), dim: usize, weights: &mut TensorMap) -> Result<()> {
+pub fn init_pca_laterals(
+    embedder: &Embedder,
+    frames: &[Vec<f32>],
+    (width, height): (usize, usize),
+    dim: usize,
+    weights: &mut TensorMap,
+) -> Result<()> {
     if frames.is_empty() {
         bail!("the PCA initialisation needs at least one frame");
     }
@@ -248,7 +254,8 @@ mod tests {
             for img in 0..n {
                 for cell in 0..hw {
                     for row in 0..dim {
-                        let y = b[row] as f64 + (0..c).map(|ch| w[row * c + ch] as f64 * taps[i][(img * c + ch) * hw + cell] as f64).sum::<f64>();
+                        let y = b[row] as f64
+                            + (0..c).map(|ch| w[row * c + ch] as f64 * taps[i][(img * c + ch) * hw + cell] as f64).sum::<f64>();
                         mean[row] += y;
                         sq += y * y;
                     }

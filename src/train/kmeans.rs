@@ -127,10 +127,7 @@ impl SphericalKMeans {
             let row = &mut sums[c * self.dim..(c + 1) * self.dim];
             if counts[c] == 0 {
                 // Re-seed on the worst-served vector not already used for another empty cluster.
-                let worst = (0..labels.len())
-                    .filter(|&i| !taken[i])
-                    .min_by(|&a, &b| sims[a].total_cmp(&sims[b]))
-                    .unwrap_or(0);
+                let worst = (0..labels.len()).filter(|&i| !taken[i]).min_by(|&a, &b| sims[a].total_cmp(&sims[b])).unwrap_or(0);
                 taken[worst] = true;
                 row.copy_from_slice(&data[worst * self.dim..(worst + 1) * self.dim]);
             }
@@ -235,8 +232,7 @@ mod tests {
         let (labels, _) = assign(&data, 3, &km.centroids);
         // Each true bundle maps to exactly one cluster.
         for t in 0..3 {
-            let ls: std::collections::BTreeSet<u32> =
-                labels.iter().zip(&truth).filter(|(_, &tt)| tt == t).map(|(l, _)| *l).collect();
+            let ls: std::collections::BTreeSet<u32> = labels.iter().zip(&truth).filter(|(_, &tt)| tt == t).map(|(l, _)| *l).collect();
             assert_eq!(ls.len(), 1, "bundle {t} split over {ls:?}");
         }
         for row in km.centroids.chunks(3) {
@@ -248,13 +244,8 @@ mod tests {
     #[test]
     fn running_mean_update_by_hand() {
         // Two centroids on the axes; a batch of two vectors at 45 degrees toward y from x.
-        let mut km = SphericalKMeans {
-            k: 2,
-            dim: 2,
-            centroids: vec![1.0, 0.0, 0.0, 1.0],
-            counts: vec![2, 2],
-            rng: ChaCha8Rng::seed_from_u64(0),
-        };
+        let mut km =
+            SphericalKMeans { k: 2, dim: 2, centroids: vec![1.0, 0.0, 0.0, 1.0], counts: vec![2, 2], rng: ChaCha8Rng::seed_from_u64(0) };
         let s = std::f32::consts::FRAC_1_SQRT_2;
         // Slightly closer to x than y, so both go to centroid 0.
         let v = unit(&[s + 0.01, s]);

@@ -47,7 +47,13 @@ pub fn cluster_loss(z: Tensor<2>, labels: Tensor<1, Int>, centroids: Tensor<2>, 
 
 /// [`cluster_loss`] with the logits divided by a temperature: -d(z, mu) / t. Below 1 the
 /// softmax sharpens, so a pixel already nearest its target centroid stops pulling.
-pub fn scaled_cluster_loss(z: Tensor<2>, labels: Tensor<1, Int>, centroids: Tensor<2>, class_weights: Tensor<1>, temperature: f32) -> Tensor<1> {
+pub fn scaled_cluster_loss(
+    z: Tensor<2>,
+    labels: Tensor<1, Int>,
+    centroids: Tensor<2>,
+    class_weights: Tensor<1>,
+    temperature: f32,
+) -> Tensor<1> {
     let [p, _] = z.dims();
     let logits = (z.matmul(centroids.transpose()) - 1.0) / temperature;
     let logp = log_softmax(logits, 1);
@@ -83,10 +89,10 @@ mod tests {
     use super::*;
     use burn::tensor::{Device, TensorData};
 
-/// Nearest centroid of each row (no gradient).
-fn nearest_labels(z: &Tensor<2>, centroids: &Tensor<2>) -> Tensor<1, Int> {
-    z.clone().detach().matmul(centroids.clone().transpose()).argmax(1).flatten(0, 1)
-}
+    /// Nearest centroid of each row (no gradient).
+    fn nearest_labels(z: &Tensor<2>, centroids: &Tensor<2>) -> Tensor<1, Int> {
+        z.clone().detach().matmul(centroids.clone().transpose()).argmax(1).flatten(0, 1)
+    }
 
     fn t2(v: Vec<f32>, shape: [usize; 2]) -> Tensor<2> {
         Tensor::from_data(TensorData::new(v, shape), &Device::flex())
@@ -172,7 +178,9 @@ fn nearest_labels(z: &Tensor<2>, centroids: &Tensor<2>) -> Tensor<1, Int> {
         let w2 = Tensor::<1>::from_data(TensorData::new(vec![2.0f32, 1.0], [2]), &Device::flex());
         let head = HeadTargets { centroids: [mu1.clone(), mu2.clone()], weights: [w1.clone(), w2.clone()] };
         let got: f32 = head_loss([&z1, &z2], [y1.clone(), y2.clone()], &head).into_scalar();
-        let ce = |z: &Tensor<2>, y: &Tensor<1, Int>, mu: &Tensor<2>, w: &Tensor<1>| -> f32 { cluster_loss(z.clone(), y.clone(), mu.clone(), w.clone()).into_scalar() };
+        let ce = |z: &Tensor<2>, y: &Tensor<1, Int>, mu: &Tensor<2>, w: &Tensor<1>| -> f32 {
+            cluster_loss(z.clone(), y.clone(), mu.clone(), w.clone()).into_scalar()
+        };
         let within = (ce(&z1, &y1, &mu1, &w1) + ce(&z2, &y2, &mu2, &w2)) / 2.0;
         let cross = (ce(&z1, &y2, &mu2, &w2) + ce(&z2, &y1, &mu1, &w1)) / 2.0;
         assert!((got - (within + cross) / 2.0).abs() < 1e-6, "{got} vs {}", (within + cross) / 2.0);

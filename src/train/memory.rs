@@ -92,7 +92,10 @@ mod tests {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "probe failed: {text}");
-        text.lines().find_map(|l| l.split("page faults on reuse: ").nth(1)).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("no probe line in {text}"))
+        text.lines()
+            .find_map(|l| l.split("page faults on reuse: ").nth(1))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no probe line in {text}"))
     }
 
     #[test]

@@ -3,9 +3,9 @@
 
 pub mod augment;
 pub mod cluster;
+pub mod correspond;
 pub mod device;
 pub mod fpn_init;
-pub mod correspond;
 pub mod kmeans;
 pub mod loss;
 pub mod memory;

@@ -245,7 +245,8 @@ impl Frames {
     /// Frame `i`, decoded now: 3 x height x width planes in [0, 1].
     pub fn frame(&self, i: usize) -> Result<Vec<f32>> {
         let p = &self.paths[i];
-        let img = crate::infer::preprocess::decode_file(p).with_context(|| format!("{}: the training image cannot be read any more", p.display()))?;
+        let img = crate::infer::preprocess::decode_file(p)
+            .with_context(|| format!("{}: the training image cannot be read any more", p.display()))?;
         Ok(training_frame(&img, self.width as u32, self.height as u32))
     }
 
@@ -411,8 +412,9 @@ impl Trainer {
     /// Continues from a checkpoint folder; its settings must match `config` (the epoch count may grow).
     pub fn resume(config: TrainConfig, embedder_config: EmbedderConfig, dir: &Path) -> Result<Self> {
         let state_path = dir.join(CHECKPOINT_STATE);
-        let state: CheckpointState = serde_json::from_slice(&std::fs::read(&state_path).with_context(|| format!("reading {}", state_path.display()))?)
-            .with_context(|| format!("{}: broken checkpoint state", state_path.display()))?;
+        let state: CheckpointState =
+            serde_json::from_slice(&std::fs::read(&state_path).with_context(|| format!("reading {}", state_path.display()))?)
+                .with_context(|| format!("{}: broken checkpoint state", state_path.display()))?;
         let same = TrainConfig { epochs: state.config.epochs, ..config.clone() };
         if same != state.config || state.embedder != embedder_config {
             bail!(
@@ -459,7 +461,14 @@ impl Trainer {
     }
 
     /// The clustering pass: four mini-batch k-means (two views x two heads) on this epoch's views.
-    fn cluster(&self, frames: &Frames, draws: &[Draw], batches: &[Vec<usize>], epoch: usize, on: &mut dyn FnMut(&Progress) -> bool) -> Result<Option<[[SphericalKMeans; 2]; 2]>> {
+    fn cluster(
+        &self,
+        frames: &Frames,
+        draws: &[Draw],
+        batches: &[Vec<usize>],
+        epoch: usize,
+        on: &mut dyn FnMut(&Progress) -> bool,
+    ) -> Result<Option<[[SphericalKMeans; 2]; 2]>> {
         let model = self.model.valid();
         let dim = self.embedder_config.dim;
         let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ 0xC1u64 ^ epoch as u64);
@@ -484,7 +493,9 @@ impl Trainer {
                     sample[0].extend_from_slice(&rows[0]);
                     sample[1].extend_from_slice(&rows[1]);
                     if b + 1 == init_batches {
-                        let init = |v: usize, k: usize, salt: u64| SphericalKMeans::init(&sample[v], dim, KMeansConfig::new(k, self.config.seed ^ salt ^ epoch as u64));
+                        let init = |v: usize, k: usize, salt: u64| {
+                            SphericalKMeans::init(&sample[v], dim, KMeansConfig::new(k, self.config.seed ^ salt ^ epoch as u64))
+                        };
                         km = Some([
                             [init(0, self.config.k, 1)?, init(1, self.config.k, 2)?],
                             [init(0, self.config.k2, 3)?, init(1, self.config.k2, 4)?],
@@ -507,7 +518,15 @@ impl Trainer {
     }
 
     /// The labelling pass: each view's pixels against the final centroids of both heads.
-    fn label(&self, frames: &Frames, draws: &[Draw], batches: &[Vec<usize>], km: &[[SphericalKMeans; 2]; 2], epoch: usize, on: &mut dyn FnMut(&Progress) -> bool) -> Result<Option<EpochLabels>> {
+    fn label(
+        &self,
+        frames: &Frames,
+        draws: &[Draw],
+        batches: &[Vec<usize>],
+        km: &[[SphericalKMeans; 2]; 2],
+        epoch: usize,
+        on: &mut dyn FnMut(&Progress) -> bool,
+    ) -> Result<Option<EpochLabels>> {
         let model = self.model.valid();
         let dim = self.embedder_config.dim;
         let per = self.config.cells_per_image();
@@ -579,7 +598,12 @@ impl Trainer {
                 let mut loss = head_loss([&z1, &z2], y(0), &targets[0]) * w1 + head_loss([&z1, &z2], y(1), &targets[1]) * w2;
                 if self.config.correspondence.enabled() {
                     let term = correspondence_loss(z2_frame, &taps, &self.config.correspondence, &mut pair_rng);
-                    tracing::debug!(step = b + 1, clustering = loss.clone().into_scalar::<f32>(), correspondence = term.clone().into_scalar::<f32>(), "loss terms");
+                    tracing::debug!(
+                        step = b + 1,
+                        clustering = loss.clone().into_scalar::<f32>(),
+                        correspondence = term.clone().into_scalar::<f32>(),
+                        "loss terms"
+                    );
                     loss = loss + term;
                 }
                 let value: f32 = loss.clone().into_scalar();
@@ -603,7 +627,12 @@ impl Trainer {
 
     /// Writes weights, optimizer state and progress to a temporary folder, then swaps it in.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let state = CheckpointState { epochs_done: self.epochs_done, config: self.config.clone(), embedder: self.embedder_config, losses: self.losses.clone() };
+        let state = CheckpointState {
+            epochs_done: self.epochs_done,
+            config: self.config.clone(),
+            embedder: self.embedder_config,
+            losses: self.losses.clone(),
+        };
         write_checkpoint(dir, &self.weights(), &self.optim, &state)
     }
 

@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use super::augment::{Geometric, Photometric, PhotometricConfig};
 use super::loss::{pixels, scaled_cluster_loss, Balance};
-use super::picie::{apply_geometric, load_optimizer, new_optimizer, write_checkpoint, Frames, Progress, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS};
+use super::picie::{
+    apply_geometric, load_optimizer, new_optimizer, write_checkpoint, Frames, Progress, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS,
+};
 use crate::infer::{assign_refined_with_confidence, assign_to, CrfConfig, Quality, Segmenter};
 use crate::model::embedder::OUTPUT_STRIDE;
 use crate::model::{Embedder, EmbedderConfig, TensorMap};
@@ -52,7 +54,15 @@ fn unit_temperature() -> f32 {
 
 impl Default for SelfTrainConfig {
     fn default() -> Self {
-        Self { epochs: 2, lr: 1e-4, quality: Quality::Best, min_confidence: 0.8, min_agreement: 0.75, balance: Balance::Inverse, temperature: 1.0 }
+        Self {
+            epochs: 2,
+            lr: 1e-4,
+            quality: Quality::Best,
+            min_confidence: 0.8,
+            min_agreement: 0.75,
+            balance: Balance::Inverse,
+            temperature: 1.0,
+        }
     }
 }
 
@@ -111,7 +121,13 @@ fn cell_targets(labels: &[u8], confidence: &[f32], w: usize, h: usize, config: &
 
 /// Segments every training frame with `seg` at the configured quality and keeps the confident
 /// cells. `on` sees (frames done, frames) and returns false to stop (then None).
-pub fn pseudo_labels(seg: &Segmenter, frames: &Frames, config: &SelfTrainConfig, crf: &CrfConfig, on: &mut dyn FnMut(usize, usize) -> bool) -> Result<Option<PseudoLabels>> {
+pub fn pseudo_labels(
+    seg: &Segmenter,
+    frames: &Frames,
+    config: &SelfTrainConfig,
+    crf: &CrfConfig,
+    on: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<Option<PseudoLabels>> {
     let (w, h) = (frames.width, frames.height);
     let k = seg.k();
     let centroids = seg.package.centroids.matrix();
@@ -183,10 +199,17 @@ impl SelfTrainer {
     }
 
     /// Continues from `dir` when it holds a checkpoint of the same settings; otherwise starts anew.
-    pub fn resume_or_new(config: SelfTrainConfig, train: super::picie::TrainConfig, embedder: EmbedderConfig, weights: &TensorMap, dir: &Path) -> Result<Self> {
+    pub fn resume_or_new(
+        config: SelfTrainConfig,
+        train: super::picie::TrainConfig,
+        embedder: EmbedderConfig,
+        weights: &TensorMap,
+        dir: &Path,
+    ) -> Result<Self> {
         let state_path = dir.join(CHECKPOINT_STATE);
         if let Ok(bytes) = std::fs::read(&state_path) {
-            let state: SelfTrainState = serde_json::from_slice(&bytes).with_context(|| format!("{}: broken checkpoint state", state_path.display()))?;
+            let state: SelfTrainState =
+                serde_json::from_slice(&bytes).with_context(|| format!("{}: broken checkpoint state", state_path.display()))?;
             if (SelfTrainConfig { epochs: config.epochs, ..state.config.clone() }) == config {
                 let weights = TensorMap::load_safetensors(&dir.join(CHECKPOINT_WEIGHTS))?;
                 let mut t = Self::new(config, train, embedder, &weights)?;
@@ -212,7 +235,14 @@ impl SelfTrainer {
 
     /// Trains the remaining epochs towards `centroids` (k x dim, fixed) on the targets. `on`
     /// returns false to stop (the last epoch's checkpoint is kept). Returns whether all ran.
-    pub fn run(&mut self, frames: &Frames, targets: &PseudoLabels, centroids: &[f32], checkpoint: &Path, on: &mut dyn FnMut(&Progress) -> bool) -> Result<bool> {
+    pub fn run(
+        &mut self,
+        frames: &Frames,
+        targets: &PseudoLabels,
+        centroids: &[f32],
+        checkpoint: &Path,
+        on: &mut dyn FnMut(&Progress) -> bool,
+    ) -> Result<bool> {
         let k = targets.counts.len();
         let dim = centroids.len() / k.max(1);
         if targets.counts.iter().all(|&c| c == 0) {

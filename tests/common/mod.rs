@@ -150,12 +150,9 @@ pub fn write_torch_zip(path: &Path, tensors: &[(String, NamedTensor)]) {
 /// A torchvision-layout ResNet-18 state dict with seeded values (what `torch.save(resnet18().state_dict())` holds, minus the fc head).
 pub fn seeded_resnet18_state_dict(seed: u64) -> TensorMap {
     let device = burn::tensor::Device::flex();
-    let backbone = picie::model::embedder::Backbone::load(
-        picie::model::BackboneKind::Resnet18,
-        &picie::model::layers::SeededInit { seed },
-        &device,
-    )
-    .unwrap();
+    let backbone =
+        picie::model::embedder::Backbone::load(picie::model::BackboneKind::Resnet18, &picie::model::layers::SeededInit { seed }, &device)
+            .unwrap();
     let mut map = TensorMap::new("seeded");
     backbone.export(&mut map);
     map

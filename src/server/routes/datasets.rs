@@ -92,7 +92,8 @@ pub async fn upload(
         )));
     }
     let mut uploads = vec![];
-    let received = if multipart { receive_multipart(&state, request, &mut uploads).await } else { receive_raw(&state, request, &mut uploads).await };
+    let received =
+        if multipart { receive_multipart(&state, request, &mut uploads).await } else { receive_raw(&state, request, &mut uploads).await };
     if let Err(e) = received {
         // Removing the temporary files is file I/O: off the runtime, before answering.
         discard(uploads).await;

@@ -47,16 +47,16 @@ pub async fn submit(State(state): State<AppState>, Json(spec): Json<JobSpec>) ->
                 return Err(ApiError::BadRequest(format!("size and width are at most {MAX_SIDE}")));
             }
             if config.batch > MAX_BATCH || config.k > MAX_CLASSES || config.k2 > MAX_K2 {
-                return Err(ApiError::BadRequest(format!(
-                    "batch is at most {MAX_BATCH}, k at most {MAX_CLASSES} and k2 at most {MAX_K2}"
-                )));
+                return Err(ApiError::BadRequest(format!("batch is at most {MAX_BATCH}, k at most {MAX_CLASSES} and k2 at most {MAX_K2}")));
             }
             config.validate(ds.num_images).map_err(|e| ApiError::BadRequest(format!("{e:#}")))?;
             if package_k.is_some_and(|k| !(2..=MAX_CLASSES).contains(&k)) {
                 return Err(ApiError::BadRequest(format!("package_k must be between 2 and {MAX_CLASSES}")));
             }
             if epochs.is_some_and(|e| e == 0 || e > MAX_EPOCHS) || self_train_epochs.is_some_and(|e| e > MAX_EPOCHS) {
-                return Err(ApiError::BadRequest(format!("epochs must be between 1 and {MAX_EPOCHS}, self_train_epochs at most {MAX_EPOCHS}")));
+                return Err(ApiError::BadRequest(format!(
+                    "epochs must be between 1 and {MAX_EPOCHS}, self_train_epochs at most {MAX_EPOCHS}"
+                )));
             }
             if lr.is_some_and(|lr| !(lr > 0.0 && lr < 1.0)) {
                 return Err(ApiError::BadRequest("lr must be in (0, 1)".into()));
@@ -120,8 +120,7 @@ pub async fn events(
     Path(id): Path<String>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let rx = state.jobs.watch(&id).await?;
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|j| {
-        Ok(Event::default().event(if j.state.is_terminal() { "end" } else { "progress" }).json_data(&j).unwrap_or_default())
-    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
+        .map(|j| Ok(Event::default().event(if j.state.is_terminal() { "end" } else { "progress" }).json_data(&j).unwrap_or_default()));
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

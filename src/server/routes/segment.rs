@@ -199,4 +199,3 @@ pub async fn segment(
     h.insert("x-quality", HeaderValue::from_static(quality.as_str()));
     Ok(resp)
 }
-

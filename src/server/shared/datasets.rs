@@ -60,9 +60,16 @@ impl SharedDatasets {
 
     /// Fails with NotFound unless the dataset exists (without reading its index).
     pub async fn exists(&self, id: &str) -> DatasetResult<()> {
-        let found: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM datasets WHERE id = $1)").bind(id).fetch_one(&self.shared.db).await.map_err(db)?;
-        if found { Ok(()) } else { Err(DatasetError::NotFound(id.to_string())) }
+        let found: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM datasets WHERE id = $1)")
+            .bind(id)
+            .fetch_one(&self.shared.db)
+            .await
+            .map_err(db)?;
+        if found {
+            Ok(())
+        } else {
+            Err(DatasetError::NotFound(id.to_string()))
+        }
     }
 
     pub async fn get(&self, id: &str) -> DatasetResult<Dataset> {
@@ -120,7 +127,12 @@ impl SharedDatasets {
         for (file, _, _) in files.iter().filter(|f| !before.contains(&f.0)) {
             self.shared.blobs.put_file(&image_key(id, file), &images.join(file)).await.map_err(SharedError::from)?;
         }
-        sqlx::query("UPDATE datasets SET doc = $2 WHERE id = $1").bind(id).bind(sqlx::types::Json(after)).execute(&mut *tx).await.map_err(db)?;
+        sqlx::query("UPDATE datasets SET doc = $2 WHERE id = $1")
+            .bind(id)
+            .bind(sqlx::types::Json(after))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         tx.commit().await.map_err(db)?;
         Ok(report)
     }
@@ -146,7 +158,10 @@ impl SharedDatasets {
                 .map_err(|source| DatasetError::Io { what: format!("reading {}", path.display()), source })?;
             if &got != sha256 {
                 let _ = std::fs::remove_file(&path);
-                return Err(SharedError::Corrupt(format!("dataset `{id}`: image {file} from the object store has SHA-256 {got}, its index says {sha256}")).into());
+                return Err(SharedError::Corrupt(format!(
+                    "dataset `{id}`: image {file} from the object store has SHA-256 {got}, its index says {sha256}"
+                ))
+                .into());
             }
             fetched += 1;
         }

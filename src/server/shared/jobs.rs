@@ -71,7 +71,12 @@ impl SharedJobs {
     }
 
     async fn write(tx: &mut Transaction<'static, Postgres>, job: &Job) -> JobResult<()> {
-        sqlx::query("UPDATE jobs SET state = $2, doc = $3 WHERE id = $1").bind(&job.id).bind(job.state.as_str()).bind(json(job)).execute(&mut **tx).await?;
+        sqlx::query("UPDATE jobs SET state = $2, doc = $3 WHERE id = $1")
+            .bind(&job.id)
+            .bind(job.state.as_str())
+            .bind(json(job))
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 
@@ -300,7 +305,13 @@ impl SharedJobs {
         }
     }
 
-    async fn finish(&self, id: &str, outcome: anyhow::Result<serde_json::Value>, canceled: bool, latest: &Mutex<(String, f64)>) -> JobResult<()> {
+    async fn finish(
+        &self,
+        id: &str,
+        outcome: anyhow::Result<serde_json::Value>,
+        canceled: bool,
+        latest: &Mutex<(String, f64)>,
+    ) -> JobResult<()> {
         let mut tx = self.shared.db.begin().await?;
         let row = sqlx::query("SELECT doc, cancel_requested FROM jobs WHERE id = $1 AND lease_owner = $2 AND state = 'running' FOR UPDATE")
             .bind(id)

@@ -64,9 +64,10 @@ pub async fn set_active(shared: &Shared, name: &str) -> SharedResult<()> {
 /// Uploads a package's files, then records it (files first: a row never names a package that
 /// is not all there). Returns its new revision.
 pub async fn publish(shared: &Shared, name: &str, dir: &Path) -> SharedResult<i64> {
-    let manifest = std::fs::read(dir.join(crate::package::MANIFEST_FILE))
-        .map_err(|e| SharedError::Corrupt(format!("{}: {e}", dir.display())))?;
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest).map_err(|e| SharedError::Corrupt(format!("{}: {e}", dir.display())))?;
+    let manifest =
+        std::fs::read(dir.join(crate::package::MANIFEST_FILE)).map_err(|e| SharedError::Corrupt(format!("{}: {e}", dir.display())))?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&manifest).map_err(|e| SharedError::Corrupt(format!("{}: {e}", dir.display())))?;
     shared.blobs.put_dir(&blob_prefix(name), dir).await?;
     let revision: i64 = sqlx::query_scalar(
         "INSERT INTO models (name, revision, manifest) VALUES ($1, 1, $2) \
@@ -135,7 +136,8 @@ pub async fn delete(shared: &Shared, name: &str) -> SharedResult<DeleteOutcome> 
         .await?
         .rows_affected();
     if deleted == 0 {
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM models WHERE name = $1)").bind(name).fetch_one(&shared.db).await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM models WHERE name = $1)").bind(name).fetch_one(&shared.db).await?;
         return Ok(if exists { DeleteOutcome::Active } else { DeleteOutcome::NotFound });
     }
     shared.blobs.delete_prefix(&blob_prefix(name)).await?;

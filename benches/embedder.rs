@@ -38,7 +38,7 @@ fn embedder_times(
     x: &[f32],
 ) -> anyhow::Result<([(Duration, Duration); 2], EmbedSession)> {
     let st = dir.join(format!("{}.safetensors", kind.name()));
-    picie::commands::import_weights(kind, &root.join(format!(".weights/{}.pth", kind.name())), &st)?;
+    picie::model::import::import_weights(kind, &root.join(format!(".weights/{}.pth", kind.name())), &st)?;
     let config = EmbedderConfig::new(kind);
     let device = Device::flex();
     let weights = picie::model::TensorMap::load_safetensors(&st)?;

@@ -21,7 +21,7 @@ use std::time::Instant;
 use picie::model::layers::Activation;
 use picie::model::{BackboneKind, EmbedderConfig, TensorMap};
 use picie::train::kmeans::{KMeansConfig, SphericalKMeans};
-use picie::train::picie::{Frames, TrainConfig, Trainer};
+use picie::train::picie::{Frames, Phase, TrainConfig, Trainer};
 use rand::{Rng, SeedableRng};
 
 /// PyTorch 2.15, 2 threads, on this project's 2-core machine type, 288x384 batch 8, all layers
@@ -65,8 +65,8 @@ fn measure(
     trainer.run(frames, &dir.join(format!("ckpt-{freeze_stride}")), &mut |p| {
         let now = Instant::now();
         match p.phase {
-            "train" => train_times.push((now - last).as_secs_f64()),
-            "label" => label += (now - last).as_secs_f64(),
+            Phase::Train => train_times.push((now - last).as_secs_f64()),
+            Phase::Label => label += (now - last).as_secs_f64(),
             _ => cluster += (now - last).as_secs_f64(),
         }
         last = now;
@@ -90,7 +90,7 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let pth = root.join(".weights/efficientnet-lite0.pth");
     let st = dir.path().join("lite0.safetensors");
-    picie::commands::import_weights(BackboneKind::EfficientnetLite0, &pth, &st)?;
+    picie::model::import::import_weights(BackboneKind::EfficientnetLite0, &pth, &st)?;
     let backbone = TensorMap::load_safetensors(&st)?;
     let config = EmbedderConfig::new(BackboneKind::EfficientnetLite0);
     let init =

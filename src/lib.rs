@@ -2,11 +2,11 @@
 //!
 //! Dependencies point one way: `server` -> `infer`/`train` -> `model`/`package`.
 
-pub mod commands;
 pub mod eval;
 pub mod infer;
 pub mod model;
 pub mod package;
+pub mod progress;
 pub mod server;
 pub mod train;
 pub mod util;

@@ -3,7 +3,6 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use picie::commands;
 use picie::infer::{CrfConfig, DeviceChoice, GuidedConfig, Quality, Refinement, Segmenter};
 use picie::model::embedder::BackboneKind;
 use picie::package::InputPolicy;
@@ -38,7 +37,7 @@ enum Command {
     /// Train the embedder with PiCIE on unlabeled images and write a package.
     Train(TrainCli),
     /// Score packages on labelled images (PiCIE protocol: Hungarian-matched pixel accuracy and mIoU).
-    Eval(EvalCli),
+    Eval(picie::eval::run::EvalArgs),
     /// Backbone weights: import torch checkpoints, check them on ImageNet.
     Weights {
         #[command(subcommand)]
@@ -176,55 +175,6 @@ struct TrainCli {
     snapshot_epochs: Vec<usize>,
 }
 
-#[derive(clap::Args)]
-struct EvalCli {
-    #[arg(long, default_value = "models/default")]
-    model: PathBuf,
-    /// Also score this package (e.g. the untrained default) in the same run.
-    #[arg(long)]
-    baseline: Option<PathBuf>,
-    #[arg(long)]
-    images: PathBuf,
-    #[arg(long)]
-    labels: PathBuf,
-    /// Images whose features the fresh k-means runs on (default: the package's own centroids).
-    #[arg(long)]
-    cluster_images: Option<PathBuf>,
-    /// Number of label classes (default: the largest label + 1, 255 ignored).
-    #[arg(long)]
-    classes: Option<usize>,
-    /// Names of the label classes, comma-separated, for the per-class table.
-    #[arg(long)]
-    class_names: Option<String>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Repeat the fresh k-means with this many seeds (seed, seed+1, ...) and report the mean:
-    /// a single k-means run moves the scores by a few points.
-    #[arg(long, default_value_t = 1)]
-    seeds: u64,
-    /// Write the reports as JSON here.
-    #[arg(long)]
-    json: Option<PathBuf>,
-    /// Name the model's own clusters after the label classes they match (Hungarian), with
-    /// --class-names, and save the names in the package. Needs no --cluster-images.
-    #[arg(long)]
-    write_names: bool,
-    /// Record the model's scores in its manifest as `<PREFIX>_pixel_acc` and `<PREFIX>_miou`
-    /// (those of the last quality listed).
-    #[arg(long)]
-    record_metrics: Option<String>,
-    /// Qualities to score, comma-separated (fast, flip, crf, best: as `/segment?quality=`);
-    /// each is a row. Default: crf, the server's default.
-    #[arg(long, value_delimiter = ',', default_value = "crf")]
-    quality: Vec<Quality>,
-    /// Dense CRF settings, key=value pairs over the defaults (e.g. "iterations=5,appearance_srgb=13").
-    #[arg(long, default_value = "")]
-    crf: CrfConfig,
-    /// Guided-filter settings (quality `edges`), key=value pairs over the defaults (e.g. "radius=4,eps=0.01").
-    #[arg(long, default_value = "")]
-    guided: GuidedConfig,
-}
-
 #[derive(Subcommand)]
 enum WeightsCommand {
     /// Read a torch checkpoint (legacy or zip) and write safetensors with `backbone.` names.
@@ -260,7 +210,7 @@ enum PackageCommand {
         images: PathBuf,
         #[arg(long, default_value_t = 11)]
         k: usize,
-        #[arg(long, default_value_t = commands::DEFAULT_FPN_SEED)]
+        #[arg(long, default_value_t = picie::train::packaging::DEFAULT_FPN_SEED)]
         seed: u64,
         #[arg(long)]
         out: PathBuf,
@@ -338,15 +288,18 @@ fn run(cli: Cli) -> Result<()> {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(picie::server::serve(cfg))?;
         }
         Command::Openapi => println!("{}", picie::server::openapi_json()),
-        Command::Healthcheck { port } => healthcheck(port)?,
+        Command::Healthcheck { port } => {
+            picie::server::probe::ready(port)?;
+            println!("ready");
+        }
         Command::Train(t) => train(t)?,
-        Command::Eval(e) => eval(e)?,
+        Command::Eval(e) => picie::eval::run::run(&e)?,
         Command::Weights { command: WeightsCommand::Import { backbone, checkpoint, out } } => {
-            let n = commands::import_weights(backbone, &checkpoint, &out)?;
+            let n = picie::model::import::import_weights(backbone, &checkpoint, &out)?;
             println!("wrote {} ({n} tensors)", out.display());
         }
         Command::Weights { command: WeightsCommand::Classify { backbone, weights, image } } => {
-            for (class, p) in commands::imagenet_top5(backbone, &weights, &image)? {
+            for (class, p) in picie::model::classify::imagenet_top5(backbone, &weights, &image)? {
                 println!("{class:4}  {p:.4}");
             }
         }
@@ -354,9 +307,9 @@ fn run(cli: Cli) -> Result<()> {
             command:
                 PackageCommand::Init { backbone, backbone_weights, images, k, seed, out, name, short_side, force, fpn_init, standardize },
         } => {
-            let args = commands::InitPackage {
+            let args = picie::train::packaging::InitPackage {
                 backbone,
-                backbone_weights: backbone_weights.unwrap_or_else(|| default_backbone_weights(backbone)),
+                backbone_weights: backbone_weights.unwrap_or_else(|| backbone.default_weights()),
                 images,
                 k,
                 seed,
@@ -367,7 +320,7 @@ fn run(cli: Cli) -> Result<()> {
                 command: std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
                 fpn_init,
             };
-            let (pkg, report) = commands::init_package(&args)?;
+            let (pkg, report) = picie::train::packaging::init_package(&args)?;
             println!(
                 "wrote {} (K = {}, {} images, {} vectors clustered{})",
                 pkg.dir.display(),
@@ -379,7 +332,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Package { command: PackageCommand::Rebuild { from, tap_weight, images, k, seed, out, name, force } } => {
             let command = std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
-            let (pkg, report) = commands::rebuild_package(&from, tap_weight, &images, k, seed, &out, name.as_deref(), force, command)?;
+            let (pkg, report) =
+                picie::train::packaging::rebuild_package(&from, tap_weight, &images, k, seed, &out, name.as_deref(), force, command)?;
             println!(
                 "wrote {} (K = {}, {} features per pixel, {} vectors clustered)",
                 pkg.dir.display(),
@@ -393,7 +347,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&pkg.manifest)?);
         }
         Command::Export { model, out } => {
-            commands::export_package(&model, &out)?;
+            picie::package::Package::load(&model)?.export_onnx(&out)?;
             println!("wrote {}", out.display());
         }
         Command::Segment { model, out, device, quality, crf, guided, images } => {
@@ -413,8 +367,8 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn train(t: TrainCli) -> Result<()> {
-    use picie::commands::{TrainArgs, TrainInit};
     use picie::train::picie::TrainConfig;
+    use picie::train::pipeline::{TrainArgs, TrainInit};
     let config = TrainConfig {
         k: t.k,
         k2: t.k2,
@@ -438,7 +392,7 @@ fn train(t: TrainCli) -> Result<()> {
     let init = match t.from {
         Some(p) => TrainInit::Package(p),
         None => {
-            let weights = t.backbone_weights.unwrap_or_else(|| default_backbone_weights(t.backbone));
+            let weights = t.backbone_weights.unwrap_or_else(|| t.backbone.default_weights());
             TrainInit::Backbone { kind: t.backbone, weights }
         }
     };
@@ -464,184 +418,20 @@ fn train(t: TrainCli) -> Result<()> {
         }),
         snapshots: t.snapshot_epochs,
     };
-    let mut bar = ProgressBar::default();
-    match picie::commands::train(&args, &mut |p| {
-        bar.draw(p);
+    let mut progress = picie::progress::Reporter::new("training");
+    let outcome = picie::train::pipeline::train(&args, &mut |p| {
+        progress.update(p.fraction(), &p.describe());
+        if let Some(line) = p.epoch_done() {
+            progress.milestone(&line);
+        }
         true
-    })? {
+    })?;
+    progress.finish();
+    match outcome {
         Some((pkg, report)) => {
-            if let Some(b) = bar.bar.take() {
-                b.finish();
-            }
             println!("wrote {} (K = {}, trained on {} images)", pkg.dir.display(), pkg.manifest.k, report.images_used);
         }
         None => println!("stopped; the last checkpoint is in {}", args.checkpoint.display()),
     }
-    Ok(())
-}
-
-/// The training progress bar on stderr (indicatif): phase, step, loss, pixels/s and ETA. Its
-/// position starts where a resumed run starts, so the ETA counts only this process's work.
-/// Where stderr is no terminal (a log file, a container), indicatif draws nothing at all, so
-/// plain lines take its place: one every `PLAIN_LINE_EVERY` and one per finished epoch.
-#[derive(Default)]
-struct ProgressBar {
-    bar: Option<indicatif::ProgressBar>,
-    last_plain_line: Option<std::time::Instant>,
-}
-
-/// Positions per run: fractions of the whole run in 1/10000.
-const PROGRESS_STEPS: u64 = 10_000;
-const PLAIN_LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
-
-impl ProgressBar {
-    fn draw(&mut self, p: &picie::train::picie::Progress) {
-        use std::io::IsTerminal;
-        let loss = p.loss.map(|l| format!(" loss {l:.4}")).unwrap_or_default();
-        let message =
-            format!("epoch {}/{} {} {}/{}{loss} | {:.0} kpx/s", p.epoch + 1, p.epochs, p.phase, p.step, p.steps, p.pixels_per_sec / 1000.0);
-        let epoch_done = (p.phase == "train" && p.step == p.steps).then(|| format!("epoch {}/{} done{loss}", p.epoch + 1, p.epochs));
-        if !std::io::stderr().is_terminal() {
-            if self.last_plain_line.is_none_or(|t| t.elapsed() >= PLAIN_LINE_EVERY) {
-                eprintln!("{:>3.0}% {message}", 100.0 * p.fraction());
-                self.last_plain_line = Some(std::time::Instant::now());
-            }
-            if let Some(line) = epoch_done {
-                eprintln!("{line}");
-            }
-            return;
-        }
-        let bar = self.bar.get_or_insert_with(|| {
-            let bar = indicatif::ProgressBar::new(PROGRESS_STEPS);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("[{bar:30}] {percent:>3}% {msg} | ETA {eta_precise}")
-                    .expect("a valid template")
-                    .progress_chars("#>."),
-            );
-            bar.set_position((PROGRESS_STEPS as f64 * p.epoch as f64 / p.epochs.max(1) as f64) as u64);
-            bar.reset_eta();
-            bar
-        });
-        bar.set_message(message);
-        bar.set_position((PROGRESS_STEPS as f64 * p.fraction()) as u64);
-        if let Some(line) = epoch_done {
-            // Keep each finished epoch's line in the log.
-            bar.println(line);
-        }
-    }
-}
-
-fn eval(e: EvalCli) -> Result<()> {
-    use picie::eval::{evaluate, paired_files, table, Clusters};
-    let pairs = paired_files(&e.images, &e.labels)?;
-    let classes = match e.classes {
-        Some(c) => c,
-        None => {
-            let mut max = 0u8;
-            for (_, l) in &pairs {
-                for p in image::open(l)?.to_luma8().pixels() {
-                    if p[0] != picie::eval::IGNORE_LABEL {
-                        max = max.max(p[0]);
-                    }
-                }
-            }
-            max as usize + 1
-        }
-    };
-    let cluster_paths = match &e.cluster_images {
-        Some(d) => Some(picie::train::cluster::list_images(d)?),
-        None => None,
-    };
-    let seeds = if cluster_paths.is_some() { e.seeds.max(1) } else { 1 };
-    let mut reports = vec![];
-    let mut means = vec![];
-    let seed_list: Vec<u64> = (0..seeds).map(|s| e.seed + s).collect();
-    let refine = Refinement { crf: e.crf, guided: e.guided };
-    for model in e.baseline.iter().chain(std::iter::once(&e.model)) {
-        let name = model.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
-        let clusters = match &cluster_paths {
-            Some(p) => Clusters::Fresh { images: p, seeds: &seed_list },
-            None => Clusters::Package,
-        };
-        let started = std::time::Instant::now();
-        let runs = evaluate(model, &pairs, classes, clusters, DeviceChoice::Auto, &e.quality, &refine)?;
-        tracing::info!(model = %name, seconds = started.elapsed().as_secs_f64(), "scored");
-        for quality in &e.quality {
-            let label = format!("{name} [{quality}]");
-            let mut these: Vec<_> = runs.iter().filter(|r| r.quality == *quality).cloned().collect();
-            these.iter_mut().for_each(|r| r.model = label.clone());
-            let n = these.len() as f64;
-            let mean = |f: fn(&picie::eval::EvalReport) -> f64| these.iter().map(f).sum::<f64>() / n;
-            means.push((label, mean(|r| r.pixel_accuracy), mean(|r| r.miou), mean(|r| r.boundary_f)));
-            reports.extend(these);
-        }
-    }
-    let names: Vec<String> = match &e.class_names {
-        Some(n) => n.split(',').map(|s| s.trim().to_string()).collect(),
-        None => (0..classes).map(|c| format!("class {c}")).collect(),
-    };
-    println!(
-        "{} images, {} classes, {}",
-        pairs.len(),
-        classes,
-        if e.cluster_images.is_some() { "fresh k-means per model" } else { "package centroids" }
-    );
-    print!("{}", table(&reports, &names));
-    if seeds > 1 {
-        println!("\nmean over {seeds} k-means seeds");
-        println!("{:<28} {:>10} {:>8} {:>10}", "model", "pixel acc", "mIoU", "boundary F");
-        for (model, acc, miou, boundary) in &means {
-            println!("{model:<28} {:>10.2} {:>8.2} {:>10.2}", 100.0 * acc, 100.0 * miou, 100.0 * boundary);
-        }
-    }
-    if let Some(j) = &e.json {
-        std::fs::write(j, serde_json::to_vec_pretty(&reports)?)?;
-    }
-    if let Some(prefix) = &e.record_metrics {
-        let report = reports.last().expect("the model's report");
-        let mut pkg = picie::package::Package::load(&e.model)?;
-        pkg.record_metrics([
-            (format!("{prefix}_pixel_acc"), (10_000.0 * report.pixel_accuracy).round() / 100.0),
-            (format!("{prefix}_miou"), (10_000.0 * report.miou).round() / 100.0),
-        ])?;
-        println!("recorded the scores in {}", pkg.dir.join(picie::package::MANIFEST_FILE).display());
-    }
-    if e.write_names {
-        anyhow::ensure!(
-            e.cluster_images.is_none() && e.class_names.is_some(),
-            "--write-names needs --class-names and the package's own centroids"
-        );
-        let report = reports.last().expect("the model's report");
-        let mut pkg = picie::package::Package::load(&e.model)?;
-        let mut centroids = pkg.centroids.clone();
-        for (cluster, class) in report.matching.iter().enumerate() {
-            if let Some(c) = class {
-                centroids.classes[cluster].name = Some(names[*c].clone());
-                centroids.classes[cluster].color = Some(picie::package::default_color(*c));
-            }
-        }
-        pkg.update_centroids(centroids)?;
-        println!("named the classes of {}", pkg.dir.display());
-    }
-    Ok(())
-}
-
-/// GET /health/ready on loopback with a plain HTTP/1.0 request.
-/// Where scripts/setup.sh puts a backbone's imported weights.
-fn default_backbone_weights(kind: BackboneKind) -> PathBuf {
-    PathBuf::from(format!(".weights/{}.safetensors", kind.name()))
-}
-
-fn healthcheck(port: u16) -> Result<()> {
-    use std::io::{Read, Write};
-    let timeout = std::time::Duration::from_secs(3);
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.write_all(b"GET /health/ready HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head)?;
-    anyhow::ensure!(&head[9..12] == b"200", "not ready: {}", String::from_utf8_lossy(&head));
-    println!("ready");
     Ok(())
 }

@@ -327,6 +327,14 @@ impl Package {
         TensorMap::load_safetensors(&self.weights_path())
     }
 
+    /// `picie export`: the ONNX graph of the package's burn weights, written to `out`.
+    pub fn export_onnx(&self, out: &Path) -> Result<()> {
+        let weights = self.load_weights()?;
+        let embedder = crate::model::Embedder::load(self.manifest.embedder, &weights, &burn::tensor::Device::flex())
+            .with_context(|| format!("loading {}", self.weights_path().display()))?;
+        crate::model::export::export_onnx(&embedder, self.manifest.embedder, out)
+    }
+
     /// Writes a package into `dir` atomically. With `replace`, an existing package there is
     /// swapped out only once the new one is complete.
     pub fn write(dir: &Path, contents: PackageContents<'_>, replace: bool) -> Result<Package> {

@@ -52,7 +52,7 @@ fn lite_imports_classify_the_cat() {
     for (kind, weights) in
         [(BackboneKind::EfficientnetLite0, common::lite0_safetensors()), (BackboneKind::EfficientnetLite2, common::lite2_safetensors())]
     {
-        let top5 = picie::commands::imagenet_top5(kind, weights, &common::fixture("chelsea.png")).unwrap();
+        let top5 = picie::model::classify::imagenet_top5(kind, weights, &common::fixture("chelsea.png")).unwrap();
         let (top1, p) = top5[0];
         assert!((281..=285).contains(&top1), "{kind:?} top-5 {top5:?}: the cat is not a cat");
         assert!(p > 0.2, "{kind:?} top-1 probability {p}");
@@ -66,7 +66,7 @@ fn lite_variants_do_not_load_each_others_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.safetensors");
     for (kind, lite) in [(BackboneKind::EfficientnetLite2, "lite0"), (BackboneKind::EfficientnetLite0, "lite2")] {
-        let e = format!("{:#}", picie::commands::import_weights(kind, &common::lite_checkpoint(lite), &out).unwrap_err());
+        let e = format!("{:#}", picie::model::import::import_weights(kind, &common::lite_checkpoint(lite), &out).unwrap_err());
         assert!(e.contains("is not a") && e.contains("_blocks."), "{lite} as {kind:?}: {e}");
         assert!(!out.exists());
     }
@@ -114,7 +114,7 @@ fn resnet18_torchvision_zip_checkpoint_imports_and_exports() {
     let ckpt = dir.path().join("resnet18.pth");
     common::write_torch_zip(&ckpt, &tensors);
     let out = dir.path().join("resnet18.safetensors");
-    picie::commands::import_weights(BackboneKind::Resnet18, &ckpt, &out).unwrap();
+    picie::model::import::import_weights(BackboneKind::Resnet18, &ckpt, &out).unwrap();
     let imported = TensorMap::load_safetensors(&out).unwrap();
     assert_eq!(
         imported.get("backbone.layer3.0.downsample.0.weight", &[256, 128, 1, 1]).unwrap(),
@@ -169,7 +169,7 @@ fn bad_weights_name_the_file_and_tensor() {
     std::fs::write(&cut, &raw[..raw.len() / 3]).unwrap();
     let e = format!(
         "{:#}",
-        picie::commands::import_weights(BackboneKind::EfficientnetLite0, &cut, &dir.path().join("o.safetensors")).unwrap_err()
+        picie::model::import::import_weights(BackboneKind::EfficientnetLite0, &cut, &dir.path().join("o.safetensors")).unwrap_err()
     );
     assert!(e.contains("cut.pth"), "{e}");
     assert!(!dir.path().join("o.safetensors").exists(), "no output on failure");
@@ -177,7 +177,7 @@ fn bad_weights_name_the_file_and_tensor() {
     // The wrong backbone for a checkpoint.
     let e = format!(
         "{:#}",
-        picie::commands::import_weights(BackboneKind::Resnet18, &common::lite0_checkpoint(), &dir.path().join("o.safetensors"))
+        picie::model::import::import_weights(BackboneKind::Resnet18, &common::lite0_checkpoint(), &dir.path().join("o.safetensors"))
             .unwrap_err()
     );
     assert!(e.contains("conv1.weight"), "{e}");

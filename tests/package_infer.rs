@@ -5,11 +5,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use picie::commands::{init_package, InitPackage};
 use picie::infer::{decode_image, DecodeError, DeviceChoice, Segmenter};
 use picie::model::BackboneKind;
 use picie::package::{InputPolicy, Package, MANIFEST_FILE, ONNX_FILE};
 use picie::train::fpn_init::FpnInit;
+use picie::train::packaging::{init_package, InitPackage};
 
 const K: usize = 5;
 
@@ -230,7 +230,7 @@ fn class_names_and_colours_are_saved() {
 fn export_command_reproduces_the_package_onnx() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("again.onnx");
-    picie::commands::export_package(package_dir(), &out).unwrap();
+    picie::package::Package::load(package_dir()).unwrap().export_onnx(&out).unwrap();
     assert_eq!(std::fs::read(out).unwrap(), std::fs::read(package_dir().join(ONNX_FILE)).unwrap());
 }
 

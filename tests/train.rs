@@ -4,12 +4,12 @@ mod common;
 
 use std::path::PathBuf;
 
-use picie::commands::{train, TrainArgs, TrainInit};
 use picie::model::BackboneKind;
 use picie::package::Package;
 use picie::train::correspond::CorrespondenceConfig;
 use picie::train::loss::Balance;
 use picie::train::picie::{TrainConfig, CHECKPOINT_STATE};
+use picie::train::pipeline::{train, TrainArgs, TrainInit};
 
 fn tiny(epochs: usize) -> TrainConfig {
     TrainConfig {
@@ -64,7 +64,7 @@ fn trains_checkpoints_resumes_and_writes_a_package() {
     let (pkg, report) = train(&TrainArgs { snapshots: vec![1, 5], ..args(dir.path(), tiny(2), false) }, &mut |p| {
         assert!(p.fraction() >= last_fraction && p.fraction() <= 1.0, "progress only moves forward");
         last_fraction = p.fraction();
-        phases.push(p.phase);
+        phases.push(p.phase.as_str());
         true
     })
     .unwrap()
@@ -94,7 +94,8 @@ fn trains_checkpoints_resumes_and_writes_a_package() {
 
     // One epoch, then resume for the second: same weights as the straight run (seeded, same draws).
     let dir2 = tempfile::tempdir().unwrap();
-    let stopped = train(&args(dir2.path(), tiny(2), false), &mut |p| !(p.epoch == 1 && p.phase == "cluster")).unwrap();
+    let stopped =
+        train(&args(dir2.path(), tiny(2), false), &mut |p| !(p.epoch == 1 && p.phase == picie::train::picie::Phase::Cluster)).unwrap();
     assert!(stopped.is_none(), "stopping returns no package");
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir2.path().join("ckpt").join(CHECKPOINT_STATE)).unwrap()).unwrap();
@@ -279,14 +280,14 @@ fn self_training_keeps_the_centroids_and_resumes() {
     let mut phases = vec![];
     let straight = TrainArgs { self_train: self_train(2), ..args(dir.path(), tiny(1), false) };
     let (pkg, _) = train(&straight, &mut |p| {
-        phases.push(p.phase);
+        phases.push(p.phase.as_str());
         true
     })
     .unwrap()
     .unwrap();
     assert_eq!(phases.iter().filter(|p| **p == "pseudo-label").count(), 4, "one pseudo-labelling step per image");
     assert_eq!(phases.iter().filter(|p| **p == "self-train").count(), 4, "two epochs of two steps");
-    let stage = Package::load(&dir.path().join("ckpt").join(picie::commands::STAGE_PACKAGE)).unwrap();
+    let stage = Package::load(&dir.path().join("ckpt").join(picie::train::pipeline::STAGE_PACKAGE)).unwrap();
     assert_eq!(pkg.centroids.matrix(), stage.centroids.matrix(), "centroids held fixed");
     assert_ne!(
         pkg.load_weights().unwrap().tensors["backbone._blocks.15._project_conv.weight"],
@@ -303,7 +304,7 @@ fn self_training_keeps_the_centroids_and_resumes() {
     let first = TrainArgs { self_train: self_train(2), ..args(dir2.path(), tiny(1), false) };
     let mut seen = 0;
     let stopped = train(&first, &mut |p| {
-        if p.phase == "self-train" {
+        if p.phase == picie::train::picie::Phase::SelfTrain {
             seen += 1;
         }
         seen < 3

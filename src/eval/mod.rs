@@ -5,6 +5,7 @@
 //! accuracy, per-class IoU and mIoU under that matching.
 
 pub mod boundary;
+pub mod run;
 
 use std::path::{Path, PathBuf};
 

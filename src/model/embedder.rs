@@ -46,6 +46,11 @@ impl BackboneKind {
         self.to_possible_value().expect("every backbone has a name").get_name().to_string()
     }
 
+    /// Where `scripts/setup.sh` puts the backbone's imported weights (relative to the repository).
+    pub fn default_weights(self) -> std::path::PathBuf {
+        std::path::PathBuf::from(format!(".weights/{}.safetensors", self.name()))
+    }
+
     /// The EfficientNet-Lite variant, for the backbones that are one.
     pub fn lite_variant(self) -> Option<LiteVariant> {
         match self {

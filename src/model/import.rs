@@ -56,3 +56,11 @@ pub fn import_backbone(kind: BackboneKind, path: &Path) -> Result<TensorMap> {
     out.extend_prefixed("backbone", map);
     Ok(out)
 }
+
+/// `picie weights import`: a torch checkpoint to safetensors with `backbone.` names. Returns the
+/// tensor count.
+pub fn import_weights(kind: BackboneKind, checkpoint: &Path, out: &Path) -> Result<usize> {
+    let map = import_backbone(kind, checkpoint)?;
+    map.save_safetensors(out)?;
+    Ok(map.len())
+}

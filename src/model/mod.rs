@@ -1,6 +1,7 @@
 //! The embedder: backbones, FPN decoder, weights in and out, ONNX export.
 
 pub mod batchnorm;
+pub mod classify;
 pub mod conv;
 pub mod efficientnet;
 pub mod embedder;

@@ -9,6 +9,7 @@ pub mod extract;
 pub mod jobs;
 pub mod metrics;
 pub mod openapi;
+pub mod probe;
 pub mod render;
 pub mod router;
 pub mod routes;

@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::commands::SessionSettings;
 use crate::infer::{DeviceChoice, EmbedSession};
 use crate::train::cluster::recluster_package;
 use crate::train::kmeans::KMeansConfig;
+use crate::train::packaging::SessionSettings;
 
 use super::config::ServeConfig;
 use super::datasets::{DatasetStore, Datasets};
@@ -142,10 +142,10 @@ fn run_job(
                     }
                 }
             }
-            let args = crate::commands::TrainArgs {
+            let args = crate::train::pipeline::TrainArgs {
                 images,
                 out: models.models_dir().join(&name),
-                init: crate::commands::TrainInit::Package(source.dir.clone()),
+                init: crate::train::pipeline::TrainInit::Package(source.dir.clone()),
                 config,
                 package_k: Some(package_k.unwrap_or(source.manifest.k)),
                 // Kept when the job fails or the process dies, so that a resumed job continues
@@ -162,10 +162,10 @@ fn run_job(
             let picie_epochs = args.config.epochs as f64;
             let all_epochs = picie_epochs + args.self_train.as_ref().map_or(0.0, |s| s.epochs as f64);
             let mut saved_epoch = None;
-            let outcome = crate::commands::train_with(&args, settings.sessions(), &mut |p| {
+            let outcome = crate::train::pipeline::train_with(&args, settings.sessions(), &mut |p| {
                 if let Some(sh) = shared {
                     // A new epoch began: the last one's checkpoint is complete on disk.
-                    let epoch = (matches!(p.phase, "pseudo-label" | "self-train"), p.epoch);
+                    let epoch = (p.phase.self_training(), p.epoch);
                     if saved_epoch.is_some_and(|e| e != epoch) && args.checkpoint.exists() {
                         if let Err(e) = super::shared::block_on(sh.blobs.put_dir(&blob_checkpoint, &args.checkpoint)) {
                             tracing::warn!(job = %job.id, error = %e, "cannot save the checkpoint to the shared store");
@@ -173,9 +173,10 @@ fn run_job(
                     }
                     saved_epoch = Some(epoch);
                 }
-                let done = match p.phase {
-                    "pseudo-label" | "self-train" => picie_epochs + p.fraction() * (all_epochs - picie_epochs),
-                    _ => p.fraction() * picie_epochs,
+                let done = if p.phase.self_training() {
+                    picie_epochs + p.fraction() * (all_epochs - picie_epochs)
+                } else {
+                    p.fraction() * picie_epochs
                 };
                 ctx.progress(&format!("{} epoch {}/{}", p.phase, p.epoch + 1, p.epochs), 0.95 * done / all_epochs.max(1.0));
                 !ctx.canceled()

@@ -1,5 +1,5 @@
 //! Unsupervised learning: photometric and geometric views, clustering of pixel features, the
-//! PiCIE loss and training loop.
+//! PiCIE loss and training loop, and the pipelines that write packages (`packaging`, `pipeline`).
 
 pub mod augment;
 pub mod cluster;
@@ -9,5 +9,7 @@ pub mod fpn_init;
 pub mod kmeans;
 pub mod loss;
 pub mod memory;
+pub mod packaging;
 pub mod picie;
+pub mod pipeline;
 pub mod selftrain;

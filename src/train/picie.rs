@@ -152,13 +152,51 @@ impl TrainConfig {
     }
 }
 
+/// Which pass of training a step belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Mini-batch k-means on the epoch's views (forward only).
+    Cluster,
+    /// Every pixel labelled with the final centroids (forward only).
+    Label,
+    /// Gradient steps.
+    Train,
+    /// Self-training: the PiCIE package's refined labels of every frame, once.
+    PseudoLabel,
+    /// Self-training epochs.
+    SelfTrain,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Cluster => "cluster",
+            Phase::Label => "label",
+            Phase::Train => "train",
+            Phase::PseudoLabel => "pseudo-label",
+            Phase::SelfTrain => "self-train",
+        }
+    }
+
+    /// Whether the step belongs to the self-training stage.
+    pub fn self_training(self) -> bool {
+        matches!(self, Phase::PseudoLabel | Phase::SelfTrain)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What the loop reports after each step.
 #[derive(Clone, Debug, Serialize)]
 pub struct Progress {
     pub epoch: usize,
     pub epochs: usize,
-    /// `cluster`, `label` or `train`.
-    pub phase: &'static str,
+    pub phase: Phase,
     pub step: usize,
     pub steps: usize,
     /// Mean loss of the epoch so far (train phase).
@@ -173,13 +211,40 @@ impl Progress {
     pub fn fraction(&self) -> f64 {
         let step = self.step as f64 / self.steps.max(1) as f64;
         let within = match self.phase {
-            "cluster" => step / 5.0,
-            "label" => 0.2 + step / 5.0,
-            "pseudo-label" => 0.0,
-            "self-train" => step,
-            _ => 0.4 + 0.6 * step,
+            Phase::Cluster => step / 5.0,
+            Phase::Label => 0.2 + step / 5.0,
+            Phase::PseudoLabel => 0.0,
+            Phase::SelfTrain => step,
+            Phase::Train => 0.4 + 0.6 * step,
         };
         (self.epoch as f64 + within) / self.epochs.max(1) as f64
+    }
+
+    /// The step in words: epoch, pass, step, the epoch's loss so far and the speed.
+    pub fn describe(&self) -> String {
+        let loss = self.loss.map(|l| format!(" loss {l:.4}")).unwrap_or_default();
+        format!(
+            "epoch {}/{} {} {}/{}{loss} | {:.0} kpx/s",
+            self.epoch + 1,
+            self.epochs,
+            self.phase,
+            self.step,
+            self.steps,
+            self.pixels_per_sec / 1000.0
+        )
+    }
+
+    /// The line to keep once an epoch's last training step is done.
+    pub fn epoch_done(&self) -> Option<String> {
+        let loss = self.loss.map(|l| format!(" loss {l:.4}")).unwrap_or_default();
+        (matches!(self.phase, Phase::Train | Phase::SelfTrain) && self.step == self.steps).then(|| {
+            format!(
+                "{} epoch {}/{} done{loss}",
+                if self.phase == Phase::Train { "PiCIE" } else { "self-training" },
+                self.epoch + 1,
+                self.epochs
+            )
+        })
     }
 }
 
@@ -454,7 +519,7 @@ impl Trainer {
     }
 
     /// Progress after `step` batches of a pass begun at `start` (two views per image).
-    fn progress(&self, epoch: usize, phase: &'static str, step: usize, steps: usize, loss: Option<f32>, start: Instant) -> Progress {
+    fn progress(&self, epoch: usize, phase: Phase, step: usize, steps: usize, loss: Option<f32>, start: Instant) -> Progress {
         let (w, h) = self.config.frame();
         let px = (step * self.config.batch * 2 * w * h) as f64;
         Progress { epoch, epochs: self.config.epochs, phase, step, steps, loss, pixels_per_sec: px / start.elapsed().as_secs_f64() }
@@ -509,7 +574,7 @@ impl Trainer {
                     }
                 }
             }
-            let p = self.progress(epoch, "cluster", b + 1, batches.len(), None, start);
+            let p = self.progress(epoch, Phase::Cluster, b + 1, batches.len(), None, start);
             if !on(&p) {
                 return Ok(None);
             }
@@ -546,7 +611,7 @@ impl Trainer {
                     }
                 }
             }
-            let p = self.progress(epoch, "label", b + 1, batches.len(), None, start);
+            let p = self.progress(epoch, Phase::Label, b + 1, batches.len(), None, start);
             if !on(&p) {
                 return Ok(None);
             }
@@ -613,7 +678,7 @@ impl Trainer {
                 let grads = GradientsParams::from_grads(loss.backward(), &self.model);
                 self.model = self.optim.step(self.config.lr, self.model.clone(), grads);
                 total += value as f64;
-                let p = self.progress(epoch, "train", b + 1, batches.len(), Some((total / (b + 1) as f64) as f32), start);
+                let p = self.progress(epoch, Phase::Train, b + 1, batches.len(), Some((total / (b + 1) as f64) as f32), start);
                 if !on(&p) {
                     return Ok(false);
                 }

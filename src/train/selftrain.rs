@@ -296,7 +296,7 @@ impl SelfTrainer {
                 let p = Progress {
                     epoch,
                     epochs: self.config.epochs,
-                    phase: "self-train",
+                    phase: super::picie::Phase::SelfTrain,
                     step: b + 1,
                     steps: batches.len(),
                     loss: Some((total / steps as f64) as f32),

@@ -46,7 +46,7 @@ fn imported(cell: &'static OnceLock<(tempfile::TempDir, PathBuf)>, kind: picie::
     let (_, p) = cell.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("backbone.safetensors");
-        picie::commands::import_weights(kind, &checkpoint, &out).unwrap();
+        picie::model::import::import_weights(kind, &checkpoint, &out).unwrap();
         (dir, out)
     });
     p

@@ -1,0 +1,208 @@
+//! Writing model packages: an embedder exported to ONNX, the images clustered with it, the
+//! package written (`picie package init`, `package rebuild`, and the end of every training run).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::Device;
+
+use super::augment::Photometric;
+use super::cluster::{cluster_images, list_images, ClusterReport, MAX_CLUSTER_VECTORS};
+use super::fpn_init::{self, FpnInit};
+use super::kmeans::KMeansConfig;
+use super::picie::{Frames, TrainConfig};
+use crate::infer::{DeviceChoice, EmbedSession};
+use crate::model::embedder::BackboneKind;
+use crate::model::{export, Embedder, EmbedderConfig, TensorMap};
+use crate::package::{InputPolicy, Manifest, Package, PackageContents, Provenance, FORMAT_VERSION};
+
+/// The seed of the default package's FPN initialisation.
+pub const DEFAULT_FPN_SEED: u64 = 0;
+
+fn cpu_device() -> Device {
+    Device::flex()
+}
+
+pub struct InitPackage {
+    pub backbone: BackboneKind,
+    pub backbone_weights: PathBuf,
+    pub images: PathBuf,
+    pub k: usize,
+    pub seed: u64,
+    pub out: PathBuf,
+    pub name: String,
+    pub policy: InputPolicy,
+    pub replace: bool,
+    pub command: String,
+    /// How the FPN's laterals start (seeded random, or from the taps' principal components on `images`).
+    pub fpn_init: FpnInit,
+}
+
+/// `picie package init`: pretrained backbone + FPN (laterals per `fpn_init`), exported to ONNX, centroids from
+/// k-means on `images`. The manifest says the embedder is untrained.
+pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
+    let device = cpu_device();
+    let weights = TensorMap::load_safetensors(&args.backbone_weights)?;
+    let config = EmbedderConfig::new(args.backbone);
+    let paths = list_images(&args.images)?;
+    // The taps are measured on frames as training would see them; only the sampled images are
+    // read here (the clustering pass reads them all), and none for seeded laterals.
+    let sampled: Vec<PathBuf> = match args.fpn_init {
+        FpnInit::Pca => fpn_init::spread(paths.len(), fpn_init::PCA_FRAMES).into_iter().map(|i| paths[i].clone()).collect(),
+        FpnInit::Random => vec![],
+    };
+    let frames = Frames::load(&sampled, TrainConfig::default().frame()).standardized(args.policy.standardize);
+    let start = starting_weights(config, &weights.sub("backbone"), args.seed, args.fpn_init, &frames)?;
+    let embedder = Embedder::load(config, &start, &device)?;
+    let provenance = Provenance {
+        created_at: crate::package::now_rfc3339(),
+        picie_version: env!("CARGO_PKG_VERSION").into(),
+        command: args.command.clone(),
+        backbone_weights: args.backbone_weights.display().to_string(),
+        trained: false,
+        parent: None,
+        details: BTreeMap::from([("fpn_seed".into(), serde_json::json!(args.seed)), ("fpn_init".into(), serde_json::json!(args.fpn_init))]),
+    };
+    let target = PackageTarget {
+        out: &args.out,
+        name: &args.name,
+        policy: args.policy,
+        replace: args.replace,
+        sessions: SessionSettings::default(),
+    };
+    package_from_embedder(&embedder, config, &paths, KMeansConfig::new(args.k, args.seed), provenance, &target)
+}
+
+/// Where and how a new package is written.
+pub struct PackageTarget<'a> {
+    pub out: &'a Path,
+    pub name: &'a str,
+    pub policy: InputPolicy,
+    pub replace: bool,
+    /// Where the ONNX Runtime session that clusters the images runs.
+    pub sessions: SessionSettings,
+}
+
+/// Where the ONNX Runtime sessions a command creates run: the CLI lets ONNX Runtime choose,
+/// the server's jobs use its `--device` and `--job-threads`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionSettings {
+    pub device: DeviceChoice,
+    /// Intra-op threads (None: ONNX Runtime's choice).
+    pub threads: Option<usize>,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        Self { device: DeviceChoice::Auto, threads: None }
+    }
+}
+
+/// Exports `embedder` to ONNX, clusters `paths` with it, and writes the package.
+pub fn package_from_embedder(
+    embedder: &Embedder,
+    config: EmbedderConfig,
+    paths: &[PathBuf],
+    kmeans: KMeansConfig,
+    mut provenance: Provenance,
+    target: &PackageTarget<'_>,
+) -> Result<(Package, ClusterReport)> {
+    if paths.is_empty() {
+        bail!("no images to cluster");
+    }
+    let onnx = export::to_onnx_bytes(embedder, config)?;
+    // The session needs a file; it lives next to the package until the package is written,
+    // dot-named (never listed as a model) and known to the startup cleanup
+    // (`util::is_leftover`) should the process die before it is removed.
+    let parent = target.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let stem = target.out.file_name().and_then(|n| n.to_str()).unwrap_or("package");
+    let scratch = parent.join(format!(".{stem}.onnx-scratch-{}-{}", std::process::id(), crate::util::unique()));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    if let Err(e) = std::fs::write(&scratch, &onnx) {
+        let _ = std::fs::remove_file(&scratch);
+        return Err(e).with_context(|| format!("writing {}", scratch.display()));
+    }
+    let clustered = (|| {
+        let session = EmbedSession::load(&scratch, target.sessions.device, target.sessions.threads)?;
+        cluster_images(&session, &target.policy, paths, kmeans, MAX_CLUSTER_VECTORS, |_, _| true)
+    })();
+    let _ = std::fs::remove_file(&scratch);
+    let (centroids, report) = clustered?;
+    provenance.details.insert("kmeans_seed".into(), serde_json::json!(kmeans.seed));
+    provenance.details.insert("cluster_images".into(), serde_json::json!(report.images_used));
+    provenance.details.insert("cluster_vectors".into(), serde_json::json!(report.vectors));
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        name: target.name.to_string(),
+        embedder: config,
+        k: centroids.k(),
+        input: target.policy,
+        provenance,
+        metrics: BTreeMap::new(),
+        sha256: BTreeMap::new(),
+    };
+    let tensors = embedder.to_tensor_map("picie");
+    let pkg =
+        Package::write(target.out, PackageContents { manifest, onnx: &onnx, weights: &tensors, centroids: &centroids }, target.replace)?;
+    Ok((pkg, report))
+}
+
+/// `picie package rebuild`: a package's embedder with `tap_weight` (hypercolumn output, see
+/// [`EmbedderConfig::tap_weight`]), exported again and its centroids clustered on `images`.
+#[allow(clippy::too_many_arguments)]
+pub fn rebuild_package(
+    from: &Path,
+    tap_weight: f32,
+    images: &Path,
+    k: Option<usize>,
+    seed: u64,
+    out: &Path,
+    name: Option<&str>,
+    replace: bool,
+    command: String,
+) -> Result<(Package, ClusterReport)> {
+    if !(tap_weight >= 0.0 && tap_weight.is_finite()) {
+        bail!("--tap-weight must be 0 or more (got {tap_weight})");
+    }
+    let source = Package::load(from)?;
+    let config = EmbedderConfig { tap_weight, ..source.manifest.embedder };
+    let embedder = Embedder::load(config, &source.load_weights()?, &cpu_device())?;
+    let paths = list_images(images)?;
+    let p = &source.manifest.provenance;
+    let mut details = p.details.clone();
+    details.insert("rebuilt_from".into(), serde_json::json!(source.version()));
+    let provenance = Provenance {
+        created_at: crate::package::now_rfc3339(),
+        picie_version: env!("CARGO_PKG_VERSION").into(),
+        command,
+        backbone_weights: p.backbone_weights.clone(),
+        trained: p.trained,
+        parent: Some(source.version()),
+        details,
+    };
+    let name = name.unwrap_or(&source.manifest.name).to_string();
+    let target = PackageTarget { out, name: &name, policy: source.manifest.input, replace, sessions: SessionSettings::default() };
+    package_from_embedder(&embedder, config, &paths, KMeansConfig::new(k.unwrap_or(source.manifest.k), seed), provenance, &target)
+}
+
+/// An untrained embedder's weights: the pretrained backbone and the FPN's laterals, seeded or
+/// (`FpnInit::Pca`) from the principal components of the backbone's taps on `frames`.
+pub fn starting_weights(
+    config: EmbedderConfig,
+    backbone: &TensorMap,
+    fpn_seed: u64,
+    fpn_init: FpnInit,
+    frames: &Frames,
+) -> Result<TensorMap> {
+    let embedder = Embedder::from_backbone(config, backbone, fpn_seed, &cpu_device())?;
+    let mut weights = embedder.to_tensor_map("init");
+    if fpn_init == FpnInit::Pca {
+        let sample = fpn_init::spread(frames.len(), fpn_init::PCA_FRAMES)
+            .into_iter()
+            .map(|i| Ok(frames.view(frames.frame(i)?, &Photometric::IDENTITY)))
+            .collect::<Result<Vec<_>>>()?;
+        fpn_init::init_pca_laterals(&embedder, &sample, (frames.width, frames.height), config.dim, &mut weights)?;
+    }
+    Ok(weights)
+}

@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use picie::server::{build_state, serve_on, ServeConfig};
+use picie::server::{serve_on, App, ServeConfig};
 
 const REPS: usize = 40;
 
@@ -51,8 +51,8 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let guard = rt.enter();
     // Bare inference: decode + embed + assign, no HTTP.
-    let state = build_state(&cfg)?;
-    let (_, seg) = state.models.active();
+    let app = rt.block_on(App::build(&cfg))?;
+    let (_, seg) = app.state.services.catalog.active();
     let mut bare = vec![];
     for _ in 0..REPS {
         let t = Instant::now();
@@ -66,9 +66,15 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/segment", listener.local_addr()?);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_on(listener, state, async {
-            let _ = rx.await;
-        }));
+        let server = tokio::spawn({
+            let cfg = cfg.clone();
+            async move {
+                serve_on(listener, app, &cfg, async {
+                    let _ = rx.await;
+                })
+                .await
+            }
+        });
         let client = reqwest::Client::new();
         let post = |c: reqwest::Client, url: String, body: Vec<u8>| async move {
             let r = c.post(url).header("content-type", "image/jpeg").body(body).send().await?;
@@ -212,13 +218,16 @@ fn recluster_child(spec: &str) -> anyhow::Result<()> {
 /// fine-tuning job (on the shipped photos, more epochs than it will get to run) is training.
 async fn segment_during_job(cfg: ServeConfig, jpeg: &[u8], root: &std::path::Path) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
     const JOB_REPS: usize = 20;
-    let state = tokio::task::spawn_blocking(move || build_state(&cfg)).await??;
+    let app = App::build(&cfg).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_on(listener, state, async {
-        let _ = rx.await;
-    }));
+    let server = tokio::spawn(async move {
+        serve_on(listener, app, &cfg, async {
+            let _ = rx.await;
+        })
+        .await
+    });
     let client = reqwest::Client::new();
     let segment = || async {
         let t = Instant::now();

@@ -257,13 +257,19 @@ enum PackageCommand {
     },
 }
 
+/// The server on Tokio's multi-threaded runtime.
+#[tokio::main]
+async fn serve(cfg: picie::server::ServeConfig) -> Result<()> {
+    picie::server::serve(cfg).await
+}
+
 fn main() {
     let cli = Cli::parse();
     // A process that trains keeps freed memory for reuse (see `memory`); set before any thread
     // starts. A server that also serves (`--role all`) keeps glibc's defaults and shrinks back.
     let trains = match &cli.command {
         Command::Train(_) => true,
-        Command::Serve(cfg) => cfg.role == picie::server::shared::Role::Worker,
+        Command::Serve(cfg) => cfg.role == picie::server::config::Role::Worker,
         _ => false,
     };
     if trains {
@@ -285,9 +291,9 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(cfg) => {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(picie::server::serve(cfg))?;
+            serve(cfg)?;
         }
-        Command::Openapi => println!("{}", picie::server::openapi_json()),
+        Command::Openapi => println!("{}", picie::server::http::openapi::openapi_json()),
         Command::Healthcheck { port } => {
             picie::server::probe::ready(port)?;
             println!("ready");
@@ -398,7 +404,7 @@ fn train(t: TrainCli) -> Result<()> {
     };
     let args = TrainArgs {
         checkpoint: t.checkpoint.unwrap_or_else(|| t.out.with_extension("checkpoint")),
-        images: t.images,
+        images: picie::train::cluster::list_images(&t.images)?,
         out: t.out,
         init,
         config,
@@ -417,6 +423,7 @@ fn train(t: TrainCli) -> Result<()> {
             ..Default::default()
         }),
         snapshots: t.snapshot_epochs,
+        job: None,
     };
     let mut progress = picie::progress::Reporter::new("training");
     let outcome = picie::train::pipeline::train(&args, &mut |p| {

@@ -70,6 +70,10 @@ pub struct Provenance {
     pub trained: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// The server job that wrote the package (a job resumed after writing it finds its work by
+    /// this).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub details: BTreeMap<String, serde_json::Value>,
 }
@@ -387,7 +391,10 @@ impl Package {
     /// possible) is swapped in with [`crate::util::replace_dir`], so a crash at any point leaves
     /// the old package or the new one, both whole.
     pub fn update_centroids(&mut self, centroids: Centroids) -> Result<()> {
-        let (staged, manifest) = self.stage_centroids(&centroids)?;
+        let parent = self.dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = self.dir.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow!("bad package path {}", self.dir.display()))?;
+        let staged = parent.join(format!(".{name}.partial-{}-{}", std::process::id(), crate::util::unique()));
+        let manifest = self.write_with_centroids(&staged, &centroids)?;
         if let Err(e) = crate::util::replace_dir(&staged, &self.dir) {
             let _ = std::fs::remove_dir_all(&staged);
             return Err(e.context(format!("updating the centroids of {}", self.dir.display())));
@@ -397,9 +404,9 @@ impl Package {
         Ok(())
     }
 
-    /// Writes the package with new centroids into a sibling `.NAME.partial-*` folder (fsynced)
-    /// and returns it with the new manifest; the package itself is not touched.
-    fn stage_centroids(&self, centroids: &Centroids) -> Result<(PathBuf, Manifest)> {
+    /// Writes the package with new centroids into the new folder `dest` (fsynced) and returns the
+    /// new manifest; the package itself is not touched.
+    pub fn write_with_centroids(&self, dest: &Path, centroids: &Centroids) -> Result<Manifest> {
         centroids.validate("updated centroids", self.manifest.embedder.output_dim())?;
         if centroids.k() != self.manifest.k {
             bail!("updated centroids have K = {}, the package has {}", centroids.k(), self.manifest.k);
@@ -407,11 +414,10 @@ impl Package {
         let bytes = serde_json::to_vec_pretty(centroids)?;
         let mut manifest = self.manifest.clone();
         manifest.sha256.insert(CENTROIDS_FILE.into(), sha256_hex(&bytes));
-        let parent = self.dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let name = self.dir.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow!("bad package path {}", self.dir.display()))?;
-        let tmp = parent.join(format!(".{name}.partial-{}-{}", std::process::id(), crate::util::unique()));
+        let tmp = dest;
         let result = (|| -> Result<()> {
-            std::fs::create_dir(&tmp)?;
+            std::fs::create_dir_all(tmp.parent().unwrap_or(Path::new(".")))?;
+            std::fs::create_dir(tmp)?;
             for e in std::fs::read_dir(&self.dir)? {
                 let e = e?;
                 let file = e.file_name();
@@ -426,14 +432,14 @@ impl Package {
             }
             write_synced(&tmp.join(CENTROIDS_FILE), &bytes)?;
             write_synced(&tmp.join(MANIFEST_FILE), &serde_json::to_vec_pretty(&manifest)?)?;
-            crate::util::sync_dir(&tmp)?;
+            crate::util::sync_dir(tmp)?;
             Ok(())
         })();
         if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = std::fs::remove_dir_all(tmp);
             return Err(e.context(format!("staging new centroids for {}", self.dir.display())));
         }
-        Ok((tmp, manifest))
+        Ok(manifest)
     }
 }
 
@@ -506,7 +512,8 @@ mod tests {
         let dir = root.path().join("m");
         let pkg = small_package(&dir, 2);
         // Everything up to the swap, then the process "dies": the new folder stays staged.
-        let (staged, _) = pkg.stage_centroids(&renamed(&pkg, 1)).unwrap();
+        let staged = root.path().join(format!(".m.partial-{}-0", std::process::id()));
+        pkg.write_with_centroids(&staged, &renamed(&pkg, 1)).unwrap();
         let old = Package::load(&dir).unwrap();
         assert_eq!(old.centroids, pkg.centroids, "the package is the old one, whole");
         // The staged folder is a complete package, and a leftover that startup cleanup removes.

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::connect_info::MockConnectInfo;
-use common::server::{error_code, png, TestServer};
-use picie::server::worker::{Engine, WorkerConfig, WorkerHandle};
+use common::server::{error_code, png, until, TestServer};
+use picie::server::app::{App, Parts};
+use picie::server::service::inference::Engine;
 use reqwest::StatusCode;
 use tower::ServiceExt;
 
@@ -93,8 +94,8 @@ async fn post_from(app: axum::Router, peer: [u8; 4], key: Option<&str>) -> axum:
 async fn without_a_key_only_loopback_may_change_state() {
     let data = tempfile::tempdir().unwrap();
     let cfg = common::server::config(data.path());
-    let state = tokio::task::spawn_blocking(move || picie::server::build_state(&cfg).unwrap()).await.unwrap();
-    let app = picie::server::router(state.clone());
+    let built = App::build(&cfg).await.unwrap();
+    let app = built.router();
 
     let remote = post_from(app.clone(), [203, 0, 113, 7], None).await;
     assert_eq!(remote.status(), StatusCode::FORBIDDEN);
@@ -108,16 +109,16 @@ async fn without_a_key_only_loopback_may_change_state() {
     assert_eq!(app_remote.oneshot(get).await.unwrap().status(), StatusCode::OK);
 
     // With a key, remote clients that carry it may change state; loopback needs it too.
-    let mut keyed = state;
-    keyed.api_key = Some(Arc::new("sesame".into()));
-    let app = picie::server::router(keyed);
+    let mut keyed = built.state.clone();
+    keyed.access = Arc::new(picie::server::http::access::Access::new(Some("sesame"), false, "127.0.0.1"));
+    let app = picie::server::http::router::router(keyed);
     assert_eq!(post_from(app.clone(), [203, 0, 113, 7], Some("sesame")).await.status(), StatusCode::CREATED);
     assert_eq!(post_from(app.clone(), [203, 0, 113, 7], Some("wrong")).await.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(post_from(app, [127, 0, 0, 1], None).await.status(), StatusCode::UNAUTHORIZED);
 }
 
-fn worker_config(stall_after: Duration) -> WorkerConfig {
-    WorkerConfig { capacity: 8, max_batch: 1, stall_after, refine: Default::default(), initial_time_per_image: Duration::ZERO }
+fn with_engine(engine: Engine, stall_after: Duration) -> Parts {
+    Parts { engine: Some(engine), stall_after: Some(stall_after) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,8 +130,7 @@ async fn a_panic_in_inference_fails_only_its_batch() {
         }
         model.segment_batch_at(images, quality, &Default::default())
     });
-    let s = TestServer::start_with(|_| {}, move |st| st.worker = WorkerHandle::start_with(worker_config(Duration::from_secs(30)), engine))
-        .await;
+    let s = TestServer::start_with(|c| c.max_batch = 1, with_engine(engine, Duration::from_secs(30))).await;
     let seg = |bytes: Vec<u8>| s.client.post(s.url("/segment")).header("content-type", "image/png").body(bytes).send();
 
     let (status, code) = error_code(seg(png(13, 20)).await.unwrap()).await;
@@ -153,17 +153,17 @@ async fn readiness_reflects_a_stuck_inference_thread() {
         }
         model.segment_batch_at(images, quality, &Default::default())
     });
-    let s =
-        TestServer::start_with(|_| {}, move |st| st.worker = WorkerHandle::start_with(worker_config(Duration::from_millis(300)), engine))
-            .await;
+    let s = TestServer::start_with(|c| c.max_batch = 1, with_engine(engine, Duration::from_millis(300))).await;
     let ready = || async { s.client.get(s.url("/health/ready")).send().await.unwrap().status() };
     assert_eq!(ready().await, StatusCode::OK);
     let pending = tokio::spawn({
         let (c, u) = (s.client.clone(), s.url("/segment"));
         async move { c.post(u).header("content-type", "image/png").body(png(32, 32)).send().await.unwrap().status() }
     });
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(ready().await, StatusCode::SERVICE_UNAVAILABLE);
+    until("readiness to see the stuck batch", Duration::from_secs(10), || async {
+        (ready().await == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
     hold.store(false, Ordering::Relaxed);
     assert_eq!(pending.await.unwrap(), StatusCode::OK);
     assert_eq!(ready().await, StatusCode::OK);
@@ -178,8 +178,12 @@ async fn a_long_queue_answers_429_with_retry_after() {
         model.segment_batch_at(images, quality, &Default::default())
     });
     let s = TestServer::start_with(
-        |c| c.max_queue_ms = 200,
-        move |st| st.worker = WorkerHandle::start_with(worker_config(Duration::from_secs(30)), engine),
+        |c| {
+            c.max_queue_ms = 200;
+            c.max_batch = 1;
+            c.quality = picie::infer::Quality::Fast;
+        },
+        with_engine(engine, Duration::from_secs(30)),
     )
     .await;
     let seg = || s.client.post(s.url("/segment")).header("content-type", "image/png").body(png(32, 32)).send();
@@ -189,7 +193,12 @@ async fn a_long_queue_answers_429_with_retry_after() {
         let (c, u) = (s.client.clone(), s.url("/segment"));
         async move { c.post(u).header("content-type", "image/png").body(png(32, 32)).send().await.unwrap().status() }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once that one runs, the queue's expected wait is its 1.5 s.
+    let metrics = || async { s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap() };
+    until("the running request to count in the expected wait", Duration::from_secs(10), || async {
+        metrics().await.lines().any(|l| l.starts_with("picie_inference_expected_wait_seconds ") && !l.ends_with(" 0")).then_some(())
+    })
+    .await;
     let r = seg().await.unwrap();
     let retry: u64 = r.headers().get("retry-after").expect("Retry-After").to_str().unwrap().parse().unwrap();
     assert!((1..=3).contains(&retry), "Retry-After {retry}");

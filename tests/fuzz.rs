@@ -21,8 +21,12 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::http::Request;
-use picie::server::datasets::{DatasetLimits, DatasetStore};
-use picie::server::{build_state, router, ServeConfig};
+use picie::server::app::App;
+use picie::server::core::datasets::{DatasetLimits, Upload};
+use picie::server::storage::local::datasets::LocalDatasets;
+use picie::server::storage::local::DataDir;
+use picie::server::storage::DatasetStore;
+use picie::server::ServeConfig;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
@@ -252,12 +256,18 @@ fn fuzz_archive_expansion() {
         max_image_pixels: 1 << 20,
         ..DatasetLimits::default()
     };
-    let store = DatasetStore::open(data.path(), limits).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let id = store.create("fuzz").unwrap().id;
+    let (dir, _lock) = DataDir::open(data.path()).unwrap();
+    let store = std::sync::Arc::new(LocalDatasets::new(dir, limits));
+    let id = rt.block_on(store.create("fuzz")).unwrap().id;
+    let upload = |name: &str, bytes: &[u8]| -> Upload {
+        let (u, mut f) = rt.block_on(store.new_upload(name.to_string())).unwrap();
+        f.write_all(bytes).unwrap();
+        u
+    };
     let seeds = archive_seeds();
     for s in &seeds {
-        let u = store.upload_from_bytes("seed", s).unwrap();
+        let u = upload("seed", s);
         let r = rt.block_on(store.add(&id, vec![u])).unwrap();
         assert!(r.rejected.is_empty(), "every seed is a valid archive: {r:?}");
     }
@@ -268,11 +278,11 @@ fn fuzz_archive_expansion() {
     let (mut added, mut duplicates, mut rejected) = (0, 0, 0);
     for i in 0..n {
         let input = m.mutate(&seeds[i % seeds.len()], &seeds);
-        let u = store.upload_from_bytes("archive", &input).unwrap();
+        let u = upload("archive", &input);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(store.add(&id, vec![u]))));
         match r {
             Ok(Ok(report)) => {
-                assert_eq!(report.num_images, store.get(&id).unwrap().num_images);
+                assert_eq!(report.num_images, rt.block_on(store.get(&id)).unwrap().num_images);
                 added += report.added.len();
                 duplicates += report.duplicates.len();
                 rejected += report.rejected.len();
@@ -283,8 +293,8 @@ fn fuzz_archive_expansion() {
     }
     assert_eq!(std::fs::read_dir(data.path().join("tmp")).unwrap().count(), 0, "scratch files are removed");
     // Every image the index names is there, and nothing else is.
-    let ds = store.get(&id).unwrap();
-    let on_disk = std::fs::read_dir(store.images_dir(&id).unwrap()).unwrap().count();
+    let ds = rt.block_on(store.get(&id)).unwrap();
+    let on_disk = std::fs::read_dir(data.path().join("datasets").join(&id).join("images")).unwrap().count();
     assert_eq!(on_disk, ds.num_images);
     report("archive expansion", n, start, &failures, &format!("files added {added}, duplicates {duplicates}, rejected {rejected}"));
 }
@@ -326,11 +336,9 @@ fn fuzz_multipart_through_the_router() {
     cfg.max_image_pixels = 1 << 20;
     cfg.max_body_bytes = 1 << 20;
     cfg.max_upload_bytes = 4 << 20;
-    let app = rt.block_on(async {
-        let state = tokio::task::spawn_blocking(move || build_state(&cfg)).await.unwrap().unwrap();
-        // As a client on loopback: without an API key only loopback peers may upload.
-        router(state).layer(MockConnectInfo(std::net::SocketAddr::from(([127, 0, 0, 1], 40000))))
-    });
+    let built = rt.block_on(App::build(&cfg)).unwrap();
+    // As a client on loopback: without an API key only loopback peers may upload.
+    let app = built.router().layer(MockConnectInfo(std::net::SocketAddr::from(([127, 0, 0, 1], 40000))));
     let call = |req: Request<Body>| {
         let app = app.clone();
         rt.block_on(async move {

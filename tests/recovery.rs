@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::process::ServeProcess;
-use picie::server::{build_state, serve_on, ServeConfig};
+use picie::server::app::App;
+use picie::server::{serve_on, ServeConfig};
 use reqwest::multipart::{Form, Part};
 use serde_json::{json, Value};
 
@@ -203,19 +204,19 @@ async fn startup_removes_leftovers_and_keeps_real_data() {
     let cfg = ServeConfig::new(common::root().join("models"), d);
 
     // Real data: a dataset with an image, a model, a job, a checkpoint.
-    let state = tokio::task::spawn_blocking({
-        let cfg = cfg.clone();
-        move || build_state(&cfg)
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let app = App::build(&cfg).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_on(listener, state, async {
-        let _ = rx.await;
-    }));
+    let server = tokio::spawn({
+        let cfg = cfg.clone();
+        async move {
+            serve_on(listener, app, &cfg, async {
+                let _ = rx.await;
+            })
+            .await
+        }
+    });
     let client = reqwest::Client::new();
     let ds: Value = client.post(format!("{base}/datasets")).json(&json!({"name": "real"})).send().await.unwrap().json().await.unwrap();
     let ds_id = ds["id"].as_str().unwrap().to_string();
@@ -231,14 +232,12 @@ async fn startup_removes_leftovers_and_keeps_real_data() {
         .await
         .unwrap();
     let job_id = job["id"].as_str().unwrap().to_string();
-    for _ in 0..1200 {
+    common::server::until("the job to succeed", Duration::from_secs(120), || async {
         let j: Value = client.get(format!("{base}/jobs/{job_id}")).send().await.unwrap().json().await.unwrap();
-        if j["state"] == "succeeded" {
-            break;
-        }
-        assert!(["queued", "running"].contains(&j["state"].as_str().unwrap()), "{j}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        assert!(["queued", "running", "succeeded"].contains(&j["state"].as_str().unwrap()), "{j}");
+        (j["state"] == "succeeded").then_some(())
+    })
+    .await;
     let _ = tx.send(());
     server.await.unwrap().unwrap();
     let real_checkpoint = d.join("checkpoints/job-000000000001.checkpoint");
@@ -289,7 +288,8 @@ async fn startup_removes_leftovers_and_keeps_real_data() {
     // A link to real data: removed as a link, never followed.
     std::os::unix::fs::symlink(d.join("models/kept"), d.join("tmp/link")).unwrap();
 
-    let state = tokio::task::spawn_blocking(move || build_state(&cfg)).await.unwrap().unwrap();
+    let app = App::build(&cfg).await.unwrap();
+    let services = app.state.services.clone();
     for p in &planted {
         assert!(std::fs::symlink_metadata(p).is_err(), "{} survived the startup", p.display());
     }
@@ -297,24 +297,19 @@ async fn startup_removes_leftovers_and_keeps_real_data() {
     for p in &real {
         assert!(p.exists(), "{} was removed", p.display());
     }
-    assert!(state.models.package("kept").is_ok(), "the model loads");
-    assert_eq!(state.datasets.get(&ds_id).await.unwrap().num_images, 1);
+    picie::package::Package::load(&services.catalog.package_dir("kept").await.unwrap()).expect("the model loads");
+    assert_eq!(services.datasets.get(&ds_id, None).await.unwrap().num_images, 1);
 
     // Resumed, the job finds its model written and succeeds with it, untouched.
-    use picie::server::jobs::JobState;
-    assert_eq!(state.jobs.get(&job_id).await.unwrap().state, JobState::Interrupted);
-    state.jobs.resume(&job_id).await.unwrap();
-    let start = Instant::now();
-    let job = loop {
-        let j = state.jobs.get(&job_id).await.unwrap();
-        if j.state.is_terminal() {
-            break j;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    use picie::server::core::jobs::JobState;
+    assert_eq!(services.jobs.get(&job_id).await.unwrap().state, JobState::Interrupted);
+    services.jobs.resume(&job_id).await.unwrap();
+    let job = common::server::until("the resumed job to end", Duration::from_secs(60), || async {
+        services.jobs.get(&job_id).await.ok().filter(|j| j.state.is_terminal())
+    })
+    .await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     let result = job.result.unwrap();
-    assert_eq!((&result["model"], &result["recovered"]), (&json!("kept"), &json!(true)));
+    assert_eq!((result.model.as_str(), result.recovered), ("kept", true));
     assert_eq!(std::fs::read(d.join("models/kept/manifest.json")).unwrap(), kept_manifest);
 }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::process::ServeProcess;
+use common::server::until;
 use reqwest::multipart::{Form, Part};
 use serde_json::json;
 
@@ -235,15 +236,18 @@ async fn two_replicas_and_two_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases() {
-    use picie::server::jobs::{JobSpec, JobState};
-    use picie::server::shared::jobs::SharedJobs;
-    use picie::server::shared::{Shared, SharedSettings};
+    use picie::server::core::jobs::{Job, JobSpec, JobState};
+    use picie::server::storage::local::{datasets::LocalDatasets, DataDir};
+    use picie::server::storage::shared::datasets::SharedDatasets;
+    use picie::server::storage::shared::jobs::SharedJobs;
+    use picie::server::storage::shared::{Shared, SharedSettings};
+    use picie::server::storage::{DatasetStore, Error, JobStore};
 
     let (Some(db), Some(store)) = (env("PICIE_TEST_LEASE_DATABASE_URL"), env("PICIE_TEST_STORE")) else {
         eprintln!("skipped: needs PostgreSQL and an S3 server; run scripts/scale-out-test.sh");
         return;
     };
-    let worker = |name: &str, max_attempts| {
+    let connect = |name: &str, max_attempts| {
         let settings = SharedSettings {
             instance: name.to_string(),
             lease: Duration::from_millis(1500),
@@ -251,46 +255,54 @@ async fn leases() {
             max_attempts,
         };
         let (db, store) = (db.clone(), format!("{store}-leases"));
-        async move { Arc::new(SharedJobs { shared: Arc::new(Shared::connect(&db, &store, settings).await.unwrap()) }) }
+        async move { Arc::new(Shared::connect(&db, &store, settings).await.unwrap()) }
     };
-    let w1 = worker("w1", 2).await;
-    let w2 = worker("w2", 2).await;
-    let spec = || JobSpec::Recluster { dataset: "ds-000000000000".into(), k: 3, seed: None, name: None };
+    let (s1, s2) = (connect("w1", 2).await, connect("w2", 2).await);
+    let (w1, w2) = (SharedJobs::new(s1.clone()), SharedJobs::new(s2));
+    // A job needs its dataset.
+    let cache = tempfile::tempdir().unwrap();
+    let (dir, _lock) = DataDir::open(cache.path()).unwrap();
+    let local = Arc::new(LocalDatasets::new(dir, Default::default()));
+    let dataset = SharedDatasets::new(s1, local).create("leases").await.unwrap().id;
+    let spec = || JobSpec::Recluster { dataset: dataset.clone(), k: 3, seed: None, name: None };
+    let lease_out = Duration::from_secs(10);
 
     // One claim per job: the second worker finds nothing while the lease holds.
-    let job = w1.submit(spec(), "default".into()).await.unwrap();
-    let claimed = w1.claim().await.unwrap().expect("the queued job");
+    let job = w1.submit(Job::new(spec(), "default".into())).await.unwrap();
+    let claimed = w1.try_claim().await.unwrap().expect("the queued job");
     assert_eq!((claimed.id.as_str(), claimed.state, claimed.worker.as_deref()), (job.id.as_str(), JobState::Running, Some("w1")));
-    assert!(w2.claim().await.unwrap().is_none(), "held by w1's lease");
+    assert!(w2.try_claim().await.unwrap().is_none(), "held by w1's lease");
 
-    // w1 "dies" (no heartbeat): after the lease, w2 takes the job over.
-    tokio::time::sleep(Duration::from_millis(1700)).await;
-    let again = w2.claim().await.unwrap().expect("the expired job");
+    // w1 "dies" (no heartbeat): once the lease runs out, w2 takes the job over.
+    let again = until("w1's lease to run out", lease_out, || async { w2.try_claim().await.unwrap() }).await;
     assert_eq!((again.id.as_str(), again.worker.as_deref()), (job.id.as_str(), Some("w2")));
     assert_eq!(again.started_at, claimed.started_at, "the first start is kept");
 
     // Expired twice (max_attempts = 2): interrupted, not claimed a third time; resume queues it.
-    tokio::time::sleep(Duration::from_millis(1700)).await;
-    assert!(w1.claim().await.unwrap().is_none());
-    let j = w1.get(&job.id).await.unwrap();
-    assert_eq!(j.state, JobState::Interrupted, "{j:?}");
+    let j = until("the job to be interrupted", lease_out, || async {
+        assert!(w1.try_claim().await.unwrap().is_none(), "never claimed a third time");
+        Some(w1.get(&job.id).await.unwrap()).filter(|j| j.state == JobState::Interrupted)
+    })
+    .await;
     assert!(j.error.as_deref().unwrap_or("").contains("stopped 2 times"), "{j:?}");
     let resumed = w1.resume(&job.id).await.unwrap();
     assert_eq!((resumed.state, resumed.resumed), (JobState::Queued, 1));
-    assert!(matches!(w1.resume(&job.id).await, Err(picie::server::jobs::JobError::NotResumable { .. })));
+    assert!(matches!(w1.resume(&job.id).await, Err(Error::Conflict(_))));
 
     // Cancel: a queued job at once; a running one whose worker died ends canceled when
     // reclaimed, never running again.
-    let c = w2.claim().await.unwrap().expect("the resumed job");
+    let c = w2.try_claim().await.unwrap().expect("the resumed job");
     assert_eq!(c.id, job.id);
     let asked = w1.cancel(&job.id).await.unwrap();
     assert_eq!(asked.state, JobState::Running, "a running job stops at its worker's next heartbeat");
-    tokio::time::sleep(Duration::from_millis(1700)).await;
-    assert!(w1.claim().await.unwrap().is_none());
-    assert_eq!(w1.get(&job.id).await.unwrap().state, JobState::Canceled);
-    let queued = w1.submit(spec(), "default".into()).await.unwrap();
+    until("the canceled job's lease to run out", lease_out, || async {
+        assert!(w1.try_claim().await.unwrap().is_none());
+        (w1.get(&job.id).await.unwrap().state == JobState::Canceled).then_some(())
+    })
+    .await;
+    let queued = w1.submit(Job::new(spec(), "default".into())).await.unwrap();
     assert_eq!(w2.cancel(&queued.id).await.unwrap().state, JobState::Canceled);
-    assert!(matches!(w2.cancel(&queued.id).await, Err(picie::server::jobs::JobError::Ended { .. })));
-    let counts = w1.counts_by_state().await.unwrap();
+    assert!(matches!(w2.cancel(&queued.id).await, Err(Error::Conflict(_))));
+    let counts = w1.counts().await.unwrap();
     assert_eq!(counts.iter().find(|c| c.0 == JobState::Canceled).map(|c| c.1), Some(2));
 }

@@ -5,7 +5,8 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use picie::server::{build_state, ServeConfig};
+use picie::server::app::App;
+use picie::server::ServeConfig;
 use reqwest::multipart::{Form, Part};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -24,7 +25,7 @@ trait ServerExt {
 impl ServerExt for Server {
     /// A server on the shipped models and a fresh data dir, with `tweak` applied to the config.
     async fn fresh(tweak: impl FnOnce(&mut ServeConfig)) -> Server {
-        Server::start_with(tweak, |_| {}).await
+        Server::start_with(tweak, Default::default()).await
     }
 
     async fn segment(&self, bytes: Vec<u8>, content_type: &str, format: &str) -> reqwest::Response {
@@ -424,7 +425,7 @@ async fn dataset_recluster_activate_segment_cycle() {
 async fn jobs_cancel_and_survive_restart() {
     let data = tempfile::tempdir().unwrap();
     let cfg = ServeConfig::new(common::root().join("models"), data.path());
-    let s = Server::serve(cfg.clone(), |_| {}).await;
+    let s = Server::serve(cfg.clone(), Default::default()).await;
     let ds: Value = s.client.post(s.url("/datasets")).json(&json!({"name": "noise"})).send().await.unwrap().json().await.unwrap();
     let id = ds["id"].as_str().unwrap().to_string();
     let files: Vec<(String, Vec<u8>)> = (0..24).map(|i| (format!("n{i}.png"), noise_png(i, 480, 360))).collect();
@@ -469,7 +470,7 @@ async fn jobs_cancel_and_survive_restart() {
     std::fs::write(jobs_dir.join("job-waiting.json"), serde_json::to_vec(&queued).unwrap()).unwrap();
     std::fs::write(jobs_dir.join("junk.json"), b"{ broken").unwrap();
 
-    let s = Server::serve(cfg, |_| {}).await;
+    let s = Server::serve(cfg, Default::default()).await;
     let crashed: Value = s.client.get(s.url("/jobs/job-crashed")).send().await.unwrap().json().await.unwrap();
     assert_eq!(crashed["state"], "interrupted");
     let waited = s.wait_job("job-waiting").await;
@@ -497,23 +498,23 @@ async fn docs_health_and_committed_spec() {
     s.stop().await;
 }
 
-#[test]
-fn a_missing_model_fails_clearly() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_model_fails_clearly() {
     let data = tempfile::tempdir().unwrap();
     let mut cfg = ServeConfig::new(common::root().join("models"), data.path());
     cfg.model = Some("nope".into());
-    let e = format!("{:#}", build_state(&cfg).err().unwrap());
+    let e = format!("{:#}", App::build(&cfg).await.err().unwrap());
     assert!(e.contains("model `nope` not found"), "{e}");
     let _ = Path::new("");
 }
 
-#[test]
-fn an_explicit_cuda_device_reports_registration_errors() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_cuda_device_reports_registration_errors() {
     // This machine's ONNX Runtime is the CPU build: asking for CUDA must fail loudly, not fall back.
     let data = tempfile::tempdir().unwrap();
     let mut cfg = ServeConfig::new(common::root().join("models"), data.path());
     cfg.device = "cuda:0".parse().unwrap();
-    let e = format!("{:#}", build_state(&cfg).err().unwrap());
+    let e = format!("{:#}", App::build(&cfg).await.err().unwrap());
     assert!(e.contains("CUDA execution provider (device 0) failed to register"), "{e}");
     assert!("cuda:x".parse::<picie::infer::DeviceChoice>().is_err());
 }
@@ -540,7 +541,7 @@ async fn a_zip_bomb_entry_is_rejected_by_name() {
         let o = zip::write::SimpleFileOptions::default().large_file(true);
         z.start_file("huge.png", o).unwrap();
         let zeros = vec![0u8; 1 << 20];
-        for _ in 0..=(picie::server::datasets::MAX_ENTRY_BYTES >> 20) {
+        for _ in 0..=(picie::server::core::datasets::MAX_ENTRY_BYTES >> 20) {
             std::io::Write::write_all(&mut z, &zeros).unwrap();
         }
         z.start_file("rocket.jpg", o).unwrap();

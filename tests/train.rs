@@ -38,7 +38,7 @@ fn max_weight_difference(a: &picie::model::TensorMap, b: &picie::model::TensorMa
 
 fn args(dir: &std::path::Path, config: TrainConfig, resume: bool) -> TrainArgs {
     TrainArgs {
-        images: common::root().join("fixtures/images"),
+        images: picie::train::cluster::list_images(&common::root().join("fixtures/images")).unwrap(),
         out: dir.join("pkg"),
         init: TrainInit::Backbone { kind: BackboneKind::EfficientnetLite0, weights: common::lite0_safetensors().to_path_buf() },
         config,
@@ -50,6 +50,7 @@ fn args(dir: &std::path::Path, config: TrainConfig, resume: bool) -> TrainArgs {
         command: "test".into(),
         self_train: None,
         snapshots: vec![],
+        job: None,
     }
 }
 
@@ -196,7 +197,7 @@ fn bad_training_input_is_refused() {
     std::fs::copy(common::fixture("chelsea.png"), imgs.join("cat.png")).unwrap();
     std::fs::write(imgs.join("broken.jpg"), b"nope").unwrap();
     let mut a = args(dir.path(), tiny(1), false);
-    a.images = imgs;
+    a.images = picie::train::cluster::list_images(&imgs).unwrap();
     let e = format!("{:#}", train(&a, &mut |_| true).err().unwrap());
     assert!(e.contains("at least 2 readable images"), "{e}");
 

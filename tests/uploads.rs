@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use axum::body::Body;
 use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{Request, StatusCode};
-use picie::server::{build_state, router, ServeConfig};
+use picie::server::ServeConfig;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -18,6 +18,7 @@ use common::noise_png;
 
 struct App {
     router: axum::Router,
+    _built: picie::server::App,
     data: tempfile::TempDir,
 }
 
@@ -26,10 +27,10 @@ impl App {
         let data = tempfile::tempdir().unwrap();
         let mut cfg = ServeConfig::new(common::root().join("models"), data.path());
         tweak(&mut cfg);
-        let state = tokio::task::spawn_blocking(move || build_state(&cfg)).await.unwrap().unwrap();
+        let built = picie::server::App::build(&cfg).await.unwrap();
         // As a client on loopback: without an API key only loopback peers may upload.
-        let router = router(state).layer(MockConnectInfo(std::net::SocketAddr::from(([127, 0, 0, 1], 40000))));
-        App { router, data }
+        let router = built.router().layer(MockConnectInfo(std::net::SocketAddr::from(([127, 0, 0, 1], 40000))));
+        App { router, _built: built, data }
     }
 
     async fn call(&self, req: Request<Body>) -> (StatusCode, Value) {
@@ -56,7 +57,7 @@ impl App {
     }
 
     async fn show(&self, id: &str) -> Value {
-        self.call(Request::get(format!("/datasets/{id}")).body(Body::empty()).unwrap()).await.1
+        self.call(Request::get(format!("/datasets/{id}?images=true&limit=1000")).body(Body::empty()).unwrap()).await.1
     }
 
     fn images_dir(&self, id: &str) -> PathBuf {

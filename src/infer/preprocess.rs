@@ -29,6 +29,23 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeErr
     Ok(decode_reader(std::io::Cursor::new(bytes), max_pixels)?.0)
 }
 
+/// An image's width and height from its header alone, nothing decoded (what a request costs is
+/// known before it is admitted).
+pub fn image_size(bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(DecodeError::UnknownFormat);
+    }
+    let (w, h) = reader.into_dimensions().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    if w == 0 || h == 0 {
+        return Err(DecodeError::Empty);
+    }
+    Ok((w, h))
+}
+
 /// Decodes an image from any seekable reader: the format guessed from its first bytes, the
 /// size checked against `max_pixels` from the header before any pixel is decoded, EXIF
 /// orientation applied. Returns the image and its format.

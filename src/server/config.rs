@@ -2,11 +2,52 @@
 
 use std::path::PathBuf;
 
+use std::time::Duration;
+
 use crate::infer::{CrfConfig, DeviceChoice, GuidedConfig, Quality, Refinement};
 
-use super::datasets::DatasetLimits;
-use super::shared::Role;
-pub use super::state::Limits;
+use super::core::datasets::DatasetLimits;
+use super::http::state::HttpLimits;
+
+/// Which parts of the server a process runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Role {
+    /// HTTP only: serves `/segment` and the API, runs no jobs.
+    Api,
+    /// Claims and runs jobs (it serves the HTTP routes too, for probes and metrics).
+    Worker,
+    /// Both: the embedded default.
+    #[default]
+    All,
+}
+
+impl Role {
+    pub fn runs_jobs(self) -> bool {
+        matches!(self, Role::Worker | Role::All)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Api => "api",
+            Role::Worker => "worker",
+            Role::All => "all",
+        }
+    }
+}
+
+/// Defaults of the flags that are not another type's defaults.
+pub mod defaults {
+    pub const MAX_IMAGE_PIXELS: u64 = crate::infer::preprocess::DEFAULT_MAX_PIXELS;
+    pub const MAX_CONCURRENT: usize = 32;
+    pub const MAX_QUEUE_MS: u64 = 2000;
+    /// About 1 GB of decoded images and their masks at once.
+    pub const MAX_INFLIGHT_PIXELS: u64 = 100_000_000;
+    pub const HEADER_TIMEOUT_SECS: u64 = 10;
+    pub const MAX_CONNECTIONS: usize = 512;
+    pub const MAX_WATCHERS: usize = 256;
+    pub const MAX_WATCHERS_PER_JOB: usize = 16;
+    pub const MAX_BATCH: usize = 4;
+}
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServeConfig {
@@ -23,29 +64,68 @@ pub struct ServeConfig {
     /// Model to serve (default: the last one activated, else `default`).
     #[arg(long, env = "PICIE_MODEL")]
     pub model: Option<String>,
-    /// When set, required (x-api-key or Bearer) on every route that changes state.
+    /// When set, required (x-api-key or Bearer) on every route that changes state. Without it,
+    /// state changes are accepted only from a client on this machine that is not a page of
+    /// another site and not forwarded by a proxy (README, "Running it safely").
     #[arg(long, env = "PICIE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Require the API key for reads too (segmentation, listings, /info, /metrics); health
+    /// probes, the web page and the API documents stay open. Needs --api-key.
+    #[arg(long, env = "PICIE_PROTECT_READS", requires = "api_key")]
+    pub protect_reads: bool,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, env = "PICIE_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
     /// ONNX Runtime intra-op threads (default: ONNX Runtime's choice).
     #[arg(long, env = "PICIE_THREADS")]
     pub threads: Option<usize>,
-    #[arg(long, env = "PICIE_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
+    /// Largest /segment body, in bytes.
+    #[arg(long, env = "PICIE_MAX_BODY_BYTES", default_value_t = HttpLimits::default().max_body_bytes)]
     pub max_body_bytes: usize,
-    #[arg(long, env = "PICIE_MAX_UPLOAD_BYTES", default_value_t = Limits::default().max_upload_bytes)]
+    /// Largest dataset upload body, in bytes.
+    #[arg(long, env = "PICIE_MAX_UPLOAD_BYTES", default_value_t = HttpLimits::default().max_upload_bytes)]
     pub max_upload_bytes: usize,
-    #[arg(long, env = "PICIE_MAX_IMAGE_PIXELS", default_value_t = Limits::default().max_image_pixels)]
+    /// Largest image, in pixels, read from its header before anything is decoded.
+    #[arg(long, env = "PICIE_MAX_IMAGE_PIXELS", default_value_t = defaults::MAX_IMAGE_PIXELS)]
     pub max_image_pixels: u64,
-    #[arg(long, env = "PICIE_MAX_CONCURRENT", default_value_t = Limits::default().max_concurrent)]
+    /// /segment requests admitted at once (decoding, queued or running); more get 429.
+    #[arg(long, env = "PICIE_MAX_CONCURRENT", default_value_t = defaults::MAX_CONCURRENT)]
     pub max_concurrent: usize,
-    #[arg(long, env = "PICIE_REQUEST_TIMEOUT_SECS", default_value_t = Limits::default().request_timeout_secs)]
+    /// Pixels of the /segment images admitted at once (about 10 bytes each while decoded and
+    /// segmented); an image that does not fit now gets 429, one larger than this 413.
+    #[arg(long, env = "PICIE_MAX_INFLIGHT_PIXELS", default_value_t = defaults::MAX_INFLIGHT_PIXELS)]
+    pub max_inflight_pixels: u64,
+    /// A /segment request is answered within this (504 otherwise), its body's arrival excluded,
+    /// and an inference batch running longer marks the server not ready.
+    #[arg(long, env = "PICIE_REQUEST_TIMEOUT_SECS", default_value_t = HttpLimits::default().request_timeout.as_secs())]
     pub request_timeout_secs: u64,
     /// Refuse /segment with 429 (and Retry-After) when the inference queue's expected wait,
     /// images ahead times the measured time per image, is longer than this.
-    #[arg(long, env = "PICIE_MAX_QUEUE_MS", default_value_t = Limits::default().max_queue_ms)]
+    #[arg(long, env = "PICIE_MAX_QUEUE_MS", default_value_t = defaults::MAX_QUEUE_MS)]
     pub max_queue_ms: u64,
+    /// A request's headers must arrive within this, and an idle connection is closed after it.
+    #[arg(long, env = "PICIE_HEADER_TIMEOUT_SECS", default_value_t = defaults::HEADER_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_secs: u64,
+    /// A /segment body must arrive within this (408 otherwise); an upload may take longer but
+    /// not pause longer.
+    #[arg(long, env = "PICIE_BODY_TIMEOUT_SECS", default_value_t = HttpLimits::default().body_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout_secs: u64,
+    /// Connections open at once; more wait to be accepted.
+    #[arg(long, env = "PICIE_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Bytes of /segment bodies held in memory at once, across all requests; past it, 429.
+    #[arg(long, env = "PICIE_MAX_BODY_BYTES_IN_FLIGHT", default_value_t = HttpLimits::default().max_body_bytes_in_flight)]
+    pub max_body_bytes_in_flight: usize,
+    /// Parts of one multipart body, and bytes of one part's headers.
+    #[arg(long, env = "PICIE_MAX_PARTS", default_value_t = HttpLimits::default().max_parts)]
+    pub max_parts: usize,
+    #[arg(long, env = "PICIE_MAX_PART_HEADER_BYTES", default_value_t = HttpLimits::default().max_part_header_bytes)]
+    pub max_part_header_bytes: usize,
+    /// Open job event streams (/jobs/{id}/events) in all, and per job; past them, 429.
+    #[arg(long, env = "PICIE_MAX_WATCHERS", default_value_t = defaults::MAX_WATCHERS)]
+    pub max_watchers: usize,
+    #[arg(long, env = "PICIE_MAX_WATCHERS_PER_JOB", default_value_t = defaults::MAX_WATCHERS_PER_JOB)]
+    pub max_watchers_per_job: usize,
     /// Largest file unpacked from an archive (or uploaded as is), in bytes.
     #[arg(long, env = "PICIE_MAX_ENTRY_BYTES", default_value_t = DatasetLimits::default().max_entry_bytes)]
     pub max_entry_bytes: u64,
@@ -65,7 +145,8 @@ pub struct ServeConfig {
     #[arg(long, env = "PICIE_MAX_DATASET_BYTES", default_value_t = DatasetLimits::default().max_dataset_bytes)]
     pub max_dataset_bytes: u64,
     /// `/segment`'s quality when a request names none: fast, flip (features averaged over a
-    /// horizontal flip), crf (labels refined by the dense CRF: the default) or best (both).
+    /// horizontal flip), edges (scores guided-filtered with the image), crf (labels refined by
+    /// the dense CRF) or best (flip and CRF).
     #[arg(long, env = "PICIE_QUALITY", default_value_t = DEFAULT_QUALITY)]
     pub quality: Quality,
     /// Dense CRF settings as key=value pairs over the defaults: iterations (10), temperature (2),
@@ -80,7 +161,7 @@ pub struct ServeConfig {
     #[arg(long, env = "PICIE_GUIDED", default_value = "")]
     pub guided: GuidedConfig,
     /// Images per inference batch when requests queue up.
-    #[arg(long, env = "PICIE_MAX_BATCH", default_value_t = 4)]
+    #[arg(long, env = "PICIE_MAX_BATCH", default_value_t = defaults::MAX_BATCH)]
     pub max_batch: usize,
     /// Threads for background jobs (training, k-means and their ONNX Runtime sessions), a
     /// budget apart from inference's (default: half the available cores, at least 1).
@@ -129,9 +210,9 @@ fn positive_threads(s: &str) -> Result<usize, String> {
 }
 
 impl ServeConfig {
-    /// The defaults of the command line, for `models_dir` and `data_dir`.
+    /// The defaults of the command line, for `models_dir` and `data_dir`, on loopback at a free port.
     pub fn new(models_dir: impl Into<PathBuf>, data_dir: impl Into<PathBuf>) -> Self {
-        let l = Limits::default();
+        let h = HttpLimits::default();
         let d = DatasetLimits::default();
         Self {
             host: "127.0.0.1".into(),
@@ -140,15 +221,25 @@ impl ServeConfig {
             models_dir: models_dir.into(),
             model: None,
             api_key: None,
+            protect_reads: false,
             device: DeviceChoice::Auto,
             threads: None,
-            max_body_bytes: l.max_body_bytes,
-            max_upload_bytes: l.max_upload_bytes,
-            max_image_pixels: l.max_image_pixels,
-            max_concurrent: l.max_concurrent,
-            request_timeout_secs: l.request_timeout_secs,
-            max_queue_ms: l.max_queue_ms,
-            max_batch: 4,
+            max_body_bytes: h.max_body_bytes,
+            max_upload_bytes: h.max_upload_bytes,
+            max_image_pixels: defaults::MAX_IMAGE_PIXELS,
+            max_concurrent: defaults::MAX_CONCURRENT,
+            max_inflight_pixels: defaults::MAX_INFLIGHT_PIXELS,
+            request_timeout_secs: h.request_timeout.as_secs(),
+            max_queue_ms: defaults::MAX_QUEUE_MS,
+            header_timeout_secs: defaults::HEADER_TIMEOUT_SECS,
+            body_timeout_secs: h.body_timeout.as_secs(),
+            max_connections: defaults::MAX_CONNECTIONS,
+            max_body_bytes_in_flight: h.max_body_bytes_in_flight,
+            max_parts: h.max_parts,
+            max_part_header_bytes: h.max_part_header_bytes,
+            max_watchers: defaults::MAX_WATCHERS,
+            max_watchers_per_job: defaults::MAX_WATCHERS_PER_JOB,
+            max_batch: defaults::MAX_BATCH,
             quality: DEFAULT_QUALITY,
             crf: CrfConfig::default(),
             guided: GuidedConfig::default(),
@@ -183,6 +274,19 @@ impl ServeConfig {
             max_unpacked_bytes: self.max_unpacked_bytes,
             max_dataset_images: self.max_dataset_images,
             max_dataset_bytes: self.max_dataset_bytes,
+        }
+    }
+
+    /// What the HTTP layer itself limits.
+    pub fn http_limits(&self) -> HttpLimits {
+        HttpLimits {
+            max_body_bytes: self.max_body_bytes,
+            max_upload_bytes: self.max_upload_bytes,
+            body_timeout: Duration::from_secs(self.body_timeout_secs),
+            request_timeout: Duration::from_secs(self.request_timeout_secs),
+            max_body_bytes_in_flight: self.max_body_bytes_in_flight,
+            max_parts: self.max_parts,
+            max_part_header_bytes: self.max_part_header_bytes,
         }
     }
 }

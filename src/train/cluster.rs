@@ -399,6 +399,7 @@ pub fn recluster_package(
     out: &Path,
     name: &str,
     command: &str,
+    job: Option<&str>,
     progress: impl FnMut(usize, usize) -> bool,
 ) -> Result<(crate::package::Package, ClusterReport)> {
     use crate::package::{Manifest, Package, PackageContents};
@@ -409,6 +410,7 @@ pub fn recluster_package(
     provenance.created_at = crate::package::now_rfc3339();
     provenance.command = command.to_string();
     provenance.parent = Some(source.version());
+    provenance.job = job.map(str::to_string);
     provenance.details.insert("kmeans_seed".into(), serde_json::json!(config.seed));
     provenance.details.insert("cluster_images".into(), serde_json::json!(report.images_used));
     provenance.details.insert("cluster_vectors".into(), serde_json::json!(report.vectors));

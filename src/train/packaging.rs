@@ -62,6 +62,7 @@ pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
         backbone_weights: args.backbone_weights.display().to_string(),
         trained: false,
         parent: None,
+        job: None,
         details: BTreeMap::from([("fpn_seed".into(), serde_json::json!(args.seed)), ("fpn_init".into(), serde_json::json!(args.fpn_init))]),
     };
     let target = PackageTarget {
@@ -179,6 +180,7 @@ pub fn rebuild_package(
         backbone_weights: p.backbone_weights.clone(),
         trained: p.trained,
         parent: Some(source.version()),
+        job: None,
         details,
     };
     let name = name.unwrap_or(&source.manifest.name).to_string();

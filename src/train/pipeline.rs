@@ -1,4 +1,4 @@
-//! `picie train` and fine-tuning jobs: PiCIE on a folder of images, snapshots after chosen
+//! `picie train` and fine-tuning jobs: PiCIE on a set of images, snapshots after chosen
 //! epochs, the optional self-training stage, and the package written at the end.
 
 use std::collections::BTreeMap;
@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
-use super::cluster::{list_images, ClusterReport};
+use super::cluster::ClusterReport;
 use super::fpn_init::FpnInit;
 use super::kmeans::KMeansConfig;
 use super::packaging::{package_from_embedder, starting_weights, PackageTarget, SessionSettings};
@@ -25,7 +25,8 @@ pub enum TrainInit {
 }
 
 pub struct TrainArgs {
-    pub images: PathBuf,
+    /// The training images (unreadable ones are skipped and named).
+    pub images: Vec<PathBuf>,
     pub out: PathBuf,
     pub init: TrainInit,
     pub config: super::picie::TrainConfig,
@@ -38,6 +39,8 @@ pub struct TrainArgs {
     pub command: String,
     /// Self-training after PiCIE (None: none).
     pub self_train: Option<super::selftrain::SelfTrainConfig>,
+    /// The server job this run is (recorded in the package's provenance).
+    pub job: Option<String>,
     /// Epochs after which a package of the embedder so far is written too, beside `out` as
     /// `OUT-eN` (the epoch an embedder generalises best at is measured, not assumed).
     pub snapshots: Vec<usize>,
@@ -68,7 +71,7 @@ pub fn train_with(
     on: &mut dyn FnMut(&super::picie::Progress) -> bool,
 ) -> Result<Option<(Package, ClusterReport)>> {
     use super::picie::Trainer;
-    let paths = list_images(&args.images)?;
+    let paths = &args.images;
     args.config.check()?;
     let source_package = match &args.init {
         TrainInit::Package(dir) => Some(Package::load(dir)?),
@@ -79,7 +82,7 @@ pub fn train_with(
     if let Some(pkg) = &source_package {
         config.standardize = pkg.manifest.input.standardize;
     }
-    let frames = Frames::load(&paths, config.frame()).standardized(config.standardize);
+    let frames = Frames::load(paths, config.frame()).standardized(config.standardize);
     if !frames.skipped.is_empty() {
         tracing::warn!(skipped = frames.skipped.len(), files = ?frames.skipped, "unreadable images skipped");
     }
@@ -123,6 +126,7 @@ pub fn train_with(
             backbone_weights: source.clone(),
             trained: true,
             parent: None,
+            job: args.job.clone(),
             details: BTreeMap::from([
                 ("train".into(), serde_json::to_value(TrainConfig { epochs: trainer.epochs_done, ..config.clone() })?),
                 ("train_images".into(), serde_json::json!(frames.len())),

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use picie::server::state::AppState;
-use picie::server::{build_state, serve_on, ServeConfig};
+use picie::server::app::{App, Parts};
+use picie::server::{serve_on, ServeConfig};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -22,21 +22,14 @@ pub fn config(data: &std::path::Path) -> ServeConfig {
 }
 
 impl TestServer {
-    /// Serves `cfg` (its data dir stays the caller's), after `edit` changed the state (e.g.
-    /// swapped the inference worker).
-    pub async fn serve(cfg: ServeConfig, edit: impl FnOnce(&mut AppState) + Send + 'static) -> TestServer {
-        let state = tokio::task::spawn_blocking(move || {
-            let mut s = build_state(&cfg).unwrap();
-            edit(&mut s);
-            s
-        })
-        .await
-        .unwrap();
+    /// Serves `cfg` (its data dir stays the caller's), with `parts` in place of the real ones.
+    pub async fn serve(cfg: ServeConfig, parts: Parts) -> TestServer {
+        let app = App::build_with(&cfg, parts).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
-            serve_on(listener, state, async {
+            serve_on(listener, app, &cfg, async {
                 let _ = rx.await;
             })
             .await
@@ -46,18 +39,18 @@ impl TestServer {
     }
 
     /// A server on the shipped models and a fresh data dir of its own, with `tweak` applied to
-    /// the config and `edit` to the state.
-    pub async fn start_with(tweak: impl FnOnce(&mut ServeConfig), edit: impl FnOnce(&mut AppState) + Send + 'static) -> TestServer {
+    /// the config and `parts` in place of the real ones.
+    pub async fn start_with(tweak: impl FnOnce(&mut ServeConfig), parts: Parts) -> TestServer {
         let data = tempfile::tempdir().unwrap();
         let mut cfg = config(data.path());
         tweak(&mut cfg);
-        let mut s = Self::serve(cfg, edit).await;
+        let mut s = Self::serve(cfg, parts).await;
         s._data = Some(data);
         s
     }
 
     pub async fn start(tweak: impl FnOnce(&mut ServeConfig)) -> TestServer {
-        Self::start_with(tweak, |_| {}).await
+        Self::start_with(tweak, Parts::default()).await
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -88,4 +81,17 @@ pub fn png(w: u32, h: u32) -> Vec<u8> {
     let mut out = vec![];
     img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
     out
+}
+
+/// Waits until `ready` returns Some (checking every 20 ms), at most `within`; panics naming
+/// `what` otherwise. The one place tests wait for something to happen.
+pub async fn until<T, F: std::future::Future<Output = Option<T>>>(what: &str, within: Duration, mut ready: impl FnMut() -> F) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = ready().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -39,6 +39,7 @@ as_pg "$PG_BIN/pg_ctl" -D "$SCRATCH/pg/data" -l "$SCRATCH/pg/log" -w \
   -o "-p $PG_PORT -k $SCRATCH/pg -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
 as_pg "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U picie picie
 as_pg "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U picie picie_leases
+as_pg "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U picie picie_events
 
 mkdir -p "$SCRATCH/s3"
 tests/scale-out/node_modules/.bin/s3rver -d "$SCRATCH/s3" -a 127.0.0.1 -p "$S3_PORT" --configure-bucket picie >"$SCRATCH/s3.log" 2>&1 &
@@ -51,6 +52,7 @@ done
 echo "scale-out-test: PostgreSQL on 127.0.0.1:$PG_PORT, s3rver on 127.0.0.1:$S3_PORT" >&2
 export PICIE_TEST_DATABASE_URL="postgres://picie@127.0.0.1:$PG_PORT/picie"
 export PICIE_TEST_LEASE_DATABASE_URL="postgres://picie@127.0.0.1:$PG_PORT/picie_leases"
+export PICIE_TEST_EVENTS_DATABASE_URL="postgres://picie@127.0.0.1:$PG_PORT/picie_events"
 export PICIE_TEST_STORE="s3://picie/scale-out"
 # s3rver's fixed credentials; the endpoint speaks plain HTTP.
 export AWS_ACCESS_KEY_ID=S3RVER AWS_SECRET_ACCESS_KEY=S3RVER AWS_REGION=us-east-1 \

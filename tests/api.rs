@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::connect_info::MockConnectInfo;
-use common::server::{error_code, png, until, TestServer};
+use common::server::{error_code, png, TestServer};
+use common::until;
 use picie::server::app::{App, Parts};
 use picie::server::service::inference::Engine;
 use reqwest::StatusCode;

@@ -25,15 +25,12 @@ async fn start_server(data: &Path, log: PathBuf) -> Proc {
 
 impl Proc {
     async fn wait_job(&self, id: &str, timeout: Duration) -> Value {
-        let start = Instant::now();
-        loop {
+        let ended = common::poll(timeout, async || {
             let (_, j) = self.get(&format!("/jobs/{id}")).await;
-            if !["queued", "running"].contains(&j["state"].as_str().unwrap_or("")) {
-                return j;
-            }
-            assert!(start.elapsed() < timeout, "job {id} did not end: {j}\n{}", self.log_text());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            (!["queued", "running"].contains(&j["state"].as_str().unwrap_or(""))).then_some(j)
+        })
+        .await;
+        ended.unwrap_or_else(|| panic!("job {id} did not end:\n{}", self.log_text()))
     }
 
     /// A dataset of the generated images; returns its id.
@@ -131,11 +128,8 @@ async fn a_killed_server_recovers_and_the_job_resumes_to_the_same_weights() {
     let checkpoint = data.path().join("checkpoints").join(format!("{id}.checkpoint"));
     let state_file = checkpoint.join(picie::train::picie::CHECKPOINT_STATE);
     let submitted = Instant::now();
-    let start = Instant::now();
-    while !state_file.exists() {
-        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint after the first epoch:\n{}", s.log_text());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let saved = common::poll(Duration::from_secs(120), async || state_file.exists().then_some(())).await;
+    assert!(saved.is_some(), "no checkpoint after the first epoch:\n{}", s.log_text());
     // kill -9 in the middle of the job.
     let first_epoch = submitted.elapsed();
     drop(s);
@@ -232,7 +226,7 @@ async fn startup_removes_leftovers_and_keeps_real_data() {
         .await
         .unwrap();
     let job_id = job["id"].as_str().unwrap().to_string();
-    common::server::until("the job to succeed", Duration::from_secs(120), || async {
+    common::until("the job to succeed", Duration::from_secs(120), || async {
         let j: Value = client.get(format!("{base}/jobs/{job_id}")).send().await.unwrap().json().await.unwrap();
         assert!(["queued", "running", "succeeded"].contains(&j["state"].as_str().unwrap()), "{j}");
         (j["state"] == "succeeded").then_some(())
@@ -304,7 +298,7 @@ async fn startup_removes_leftovers_and_keeps_real_data() {
     use picie::server::core::jobs::JobState;
     assert_eq!(services.jobs.get(&job_id).await.unwrap().state, JobState::Interrupted);
     services.jobs.resume(&job_id).await.unwrap();
-    let job = common::server::until("the resumed job to end", Duration::from_secs(60), || async {
+    let job = common::until("the resumed job to end", Duration::from_secs(60), || async {
         services.jobs.get(&job_id).await.ok().filter(|j| j.state.is_terminal())
     })
     .await;

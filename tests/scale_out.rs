@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::process::ServeProcess;
-use common::server::until;
+use common::until;
 use reqwest::multipart::{Form, Part};
 use serde_json::json;
 
@@ -40,7 +40,11 @@ impl std::ops::Deref for Proc {
 
 impl Proc {
     fn spawn(name: &str, role: &str, dir: &Path, db: &str, store: &str) -> Proc {
-        let flags = [
+        Self::spawn_with(name, role, dir, db, store, &[])
+    }
+
+    fn spawn_with(name: &str, role: &str, dir: &Path, db: &str, store: &str, extra: &[&str]) -> Proc {
+        let mut flags = vec![
             "--role",
             role,
             "--instance-id",
@@ -61,6 +65,7 @@ impl Proc {
             "--quality",
             "fast",
         ];
+        flags.extend_from_slice(extra);
         Proc { name: name.to_string(), process: ServeProcess::spawn(&dir.join(name), &flags, dir.join(format!("{name}.log"))) }
     }
 
@@ -109,17 +114,6 @@ fn frames(n: u32) -> Vec<Vec<u8>> {
         .collect()
 }
 
-async fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_and_two_workers() {
     let (Some(db), Some(store)) = (env("PICIE_TEST_DATABASE_URL"), env("PICIE_TEST_STORE")) else {
@@ -159,7 +153,7 @@ async fn two_replicas_and_two_workers() {
     let job_id = job["id"].as_str().unwrap().to_string();
     let started = Instant::now();
     // Killed once it is embedding images, as its heartbeats report.
-    let first = wait_for("a worker to be embedding the job's images", Duration::from_secs(60), async || {
+    let first = until("a worker to be embedding the job's images", Duration::from_secs(60), async || {
         let (_, j) = b.get(&format!("/jobs/{job_id}")).await;
         (j["state"] == "running" && j["stage"] == "embedding" && j["progress"].as_f64().unwrap_or(0.0) > 0.0)
             .then(|| j["worker"].as_str().unwrap().to_string())
@@ -179,13 +173,13 @@ async fn two_replicas_and_two_workers() {
     );
 
     let survivor = &workers[0];
-    wait_for("the other worker to take the job over", Duration::from_secs(30), async || {
+    until("the other worker to take the job over", Duration::from_secs(30), async || {
         let (_, j) = a.get(&format!("/jobs/{job_id}")).await;
         (j["worker"].as_str() == Some(survivor.name.as_str())).then_some(())
     })
     .await;
     let taken_over = Instant::now();
-    let done = wait_for("the other worker to finish the job", Duration::from_secs(180), async || {
+    let done = until("the other worker to finish the job", Duration::from_secs(180), async || {
         let (_, j) = a.get(&format!("/jobs/{job_id}")).await;
         (!["queued", "running"].contains(&j["state"].as_str().unwrap_or(""))).then_some(j)
     })
@@ -199,7 +193,7 @@ async fn two_replicas_and_two_workers() {
     // Activated on A; B follows within its sync interval.
     let (status, m) = a.post("/models/streets-k5/activate", json!({})).await;
     assert_eq!(status, 200, "{m}\n{}", a.log_text());
-    wait_for("replica B to serve the new model", Duration::from_secs(20), async || {
+    until("replica B to serve the new model", Duration::from_secs(20), async || {
         let (_, info) = b.get("/info").await;
         (info["model"] == "streets-k5").then_some(())
     })
@@ -305,4 +299,82 @@ async fn leases() {
     assert!(matches!(w2.cancel(&queued.id).await, Err(Error::Conflict(_))));
     let counts = w1.counts().await.unwrap();
     assert_eq!(counts.iter().find(|c| c.0 == JobState::Canceled).map(|c| c.1), Some(2));
+}
+
+/// Transactions committed in the database so far (PostgreSQL's own count, all sessions).
+async fn commits(db: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()").fetch_one(db).await.unwrap()
+}
+
+/// Commits per second over `window`, measured once `settle` has passed: a backend reports its
+/// counts to the shared view at most once a second, and an idle one only after ten, so what a
+/// burst before did would otherwise land in the window.
+async fn commit_rate(db: &sqlx::PgPool, settle: Duration, window: Duration) -> f64 {
+    tokio::time::sleep(settle).await;
+    let _ = sqlx::query("SELECT pg_stat_clear_snapshot()").execute(db).await;
+    let a = commits(db).await;
+    tokio::time::sleep(window).await;
+    let _ = sqlx::query("SELECT pg_stat_clear_snapshot()").execute(db).await;
+    (commits(db).await - a) as f64 / window.as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_cost_the_database_nothing_when_nothing_changes() {
+    let (Some(db), Some(store)) = (env("PICIE_TEST_EVENTS_DATABASE_URL"), env("PICIE_TEST_STORE")) else {
+        eprintln!("skipped: needs PostgreSQL and an S3 server; run scripts/scale-out-test.sh");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // An API replica and no worker: a job stays queued, and nothing about it changes.
+    let api = Proc::spawn_with(
+        "api-events",
+        "api",
+        dir.path(),
+        &db,
+        &format!("{store}-events"),
+        &["--max-watchers", "400", "--max-watchers-per-job", "400"],
+    );
+    api.ready().await;
+    let ds: serde_json::Value =
+        api.client.post(api.url("/datasets")).json(&json!({"name": "events"})).send().await.unwrap().json().await.unwrap();
+    let id = ds["id"].as_str().unwrap();
+    let form = Form::new().part("files", Part::bytes(frames(1).remove(0)).file_name("f.png"));
+    assert_eq!(api.client.post(api.url(&format!("/datasets/{id}/images"))).multipart(form).send().await.unwrap().status(), 200);
+    let job: serde_json::Value = api
+        .client
+        .post(api.url("/jobs"))
+        .json(&json!({"type": "recluster", "dataset": id, "k": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let events = api.url(&format!("/jobs/{}/events", job["id"].as_str().unwrap()));
+
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db).await.unwrap();
+    let (settled, window) = (Duration::from_secs(11), Duration::from_secs(3));
+    let idle = commit_rate(&pool, settled, window).await;
+    // 300 clients follow the job, then all of them go.
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let mut streams = vec![];
+    for _ in 0..300 {
+        let mut r = client.get(&events).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.chunk().await.unwrap().is_some(), "the job's first event");
+        streams.push(r);
+    }
+    let watched = commit_rate(&pool, settled, window).await;
+    drop(streams);
+    let metric = || async {
+        let m = api.client.get(api.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        m.lines().find_map(|l| l.strip_prefix("picie_job_watchers ")?.trim().parse::<f64>().ok()).unwrap_or(-1.0)
+    };
+    until("the watchers of the closed streams to end", Duration::from_secs(30), || async { (metric().await == 0.0).then_some(()) }).await;
+    let after = commit_rate(&pool, Duration::from_secs(1), window).await;
+    eprintln!("scale-out: database commits/s idle {idle:.1}, with 300 job watchers {watched:.1}, after they closed {after:.1}");
+    // Watching costs the database nothing while the job does not change (the old watchers
+    // polled it twice a second each, 600 transactions/s for 300 streams).
+    assert!(watched <= idle + 5.0, "{watched:.1} commits/s with 300 watchers, {idle:.1} idle");
+    assert!(after <= idle + 5.0, "{after:.1} commits/s after the watchers went, {idle:.1} idle");
 }

@@ -44,14 +44,11 @@ impl ServerExt for Server {
     }
 
     async fn wait_job(&self, id: &str) -> Value {
-        for _ in 0..600 {
+        common::until(&format!("job {id} to end"), Duration::from_secs(60), async || {
             let j: Value = self.client.get(self.url(&format!("/jobs/{id}"))).send().await.unwrap().json().await.unwrap();
-            if !["queued", "running"].contains(&j["state"].as_str().unwrap()) {
-                return j;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("job {id} did not finish");
+            (!["queued", "running"].contains(&j["state"].as_str().unwrap())).then_some(j)
+        })
+        .await
     }
 }
 
@@ -440,13 +437,11 @@ async fn jobs_cancel_and_survive_restart() {
     let r: Value = s.client.post(s.url(&format!("/jobs/{b_id}/cancel"))).send().await.unwrap().json().await.unwrap();
     assert_eq!(r["state"], "canceled");
     let a_id = a["id"].as_str().unwrap();
-    for _ in 0..200 {
+    common::until("the first job to make progress", Duration::from_secs(30), async || {
         let j: Value = s.client.get(s.url(&format!("/jobs/{a_id}"))).send().await.unwrap().json().await.unwrap();
-        if j["state"] == "running" && j["progress"].as_f64().unwrap() > 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (j["state"] == "running" && j["progress"].as_f64().unwrap() > 0.0).then_some(())
+    })
+    .await;
     assert_eq!(s.client.post(s.url(&format!("/jobs/{a_id}/cancel"))).send().await.unwrap().status(), 200);
     let a_done = s.wait_job(a_id).await;
     assert_eq!(a_done["state"], "canceled", "{a_done}");

@@ -1,6 +1,7 @@
-//! The connection loop (hyper through hyper-util; axum's own `serve` sets no timeouts): a
-//! request's headers must arrive within the header timeout, which also closes idle keep-alive
-//! connections; at most `max_connections` are open at once (more wait in the listen backlog);
+//! The connection loop (hyper's HTTP/1, with hyper-util's graceful shutdown; axum's own `serve`
+//! sets no timeouts): a request's headers must arrive within the header timeout, from the
+//! moment a connection opens and while a keep-alive connection idles, or the connection is
+//! closed; at most `max_connections` are open at once (more wait in the listen backlog);
 //! on shutdown the listener closes, every connection finishes its request in flight, and those
 //! still open after the grace period (an event stream that does not end) are dropped.
 
@@ -13,8 +14,8 @@ use std::time::Duration;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
@@ -36,10 +37,10 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
-    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(limits.header_timeout)).keep_alive_timeout(limits.header_timeout);
-    let builder = Arc::new(builder);
+    // HTTP/1 only: the protocol sniffing of an HTTP/1-or-2 server reads the first bytes with no
+    // timer at all, so a connection that sends nothing would be held forever.
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut connections = tokio::task::JoinSet::new();
@@ -68,8 +69,7 @@ pub async fn serve(
             let router = router.clone();
             async move { Ok::<_, Infallible>(router.oneshot(req).await.unwrap_or_else(|e| match e {})) }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let conn = graceful.watch(conn);
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         connections.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");

@@ -10,6 +10,26 @@ use picie::model::{NamedTensor, TensorMap};
 pub mod process;
 pub mod server;
 
+/// Asks `ready` every 20 ms until it answers Some, for at most `within`: the one way the tests
+/// wait for something to happen (never a fixed sleep). None when the time ran out.
+pub async fn poll<T>(within: std::time::Duration, mut ready: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = ready().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// [`poll`], failing the test with `what` when the time runs out.
+pub async fn until<T>(what: &str, within: std::time::Duration, ready: impl AsyncFnMut() -> Option<T>) -> T {
+    poll(within, ready).await.unwrap_or_else(|| panic!("timed out after {within:?} waiting for {what}"))
+}
+
 /// Distinct noise images, so a dataset has several entries after deduplication.
 pub fn noise_png(seed: u32, w: u32, h: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -47,16 +47,11 @@ impl ServeProcess {
 
     /// Waits until `/health/ready` answers 200 (the model is loaded and warm).
     pub async fn ready(&self, timeout: Duration) {
-        let start = Instant::now();
-        loop {
-            if let Ok(r) = self.client.get(self.url("/health/ready")).send().await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            assert!(start.elapsed() < timeout, "the server did not start:\n{}", self.log_text());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let up = super::poll(timeout, async || {
+            self.client.get(self.url("/health/ready")).send().await.ok().filter(|r| r.status() == 200).map(|_| ())
+        })
+        .await;
+        assert!(up.is_some(), "the server did not start:\n{}", self.log_text());
     }
 
     pub fn url(&self, path: &str) -> String {

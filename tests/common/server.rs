@@ -82,16 +82,3 @@ pub fn png(w: u32, h: u32) -> Vec<u8> {
     img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
     out
 }
-
-/// Waits until `ready` returns Some (checking every 20 ms), at most `within`; panics naming
-/// `what` otherwise. The one place tests wait for something to happen.
-pub async fn until<T, F: std::future::Future<Output = Option<T>>>(what: &str, within: Duration, mut ready: impl FnMut() -> F) -> T {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(v) = ready().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}

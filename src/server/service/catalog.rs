@@ -20,6 +20,8 @@ use crate::server::storage::{self, ModelStore};
 pub struct Catalog {
     store: Arc<dyn ModelStore>,
     shipped: PathBuf,
+    /// The shipped packages' names and manifests, read once: the folder is read-only.
+    shipped_manifests: Vec<(String, Manifest)>,
     device: DeviceChoice,
     threads: Option<usize>,
     active: RwLock<Active>,
@@ -66,6 +68,10 @@ impl Catalog {
         let recorded = store.active().await?;
         let name = if store.shared() { recorded.or(requested.map(str::to_string)) } else { requested.map(str::to_string).or(recorded) };
         let name = name.unwrap_or_else(|| "default".to_string());
+        let shipped_manifests = {
+            let dir = shipped.to_path_buf();
+            tokio::task::spawn_blocking(move || shipped_manifests(&dir)).await.map_err(Error::internal)?
+        };
         let located = Self::locate_in(&*store, shipped, &name)
             .await?
             .ok_or_else(|| Error::NotFound(format!("model `{name}` not found in {} or among the stored versions", shipped.display())))?;
@@ -73,6 +79,7 @@ impl Catalog {
         Ok(Self {
             store,
             shipped: shipped.to_path_buf(),
+            shipped_manifests,
             device,
             threads,
             active: RwLock::new(Active { name, revision: located.revision, segmenter: Arc::new(segmenter) }),
@@ -102,7 +109,7 @@ impl Catalog {
     }
 
     fn is_shipped(&self, name: &str) -> bool {
-        valid_name(name) && self.shipped.join(name).join(MANIFEST_FILE).exists()
+        self.shipped_manifests.iter().any(|(n, _)| n == name)
     }
 
     /// Whether a version of that name exists (stored or shipped).
@@ -120,11 +127,9 @@ impl Catalog {
             .iter()
             .map(|m| ModelSummary::of(&m.name, &m.manifest, m.name == active, self.is_shipped(&m.name)))
             .collect();
-        let shipped = self.shipped.clone();
-        let manifests = tokio::task::spawn_blocking(move || shipped_manifests(&shipped)).await.map_err(Error::internal)?;
-        for (name, manifest) in manifests {
-            if !out.iter().any(|m| m.name == name) {
-                out.push(ModelSummary::of(&name, &manifest, name == active, true));
+        for (name, manifest) in &self.shipped_manifests {
+            if !out.iter().any(|m| &m.name == name) {
+                out.push(ModelSummary::of(name, manifest, *name == active, true));
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));

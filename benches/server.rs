@@ -198,7 +198,8 @@ fn recluster_child(spec: &str) -> anyhow::Result<()> {
         })
         .collect::<Result<_, _>>()?;
     let session = picie::infer::EmbedSession::load(&root.join("models/default/embedder.onnx"), picie::infer::DeviceChoice::Cpu, Some(1))?;
-    let policy = picie::package::InputPolicy { short_side: 64, max_long_side: 64, multiple: 32, flip: false, standardize: false };
+    let policy =
+        picie::package::InputPolicy { short_side: 64, max_long_side: 64, multiple: 32, flip: false, normalize: Default::default() };
     let config = KMeansConfig::new(8, 0);
     let base = peak_rss_mb();
     match mode {

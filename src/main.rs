@@ -137,11 +137,12 @@ struct TrainCli {
     /// (seeded, the authors' choice).
     #[arg(long, value_enum, default_value = "pca")]
     fpn_init: picie::train::fpn_init::FpnInit,
-    /// Standardise each image's colour channels (mean and spread) before the network, in
-    /// training and in the written package's input policy: exposure and colour cast (dusk
-    /// against noon) stop mattering.
-    #[arg(long)]
-    standardize: bool,
+    /// Normalise each image's colours before the network, in training and in the written
+    /// package's input policy, so exposure and colour cast (dusk against noon) matter less:
+    /// none, channels (each channel's mean and spread), luminance (brightness's mean and
+    /// spread) or gain (each channel's mean, by a gain).
+    #[arg(long, value_enum, default_value = "none")]
+    normalize: picie::infer::preprocess::Normalize,
     /// Checkpoint folder (default: OUT.checkpoint).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
@@ -225,9 +226,9 @@ enum PackageCommand {
         /// taps on --images) or random (seeded).
         #[arg(long, value_enum, default_value = "pca")]
         fpn_init: picie::train::fpn_init::FpnInit,
-        /// Standardise each image's colour channels before the network (see `picie train`).
-        #[arg(long)]
-        standardize: bool,
+        /// Normalise each image's colours before the network (see `picie train`).
+        #[arg(long, value_enum, default_value = "none")]
+        normalize: picie::infer::preprocess::Normalize,
     },
     /// Load and validate a package, print its manifest.
     Check { dir: PathBuf },
@@ -310,8 +311,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Package {
-            command:
-                PackageCommand::Init { backbone, backbone_weights, images, k, seed, out, name, short_side, force, fpn_init, standardize },
+            command: PackageCommand::Init { backbone, backbone_weights, images, k, seed, out, name, short_side, force, fpn_init, normalize },
         } => {
             let args = picie::train::packaging::InitPackage {
                 backbone,
@@ -321,7 +321,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
                 out,
                 name,
-                policy: InputPolicy { short_side, standardize, ..InputPolicy::default() },
+                policy: InputPolicy { short_side, normalize, ..InputPolicy::default() },
                 replace: force,
                 command: std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
                 fpn_init,
@@ -392,7 +392,7 @@ fn train(t: TrainCli) -> Result<()> {
             inter_shift: t.correspondence_inter_shift,
         },
         fpn_init: t.fpn_init,
-        standardize: t.standardize,
+        normalize: t.normalize,
         ..TrainConfig::default()
     };
     let init = match t.from {

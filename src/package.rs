@@ -17,6 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::infer::preprocess::Normalize;
 use crate::model::{EmbedderConfig, TensorMap};
 use crate::util::write_synced;
 
@@ -44,17 +45,17 @@ pub struct InputPolicy {
     /// Average the features over a horizontal flip (absent in older manifests: false).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub flip: bool,
-    /// Standardise each image before the network: every colour channel shifted and scaled to
-    /// ImageNet's mean and spread, so a dusk frame and a noon frame of the same street reach
-    /// the network alike ([`crate::infer::preprocess::standardize`]; absent: false).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub standardize: bool,
+    /// How each image's colours are normalised before the network, so that a dusk frame and a
+    /// noon frame of the same street reach it alike ([`crate::infer::preprocess::Normalize`];
+    /// absent: none).
+    #[serde(default, skip_serializing_if = "Normalize::is_none")]
+    pub normalize: Normalize,
 }
 
 impl Default for InputPolicy {
     fn default() -> Self {
         // CamVid frames are 480x360: a short side of 352 keeps them near native resolution.
-        Self { short_side: 352, max_long_side: 1024, multiple: 32, flip: false, standardize: false }
+        Self { short_side: 352, max_long_side: 1024, multiple: 32, flip: false, normalize: Normalize::None }
     }
 }
 

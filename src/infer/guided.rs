@@ -34,7 +34,7 @@ pub struct GuidedConfig {
 
 impl Default for GuidedConfig {
     fn default() -> Self {
-        Self { radius: 24, eps: 1e-3, max_pixels: 1 << 19, temperature: 0.0 }
+        Self { radius: 32, eps: 1e-4, max_pixels: 1 << 19, temperature: 10.0 }
     }
 }
 

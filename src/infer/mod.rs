@@ -69,7 +69,7 @@ pub fn embed_batch(session: &EmbedSession, policy: &InputPolicy, images: &[RgbIm
     let mut input = vec![0f32; copies * count * plane];
     let (own, mirrored) = input.split_at_mut(count * plane);
     own.chunks_mut(plane).zip(images.iter().zip(&geoms)).for_each(|(out, (img, g))| {
-        preprocess::fill_input(img, g, policy.standardize, (cw, ch), out);
+        preprocess::fill_input(img, g, policy.normalize, (cw, ch), out);
     });
     if policy.flip {
         for (src, dst) in own.chunks(cw as usize).zip(mirrored.chunks_mut(cw as usize)) {

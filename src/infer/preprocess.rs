@@ -115,28 +115,84 @@ pub fn rgb_planes(img: &RgbImage) -> Vec<f32> {
     out
 }
 
-/// Shifts and scales each colour channel of a 3 x n plane so that its mean and standard
-/// deviation are ImageNet's: after the network's own ImageNet normalisation every channel of
-/// the image has mean 0 and spread 1, whatever its exposure and colour cast. A flat channel
-/// (spread under 1/255) is only shifted.
-pub fn standardize(planes: &mut [f32]) {
-    use crate::model::embedder::{IMAGENET_MEAN, IMAGENET_STD};
-    let n = planes.len() / 3;
-    if n == 0 {
-        return;
+/// How an image's colours are normalised before the network, beyond ImageNet's fixed mean and
+/// spread (which the graph applies): per image, so that exposure and colour cast (a street at
+/// dusk against the same street at noon) matter less. Each maps a 3 x n plane in [0, 1] so that
+/// after the graph's ImageNet normalisation:
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalize {
+    /// Nothing: the colours as they are.
+    #[default]
+    None,
+    /// Every channel has mean 0 and spread 1 (exposure, contrast and colour cast removed).
+    Channels,
+    /// Brightness has ImageNet's mean and spread, the same shift and scale on all three
+    /// channels (exposure and contrast removed, colours kept relative to each other).
+    Luminance,
+    /// Every channel's mean is ImageNet's, by a gain alone (grey world: exposure and colour
+    /// cast removed, contrast kept).
+    Gain,
+}
+
+impl Normalize {
+    pub fn is_none(&self) -> bool {
+        *self == Normalize::None
     }
-    for (c, plane) in planes.chunks_mut(n).enumerate() {
-        let mean = plane.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
-        let var = plane.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
-        let scale = if var.sqrt() < 1.0 / 255.0 { 1.0 } else { IMAGENET_STD[c] as f64 / var.sqrt() };
-        plane.iter_mut().for_each(|v| *v = ((*v as f64 - mean) * scale + IMAGENET_MEAN[c] as f64) as f32);
+
+    /// Normalises a 3 x n plane in place. A flat image (spread under 1/255) is only shifted.
+    pub fn apply(self, planes: &mut [f32]) {
+        use crate::model::embedder::{IMAGENET_MEAN, IMAGENET_STD};
+        let n = planes.len() / 3;
+        if n == 0 || self.is_none() {
+            return;
+        }
+        let stats = |plane: &[f32]| {
+            let mean = plane.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            let var = plane.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+            (mean, var.sqrt())
+        };
+        let flat = 1.0 / 255.0;
+        match self {
+            Normalize::None => {}
+            Normalize::Channels => {
+                for (c, plane) in planes.chunks_mut(n).enumerate() {
+                    let (mean, sd) = stats(plane);
+                    let scale = if sd < flat { 1.0 } else { IMAGENET_STD[c] as f64 / sd };
+                    plane.iter_mut().for_each(|v| *v = ((*v as f64 - mean) * scale + IMAGENET_MEAN[c] as f64) as f32);
+                }
+            }
+            Normalize::Luminance => {
+                let w = [0.299f64, 0.587, 0.114];
+                let luma: Vec<f32> = (0..n).map(|i| (0..3).map(|c| w[c] * planes[c * n + i] as f64).sum::<f64>() as f32).collect();
+                let (mean, sd) = stats(&luma);
+                let target_mean: f64 = (0..3).map(|c| w[c] * IMAGENET_MEAN[c] as f64).sum();
+                let target_sd: f64 = (0..3).map(|c| w[c] * IMAGENET_STD[c] as f64).sum();
+                let scale = if sd < flat { 1.0 } else { target_sd / sd };
+                planes.iter_mut().for_each(|v| *v = ((*v as f64 - mean) * scale + target_mean) as f32);
+            }
+            Normalize::Gain => {
+                for (c, plane) in planes.chunks_mut(n).enumerate() {
+                    let (mean, _) = stats(plane);
+                    let gain = if mean < flat { 1.0 } else { IMAGENET_MEAN[c] as f64 / mean };
+                    plane.iter_mut().for_each(|v| *v = (*v as f64 * gain) as f32);
+                }
+            }
+        }
     }
 }
 
-/// Writes the image, resized per `geom`, into a 3 x H x W plane (RGB in [0, 1], or
-/// [`standardize`]d with `standardized`) of a padded canvas of `canvas` = (W, H). Padding is the
-/// ImageNet mean colour, which the network sees as 0.
-pub fn fill_input(img: &RgbImage, geom: &Geometry, standardized: bool, canvas: (u32, u32), out: &mut [f32]) {
+impl std::fmt::Display for Normalize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum;
+        f.write_str(self.to_possible_value().expect("a name").get_name())
+    }
+}
+
+/// Writes the image, resized per `geom`, into a 3 x H x W plane (RGB in [0, 1], then
+/// normalised per `normalize`) of a padded canvas of `canvas` = (W, H). Padding is the ImageNet
+/// mean colour, which the network sees as 0.
+pub fn fill_input(img: &RgbImage, geom: &Geometry, normalize: Normalize, canvas: (u32, u32), out: &mut [f32]) {
     let (cw, ch) = (canvas.0 as usize, canvas.1 as usize);
     assert_eq!(out.len(), 3 * cw * ch);
     let resized = if (img.width(), img.height()) == geom.resized {
@@ -148,9 +204,7 @@ pub fn fill_input(img: &RgbImage, geom: &Geometry, standardized: bool, canvas: (
         out[c * cw * ch..(c + 1) * cw * ch].fill(*mean);
     }
     let mut planes = rgb_planes(&resized);
-    if standardized {
-        standardize(&mut planes);
-    }
+    normalize.apply(&mut planes);
     let (rw, n) = (resized.width() as usize, (resized.width() * resized.height()) as usize);
     for c in 0..3 {
         for (y, row) in planes[c * n..(c + 1) * n].chunks(rw).enumerate() {
@@ -164,21 +218,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn standardizing_removes_exposure_and_colour_cast() {
+    fn channel_normalisation_removes_exposure_and_colour_cast() {
         // The same scene at noon and at dusk with a blue cast: an affine change per channel.
         let scene = RgbImage::from_fn(24, 16, |x, y| image::Rgb([(x * 9) as u8, (y * 13) as u8, ((x + y) * 5) as u8]));
         let dusk = RgbImage::from_fn(24, 16, |x, y| {
             let p = scene.get_pixel(x, y);
             image::Rgb([p[0] / 3 + 4, p[1] / 3 + 4, p[2] / 2 + 30])
         });
-        let standardized = |img: &RgbImage| {
+        let normalised = |img: &RgbImage, how: Normalize| {
             let mut v = rgb_planes(img);
-            standardize(&mut v);
+            how.apply(&mut v);
             v
         };
-        let (a, b) = (standardized(&scene), standardized(&dusk));
+        let (a, b) = (normalised(&scene, Normalize::Channels), normalised(&dusk, Normalize::Channels));
         let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(worst < 0.02, "standardized views differ by {worst}");
+        assert!(worst < 0.02, "normalised views differ by {worst}");
         let n = a.len() / 3;
         for c in 0..3 {
             let plane = &a[c * n..(c + 1) * n];
@@ -189,20 +243,31 @@ mod tests {
         }
         // A flat image is only shifted, not blown up.
         let mut flat = vec![0.5f32; 3 * 10];
-        standardize(&mut flat);
+        Normalize::Channels.apply(&mut flat);
         assert!(flat.iter().all(|v| v.is_finite() && (0.4..0.5).contains(v)), "{flat:?}");
+        // A darker, less contrasted copy of a grey scene: luminance normalisation makes them
+        // alike and keeps grey grey; gain normalisation evens the brightness, not the contrast.
+        let grey = RgbImage::from_fn(24, 16, |x, y| image::Rgb([(x * 9 + y) as u8; 3]));
+        let dim = RgbImage::from_fn(24, 16, |x, y| image::Rgb([((x * 9 + y) / 2 + 10) as u8; 3]));
+        let (g, d) = (normalised(&grey, Normalize::Luminance), normalised(&dim, Normalize::Luminance));
+        assert!(g.iter().zip(&d).all(|(x, y)| (x - y).abs() < 0.02));
+        let n = g.len() / 3;
+        assert!((0..n).all(|i| g[i] == g[n + i] && g[i] == g[2 * n + i]), "grey stays grey");
+        let gained = normalised(&dim, Normalize::Gain);
+        let mean = gained[..n].iter().sum::<f32>() / n as f32;
+        assert!((mean - crate::model::embedder::IMAGENET_MEAN[0]).abs() < 1e-4);
     }
 
     #[test]
-    fn the_padded_canvas_keeps_the_mean_colour_around_a_standardized_image() {
+    fn the_padded_canvas_keeps_the_mean_colour_around_a_normalised_image() {
         let img = RgbImage::from_fn(40, 30, |x, y| image::Rgb([(x * 6) as u8, (y * 8) as u8, 99]));
-        let policy = InputPolicy { short_side: 30, max_long_side: 64, multiple: 32, flip: false, standardize: true };
+        let policy = InputPolicy { short_side: 30, max_long_side: 64, multiple: 32, flip: false, normalize: Normalize::Channels };
         let g = geometry(40, 30, &policy);
         assert_eq!((g.resized, g.padded), ((40, 30), (64, 32)));
         let mut out = vec![0f32; 3 * 64 * 32];
-        fill_input(&img, &g, true, g.padded, &mut out);
+        fill_input(&img, &g, Normalize::Channels, g.padded, &mut out);
         let mut expected = rgb_planes(&img);
-        standardize(&mut expected);
+        Normalize::Channels.apply(&mut expected);
         assert_eq!(out[64 * 32 + 5 * 64 + 7], expected[40 * 30 + 5 * 40 + 7], "green at (7, 5)");
         assert_eq!(out[63], crate::model::embedder::IMAGENET_MEAN[0], "padding on the right");
     }

@@ -154,8 +154,9 @@ pub struct ServeConfig {
     /// appearance_weight (4), max_pixels (1048576: larger images are refined scaled down).
     #[arg(long, env = "PICIE_CRF", default_value = "")]
     pub crf: CrfConfig,
-    /// Guided-filter settings (quality `edges`) as key=value pairs over the defaults: radius (24,
-    /// in pixels), eps (0.001), temperature (0: the similarities themselves are filtered),
+    /// Guided-filter settings (quality `edges`) as key=value pairs over the defaults: radius (32,
+    /// in pixels), eps (0.0001), temperature (10: the class probabilities, softmax of 10 times the
+    /// similarities, are filtered; 0 filters the similarities themselves),
     /// max_pixels (524288: larger images are filtered scaled down and the filter's coefficients
     /// scaled back up).
     #[arg(long, env = "PICIE_GUIDED", default_value = "")]

@@ -554,7 +554,7 @@ mod tests {
     #[test]
     fn batched_and_prefetched_embedding_gives_the_sequential_features() {
         let session = shipped_session();
-        let policy = InputPolicy { short_side: 64, max_long_side: 128, multiple: 32, flip: false, standardize: false };
+        let policy = InputPolicy { short_side: 64, max_long_side: 128, multiple: 32, flip: false, normalize: Default::default() };
         let dir = tempfile::tempdir().unwrap();
         // Runs of one size; 80x60 (resized to 85x64) and a large 300x200 photo (resized to
         // 96x64 on the decoding thread) share the 96x64 canvas; 100x64 needs 128x64; an
@@ -621,7 +621,7 @@ mod tests {
     fn canceling_a_prefetched_embedding_stops_it() {
         // Batches of 4 with the decoding thread ahead: cancel after the 6th image, mid-batch.
         let session = shipped_session();
-        let policy = InputPolicy { short_side: 64, max_long_side: 64, multiple: 32, flip: false, standardize: false };
+        let policy = InputPolicy { short_side: 64, max_long_side: 64, multiple: 32, flip: false, normalize: Default::default() };
         let dir = tempfile::tempdir().unwrap();
         let paths = write_noise_images(dir.path(), 40);
         let mut calls = 0;
@@ -644,7 +644,7 @@ mod tests {
     fn embedding_a_dataset_keeps_at_most_the_sample() {
         let session = shipped_session();
         // 64x64 inputs: 16 x 16 = 256 features per image.
-        let policy = InputPolicy { short_side: 64, max_long_side: 64, multiple: 32, flip: false, standardize: false };
+        let policy = InputPolicy { short_side: 64, max_long_side: 64, multiple: 32, flip: false, normalize: Default::default() };
         let dir = tempfile::tempdir().unwrap();
         let paths = write_noise_images(dir.path(), 12);
         let (dim, max) = (128, 300);

@@ -52,7 +52,7 @@ pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
         FpnInit::Pca => fpn_init::spread(paths.len(), fpn_init::PCA_FRAMES).into_iter().map(|i| paths[i].clone()).collect(),
         FpnInit::Random => vec![],
     };
-    let frames = Frames::load(&sampled, TrainConfig::default().frame()).standardized(args.policy.standardize);
+    let frames = Frames::load(&sampled, TrainConfig::default().frame()).normalized(args.policy.normalize);
     let start = starting_weights(config, &weights.sub("backbone"), args.seed, args.fpn_init, &frames)?;
     let embedder = Embedder::load(config, &start, &device)?;
     let provenance = Provenance {

@@ -25,6 +25,7 @@ use super::correspond::{correspondence_loss, CorrespondenceConfig};
 use super::fpn_init::FpnInit;
 use super::kmeans::{assign, KMeansConfig, SphericalKMeans};
 use super::loss::{head_loss, head_weights, pixels, Balance, HeadTargets};
+use crate::infer::preprocess::Normalize;
 use crate::model::embedder::OUTPUT_STRIDE;
 use crate::model::{Embedder, EmbedderConfig, TensorMap};
 
@@ -63,11 +64,10 @@ pub struct TrainConfig {
     /// embedder keeps its own).
     #[serde(default, skip_serializing_if = "FpnInit::is_random")]
     pub fpn_init: FpnInit,
-    /// Standardise every view's colour channels before the network, as the written package's
-    /// input policy then does for every image it segments
-    /// ([`crate::infer::preprocess::standardize`]).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub standardize: bool,
+    /// How every view's colours are normalised before the network, as the written package's
+    /// input policy then does for every image it segments ([`Normalize`]).
+    #[serde(default, skip_serializing_if = "Normalize::is_none")]
+    pub normalize: Normalize,
 }
 
 /// The defaults are the recipe measured best on CamVid (README, "Quality on CamVid"): it made
@@ -90,7 +90,7 @@ impl Default for TrainConfig {
             freeze_stride: 16,
             correspondence: CorrespondenceConfig::default(),
             fpn_init: FpnInit::Pca,
-            standardize: false,
+            normalize: Normalize::None,
         }
     }
 }
@@ -256,8 +256,8 @@ pub struct Frames {
     pub height: usize,
     paths: Vec<PathBuf>,
     pub skipped: Vec<String>,
-    /// Whether each view is standardised before the network ([`Frames::view`]).
-    pub standardize: bool,
+    /// How each view is normalised before the network ([`Frames::view`]).
+    pub normalize: Normalize,
 }
 
 impl Frames {
@@ -275,21 +275,19 @@ impl Frames {
                 }
             }
         }
-        Self { width, height, paths: readable, skipped, standardize: false }
+        Self { width, height, paths: readable, skipped, normalize: Normalize::None }
     }
 
-    /// The same frames, their views standardised (or not) as the package's input policy says.
-    pub fn standardized(self, standardize: bool) -> Self {
-        Self { standardize, ..self }
+    /// The same frames, their views normalised as the package's input policy says.
+    pub fn normalized(self, normalize: Normalize) -> Self {
+        Self { normalize, ..self }
     }
 
-    /// What the network sees of a frame: the photometric view `p` of it, then standardised
-    /// when the frames are.
+    /// What the network sees of a frame: the photometric view `p` of it, then normalised as
+    /// the frames are.
     pub fn view(&self, mut frame: Vec<f32>, p: &Photometric) -> Vec<f32> {
         p.apply(&mut frame, self.width, self.height);
-        if self.standardize {
-            crate::infer::preprocess::standardize(&mut frame);
-        }
+        self.normalize.apply(&mut frame);
         frame
     }
 

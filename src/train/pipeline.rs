@@ -80,9 +80,9 @@ pub fn train_with(
     // A package's embedder trains on images prepared as the package prepares them.
     let mut config = args.config.clone();
     if let Some(pkg) = &source_package {
-        config.standardize = pkg.manifest.input.standardize;
+        config.normalize = pkg.manifest.input.normalize;
     }
-    let frames = Frames::load(paths, config.frame()).standardized(config.standardize);
+    let frames = Frames::load(paths, config.frame()).normalized(config.normalize);
     if !frames.skipped.is_empty() {
         tracing::warn!(skipped = frames.skipped.len(), files = ?frames.skipped, "unreadable images skipped");
     }
@@ -96,7 +96,7 @@ pub fn train_with(
             let fpn = if resuming { FpnInit::Random } else { config.fpn_init };
             let backbone = TensorMap::load_safetensors(weights)?;
             let init = starting_weights(embedder, &backbone.sub("backbone"), config.seed, fpn, &frames)?;
-            (embedder, init, weights.display().to_string(), InputPolicy { standardize: config.standardize, ..InputPolicy::default() })
+            (embedder, init, weights.display().to_string(), InputPolicy { normalize: config.normalize, ..InputPolicy::default() })
         }
         (TrainInit::Package(_), None) => unreachable!("the package was loaded above"),
     };

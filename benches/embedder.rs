@@ -1,9 +1,12 @@
 //! Embedder speed, side by side in one run: ONNX Runtime vs burn (Flex, CPU) per image on a
 //! 480x352 input for the EfficientNet-Lite0 and -Lite2 embedders, the pixel-to-centroid
-//! assignment at the original size, and the /segment work per quality of a package.
+//! assignment at the original size, the /segment work per quality of a package (a 480x360
+//! street frame and a 12 MP phone photo, each quality's cost against `fast`'s in the same run),
+//! refinement variants, and where the dense CRF's time goes.
 //!
 //!     cargo bench --bench embedder            (needs scripts/setup.sh --no-build first)
 //!     BENCH_MODELS=models/default,runs/other cargo bench --bench embedder
+//!     BENCH_ONLY=qualities,crf cargo bench --bench embedder     (parts: embedder, qualities, crf)
 
 use std::time::{Duration, Instant};
 
@@ -61,14 +64,35 @@ fn main() -> anyhow::Result<()> {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let x: Vec<f32> = (0..3 * H * W).map(|i| ((i * 7919) % 1000) as f32 / 999.0).collect();
     let reps = 10;
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let part = |name: &str| only.is_empty() || only.split(',').any(|p| p == name);
+    if part("embedder") {
+        embedders(&root, dir.path(), threads, &x, reps)?;
+    }
+    let models = std::env::var("BENCH_MODELS").unwrap_or_else(|_| root.join("models/default").display().to_string());
+    let photo = preprocess::decode_file(&root.join("fixtures/images/coffee.jpg"))?;
+    for model in models.split(',').filter(|m| !m.is_empty()) {
+        let seg = picie::infer::Segmenter::load(std::path::Path::new(model), DeviceChoice::Cpu, Some(threads))?;
+        if part("qualities") {
+            qualities(&seg, model, &photo)?;
+        }
+        if part("crf") {
+            crf_profile(&seg, &photo)?;
+        }
+    }
+    Ok(())
+}
 
+fn row(name: &str, (m, b): (Duration, Duration)) {
+    println!("{name:<52} {:>10.1} {:>10.1}", m.as_secs_f64() * 1e3, b.as_secs_f64() * 1e3)
+}
+
+fn embedders(root: &std::path::Path, dir: &std::path::Path, threads: usize, x: &[f32], reps: usize) -> anyhow::Result<()> {
     println!("embedder {W}x{H}, batch 1, {threads} threads (median / best of runs)");
     println!("{:<52} {:>10} {:>10}", "", "median ms", "best ms");
-    let row =
-        |name: &str, (m, b): (Duration, Duration)| println!("{name:<52} {:>10.1} {:>10.1}", m.as_secs_f64() * 1e3, b.as_secs_f64() * 1e3);
     let mut lite0_session = None;
     for kind in [BackboneKind::EfficientnetLite0, BackboneKind::EfficientnetLite2] {
-        let ([ort, burn], session) = embedder_times(kind, &root, dir.path(), threads, &x)?;
+        let ([ort, burn], session) = embedder_times(kind, root, dir, threads, x)?;
         row(&format!("{} ONNX Runtime 1.32 (CPU EP)", kind.name()), ort);
         row(&format!("{} burn 0.22 Flex (reference fwd)", kind.name()), burn);
         println!("{:<52} {:>10.2}x", format!("{} ratio burn / ONNX Runtime", kind.name()), burn.0.as_secs_f64() / ort.0.as_secs_f64());
@@ -78,7 +102,7 @@ fn main() -> anyhow::Result<()> {
     // Assignment: K cosine scores at stride 4, bilinear to 480x360 (a CamVid frame), argmax.
     let session = lite0_session.expect("lite0 ran");
     let dim = EmbedderConfig::new(BackboneKind::EfficientnetLite0).dim;
-    let arr = ndarray::Array4::from_shape_vec((1, 3, H, W), x.clone())?;
+    let arr = ndarray::Array4::from_shape_vec((1, 3, H, W), x.to_vec())?;
     let (_, feats) = session.run(&arr)?;
     let mut centroids: Vec<f32> = (0..K * dim).map(|i| ((i * 31) % 17) as f32 - 8.0).collect();
     centroids.chunks_mut(dim).for_each(picie::train::kmeans::normalize);
@@ -92,25 +116,81 @@ fn main() -> anyhow::Result<()> {
         }),
     );
 
-    // What each quality costs per image with a package: decode excluded, embedding, flip
-    // averaging, assignment and the dense CRF included; a street-frame size and 2 MP. The
-    // shipped model unless BENCH_MODELS names packages (comma-separated).
-    let models = std::env::var("BENCH_MODELS").unwrap_or_else(|_| root.join("models/default").display().to_string());
-    let photo = preprocess::decode_file(&root.join("fixtures/images/coffee.jpg"))?;
-    let crf = picie::infer::Refinement::default();
-    for model in models.split(',').filter(|m| !m.is_empty()) {
-        let seg = picie::infer::Segmenter::load(std::path::Path::new(model), DeviceChoice::Cpu, Some(threads))?;
-        println!("\n/segment work per image by quality, {model} (K = {}), median of runs", seg.k());
-        println!("{:<10} {:>14} {:>14}", "quality", "480x360 ms", "1632x1224 ms");
-        for q in picie::infer::Quality::ALL {
-            let mut cells = vec![];
-            for (w, h, reps) in [(480u32, 360u32, 7usize), (1632, 1224, 3)] {
-                let img = image::imageops::resize(&photo, w, h, image::imageops::FilterType::Triangle);
-                let (med, _) = time(reps, || seg.segment_batch_at(std::slice::from_ref(&img), q, &crf).unwrap());
-                cells.push(med.as_secs_f64() * 1e3);
-            }
-            println!("{:<10} {:>14.1} {:>14.1}", q.as_str(), cells[0], cells[1]);
-        }
+    Ok(())
+}
+
+/// What each quality costs per image with a package, decode excluded (embedding, flip
+/// averaging, assignment and the refinement included): a street frame and a 12 MP photo, and
+/// each against `fast` in the same run; then refinement variants on the street frame.
+fn qualities(seg: &picie::infer::Segmenter, model: &str, photo: &image::RgbImage) -> anyhow::Result<()> {
+    use picie::infer::{CrfConfig, GuidedConfig, Quality, Refinement};
+    let sized = |w: u32, h: u32| image::imageops::resize(photo, w, h, image::imageops::FilterType::Triangle);
+    let (frame, phone) = (sized(480, 360), sized(4000, 3000));
+    let cost = |img: &image::RgbImage, q: Quality, r: &Refinement, reps: usize| {
+        time(reps, || seg.segment_batch_at(std::slice::from_ref(img), q, r).unwrap()).0.as_secs_f64() * 1e3
+    };
+    let default = Refinement::default();
+    println!("\n/segment work per image by quality, {model} (K = {}), median of runs", seg.k());
+    println!("{:<10} {:>12} {:>10} {:>14} {:>10}", "quality", "480x360 ms", "x fast", "4000x3000 ms", "ms / MP");
+    let fast = cost(&frame, Quality::Fast, &default, 9);
+    for q in Quality::ALL {
+        let small = if q == Quality::Fast { fast } else { cost(&frame, q, &default, 7) };
+        let large = cost(&phone, q, &default, 3);
+        println!("{:<10} {:>12.1} {:>10.2} {:>14.1} {:>10.1}", q.as_str(), small, small / fast, large, large / 12.0);
     }
+    println!("\nrefinement variants at 480x360 (the embedding and assignment included), median of runs");
+    println!("{:<40} {:>10} {:>10}", "variant", "ms", "x fast");
+    let crf = |c: &str| Refinement { crf: c.parse::<CrfConfig>().unwrap(), ..default };
+    let guided = |g: &str| Refinement { guided: g.parse::<GuidedConfig>().unwrap(), ..default };
+    for (name, q, r) in [
+        ("fast", Quality::Fast, default),
+        ("crf, 10 iterations (the crf quality)", Quality::Crf, default),
+        ("crf, 5 iterations", Quality::Crf, crf("iterations=5")),
+        ("crf, 3 iterations", Quality::Crf, crf("iterations=3")),
+        ("crf at half resolution", Quality::Crf, crf("max_pixels=43200")),
+        ("edges at the network's resolution", Quality::Edges, guided("scale=1")),
+        ("edges at half of it (the edges quality)", Quality::Edges, default),
+        ("edges at a quarter of it", Quality::Edges, guided("scale=0.25")),
+    ] {
+        let ms = cost(&frame, q, &r, 7);
+        println!("{name:<40} {ms:>10.1} {:>10.2}", ms / fast);
+    }
+    Ok(())
+}
+
+/// Where the dense CRF's time goes on a street frame, phase by phase over its iterations.
+fn crf_profile(seg: &picie::infer::Segmenter, photo: &image::RgbImage) -> anyhow::Result<()> {
+    use picie::infer::crf::{refine_profiled, CrfConfig, CrfProfile};
+    let frame = image::imageops::resize(photo, 480, 360, image::imageops::FilterType::Triangle);
+    let f = seg.embed(std::slice::from_ref(&frame))?.remove(0);
+    let config = CrfConfig::default();
+    let centroids = seg.package.centroids.matrix();
+    let k = seg.k();
+    let scores = assign::similarities(&f.data, f.dim, f.width * f.height, &centroids);
+    let mut logits = assign::scores_at_size(&scores, k, (f.width, f.height), &f.geometry, (480, 360));
+    logits.iter_mut().for_each(|v| *v *= config.temperature);
+    let runs = 5;
+    let mut profile = CrfProfile::default();
+    for _ in 0..runs {
+        refine_profiled(&frame, &logits, k, &config, &mut profile);
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3 / runs as f64;
+    let total = ms(profile.total());
+    println!("\ndense CRF on 480x360, K = {k}, {} iterations: mean of {runs} runs", config.iterations);
+    println!("{:<44} {:>10} {:>8}", "phase", "ms", "share");
+    for (name, d) in [
+        ("unary (softmax, -log p)", profile.unary),
+        ("appearance features and lattice build", profile.lattice),
+        ("normalisers (filters of ones)", profile.normalisers),
+        ("Q into both kernels' layouts", profile.layouts),
+        ("smoothness kernel (exact blur)", profile.smooth),
+        ("lattice splat", profile.splat),
+        ("lattice blur", profile.blur),
+        ("lattice slice", profile.slice),
+        ("Potts update, softmax, argmax", profile.update),
+    ] {
+        println!("{name:<44} {:>10.1} {:>7.0}%", ms(d), 100.0 * ms(d) / total);
+    }
+    println!("{:<44} {:>10.1}", "total", total);
     Ok(())
 }

@@ -160,9 +160,58 @@ pub fn refine(image: &RgbImage, logits: &[f32], k: usize, config: &CrfConfig) ->
     refine_with_confidence(image, logits, k, config).0
 }
 
+/// Where a CRF run's time went, phase by phase (the iterations' phases summed over them).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CrfProfile {
+    /// Softmax of the logits and the unary term.
+    pub unary: std::time::Duration,
+    /// The appearance kernel's features and the lattice over them.
+    pub lattice: std::time::Duration,
+    /// Both kernels' normalisers (a filter of ones each).
+    pub normalisers: std::time::Duration,
+    /// Q scaled by the normalisers into both kernels' layouts.
+    pub layouts: std::time::Duration,
+    /// The smoothness kernel's exact blur.
+    pub smooth: std::time::Duration,
+    pub splat: std::time::Duration,
+    pub blur: std::time::Duration,
+    pub slice: std::time::Duration,
+    /// The Potts update, the softmax and the final argmax.
+    pub update: std::time::Duration,
+}
+
+impl CrfProfile {
+    pub fn total(&self) -> std::time::Duration {
+        self.unary + self.lattice + self.normalisers + self.layouts + self.smooth + self.splat + self.blur + self.slice + self.update
+    }
+}
+
+/// [`refine`], timing each phase into `profile`.
+pub fn refine_profiled(image: &RgbImage, logits: &[f32], k: usize, config: &CrfConfig, profile: &mut CrfProfile) -> Vec<u8> {
+    refine_impl(image, logits, k, config, Some(profile)).0
+}
+
 /// [`refine`], with each pixel's final marginal probability of its label (how sure the CRF is:
 /// self-training keeps only confident pixels).
 pub fn refine_with_confidence(image: &RgbImage, logits: &[f32], k: usize, config: &CrfConfig) -> (Vec<u8>, Vec<f32>) {
+    refine_impl(image, logits, k, config, None)
+}
+
+fn refine_impl(
+    image: &RgbImage,
+    logits: &[f32],
+    k: usize,
+    config: &CrfConfig,
+    mut profile: Option<&mut CrfProfile>,
+) -> (Vec<u8>, Vec<f32>) {
+    let mut clock = std::time::Instant::now();
+    // Adds the time since the last lap to a phase of the profile, when there is one.
+    let mut lap = |phase: fn(&mut CrfProfile) -> &mut std::time::Duration| {
+        if let Some(p) = profile.as_deref_mut() {
+            *phase(p) += clock.elapsed();
+            clock = std::time::Instant::now();
+        }
+    };
     let (w, h) = (image.width() as usize, image.height() as usize);
     let n = w * h;
     assert_eq!(logits.len(), n * k, "logits must be pixels x classes");
@@ -175,9 +224,11 @@ pub fn refine_with_confidence(image: &RgbImage, logits: &[f32], k: usize, config
     let unary: Vec<f32> = q.par_iter().map(|p| -p.max(MIN_PROBABILITY).ln()).collect();
     q.par_iter_mut().zip(&unary).for_each(|(v, u)| *v = -u);
     softmax_rows(&mut q, k);
+    lap(|p| &mut p.unary);
 
     // Smoothness kernel (planar, exact) and appearance kernel (pixel-major, lattice).
     let smooth_norm = normaliser(gaussian_blur_planes(&vec![1.0; n], w, h, config.smooth_sxy));
+    lap(|p| &mut p.normalisers);
     let features: Vec<f32> = image
         .pixels()
         .enumerate()
@@ -194,7 +245,9 @@ pub fn refine_with_confidence(image: &RgbImage, logits: &[f32], k: usize, config
         .collect();
     let lattice = Lattice::new(&features, 5);
     drop(features);
+    lap(|p| &mut p.lattice);
     let appearance_norm = normaliser(lattice.filter(&vec![1.0; n], 1));
+    lap(|p| &mut p.normalisers);
 
     let mut planes = vec![0f32; n * k];
     let mut scaled = vec![0f32; n * k];
@@ -208,8 +261,15 @@ pub fn refine_with_confidence(image: &RgbImage, logits: &[f32], k: usize, config
         scaled.par_chunks_mut(k).zip(q.par_chunks(k)).zip(&appearance_norm).for_each(|((o, row), &a)| {
             o.iter_mut().zip(row).for_each(|(o, v)| *o = v * a);
         });
+        lap(|p| &mut p.layouts);
         let smooth = gaussian_blur_planes(&planes, w, h, config.smooth_sxy);
-        let appearance = lattice.filter(&scaled, k);
+        lap(|p| &mut p.smooth);
+        let grid = lattice.splat(&scaled, k);
+        lap(|p| &mut p.splat);
+        let grid = lattice.blur(grid, k);
+        lap(|p| &mut p.blur);
+        let appearance = lattice.slice(grid, k);
+        lap(|p| &mut p.slice);
         // Potts compatibility: a class gains what the kernels say its neighbours hold of it.
         q.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
             let (sn, an) = (config.smooth_weight * smooth_norm[i], config.appearance_weight * appearance_norm[i]);
@@ -218,8 +278,10 @@ pub fn refine_with_confidence(image: &RgbImage, logits: &[f32], k: usize, config
             }
         });
         softmax_rows(&mut q, k);
+        lap(|p| &mut p.update);
     }
-    q.par_chunks(k)
+    let out = q
+        .par_chunks(k)
         .map(|row| {
             let mut best = 0;
             for c in 1..k {
@@ -229,7 +291,9 @@ pub fn refine_with_confidence(image: &RgbImage, logits: &[f32], k: usize, config
             }
             (best as u8, row[best])
         })
-        .unzip()
+        .unzip();
+    lap(|p| &mut p.update);
+    out
 }
 
 /// The size, at most the image's own, at which an image of `w` x `h` with `k` classes fits

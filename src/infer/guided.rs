@@ -19,14 +19,18 @@ use super::preprocess::Geometry;
 /// Settings of the guided filter.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GuidedConfig {
-    /// Window radius in pixels of the working size: the distance over which a score may follow
-    /// the colours (the features' own resolution is 4 pixels of the network's input).
-    pub radius: usize,
+    /// Window radius, in pixels of the network's input (the image at the package's short side):
+    /// the distance over which a score may follow the colours.
+    pub radius: f32,
     /// Regularisation (colour variance units, colours in [0, 1]): windows whose colour varies less
     /// than about sqrt(eps) keep their scores' mean instead of following the colours.
     pub eps: f32,
-    /// Images with more pixels are filtered at a reduced size, their coefficients scaled up.
-    pub max_pixels: usize,
+    /// The filter works at this fraction of the network's input size (its features are at a
+    /// quarter of it): its cost does not grow with the image.
+    pub scale: f32,
+    /// Labels are made for at most this many pixels; a larger image's labels are scaled up
+    /// (nearest).
+    pub max_output_pixels: usize,
     /// What is filtered: the cosine similarities as they are (0), or the class probabilities,
     /// softmax of the similarities times this.
     pub temperature: f32,
@@ -34,29 +38,35 @@ pub struct GuidedConfig {
 
 impl Default for GuidedConfig {
     fn default() -> Self {
-        Self { radius: 32, eps: 1e-4, max_pixels: 1 << 19, temperature: 10.0 }
+        Self { radius: 32.0, eps: 1e-4, scale: 0.5, max_output_pixels: 1 << 20, temperature: 10.0 }
     }
 }
 
 impl std::str::FromStr for GuidedConfig {
     type Err = String;
-    /// `key=value` pairs, comma-separated, over the defaults: `radius`, `eps`, `max_pixels`,
-    /// `temperature`.
+    /// `key=value` pairs, comma-separated, over the defaults: `radius`, `eps`, `scale`,
+    /// `max_output_pixels`, `temperature`.
     fn from_str(s: &str) -> Result<Self, String> {
         let mut c = GuidedConfig::default();
         for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').ok_or_else(|| format!("`{pair}` is not key=value"))?;
-            let count =
-                || value.parse::<usize>().ok().filter(|v| *v > 0).ok_or_else(|| format!("{key}: `{value}` is not a positive whole number"));
+            let positive = || {
+                value
+                    .parse::<f32>()
+                    .ok()
+                    .filter(|v| v.is_finite() && *v > 0.0)
+                    .ok_or_else(|| format!("{key}: `{value}` is not a positive number"))
+            };
             match key {
-                "radius" => c.radius = count()?,
-                "max_pixels" => c.max_pixels = count()?,
-                "eps" => {
-                    c.eps = value
-                        .parse::<f32>()
+                "radius" => c.radius = positive()?,
+                "eps" => c.eps = positive()?,
+                "scale" => c.scale = positive()?.min(1.0),
+                "max_output_pixels" => {
+                    c.max_output_pixels = value
+                        .parse::<usize>()
                         .ok()
-                        .filter(|v| v.is_finite() && *v > 0.0)
-                        .ok_or_else(|| format!("eps: `{value}` is not a positive number"))?
+                        .filter(|v| *v > 0)
+                        .ok_or_else(|| format!("{key}: `{value}` is not a positive whole number"))?
                 }
                 "temperature" => {
                     c.temperature = value
@@ -72,20 +82,20 @@ impl std::str::FromStr for GuidedConfig {
     }
 }
 
-/// The size the filter works at for an image of `w` x `h`: the image's own, or scaled down
-/// (aspect ratio kept) to at most `max_pixels`.
-pub fn working_size(w: u32, h: u32, max_pixels: usize) -> (usize, usize) {
+/// `(w, h)` scaled down, aspect ratio kept, to at most `max_pixels` (unchanged when it fits).
+pub fn fit(w: usize, h: usize, max_pixels: usize) -> (usize, usize) {
     let n = w as f64 * h as f64;
     if n <= max_pixels as f64 {
-        return (w as usize, h as usize);
+        return (w, h);
     }
     let s = (max_pixels as f64 / n).sqrt();
     (((w as f64 * s).floor() as usize).max(1), ((h as f64 * s).floor() as usize).max(1))
 }
 
 /// Labels at the original image size: K score maps of size `feat` on the stride-4 feature grid,
-/// each guided-filtered with `image` (the original the features were made from), then the
-/// argmax per pixel.
+/// each guided-filtered with `image` (the original the features were made from) at the working
+/// size, the filter's coefficients scaled up to the output size and applied to its colours,
+/// then the argmax per pixel.
 pub fn labels_guided(
     scores: &[f32],
     k: usize,
@@ -96,57 +106,69 @@ pub fn labels_guided(
 ) -> LabelMask {
     let (ow, oh) = (geom.original.0 as usize, geom.original.1 as usize);
     debug_assert_eq!((image.width() as usize, image.height() as usize), (ow, oh));
-    let (ww, wh) = working_size(ow as u32, oh as u32, config.max_pixels);
-    let small;
-    let guide_image = if (ww, wh) == (ow, oh) {
-        image
-    } else {
-        small = image::imageops::resize(image, ww as u32, wh as u32, image::imageops::FilterType::Triangle);
-        &small
+    let resize = |w: usize, h: usize| {
+        if (w, h) == (ow, oh) {
+            std::borrow::Cow::Borrowed(image)
+        } else {
+            std::borrow::Cow::Owned(image::imageops::resize(image, w as u32, h as u32, image::imageops::FilterType::Triangle))
+        }
     };
-    let guide = Guide::new(guide_image, config.radius, config.eps);
+    let scale = config.scale.clamp(0.05, 1.0);
+    let (ww, wh) =
+        (((geom.resized.0 as f32 * scale).round() as usize).clamp(1, ow), ((geom.resized.1 as f32 * scale).round() as usize).clamp(1, oh));
+    let radius = ((config.radius * scale).round() as usize).max(1);
+    let guide = Guide::new(&resize(ww, wh), radius, config.eps);
     let mut interleaved = scores_at_size(scores, k, feat, geom, (ww, wh));
     if config.temperature > 0.0 {
         interleaved.par_chunks_mut(k).for_each(|px| softmax(px, config.temperature));
     }
     let p = planes(&interleaved, k, ww * wh);
-    let full = (ww, wh) != (ow, oh);
-    let colours = full.then(|| rgb(image));
-    let mut best = vec![f32::NEG_INFINITY; ow * oh];
-    let mut labels = vec![0u8; ow * oh];
-    for (cls, plane) in p.chunks(ww * wh).enumerate() {
-        let [a0, a1, a2, b] = guide.coefficients(plane);
-        let update = |q: f32, best: &mut f32, label: &mut u8| {
-            if q > *best {
-                *best = q;
-                *label = cls as u8;
+    // The coefficients of every class (classes in parallel), then interleaved working pixel after
+    // working pixel: [a0 a1 a2 b] per class.
+    let maps: Vec<[Vec<f32>; 4]> = p.par_chunks(ww * wh).map(|plane| guide.coefficients(plane)).collect();
+    let mut coef = vec![0f32; ww * wh * k * 4];
+    coef.par_chunks_mut(k * 4).enumerate().for_each(|(px, c)| {
+        for (cls, m) in maps.iter().enumerate() {
+            for j in 0..4 {
+                c[cls * 4 + j] = m[j][px];
             }
-        };
-        if !full {
-            let i = &guide.colours;
-            best.par_iter_mut().zip(labels.par_iter_mut()).enumerate().for_each(|(px, (bst, lab))| {
-                let q = a0[px] * i[0][px] + a1[px] * i[1][px] + a2[px] * i[2][px] + b[px];
-                update(q, bst, lab);
-            });
-        } else {
-            let i = colours.as_ref().expect("full-size colours");
-            let (sx, sy) = (ww as f32 / ow as f32, wh as f32 / oh as f32);
-            let xs: Vec<(usize, usize, f32)> = (0..ow).map(|x| sample(x, sx, ww)).collect();
-            best.par_chunks_mut(ow).zip(labels.par_chunks_mut(ow)).enumerate().for_each(|(y, (brow, lrow))| {
-                let (y0, y1, fy) = sample(y, sy, wh);
-                for (x, (bst, lab)) in brow.iter_mut().zip(lrow.iter_mut()).enumerate() {
-                    let (x0, x1, fx) = xs[x];
-                    let at = |m: &[f32]| {
-                        let top = m[y0 * ww + x0] * (1.0 - fx) + m[y0 * ww + x1] * fx;
-                        let bottom = m[y1 * ww + x0] * (1.0 - fx) + m[y1 * ww + x1] * fx;
-                        top * (1.0 - fy) + bottom * fy
-                    };
-                    let px = y * ow + x;
-                    let q = at(&a0) * i[0][px] + at(&a1) * i[1][px] + at(&a2) * i[2][px] + at(&b);
-                    update(q, bst, lab);
-                }
-            });
         }
+    });
+    let (tw, th) = fit(ow, oh, config.max_output_pixels);
+    let target = resize(tw, th);
+    let colours = rgb(&target);
+    let (sx, sy) = (ww as f32 / tw as f32, wh as f32 / th as f32);
+    let xs: Vec<(usize, usize, f32)> = (0..tw).map(|x| sample(x, sx, ww)).collect();
+    let mut labels = vec![0u8; tw * th];
+    labels.par_chunks_mut(tw).enumerate().for_each(|(y, row)| {
+        let (y0, y1, fy) = sample(y, sy, wh);
+        let mut acc = vec![0f32; k * 4];
+        for (x, out) in row.iter_mut().enumerate() {
+            let (x0, x1, fx) = xs[x];
+            acc.fill(0.0);
+            for (px, w) in [
+                (y0 * ww + x0, (1.0 - fx) * (1.0 - fy)),
+                (y0 * ww + x1, fx * (1.0 - fy)),
+                (y1 * ww + x0, (1.0 - fx) * fy),
+                (y1 * ww + x1, fx * fy),
+            ] {
+                acc.iter_mut().zip(&coef[px * k * 4..(px + 1) * k * 4]).for_each(|(a, c)| *a += w * c);
+            }
+            let i = y * tw + x;
+            let (r, g, b) = (colours[0][i], colours[1][i], colours[2][i]);
+            let mut best = (f32::NEG_INFINITY, 0u8);
+            for (cls, c) in acc.chunks_exact(4).enumerate() {
+                let q = c[0] * r + c[1] * g + c[2] * b + c[3];
+                if q > best.0 {
+                    best = (q, cls as u8);
+                }
+            }
+            *out = best.1;
+        }
+    });
+    if (tw, th) != (ow, oh) {
+        let source = |i: usize| ((i / ow) * th / oh) * tw + (i % ow) * tw / ow;
+        labels = (0..ow * oh).into_par_iter().map(|i| labels[source(i)]).collect();
     }
     LabelMask { width: ow as u32, height: oh as u32, labels }
 }
@@ -271,65 +293,38 @@ impl Guide {
 }
 
 /// The mean over the (2r + 1)^2 window around every pixel, the window clipped at the borders
-/// (divided by the pixels it holds there): running sums along rows, then along columns, so the
-/// cost does not grow with r.
+/// (divided by the pixels it holds there): a running sum along each row, then running sums down
+/// the columns, a whole row at a time; the cost does not grow with r.
 pub fn box_mean(src: &[f32], w: usize, h: usize, r: usize) -> Vec<f32> {
     let mut rows = vec![0f32; w * h];
-    rows.par_chunks_mut(w).zip(src.par_chunks(w)).for_each(|(out, row)| running_mean(row, out, r));
-    // Columns: running sums down the rows, a strip of columns per task.
-    const STRIP: usize = 64;
-    let mut out = vec![0f32; w * h];
-    let strips: Vec<usize> = (0..w).step_by(STRIP).collect();
-    let columns: Vec<Vec<f32>> = strips
-        .par_iter()
-        .map(|&x0| {
-            let sw = STRIP.min(w - x0);
-            let mut acc = vec![0f32; sw];
-            let mut result = vec![0f32; sw * h];
-            // acc holds the sum of rows [lo, hi) for the current output row.
-            let (mut lo, mut hi) = (0usize, 0usize);
-            for y in 0..h {
-                let (want_lo, want_hi) = (y.saturating_sub(r), (y + r + 1).min(h));
-                while hi < want_hi {
-                    acc.iter_mut().zip(&rows[hi * w + x0..hi * w + x0 + sw]).for_each(|(a, v)| *a += v);
-                    hi += 1;
-                }
-                while lo < want_lo {
-                    acc.iter_mut().zip(&rows[lo * w + x0..lo * w + x0 + sw]).for_each(|(a, v)| *a -= v);
-                    lo += 1;
-                }
-                let inv = 1.0 / (hi - lo) as f32;
-                result[y * sw..(y + 1) * sw].iter_mut().zip(&acc).for_each(|(o, a)| *o = a * inv);
+    for (row, out) in src.chunks_exact(w).zip(rows.chunks_exact_mut(w)) {
+        let mut acc: f32 = row[..(r + 1).min(w)].iter().sum();
+        for x in 0..w {
+            out[x] = acc / ((x + r + 1).min(w) - x.saturating_sub(r)) as f32;
+            if x + r + 1 < w {
+                acc += row[x + r + 1];
             }
-            result
-        })
-        .collect();
-    for (&x0, strip) in strips.iter().zip(&columns) {
-        let sw = STRIP.min(w - x0);
-        for y in 0..h {
-            out[y * w + x0..y * w + x0 + sw].copy_from_slice(&strip[y * sw..(y + 1) * sw]);
+            if x >= r {
+                acc -= row[x - r];
+            }
+        }
+    }
+    let mut out = vec![0f32; w * h];
+    let mut acc = vec![0f32; w];
+    for y in 0..(r + 1).min(h) {
+        acc.iter_mut().zip(&rows[y * w..(y + 1) * w]).for_each(|(a, v)| *a += v);
+    }
+    for y in 0..h {
+        let inv = 1.0 / ((y + r + 1).min(h) - y.saturating_sub(r)) as f32;
+        out[y * w..(y + 1) * w].iter_mut().zip(&acc).for_each(|(o, a)| *o = a * inv);
+        if y + r + 1 < h {
+            acc.iter_mut().zip(&rows[(y + r + 1) * w..(y + r + 2) * w]).for_each(|(a, v)| *a += v);
+        }
+        if y >= r {
+            acc.iter_mut().zip(&rows[(y - r) * w..(y - r + 1) * w]).for_each(|(a, v)| *a -= v);
         }
     }
     out
-}
-
-/// The clipped running mean of one row (or column) with radius r.
-fn running_mean(src: &[f32], out: &mut [f32], r: usize) {
-    let n = src.len();
-    let mut acc = 0f64;
-    let (mut lo, mut hi) = (0usize, 0usize);
-    for (i, o) in out.iter_mut().enumerate() {
-        let (want_lo, want_hi) = (i.saturating_sub(r), (i + r + 1).min(n));
-        while hi < want_hi {
-            acc += src[hi] as f64;
-            hi += 1;
-        }
-        while lo < want_lo {
-            acc -= src[lo] as f64;
-            lo += 1;
-        }
-        *o = (acc / (hi - lo) as f64) as f32;
-    }
 }
 
 #[cfg(test)]
@@ -384,7 +379,7 @@ mod tests {
             (16, 8),
             &geom,
             &image,
-            &GuidedConfig { radius: 24, eps: 1e-4, max_pixels: 1 << 20, temperature: 0.0 },
+            &GuidedConfig { radius: 24.0, eps: 1e-4, scale: 1.0, max_output_pixels: 1 << 20, temperature: 0.0 },
         );
         let first_right = |m: &LabelMask| (0..64).position(|x| m.labels[16 * 64 + x] == 1).unwrap();
         assert_eq!(first_right(&plain), 32, "the features alone cut at their own boundary");
@@ -397,8 +392,7 @@ mod tests {
     #[test]
     fn a_large_image_is_filtered_small_and_keeps_a_sharp_edge() {
         let (image, scores, geom) = split_scene();
-        let config = GuidedConfig { radius: 12, eps: 1e-4, max_pixels: 512, temperature: 0.0 };
-        assert_eq!(working_size(64, 32, 512), (32, 16));
+        let config = GuidedConfig { radius: 24.0, eps: 1e-4, scale: 0.5, max_output_pixels: 1 << 20, temperature: 0.0 };
         let refined = labels_guided(&scores, 2, (16, 8), &geom, &image, &config);
         let row: Vec<u8> = refined.labels[16 * 64..17 * 64].to_vec();
         let first_right = row.iter().position(|&l| l == 1).unwrap();
@@ -408,8 +402,9 @@ mod tests {
 
     #[test]
     fn settings_parse_over_the_defaults() {
-        let c: GuidedConfig = "radius=4, eps=0.01, temperature=10".parse().unwrap();
-        assert_eq!((c.radius, c.eps, c.max_pixels, c.temperature), (4, 0.01, GuidedConfig::default().max_pixels, 10.0));
+        let c: GuidedConfig = "radius=4, eps=0.01, temperature=0, scale=2".parse().unwrap();
+        assert_eq!((c.radius, c.eps, c.scale, c.temperature), (4.0, 0.01, 1.0, 0.0));
+        assert_eq!(c.max_output_pixels, GuidedConfig::default().max_output_pixels);
         assert!("radius=0".parse::<GuidedConfig>().is_err());
         assert!("colour=1".parse::<GuidedConfig>().is_err());
     }

@@ -271,9 +271,14 @@ impl Lattice {
     /// lattice's feature space; the result has the same layout. Each output includes the
     /// point's own value.
     pub fn filter(&self, values: &[f32], c: usize) -> Vec<f32> {
+        self.slice(self.blur(self.splat(values, c), c), c)
+    }
+
+    /// Splatting: each lattice vertex gathers its points' values, weighted barycentrically
+    /// (vertices x `c`).
+    pub fn splat(&self, values: &[f32], c: usize) -> Vec<f32> {
         assert_eq!(values.len(), self.n * c, "values must be n x c");
-        let (d, m) = (self.d, self.m);
-        // Splat.
+        let m = self.m;
         let mut grid = vec![0f32; m * c];
         grid.par_chunks_mut(c).enumerate().for_each(|(v, out)| {
             for &(p, w) in &self.entries[self.start[v] as usize..self.start[v + 1] as usize] {
@@ -283,7 +288,12 @@ impl Lattice {
                 }
             }
         });
-        // Blur along each lattice axis with [1 2 1] / 2 (the missing neighbours count as zero).
+        grid
+    }
+
+    /// Blurring along each lattice axis with [1 2 1] / 2 (the missing neighbours count as zero).
+    pub fn blur(&self, mut grid: Vec<f32>, c: usize) -> Vec<f32> {
+        let (d, m) = (self.d, self.m);
         let mut next = vec![0f32; m * c];
         for j in 0..=d {
             let nb = &self.neighbours[j * m..(j + 1) * m];
@@ -302,7 +312,13 @@ impl Lattice {
             });
             std::mem::swap(&mut grid, &mut next);
         }
-        // Slice, with the constant that makes the blur's scale match (Adams et al.).
+        grid
+    }
+
+    /// Slicing: each point reads its vertices back, with the constant that makes the blur's
+    /// scale match (Adams et al.).
+    pub fn slice(&self, grid: Vec<f32>, c: usize) -> Vec<f32> {
+        let d = self.d;
         let alpha = 1.0 / (1.0 + 2f32.powi(-(d as i32)));
         let mut out = vec![0f32; self.n * c];
         out.par_chunks_mut(c).enumerate().for_each(|(p, o)| {

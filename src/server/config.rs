@@ -155,10 +155,10 @@ pub struct ServeConfig {
     #[arg(long, env = "PICIE_CRF", default_value = "")]
     pub crf: CrfConfig,
     /// Guided-filter settings (quality `edges`) as key=value pairs over the defaults: radius (32,
-    /// in pixels), eps (0.0001), temperature (10: the class probabilities, softmax of 10 times the
-    /// similarities, are filtered; 0 filters the similarities themselves),
-    /// max_pixels (524288: larger images are filtered scaled down and the filter's coefficients
-    /// scaled back up).
+    /// in pixels of the network's input), eps (0.0001), temperature (10: the class probabilities,
+    /// softmax of 10 times the similarities, are filtered; 0 filters the similarities), scale
+    /// (0.5: the filter works at half the network's input size, its coefficients scaled up),
+    /// max_output_pixels (1048576: larger images' labels are scaled up).
     #[arg(long, env = "PICIE_GUIDED", default_value = "")]
     pub guided: GuidedConfig,
     /// Images per inference batch when requests queue up.

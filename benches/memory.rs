@@ -40,7 +40,7 @@ impl Server {
             .current_dir(root)
             .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--models-dir", "models", "--data-dir"])
             .arg(data.path().join("data"))
-            // The figures in the README were measured at this quality; PICIE_QUALITY overrides.
+            // The figures in docs/benchmarks.md were measured at this quality; PICIE_QUALITY overrides.
             .args(["--quality", &std::env::var("PICIE_QUALITY").unwrap_or_else(|_| "fast".into())])
             .stdout(Stdio::null())
             .stderr(log)

@@ -160,7 +160,6 @@ fn main() -> anyhow::Result<()> {
         ),
         Err(e) => println!("PyTorch: not measured ({e}); reference: {TORCH_REFERENCE}"),
     }
-    println!("reference (steering): faiss 20 iters: 7.1 s");
     if let Some(rows) = breakdown {
         let total: f64 = rows.iter().map(|r| r.1).sum();
         let before: f64 = rows.iter().map(|r| r.2).sum();

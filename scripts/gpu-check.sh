@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, in two phases (README, Benchmarks, "GPU").
+# The one prepared GPU check, in two phases (docs/gpu.md).
 #
 # Here, on the development machine (network, cargo):
 #   scripts/gpu-check.sh prepare   fetch onnxruntime-gpu $ORT_GPU_VERSION from PyPI (scripts/setup.sh --gpu),

@@ -63,8 +63,8 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
-        /// fast, flip (average over a horizontal flip), crf (dense CRF on the labels, the
-        /// server's default) or best (both).
+        /// fast, flip (average over a horizontal flip), edges (scores guided-filtered with the
+        /// image), crf (dense CRF on the labels) or best (flip and crf).
         #[arg(long, default_value = "crf")]
         quality: Quality,
         /// Dense CRF settings, key=value pairs over the defaults (see `picie serve --help`).

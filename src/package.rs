@@ -415,10 +415,9 @@ impl Package {
         let bytes = serde_json::to_vec_pretty(centroids)?;
         let mut manifest = self.manifest.clone();
         manifest.sha256.insert(CENTROIDS_FILE.into(), sha256_hex(&bytes));
-        let tmp = dest;
         let result = (|| -> Result<()> {
-            std::fs::create_dir_all(tmp.parent().unwrap_or(Path::new(".")))?;
-            std::fs::create_dir(tmp)?;
+            std::fs::create_dir_all(dest.parent().unwrap_or(Path::new(".")))?;
+            std::fs::create_dir(dest)?;
             for e in std::fs::read_dir(&self.dir)? {
                 let e = e?;
                 let file = e.file_name();
@@ -427,17 +426,17 @@ impl Package {
                 }
                 // Files in a package are never changed in place (only renamed over), so a link
                 // shares nothing that could change under the old package.
-                if std::fs::hard_link(e.path(), tmp.join(&file)).is_err() {
-                    std::fs::copy(e.path(), tmp.join(&file)).with_context(|| format!("copying {}", e.path().display()))?;
+                if std::fs::hard_link(e.path(), dest.join(&file)).is_err() {
+                    std::fs::copy(e.path(), dest.join(&file)).with_context(|| format!("copying {}", e.path().display()))?;
                 }
             }
-            write_synced(&tmp.join(CENTROIDS_FILE), &bytes)?;
-            write_synced(&tmp.join(MANIFEST_FILE), &serde_json::to_vec_pretty(&manifest)?)?;
-            crate::util::sync_dir(tmp)?;
+            write_synced(&dest.join(CENTROIDS_FILE), &bytes)?;
+            write_synced(&dest.join(MANIFEST_FILE), &serde_json::to_vec_pretty(&manifest)?)?;
+            crate::util::sync_dir(dest)?;
             Ok(())
         })();
         if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(tmp);
+            let _ = std::fs::remove_dir_all(dest);
             return Err(e.context(format!("staging new centroids for {}", self.dir.display())));
         }
         Ok(manifest)

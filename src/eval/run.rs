@@ -46,7 +46,7 @@ pub struct EvalArgs {
     /// (those of the last quality listed).
     #[arg(long)]
     pub record_metrics: Option<String>,
-    /// Qualities to score, comma-separated (fast, flip, crf, best: as `/segment?quality=`);
+    /// Qualities to score, comma-separated (fast, flip, edges, crf, best: as `/segment?quality=`);
     /// each is a row. Default: crf, the server's default.
     #[arg(long, value_delimiter = ',', default_value = "crf")]
     pub quality: Vec<Quality>,

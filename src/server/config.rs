@@ -189,13 +189,15 @@ pub struct ServeConfig {
     /// again after this.
     #[arg(long, env = "PICIE_LEASE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub lease_secs: u64,
-    /// How often replicas look for a newly activated model and idle workers for queued jobs.
+    /// Changes arrive by PostgreSQL LISTEN/NOTIFY; this is the longest an idle worker waits
+    /// before looking for queued jobs anyway (and five times it, a replica for a newly
+    /// activated model), in case a notice was lost with its connection.
     #[arg(long, env = "PICIE_SYNC_INTERVAL_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
     pub sync_interval_ms: u64,
 }
 
 /// The quality of a `/segment` request that names none: the dense CRF, the one lever that pays
-/// on CamVid (README, "Quality on CamVid"); flip averaging did not, alone or with it.
+/// on CamVid (docs/quality.md); flip averaging did not, alone or with it.
 pub const DEFAULT_QUALITY: Quality = Quality::Crf;
 
 /// Half the available cores, at least 1: jobs leave the rest to inference.

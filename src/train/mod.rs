@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod correspond;
 pub mod device;
 pub mod fpn_init;
+pub mod frames;
 pub mod kmeans;
 pub mod loss;
 pub mod memory;

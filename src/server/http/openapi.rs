@@ -76,7 +76,7 @@ impl Modify for ErrorResponses {
                 }
                 if guarded {
                     add("401", "An API key is configured and the request lacks it");
-                    add("403", "No API key is configured and the client is not on loopback");
+                    add("403", "No API key is configured and the client is not a direct loopback client on a loopback or configured Host, or the request is cross-site");
                 }
                 if has_body {
                     add("413", "Body too large");

@@ -1,8 +1,9 @@
 //! Blobs of a scaled-out server (model packages, dataset images, checkpoints) through the
 //! `object_store` crate: S3-compatible object storage (`s3://bucket/prefix`), a folder that
 //! every replica mounts (`file:///path`) or memory (`memory://`, tests). Keys are relative to
-//! the URL's prefix: `models/<name>/<file>`, `datasets/<id>/images/<file>`,
-//! `checkpoints/<job id>/<file>`.
+//! the URL's prefix: `models/<name>/<publication>/<file>` (each publication of a version under
+//! a prefix of its own, recorded in the database, so readers of the old one never see a mix),
+//! `datasets/<id>/images/<file>`, `checkpoints/<job id>/<file>`.
 //!
 //! Downloads land in a temporary file next to their target and are renamed into place, so a
 //! reader never sees half a file.

@@ -326,7 +326,9 @@ fn run(cli: Cli) -> Result<()> {
                 command: std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
                 fpn_init,
             };
-            let (pkg, report) = picie::train::packaging::init_package(&args)?;
+            let mut progress = picie::progress::Reporter::new("package init");
+            let (pkg, report) = picie::train::packaging::init_package(&args, &mut |f, what| progress.update(f, what))?;
+            progress.finish();
             println!(
                 "wrote {} (K = {}, {} images, {} vectors clustered{})",
                 pkg.dir.display(),
@@ -338,8 +340,20 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Package { command: PackageCommand::Rebuild { from, tap_weight, images, k, seed, out, name, force } } => {
             let command = std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
-            let (pkg, report) =
-                picie::train::packaging::rebuild_package(&from, tap_weight, &images, k, seed, &out, name.as_deref(), force, command)?;
+            let mut progress = picie::progress::Reporter::new("package rebuild");
+            let (pkg, report) = picie::train::packaging::rebuild_package(
+                &from,
+                tap_weight,
+                &images,
+                k,
+                seed,
+                &out,
+                name.as_deref(),
+                force,
+                command,
+                &mut |f, what| progress.update(f, what),
+            )?;
+            progress.finish();
             println!(
                 "wrote {} (K = {}, {} features per pixel, {} vectors clustered)",
                 pkg.dir.display(),

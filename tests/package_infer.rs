@@ -25,28 +25,38 @@ fn package_dir() -> &'static Path {
     p
 }
 
-/// An untrained package of the fixture photos at short side 128, K clusters.
+/// An untrained package of the fixture photos at short side 128, K clusters. The progress it
+/// reports goes forward, names each step and ends at k-means.
 fn init_fixture_package(out: &Path, backbone: BackboneKind, fpn_init: FpnInit) -> Package {
+    let mut steps: Vec<(f64, String)> = vec![];
     let weights = match backbone {
         BackboneKind::EfficientnetLite0 => common::lite0_safetensors(),
         BackboneKind::EfficientnetLite2 => common::lite2_safetensors(),
         other => panic!("no fixture weights for {other:?}"),
     };
-    init_package(&InitPackage {
-        backbone,
-        backbone_weights: weights.to_path_buf(),
-        images: common::root().join("fixtures/images"),
-        k: K,
-        seed: 0,
-        out: out.to_path_buf(),
-        name: "test".into(),
-        policy: InputPolicy { short_side: 128, ..InputPolicy::default() },
-        replace: false,
-        command: "test".into(),
-        fpn_init,
-    })
+    let pkg = init_package(
+        &InitPackage {
+            backbone,
+            backbone_weights: weights.to_path_buf(),
+            images: common::root().join("fixtures/images"),
+            k: K,
+            seed: 0,
+            out: out.to_path_buf(),
+            name: "test".into(),
+            policy: InputPolicy { short_side: 128, ..InputPolicy::default() },
+            replace: false,
+            command: "test".into(),
+            fpn_init,
+        },
+        &mut |fraction, what| steps.push((fraction, what.to_string())),
+    )
     .unwrap()
-    .0
+    .0;
+    assert!(steps.windows(2).all(|w| w[0].0 <= w[1].0), "progress goes forward: {steps:?}");
+    let images = picie::train::cluster::list_images(&common::root().join("fixtures/images")).unwrap().len();
+    assert!(steps.iter().any(|(_, s)| s == &format!("embedding images 1/{images}")), "{steps:?}");
+    assert_eq!(steps.last().map(|s| s.1.as_str()), Some("k-means on the pixel features"), "{steps:?}");
+    pkg
 }
 
 /// A copy of the shared package that a test may damage.

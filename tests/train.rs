@@ -232,9 +232,18 @@ fn eval_scores_a_package_against_labels() {
     use picie::infer::Quality;
     let crf = picie::infer::Refinement::default();
     let fast = [Quality::Fast];
-    let r = picie::eval::evaluate(&model, &pairs, 11, picie::eval::Clusters::Package, picie::infer::DeviceChoice::Cpu, &fast, &crf)
-        .unwrap()
-        .remove(0);
+    let r = picie::eval::evaluate(
+        &model,
+        &pairs,
+        11,
+        picie::eval::Clusters::Package,
+        picie::infer::DeviceChoice::Cpu,
+        &fast,
+        &crf,
+        &mut |_, _| {},
+    )
+    .unwrap()
+    .remove(0);
     assert!((r.pixel_accuracy - 1.0).abs() < 1e-12, "{}", r.pixel_accuracy);
     assert_eq!(r.pixels, (451 * 300 + 600 * 400 - 200) as u64);
     assert_eq!(r.matching[0], Some(3));
@@ -249,6 +258,7 @@ fn eval_scores_a_package_against_labels() {
         picie::infer::DeviceChoice::Cpu,
         &[Quality::Best, Quality::Fast],
         &crf,
+        &mut |_, _| {},
     )
     .unwrap();
     assert_eq!(rs.iter().map(|r| r.quality).collect::<Vec<_>>(), [Quality::Best, Quality::Fast]);
@@ -260,11 +270,22 @@ fn eval_scores_a_package_against_labels() {
     use picie::eval::{evaluate, Clusters};
     let cluster_imgs = picie::train::cluster::list_images(&common::root().join("fixtures/images")).unwrap();
     let cpu = picie::infer::DeviceChoice::Cpu;
-    let both = evaluate(&model, &pairs, 11, Clusters::Fresh { images: &cluster_imgs, seeds: &[0, 1] }, cpu, &fast, &crf).unwrap();
+    let mut steps: Vec<(f64, String)> = vec![];
+    let both = evaluate(&model, &pairs, 11, Clusters::Fresh { images: &cluster_imgs, seeds: &[0, 1] }, cpu, &fast, &crf, &mut |f, what| {
+        steps.push((f, what.to_string()))
+    })
+    .unwrap();
     assert_eq!(both.len(), 2);
+    // Progress goes forward through the cluster images, k-means and every scored image, to the end.
+    assert!(steps.windows(2).all(|w| w[0].0 <= w[1].0) && steps.last().unwrap().0 == 1.0, "{steps:?}");
+    for step in ["embedding the cluster images 1/", "k-means, 2 seeds", &format!("scoring {}/{}", pairs.len(), pairs.len())] {
+        assert!(steps.iter().any(|(_, s)| s.contains(step)), "{step} missing from {steps:?}");
+    }
     for (seed, r) in [0u64, 1].into_iter().zip(&both) {
         let alone =
-            evaluate(&model, &pairs, 11, Clusters::Fresh { images: &cluster_imgs, seeds: &[seed] }, cpu, &fast, &crf).unwrap().remove(0);
+            evaluate(&model, &pairs, 11, Clusters::Fresh { images: &cluster_imgs, seeds: &[seed] }, cpu, &fast, &crf, &mut |_, _| {})
+                .unwrap()
+                .remove(0);
         assert_eq!((r.k, &r.confusion), (alone.k, &alone.confusion), "seed {seed}");
     }
     assert_ne!(both[0].confusion, both[1].confusion, "the seeds give different clusterings");

@@ -127,10 +127,24 @@ pub enum Clusters<'a> {
     Package,
 }
 
+/// The work of one scored image at each quality, in units of one embedder pass (a 480x360 frame
+/// on 2 cores: the embedder about 35 ms, assignment a few, the guided filter about 20, the
+/// dense CRF about 430): progress weighs the steps by it, so the time left holds when the CRF
+/// rows start.
+fn refinement_cost(quality: Quality) -> f64 {
+    match quality {
+        Quality::Fast | Quality::Flip => 0.1,
+        Quality::Edges => 0.7,
+        Quality::Crf | Quality::Best => 12.0,
+    }
+}
+
 /// Scores a package: for each quality, one report per k-means seed (one for the package's own
 /// centroids). Fresh k-means runs on features made the way that quality makes them (with or
 /// without flip averaging), as the package's centroids were made. The cluster images and the
 /// scored images are embedded once per flip setting and shared by all seeds and qualities.
+/// `progress` hears the fraction done and what is being done.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model_dir: &Path,
     pairs: &[(PathBuf, PathBuf)],
@@ -139,11 +153,26 @@ pub fn evaluate(
     device: DeviceChoice,
     qualities: &[Quality],
     refine: &Refinement,
+    progress: &mut dyn FnMut(f64, &str),
 ) -> Result<Vec<EvalReport>> {
     let pkg = Package::load(model_dir)?;
     let name = pkg.manifest.name.clone();
     let seg = Segmenter::from_package(pkg.clone(), device, None)?;
     let mut reports: Vec<(usize, EvalReport)> = vec![];
+    // Progress in embedder passes (see `refinement_cost`): the cluster images once per flip
+    // setting, and every scored image with its refinements for each seed.
+    let (seeds, cluster_images) = match clusters {
+        Clusters::Fresh { images, seeds } => (seeds.len(), images.len()),
+        Clusters::Package => (1, 0),
+    };
+    let per_image =
+        |flip: bool| 1.0 + qualities.iter().filter(|q| q.flip() == flip).map(|&q| seeds as f64 * refinement_cost(q)).sum::<f64>();
+    let total: f64 = [false, true]
+        .into_iter()
+        .filter(|&flip| qualities.iter().any(|q| q.flip() == flip))
+        .map(|flip| cluster_images as f64 + pairs.len() as f64 * per_image(flip))
+        .sum();
+    let mut done = 0.0;
     for flip in [false, true] {
         let wanted: Vec<(usize, Quality)> = qualities.iter().copied().enumerate().filter(|(_, q)| q.flip() == flip).collect();
         if wanted.is_empty() {
@@ -154,7 +183,12 @@ pub fn evaluate(
         let centroid_sets: Vec<(usize, Vec<f32>)> = match clusters {
             Clusters::Package => vec![(pkg.centroids.k(), pkg.centroids.matrix())],
             Clusters::Fresh { images, seeds } => {
-                let features = embed_images(seg.session(), &policy, images, |_, _| true)?;
+                let features = embed_images(seg.session(), &policy, images, |i, n| {
+                    progress((done + i as f64) / total, &format!("{name}: embedding the cluster images {i}/{n}"));
+                    true
+                })?;
+                done += images.len() as f64;
+                progress(done / total, &format!("{name}: k-means, {} seeds", seeds.len()));
                 seeds
                     .iter()
                     .map(|&seed| {
@@ -169,7 +203,9 @@ pub fn evaluate(
             .iter()
             .map(|_| centroid_sets.iter().map(|(k, _)| (vec![vec![0u64; classes]; *k], BoundaryCounts::default())).collect())
             .collect();
-        for (img_path, label_path) in pairs {
+        for (i, (img_path, label_path)) in pairs.iter().enumerate() {
+            progress(done / total, &format!("{name}: scoring {}/{}", i + 1, pairs.len()));
+            done += per_image(flip);
             let img = preprocess::decode_file(img_path)?;
             let labels = image::open(label_path).with_context(|| format!("reading {}", label_path.display()))?.to_luma8();
             if (labels.width(), labels.height()) != (img.width(), img.height()) {
@@ -205,6 +241,7 @@ pub fn evaluate(
             reports.extend(per_seed.into_iter().map(|(c, b)| (order, score_at(c, b, name.clone(), quality))));
         }
     }
+    progress(1.0, &format!("{name}: scored"));
     // In the order the qualities were asked for, seeds in order within each.
     reports.sort_by_key(|(order, _)| *order);
     Ok(reports.into_iter().map(|(_, r)| r).collect())

@@ -85,15 +85,20 @@ pub fn run(e: &EvalArgs) -> Result<()> {
     let mut means = vec![];
     let seed_list: Vec<u64> = (0..seeds).map(|s| e.seed + s).collect();
     let refine = Refinement { crf: e.crf, guided: e.guided };
-    for model in e.baseline.iter().chain(std::iter::once(&e.model)) {
+    let models: Vec<&PathBuf> = e.baseline.iter().chain(std::iter::once(&e.model)).collect();
+    let mut progress = crate::progress::Reporter::new("eval");
+    for (m, model) in models.iter().copied().enumerate() {
         let name = model.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
         let clusters = match &cluster_paths {
             Some(p) => Clusters::Fresh { images: p, seeds: &seed_list },
             None => Clusters::Package,
         };
         let started = std::time::Instant::now();
-        let runs = evaluate(model, &pairs, classes, clusters, DeviceChoice::Auto, &e.quality, &refine)?;
-        tracing::info!(model = %name, seconds = started.elapsed().as_secs_f64(), "scored");
+        let share = |f: f64| (m as f64 + f) / models.len() as f64;
+        let runs = evaluate(model, &pairs, classes, clusters, DeviceChoice::Auto, &e.quality, &refine, &mut |f, what| {
+            progress.update(share(f), what)
+        })?;
+        progress.milestone(&format!("scored {name} in {:.0} s", started.elapsed().as_secs_f64()));
         for quality in &e.quality {
             let label = format!("{name} [{quality}]");
             let mut these: Vec<_> = runs.iter().filter(|r| r.quality == *quality).cloned().collect();
@@ -104,6 +109,7 @@ pub fn run(e: &EvalArgs) -> Result<()> {
             reports.extend(these);
         }
     }
+    progress.finish();
     let names: Vec<String> = match &e.class_names {
         Some(n) => n.split(',').map(|s| s.trim().to_string()).collect(),
         None => (0..classes).map(|c| format!("class {c}")).collect(),

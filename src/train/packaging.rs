@@ -39,9 +39,30 @@ pub struct InitPackage {
     pub fpn_init: FpnInit,
 }
 
+/// Where the making of a package stands: the fraction of the whole done, and what is being done.
+pub type PackagingProgress<'a> = &'a mut dyn FnMut(f64, &str);
+
+/// The share of a package's making that embedding the images takes; PCA before it, k-means and
+/// writing after.
+const EMBEDDING_SHARE: (f64, f64) = (0.1, 0.9);
+
+/// Reports the embedding pass of `package_from_embedder` as a share of the whole.
+fn embedding_progress(progress: PackagingProgress<'_>) -> impl FnMut(usize, usize) -> bool + '_ {
+    move |done, total| {
+        let (from, to) = EMBEDDING_SHARE;
+        let fraction = if done == total { to } else { from + (to - from) * done as f64 / total.max(1) as f64 };
+        if done == total {
+            progress(fraction, "k-means on the pixel features");
+        } else {
+            progress(fraction, &format!("embedding images {done}/{total}"));
+        }
+        true
+    }
+}
+
 /// `picie package init`: pretrained backbone + FPN (laterals per `fpn_init`), exported to ONNX, centroids from
 /// k-means on `images`. The manifest says the embedder is untrained.
-pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
+pub fn init_package(args: &InitPackage, progress: PackagingProgress<'_>) -> Result<(Package, ClusterReport)> {
     let device = cpu_device();
     let weights = TensorMap::load_safetensors(&args.backbone_weights)?;
     let config = EmbedderConfig::new(args.backbone);
@@ -52,6 +73,7 @@ pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
         FpnInit::Pca => fpn_init::spread(paths.len(), fpn_init::PCA_FRAMES).into_iter().map(|i| paths[i].clone()).collect(),
         FpnInit::Random => vec![],
     };
+    progress(0.0, if sampled.is_empty() { "seeded laterals" } else { "principal components of the backbone's taps" });
     let frames = Frames::load(&sampled, TrainConfig::default().frame()).normalized(args.policy.normalize);
     let start = starting_weights(config, &weights.sub("backbone"), args.seed, args.fpn_init, &frames)?;
     let embedder = Embedder::load(config, &start, &device)?;
@@ -72,7 +94,16 @@ pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
         replace: args.replace,
         sessions: SessionSettings::default(),
     };
-    package_from_embedder(&embedder, config, &paths, KMeansConfig::new(args.k, args.seed), provenance, &target)
+    progress(EMBEDDING_SHARE.0, "exporting the embedder");
+    package_from_embedder(
+        &embedder,
+        config,
+        &paths,
+        KMeansConfig::new(args.k, args.seed),
+        provenance,
+        &target,
+        &mut embedding_progress(progress),
+    )
 }
 
 /// Where and how a new package is written.
@@ -100,7 +131,8 @@ impl Default for SessionSettings {
     }
 }
 
-/// Exports `embedder` to ONNX, clusters `paths` with it, and writes the package.
+/// Exports `embedder` to ONNX, clusters `paths` with it, and writes the package. `on_embed`
+/// hears of each embedded image (done, total); false stops the work.
 pub fn package_from_embedder(
     embedder: &Embedder,
     config: EmbedderConfig,
@@ -108,6 +140,7 @@ pub fn package_from_embedder(
     kmeans: KMeansConfig,
     mut provenance: Provenance,
     target: &PackageTarget<'_>,
+    on_embed: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<(Package, ClusterReport)> {
     if paths.is_empty() {
         bail!("no images to cluster");
@@ -126,7 +159,7 @@ pub fn package_from_embedder(
     }
     let clustered = (|| {
         let session = EmbedSession::load(&scratch, target.sessions.device, target.sessions.threads)?;
-        cluster_images(&session, &target.policy, paths, kmeans, MAX_CLUSTER_VECTORS, |_, _| true)
+        cluster_images(&session, &target.policy, paths, kmeans, MAX_CLUSTER_VECTORS, on_embed)
     })();
     let _ = std::fs::remove_file(&scratch);
     let (centroids, report) = clustered?;
@@ -162,6 +195,7 @@ pub fn rebuild_package(
     name: Option<&str>,
     replace: bool,
     command: String,
+    progress: PackagingProgress<'_>,
 ) -> Result<(Package, ClusterReport)> {
     if !(tap_weight >= 0.0 && tap_weight.is_finite()) {
         bail!("--tap-weight must be 0 or more (got {tap_weight})");
@@ -185,7 +219,9 @@ pub fn rebuild_package(
     };
     let name = name.unwrap_or(&source.manifest.name).to_string();
     let target = PackageTarget { out, name: &name, policy: source.manifest.input, replace, sessions: SessionSettings::default() };
-    package_from_embedder(&embedder, config, &paths, KMeansConfig::new(k.unwrap_or(source.manifest.k), seed), provenance, &target)
+    progress(EMBEDDING_SHARE.0, "exporting the embedder");
+    let kmeans = KMeansConfig::new(k.unwrap_or(source.manifest.k), seed);
+    package_from_embedder(&embedder, config, &paths, kmeans, provenance, &target, &mut embedding_progress(progress))
 }
 
 /// An untrained embedder's weights: the pretrained backbone and the FPN's laterals, seeded or

@@ -151,6 +151,7 @@ pub fn train_with(
             KMeansConfig::new(k, config.seed),
             provenance(&trainer)?,
             &target,
+            &mut |_, _| true,
         )?;
         tracing::info!(epoch, package = %out.display(), "snapshot written");
     }
@@ -161,14 +162,29 @@ pub fn train_with(
     let provenance = provenance(&trainer)?;
     let Some(st) = &args.self_train else {
         let target = PackageTarget { out: &args.out, name: &args.name, policy, replace: args.replace, sessions };
-        return package_from_embedder(&model, embedder_config, frames.paths(), KMeansConfig::new(k, config.seed), provenance, &target)
-            .map(Some);
+        return package_from_embedder(
+            &model,
+            embedder_config,
+            frames.paths(),
+            KMeansConfig::new(k, config.seed),
+            provenance,
+            &target,
+            &mut |_, _| true,
+        )
+        .map(Some);
     };
     // The PiCIE stage's package: the self-training targets and the final centroids.
     let stage_dir = args.checkpoint.join(STAGE_PACKAGE);
     let stage_target = PackageTarget { out: &stage_dir, name: &args.name, policy, replace: true, sessions };
-    let (stage, report) =
-        package_from_embedder(&model, embedder_config, frames.paths(), KMeansConfig::new(k, config.seed), provenance, &stage_target)?;
+    let (stage, report) = package_from_embedder(
+        &model,
+        embedder_config,
+        frames.paths(),
+        KMeansConfig::new(k, config.seed),
+        provenance,
+        &stage_target,
+        &mut |_, _| true,
+    )?;
     let seg = crate::infer::Segmenter::from_package(stage.clone(), sessions.device, sessions.threads)?;
     let mut label_progress = |done: usize, all: usize| {
         on(&super::picie::Progress {

@@ -4,6 +4,7 @@
 
 pub mod eval;
 pub mod infer;
+pub mod masks;
 pub mod model;
 pub mod package;
 pub mod progress;

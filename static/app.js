@@ -231,7 +231,10 @@ async function startJob() {
   if (!dataset) return showError("Create a dataset and upload images first.");
   const type = $("job-type").value;
   const k = parseInt($("job-k").value, 10);
-  const spec = type === "recluster" ? { type, dataset, k } : { type, dataset, package_k: k, epochs: parseInt($("job-epochs").value, 10) };
+  const quality = $("job-quality").value || undefined;
+  const spec = type === "recluster" ? { type, dataset, k }
+    : type === "segment" ? { type, dataset, quality }
+    : { type, dataset, package_k: k, epochs: parseInt($("job-epochs").value, 10) };
   try {
     const job = await json("POST", "/jobs", spec);
     follow(job.id);
@@ -247,7 +250,11 @@ function follow(id) {
     $("job-status").textContent = `${j.id}: ${j.state} · ${j.stage} · ${Math.round(100 * j.progress)} %`;
     if (["succeeded", "failed", "canceled", "interrupted"].includes(j.state)) {
       es.close();
-      if (j.state === "succeeded") {
+      if (j.state === "succeeded" && j.spec.type === "segment") {
+        $("job-result").textContent = `${j.result.masks} masks at quality ${j.result.quality} with model ${j.result.model}` +
+          (j.result.skipped?.length ? ` (${j.result.skipped.length} unreadable images skipped)` : "") + ".";
+        showGallery(j).catch((e) => showError(`Could not load the gallery: ${e.message}`));
+      } else if (j.state === "succeeded") {
         const name = j.result.model;
         $("job-result").innerHTML = `<p>New model <b></b> (K=${j.result.k}). <button id="activate-new">Activate it</button></p>`;
         $("job-result").querySelector("b").textContent = name;
@@ -260,6 +267,57 @@ function follow(id) {
   };
   es.addEventListener("progress", update);
   es.addEventListener("end", update);
+}
+
+// The classes of a segmented set: share, crops, and the fields to name them.
+async function showGallery(job) {
+  const g = await (await call("GET", `/jobs/${job.id}/gallery`)).json();
+  const model = job.result.model;
+  $("gallery-card").hidden = false;
+  $("archive").href = `/jobs/${job.id}/masks.zip`;
+  $("gallery-summary").textContent = `${job.result.masks} masks · model ${model} · K=${g.classes.length}`;
+  const box = $("gallery");
+  box.innerHTML = "";
+  for (const c of [...g.classes].sort((a, b) => b.share - a.share)) {
+    const div = document.createElement("div");
+    div.className = "gallery-class";
+    div.dataset.class = c.class;
+    div.innerHTML = `<div class="gallery-head"><span class="swatch"></span>
+      <input type="text" maxlength="64"> <input type="color"> <button>Save</button>
+      <span class="muted share"></span></div><div class="crops"></div>`;
+    div.querySelector(".swatch").style.background = hex(c.color);
+    const name = div.querySelector("input[type=text]");
+    name.value = c.name;
+    name.setAttribute("aria-label", `name of class ${c.class}`);
+    div.querySelector("input[type=color]").value = hex(c.color);
+    div.querySelector(".share").textContent = `${(100 * c.share).toFixed(1)} % of the pixels · in ${c.images} images`;
+    div.querySelector("button").onclick = () => saveClass(model, c.class, div);
+    const crops = div.querySelector(".crops");
+    if (!c.crops.length) crops.textContent = "covers too little of any image to show";
+    for (const crop of c.crops) {
+      const img = document.createElement("img");
+      img.src = `/jobs/${job.id}/gallery/${crop.file}`;
+      img.alt = img.title = `${crop.image}: ${(100 * crop.fraction).toFixed(0)} %`;
+      img.width = img.height = 120;
+      crops.appendChild(img);
+    }
+    box.appendChild(div);
+  }
+}
+
+async function saveClass(model, index, div) {
+  showError("");
+  const name = div.querySelector("input[type=text]").value.trim();
+  const color = div.querySelector("input[type=color]").value;
+  const rgb = [1, 3, 5].map((i) => parseInt(color.slice(i, i + 2), 16));
+  try {
+    await json("PUT", `/models/${encodeURIComponent(model)}/classes`, { classes: [{ index, name, color: rgb }] });
+    div.querySelector(".swatch").style.background = color;
+    div.classList.add("saved");
+    if (state.info && state.info.model === model) await loadInfo();
+  } catch (e) {
+    showError(`Could not rename class ${index}: ${e.message}`);
+  }
 }
 
 // ---- wiring
@@ -285,7 +343,12 @@ window.addEventListener("DOMContentLoaded", () => {
   $("dataset-create").onclick = createDataset;
   $("dataset-upload").onclick = upload;
   $("job-start").onclick = startJob;
-  $("job-type").onchange = () => ($("epochs-label").hidden = $("job-type").value !== "finetune");
+  $("job-type").onchange = () => {
+    const type = $("job-type").value;
+    $("epochs-label").hidden = type !== "finetune";
+    $("k-label").hidden = type === "segment";
+    $("job-quality-label").hidden = type !== "segment";
+  };
   $("api-key").value = apiKey();
   $("api-key").onchange = (e) => localStorage.setItem("picie-api-key", e.target.value);
   loadInfo().catch((e) => showError(e.message));

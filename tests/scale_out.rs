@@ -252,10 +252,10 @@ async fn leases() {
         async move { Arc::new(Shared::connect(&db, &store, settings).await.unwrap()) }
     };
     let (s1, s2) = (connect("w1", 2).await, connect("w2", 2).await);
-    let (w1, w2) = (SharedJobs::new(s1.clone()), SharedJobs::new(s2));
     // A job needs its dataset.
     let cache = tempfile::tempdir().unwrap();
     let (dir, _lock) = DataDir::open(cache.path()).unwrap();
+    let (w1, w2) = (SharedJobs::new(s1.clone(), dir.clone()), SharedJobs::new(s2, dir.clone()));
     let local = Arc::new(LocalDatasets::new(dir, Default::default()));
     let dataset = SharedDatasets::new(s1, local).create("leases").await.unwrap().id;
     let spec = || JobSpec::Recluster { dataset: dataset.clone(), k: 3, seed: None, name: None };

@@ -113,14 +113,14 @@ async fn quality_is_chosen_per_request_with_a_server_default() {
     let s = Server::fresh(|_| {}).await;
     let cat = fixture_bytes("chelsea.png");
     let info: Value = s.client.get(s.url("/info")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(info["default_quality"], "crf");
+    assert_eq!(info["default_quality"], "edges");
     assert_eq!(info["clustered_with_flip"], s.shipped_flip());
 
     // The same masks the library makes at each quality.
     let seg = picie::infer::Segmenter::load(&common::root().join("models/default"), picie::infer::DeviceChoice::Cpu, None).unwrap();
     let img = image::load_from_memory(&cat).unwrap().to_rgb8();
     let mut masks = std::collections::BTreeMap::new();
-    for q in ["fast", "flip", "crf", "best"] {
+    for q in ["fast", "flip", "edges", "crf", "best"] {
         let r = s
             .client
             .post(s.url(&format!("/segment?quality={q}")))
@@ -137,13 +137,13 @@ async fn quality_is_chosen_per_request_with_a_server_default() {
         masks.insert(q, mask);
     }
     // Each lever changes the mask, and none of them changes it wholesale.
-    for (a, b) in [("fast", "flip"), ("fast", "crf"), ("flip", "best"), ("crf", "best")] {
+    for (a, b) in [("fast", "flip"), ("fast", "edges"), ("fast", "crf"), ("flip", "best"), ("crf", "best")] {
         let same = masks[a].iter().zip(&masks[b]).filter(|(x, y)| x == y).count() as f64 / masks[a].len() as f64;
         assert!((0.5..1.0).contains(&same), "{a} vs {b}: {same} of the pixels agree");
     }
     // No quality named: the server's default.
     let r = s.segment(cat.clone(), "image/png", "mask").await;
-    assert_eq!(r.headers()["x-quality"], "crf");
+    assert_eq!(r.headers()["x-quality"], "edges");
     let r = s.client.post(s.url("/segment?quality=ultra")).header("content-type", "image/png").body(cat.clone()).send().await.unwrap();
     assert_eq!(error_code(r).await, (StatusCode::BAD_REQUEST, "invalid_query".into()));
     s.stop().await;
@@ -415,6 +415,96 @@ async fn dataset_recluster_activate_segment_cycle() {
         assert_eq!(r.status(), expected, "{body}");
     }
     assert_eq!(s.client.delete(s.url(&format!("/datasets/{id}"))).send().await.unwrap().status(), 204);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataset_is_segmented_into_an_archive_and_a_gallery() {
+    use std::io::Read;
+    let s = Server::fresh(|_| {}).await;
+    let ds: Value = s.client.post(s.url("/datasets")).json(&json!({"name": "pile"})).send().await.unwrap().json().await.unwrap();
+    let id = ds["id"].as_str().unwrap().to_string();
+    let images = [("chelsea.png", "chelsea.png"), ("coffee.jpg", "my coffee.jpg"), ("rocket.jpg", "rocket.jpg")];
+    upload(&s, &id, images.iter().map(|(f, name)| (*name, fixture_bytes(f))).collect()).await;
+
+    // A job of another kind has no masks; a segmentation's results wait for it to succeed.
+    let r = s
+        .client
+        .post(s.url("/jobs"))
+        .json(&json!({"type": "segment", "dataset": id, "quality": "fast", "model": "nope"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "an unknown model");
+    let r = s.client.post(s.url("/jobs")).json(&json!({"type": "segment", "dataset": id, "quality": "fast"})).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let job: Value = r.json().await.unwrap();
+    let jid = job["id"].as_str().unwrap().to_string();
+    let done = s.wait_job(&jid).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let result = &done["result"];
+    assert_eq!((&result["model"], &result["quality"], &result["masks"]), (&json!("default"), &json!("fast"), &json!(3)), "{result}");
+    let k = result["k"].as_u64().unwrap() as usize;
+    let shares: f64 = result["shares"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).sum();
+    assert!((shares - 1.0).abs() < 1e-6, "{result}");
+
+    // Classes named after the job ran are named in what is downloaded.
+    let r =
+        s.client.put(s.url("/models/default/classes")).json(&json!({"classes": [{"index": 0, "name": "road, wet"}]})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    let r = s.client.get(s.url(&format!("/jobs/{jid}/masks.zip"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/zip");
+    let bytes = r.bytes().await.unwrap().to_vec();
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    let mut names: Vec<String> = zip.file_names().map(str::to_string).collect();
+    names.sort();
+    assert_eq!(names, ["classes.json", "fractions.csv", "masks/chelsea.png", "masks/my_coffee.png", "masks/rocket.png"]);
+    let mut read = |name: &str| {
+        let mut out = vec![];
+        zip.by_name(name).unwrap().read_to_end(&mut out).unwrap();
+        out
+    };
+    let classes: Value = serde_json::from_slice(&read("classes.json")).unwrap();
+    assert_eq!((classes.as_array().unwrap().len(), &classes[0]["name"]), (k, &json!("road, wet")));
+    let table = String::from_utf8(read("fractions.csv")).unwrap();
+    let mut rows = table.lines();
+    assert!(rows.next().unwrap().starts_with("mask,image,\"road, wet\","), "{table}");
+    for ((file, name), row) in images.iter().zip(rows) {
+        // The archive's mask is the one /segment answers at the same quality.
+        let mask_name = row.split(',').next().unwrap();
+        let mask = image::load_from_memory(&read(mask_name)).unwrap().to_luma8();
+        let answered =
+            s.segment(fixture_bytes(file), if file.ends_with("png") { "image/png" } else { "image/jpeg" }, "mask&quality=fast").await;
+        let answered = image::load_from_memory(&answered.bytes().await.unwrap()).unwrap().to_luma8();
+        assert_eq!(mask, answered, "{name}");
+        let fields: Vec<&str> = row.split(',').collect();
+        assert_eq!(fields[1], *name);
+        let class0 = mask.pixels().filter(|p| p.0[0] == 0).count() as f64 / mask.len() as f64;
+        assert!((fields[2].parse::<f64>().unwrap() - class0).abs() < 1e-5, "{row}");
+    }
+
+    // The gallery: each class's share, its crops, named as now.
+    let gallery: Value = s.client.get(s.url(&format!("/jobs/{jid}/gallery"))).send().await.unwrap().json().await.unwrap();
+    let classes = gallery["classes"].as_array().unwrap();
+    assert_eq!((classes.len(), &classes[0]["name"]), (k, &json!("road, wet")));
+    let crop = classes.iter().flat_map(|c| c["crops"].as_array().unwrap()).next().expect("some class has a crop");
+    let r = s.client.get(s.url(&format!("/jobs/{jid}/gallery/{}", crop["file"].as_str().unwrap()))).send().await.unwrap();
+    assert_eq!(r.headers()["content-type"], "image/jpeg");
+    let jpeg = image::load_from_memory(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!((jpeg.width(), jpeg.height()), (160, 160));
+    for bad in ["class-200-0.jpg", "..%2Fgallery.json", "gallery.json"] {
+        let r = s.client.get(s.url(&format!("/jobs/{jid}/gallery/{bad}"))).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{bad}");
+    }
+
+    // A job of another kind has no masks.
+    let r = s.client.post(s.url("/jobs")).json(&json!({"type": "recluster", "dataset": id, "k": 3})).send().await.unwrap();
+    let other: Value = r.json().await.unwrap();
+    let r = s.client.get(s.url(&format!("/jobs/{}/masks.zip", other["id"].as_str().unwrap()))).send().await.unwrap();
+    assert_eq!(error_code(r).await, (StatusCode::NOT_FOUND, "not_found".to_string()));
+    s.wait_job(other["id"].as_str().unwrap()).await;
     s.stop().await;
 }
 

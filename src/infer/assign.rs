@@ -17,16 +17,33 @@ pub struct LabelMask {
 }
 
 impl LabelMask {
-    /// The fraction of pixels in each class.
-    pub fn class_fractions(&self, k: usize) -> Vec<f64> {
+    /// The pixels in each of `k` classes.
+    pub fn class_counts(&self, k: usize) -> Vec<u64> {
         let mut counts = vec![0u64; k];
         for &l in &self.labels {
             if (l as usize) < k {
                 counts[l as usize] += 1;
             }
         }
+        counts
+    }
+
+    /// The fraction of pixels in each class.
+    pub fn class_fractions(&self, k: usize) -> Vec<f64> {
         let total = self.labels.len().max(1) as f64;
-        counts.into_iter().map(|c| c as f64 / total).collect()
+        self.class_counts(k).into_iter().map(|c| c as f64 / total).collect()
+    }
+
+    /// Single-channel 8-bit PNG, pixel value = class index.
+    pub fn to_png(&self) -> anyhow::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, self.width, self.height);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header()?;
+        w.write_image_data(&self.labels)?;
+        w.finish()?;
+        Ok(out)
     }
 }
 

@@ -273,6 +273,11 @@ impl Segmenter {
         assign_to(features, &self.centroids, self.k())
     }
 
+    /// The labels `quality` asks for from features made as it asks (see [`assign_at`]).
+    pub fn assign_at(&self, features: &FeatureMap, image: &RgbImage, quality: Quality, refine: &Refinement) -> LabelMask {
+        assign_at(features, &self.centroids, self.k(), image, quality, refine)
+    }
+
     /// Masks under the package's own policy, no CRF.
     pub fn segment_batch(&self, images: &[RgbImage]) -> Result<Vec<LabelMask>> {
         Ok(self.embed(images)?.iter().map(|f| self.assign(f)).collect())
@@ -281,7 +286,7 @@ impl Segmenter {
     /// Masks at a quality: flip averaging and the dense CRF switched on or off.
     pub fn segment_batch_at(&self, images: &[RgbImage], quality: Quality, refine: &Refinement) -> Result<Vec<LabelMask>> {
         let features = self.embed_with(images, quality.flip())?;
-        Ok(features.iter().zip(images).map(|(f, img)| assign_at(f, &self.centroids, self.k(), img, quality, refine)).collect())
+        Ok(features.iter().zip(images).map(|(f, img)| self.assign_at(f, img, quality, refine)).collect())
     }
 
     pub fn segment(&self, image: &RgbImage) -> Result<LabelMask> {

@@ -69,7 +69,7 @@ impl App {
             Some(sh) => (
                 Arc::new(SharedModels::new(sh.clone(), data.clone())),
                 Arc::new(SharedDatasets::new(sh.clone(), local_datasets)),
-                Arc::new(SharedJobs::new(sh.clone())),
+                Arc::new(SharedJobs::new(sh.clone(), data.clone())),
             ),
         };
         let catalog = Arc::new(Catalog::open(models.clone(), &cfg.models_dir, cfg.model.as_deref(), cfg.device, cfg.threads).await?);
@@ -93,7 +93,8 @@ impl App {
         let jobs = Jobs::new(job_store.clone(), datasets.clone(), catalog.clone(), gate.clone(), watchers);
         let mut tasks = vec![];
         if cfg.role.runs_jobs() {
-            let settings = JobSettings { device: cfg.device, threads: cfg.job_threads.max(1) };
+            let settings =
+                JobSettings { device: cfg.device, threads: cfg.job_threads.max(1), quality: cfg.quality, refine: cfg.refinement() };
             let runner = Runner::new(catalog.clone(), models, datasets.clone(), job_store.clone(), data.checkpoints(), settings)?;
             tasks.push(jobs::start_executor(job_store.clone(), Arc::new(runner)).abort_handle());
         }

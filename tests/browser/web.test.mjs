@@ -98,9 +98,9 @@ test("segments an image and shows the overlay and legend", async () => {
 
 test("the quality switch re-segments at the chosen quality", async () => {
   const p = await page();
-  assert.match(await p.textContent("#quality option[value='']"), /server default \(crf\)/);
+  assert.match(await p.textContent("#quality option[value='']"), /server default \(edges\)/);
   await p.setInputFiles("#file", fixture("chelsea.png"));
-  await p.waitForFunction(() => document.getElementById("timing").textContent.startsWith("crf"));
+  await p.waitForFunction(() => document.getElementById("timing").textContent.startsWith("edges"));
   const masks = {};
   for (const q of ["fast", "best"]) {
     const seen = p.waitForResponse((r) => r.url().includes(`quality=${q}`));
@@ -148,6 +148,46 @@ test("runs a recluster job from the page and activates the result", async () => 
   const info = await fetch(`${base}/info`).then((r) => r.json());
   assert.equal(info.num_classes, 3);
   await fetch(`${base}/models/default/activate`, { method: "POST" });
+});
+
+test("segments a set, shows each class's crops, names one and downloads the masks", async () => {
+  const p = await page();
+  await p.click("#tab-train");
+  await p.fill("#dataset-name", "pile");
+  await p.click("#dataset-create");
+  await p.waitForFunction(() => document.getElementById("dataset-select").selectedOptions[0]?.textContent.startsWith("pile"));
+  await p.setInputFiles("#dataset-files", [fixture("chelsea.png"), fixture("coffee.jpg"), fixture("rocket.jpg")]);
+  await p.click("#dataset-upload");
+  await p.waitForFunction(() => document.getElementById("upload-report").textContent.includes("3 added"));
+  await p.selectOption("#job-type", "segment");
+  assert.equal(await p.isVisible("#job-k"), false, "a segmentation takes no K");
+  await p.selectOption("#job-quality", "fast");
+  await p.click("#job-start");
+  await p.waitForSelector(".gallery-class .crops img", { timeout: 120_000 });
+  assert.match(await p.textContent("#job-result"), /3 masks at quality fast/);
+  // Every crop loaded, and the classes are listed largest share first.
+  await p.waitForFunction(() => [...document.querySelectorAll(".crops img")].every((i) => i.complete && i.naturalWidth === 160));
+  const shares = await p.$$eval(".gallery-class .share", (s) => s.map((e) => parseFloat(e.textContent)));
+  assert.equal(shares.length, 11);
+  assert.deepEqual(shares, [...shares].sort((a, b) => b - a));
+  await p.screenshot({ path: path.join(artifacts, "gallery.png"), fullPage: true });
+  // Name the largest class, then download: the archive names it.
+  const first = p.locator(".gallery-class").first();
+  const index = Number(await first.getAttribute("data-class"));
+  await first.locator("input[type=text]").fill("biggest");
+  await first.locator("button").click();
+  await p.waitForSelector(".gallery-class.saved");
+  const href = await p.getAttribute("#archive", "href");
+  const zip = Buffer.from(await (await fetch(base + href)).arrayBuffer());
+  assert.equal(zip.subarray(0, 2).toString(), "PK");
+  const model = await fetch(`${base}/models/default`).then((r) => r.json());
+  assert.equal(model.classes[index].name, "biggest");
+  const gallery = await fetch(`${base}${href.replace("masks.zip", "gallery")}`).then((r) => r.json());
+  assert.equal(gallery.classes[index].name, "biggest");
+  // Phone width: the gallery fits.
+  await p.setViewportSize({ width: 390, height: 844 });
+  const overflow = await p.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 1, `the gallery overflows a phone screen by ${overflow}px`);
 });
 
 test("an invalid file shows a readable error", async () => {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::ToSchema;
 
+use crate::infer::Quality;
 use crate::train::picie::{Phase, TrainConfig};
 use crate::train::selftrain::SelfTrainConfig;
 
@@ -77,7 +78,11 @@ pub enum JobStage {
     PseudoLabel,
     /// Self-training epochs.
     SelfTrain,
-    /// Writing and publishing the new model version.
+    /// Segmenting a dataset's images into masks.
+    Segmenting,
+    /// Reading a segmented dataset's masks back into its class fractions and gallery.
+    Summarizing,
+    /// Writing and publishing the new model version, or a segmentation's results.
     Publishing,
     Done,
     Failed,
@@ -201,27 +206,57 @@ pub enum JobSpec {
         #[schema(schema_with = self_train_epochs_schema)]
         self_train_epochs: Option<usize>,
     },
+    /// Segment every image of a dataset: one mask per image, each image's class fractions and a
+    /// gallery of each class, downloadable as one archive (`GET /jobs/{id}/masks.zip`) once the
+    /// job succeeds. Writes no model.
+    Segment {
+        #[schema(pattern = "^ds-[0-9a-f]{12}$")]
+        dataset: String,
+        /// Default: the server's `--quality`.
+        #[serde(default)]
+        quality: Option<Quality>,
+        /// The model version to segment with (default: the active one when the job is submitted).
+        #[serde(default)]
+        #[schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")]
+        model: Option<String>,
+    },
 }
 
 impl JobSpec {
     pub fn dataset(&self) -> &str {
         match self {
-            JobSpec::Recluster { dataset, .. } | JobSpec::Finetune { dataset, .. } => dataset,
+            JobSpec::Recluster { dataset, .. } | JobSpec::Finetune { dataset, .. } | JobSpec::Segment { dataset, .. } => dataset,
         }
+    }
+
+    /// Whether the job writes a model version (a segmentation writes results instead).
+    pub fn writes_model(&self) -> bool {
+        !matches!(self, JobSpec::Segment { .. })
     }
 
     /// The model name the spec asks for, if any.
     pub fn requested_name(&self) -> Option<&str> {
         match self {
             JobSpec::Recluster { name, .. } | JobSpec::Finetune { name, .. } => name.as_deref(),
+            JobSpec::Segment { .. } => None,
         }
     }
 
-    /// The name of the model version job `id` writes: the one asked for, else `<kind>-<id>`.
+    /// The model a segmentation asks to be run with, if any.
+    pub fn requested_model(&self) -> Option<&str> {
+        match self {
+            JobSpec::Segment { model, .. } => model.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The name of the model version job `id` writes: the one asked for, else `<kind>-<id>`
+    /// (for a segmentation, which writes none, the name its results would have).
     pub fn model_name(&self, id: &str) -> String {
         let kind = match self {
             JobSpec::Recluster { .. } => "recluster",
             JobSpec::Finetune { .. } => "finetune",
+            JobSpec::Segment { .. } => "segment",
         };
         self.requested_name().map(str::to_string).unwrap_or_else(|| format!("{kind}-{}", id.trim_start_matches("job-")))
     }
@@ -256,7 +291,7 @@ impl JobSpec {
     /// what is wrong, for a 400.
     pub fn validate(&self, images: usize) -> Result<(), String> {
         use limits::*;
-        if let Some(n) = self.requested_name() {
+        if let Some(n) = self.requested_name().or(self.requested_model()) {
             if !super::valid_name(n) {
                 return Err(format!("`{n}` is not a valid model name (letters, digits, . _ -)"));
             }
@@ -272,6 +307,7 @@ impl JobSpec {
             }
         };
         match self {
+            JobSpec::Segment { .. } => Ok(()),
             JobSpec::Recluster { k, .. } => classes("k", *k),
             JobSpec::Finetune { package_k, epochs, lr, self_train_epochs, .. } => {
                 let config = self.finetune_config().expect("a finetune spec");
@@ -307,7 +343,7 @@ impl JobSpec {
 /// What a job made.
 #[derive(Serialize, Deserialize, ToSchema, Clone, Debug, Default, PartialEq)]
 pub struct JobReport {
-    /// The model version written.
+    /// The model version written; for a segmentation, the version that segmented.
     pub model: String,
     pub k: usize,
     /// The job had written its model before it was interrupted; resuming it found the model.
@@ -328,6 +364,14 @@ pub struct JobReport {
     pub epochs: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch_losses: Option<Vec<f32>>,
+    /// Segmentation: the quality the masks were made at, the masks made (one per readable
+    /// image) and each class's share of all the dataset's pixels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<Quality>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masks: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares: Option<Vec<f64>>,
     /// Where the job's embedder ran: `cpu` or `cuda`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,

@@ -17,7 +17,7 @@ use super::routes;
         routes::models::list, routes::models::show, routes::models::activate, routes::models::delete, routes::models::update_classes,
         routes::datasets::create, routes::datasets::list, routes::datasets::show, routes::datasets::delete, routes::datasets::upload,
         routes::jobs::submit, routes::jobs::list, routes::jobs::show, routes::jobs::cancel, routes::jobs::events,
-        routes::jobs::resume,
+        routes::jobs::resume, routes::jobs::archive, routes::jobs::gallery, routes::jobs::gallery_crop,
     ),
     modifiers(&SecurityAddon, &ErrorResponses),
     components(schemas(routes::segment::OutputFormat, crate::infer::Quality, super::body::BinaryBody)),

@@ -11,14 +11,7 @@ const OVERLAY_ALPHA: f32 = 0.5;
 
 /// Single-channel 8-bit PNG, pixel value = class index.
 pub fn mask_png(mask: &LabelMask) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut enc = png::Encoder::new(&mut out, mask.width, mask.height);
-    enc.set_color(png::ColorType::Grayscale);
-    enc.set_depth(png::BitDepth::Eight);
-    let mut w = enc.write_header()?;
-    w.write_image_data(&mask.labels)?;
-    w.finish()?;
-    Ok(out)
+    mask.to_png()
 }
 
 /// Indexed PNG: pixel value = class index, palette = the package's class colours.

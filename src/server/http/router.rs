@@ -111,6 +111,9 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs", get(routes::jobs::list))
         .route("/jobs/{id}", get(routes::jobs::show))
         .route("/jobs/{id}/events", get(routes::jobs::events))
+        .route("/jobs/{id}/masks.zip", get(routes::jobs::archive))
+        .route("/jobs/{id}/gallery", get(routes::jobs::gallery))
+        .route("/jobs/{id}/gallery/{file}", get(routes::jobs::gallery_crop))
         .route("/info", get(routes::ops::info))
         .route("/metrics", get(routes::ops::metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), guard_reads));

@@ -166,4 +166,11 @@ pub trait JobStore: Send + Sync {
     async fn save_checkpoint(&self, job: &str, dir: &Path) -> Result<()>;
     async fn fetch_checkpoint(&self, job: &str, dir: &Path) -> Result<usize>;
     async fn drop_checkpoint(&self, job: &str) -> Result<()>;
+    /// A segmentation's results (masks, fraction table, gallery), complete in `dir`, kept where
+    /// [`JobStore::local_results`] finds them from any process. `dir` is taken (moved or
+    /// removed); saving again replaces what was saved.
+    async fn save_results(&self, job: &str, dir: &Path) -> Result<()>;
+    /// The folder on this machine holding job `job`'s saved results, fetched first where they
+    /// live elsewhere; NotFound when none were saved.
+    async fn local_results(&self, job: &str) -> Result<PathBuf>;
 }

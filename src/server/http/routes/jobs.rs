@@ -1,21 +1,28 @@
-//! Background jobs: submit, list, show, cancel, resume, follow (SSE).
+//! Background jobs: submit, list, show, cancel, resume, follow (SSE), and a segmentation's
+//! results (the masks' archive, the gallery and its crops).
 
 use std::convert::Infallible;
 
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use tokio_stream::{Stream, StreamExt};
 
+use crate::masks::gallery::Gallery;
 use crate::server::core::jobs::{Job, JobSpec};
 use crate::server::core::Page;
+use crate::server::http::body::BinaryBody;
 use crate::server::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::server::http::extract::{Json, Path, Query};
 use crate::server::http::state::AppState;
 
-/// Submit a job: `{"type": "recluster", "dataset": "ds-...", "k": 11}` or
-/// `{"type": "finetune", "dataset": "ds-...", "epochs": 1}`. 409 when the model name asked for
-/// exists or another queued or running job will write it.
+/// Submit a job: `{"type": "recluster", "dataset": "ds-...", "k": 11}`,
+/// `{"type": "finetune", "dataset": "ds-...", "epochs": 1}` or
+/// `{"type": "segment", "dataset": "ds-...", "quality": "edges"}`. 409 when the model name asked
+/// for exists or another queued or running job will write it; 404 for an unknown dataset or
+/// model.
 #[utoipa::path(post, path = "/jobs", tag = "jobs", request_body = JobSpec, security(("api_key" = [])),
     responses((status = 202, body = Job), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn submit(State(state): State<AppState>, Json(spec): Json<JobSpec>) -> ApiResult<(StatusCode, Json<Job>)> {
@@ -74,4 +81,37 @@ pub async fn events(
         .await?
         .map(|j| Ok(Event::default().event(if j.state.is_terminal() { "end" } else { "progress" }).json_data(&j).unwrap_or_default()));
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The masks of a succeeded segmentation job as one zip archive, written while it is sent:
+/// `classes.json` (each class's index, name and colour, as named now), `fractions.csv` (one row
+/// per image: its mask, the name it was uploaded under and each class's share of its pixels) and
+/// `masks/<image name>.png` (8-bit, pixel = class index). 404 for a job that is not a
+/// segmentation, 409 until it has succeeded, 429 while as many archives are being sent as the
+/// server writes at once.
+#[utoipa::path(get, path = "/jobs/{id}/masks.zip", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, description = "The archive", content((BinaryBody = "application/zip"))),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn archive(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let chunks = state.services.jobs.archive(&id).await?;
+    let disposition = format!("attachment; filename=\"{id}-masks.zip\"");
+    Ok(([(header::CONTENT_TYPE, "application/zip".to_string()), (header::CONTENT_DISPOSITION, disposition)], Body::from_stream(chunks))
+        .into_response())
+}
+
+/// What each class of a segmented set is: per class, its share of the set's pixels, the images it
+/// appears in, and crops of the images it covers most (the class outlined, the rest dimmed),
+/// each at `GET /jobs/{id}/gallery/{file}`. Names and colours are the model's now.
+#[utoipa::path(get, path = "/jobs/{id}/gallery", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = Gallery), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn gallery(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Gallery>> {
+    Ok(Json(state.services.jobs.gallery(&id).await?))
+}
+
+/// One crop of a segmented set's gallery (JPEG, 160 x 160).
+#[utoipa::path(get, path = "/jobs/{id}/gallery/{file}", tag = "jobs", params(("id" = String, Path), ("file" = String, Path, pattern = "^class-[0-9]{1,4}-[0-9]{1,4}\\.jpg$")),
+    responses((status = 200, description = "The crop", content((BinaryBody = "image/jpeg"))), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn gallery_crop(State(state): State<AppState>, Path((id, file)): Path<(String, String)>) -> ApiResult<Response> {
+    let jpeg = state.services.jobs.gallery_crop(&id, &file).await?;
+    Ok(([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "private, max-age=3600")], jpeg).into_response())
 }

@@ -7,6 +7,7 @@
 //! otherwise bring it down again on every restart. A resumed fine-tuning job continues from its
 //! last epoch checkpoint; a re-clustering job starts over.
 
+pub mod results;
 pub mod runner;
 pub mod watch;
 
@@ -29,6 +30,7 @@ pub struct Jobs {
     /// Shared with dataset deletion: a job's dataset is not deleted while it is submitted.
     gate: Arc<tokio::sync::Mutex<()>>,
     hub: watch::WatchHub,
+    archives: results::ArchiveSlots,
 }
 
 impl Jobs {
@@ -40,7 +42,8 @@ impl Jobs {
         watchers: (usize, usize),
     ) -> Self {
         let hub = watch::WatchHub::start(store.clone(), watchers.0, watchers.1);
-        Self { store, datasets, catalog, gate, hub }
+        let archives = Arc::new(tokio::sync::Semaphore::new(results::MAX_ARCHIVES));
+        Self { store, datasets, catalog, gate, hub, archives }
     }
 
     pub async fn submit(&self, spec: JobSpec) -> Result<Job> {
@@ -55,7 +58,11 @@ impl Jobs {
                 return Err(Error::Conflict(format!("another queued or running job writes model `{name}`")));
             }
         }
-        let (source, _) = self.catalog.active();
+        let source = match spec.requested_model() {
+            Some(model) if !self.catalog.exists(model).await? => return Err(Error::NotFound(format!("model `{model}` not found"))),
+            Some(model) => model.to_string(),
+            None => self.catalog.active().0,
+        };
         Ok(self.store.submit(Job::new(spec, source)).await?)
     }
 

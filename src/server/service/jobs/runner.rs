@@ -1,5 +1,6 @@
-//! What jobs run: re-clustering and fine-tuning, each as async fetch (the dataset's images and
-//! the source model, onto this machine), blocking compute, async publish.
+//! What jobs run: re-clustering, fine-tuning and segmentation, each as async fetch (the
+//! dataset's images and the source model, onto this machine), blocking compute, async publish
+//! (a model version, or a segmentation's results).
 //!
 //! Jobs have a thread budget of their own (`--job-threads`), apart from the inference
 //! thread's: the compute runs inside a dedicated rayon pool of that many threads (burn's Flex
@@ -9,9 +10,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::infer::{DeviceChoice, EmbedSession};
+use crate::infer::{DeviceChoice, EmbedSession, Quality, Refinement, Segmenter};
+use crate::masks::SetImage;
 use crate::package::Package;
 use crate::server::core::jobs::{Job, JobReport, JobSpec, JobStage, Standing};
+use crate::server::core::Page;
 use crate::server::storage::{DatasetStore, JobStore, Lease, ModelStore};
 use crate::train::cluster::recluster_package;
 use crate::train::kmeans::KMeansConfig;
@@ -20,12 +23,15 @@ use crate::train::pipeline::{train_with, TrainArgs, TrainInit};
 
 use super::super::catalog::Catalog;
 
-/// Where jobs run: the server's device and the jobs' thread budget.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where jobs run (the server's device and the jobs' thread budget), and how segmentations
+/// refine their masks unless they ask otherwise (the server's `--quality` and its settings).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct JobSettings {
     pub device: DeviceChoice,
     /// Threads of the jobs' rayon pool and of their ONNX Runtime sessions (at least 1).
     pub threads: usize,
+    pub quality: Quality,
+    pub refine: Refinement,
 }
 
 /// A running job's view of its lease: progress out, cancel in.
@@ -80,6 +86,13 @@ impl Runner {
     /// Runs the job's body; the error is the job's error message.
     pub async fn run(&self, job: &Job, ctx: JobContext) -> Result<JobReport, String> {
         ctx.report(Standing::at(JobStage::Loading, 0.0));
+        if !job.spec.writes_model() {
+            return self.segment(job, ctx).await.map(|report| JobReport {
+                job_threads: self.settings.threads,
+                session_threads: self.settings.threads,
+                ..report
+            });
+        }
         let name = job.model_name();
         if let Some(manifest) = self.catalog.made_by_job(&name, &job.id).await.map_err(|e| e.to_string())? {
             // The job wrote its model before it was interrupted: resuming it reports that.
@@ -93,6 +106,7 @@ impl Runner {
         let mut report = match &job.spec {
             JobSpec::Recluster { .. } => self.recluster(job, &name, images, source, staging.clone(), ctx.clone()).await,
             JobSpec::Finetune { .. } => self.finetune(job, &name, images, source, staging.clone(), ctx.clone()).await,
+            JobSpec::Segment { .. } => unreachable!("a segmentation writes no model"),
         }
         .inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&staging);
@@ -261,6 +275,82 @@ impl Runner {
         }
     }
 
+    /// A segmentation: every image's mask into a work folder kept when the job fails or the
+    /// process dies (`<checkpoints>/<job id>.segment/`, so a resumed job segments only the images
+    /// it had not), then the fraction table and the gallery from the masks, then the folder saved
+    /// as the job's results.
+    async fn segment(&self, job: &Job, ctx: JobContext) -> Result<JobReport, String> {
+        let JobSpec::Segment { dataset, quality, .. } = job.spec.clone() else { unreachable!("a segment spec") };
+        let quality = quality.unwrap_or(self.settings.quality);
+        let images = self.set_images(&dataset).await?;
+        let source = self.catalog.package_dir(&job.source_model).await.map_err(|e| e.to_string())?;
+        let work = self.checkpoints.join(format!("{}.segment", job.id));
+        let (settings, model, out, progress) = (self.settings, job.source_model.clone(), work.clone(), ctx.clone());
+        let outcome = self
+            .compute(move || {
+                // A session of the job's own (see `recluster`).
+                let seg = Segmenter::load(&source, settings.device, Some(settings.threads))?;
+                let segmented = crate::masks::segment_images(&seg, &images, quality, &settings.refine, &out, |done, total| {
+                    progress.report(Standing::at(JobStage::Segmenting, 0.9 * done as f64 / total.max(1) as f64));
+                    !progress.canceled()
+                })?;
+                let Some(segmented) = segmented else { return Ok(None) };
+                let results = crate::masks::write_results(&seg, &images, &out, quality, &settings.refine, |done, total| {
+                    progress.report(Standing::at(JobStage::Summarizing, 0.9 + 0.07 * done as f64 / total.max(1) as f64));
+                    !progress.canceled()
+                })?;
+                let Some(results) = results else { return Ok(None) };
+                Ok(Some(JobReport {
+                    model,
+                    k: seg.k(),
+                    quality: Some(quality),
+                    images_used: Some(segmented.segmented + segmented.kept),
+                    skipped: Some(segmented.skipped),
+                    masks: Some(results.masks),
+                    shares: Some(results.shares),
+                    provider: Some(seg.provider().as_str().to_string()),
+                    ..Default::default()
+                }))
+            })
+            .await?;
+        let Some(report) = outcome else {
+            // A canceled job cannot be resumed: its masks are of no more use.
+            let _ = tokio::fs::remove_dir_all(&work).await;
+            return Err("canceled".into());
+        };
+        ctx.report(Standing::at(JobStage::Publishing, 0.97));
+        self.jobs.save_results(&job.id, &work).await.map_err(|e| e.to_string())?;
+        Ok(report)
+    }
+
+    /// A dataset's images on this machine with the names they were uploaded under, and the keys
+    /// that name their masks.
+    async fn set_images(&self, dataset: &str) -> Result<Vec<SetImage>, String> {
+        let files = self.datasets.local_images(dataset).await.map_err(|e| e.to_string())?;
+        let mut entries = Vec::with_capacity(files.len());
+        loop {
+            let page = Page { offset: entries.len(), limit: Page::MAX_LIMIT };
+            let more = self.datasets.images(dataset, page).await.map_err(|e| e.to_string())?;
+            let last = more.len() < Page::MAX_LIMIT;
+            entries.extend(more);
+            if last {
+                break;
+            }
+        }
+        let names: std::collections::HashMap<&str, (&str, &str)> =
+            entries.iter().map(|e| (e.file.as_str(), (e.original_name.as_str(), e.sha256.as_str()))).collect();
+        let named: Vec<(PathBuf, String, String)> = files
+            .into_iter()
+            .map(|path| {
+                let file = path.file_name().and_then(|f| f.to_str()).unwrap_or_default();
+                let (name, hash) = names.get(file).map_or((file.to_string(), file.to_string()), |(n, h)| (n.to_string(), h.to_string()));
+                (path, name, hash)
+            })
+            .collect();
+        let keys = crate::masks::keys_for(&named.iter().map(|(_, n, h)| (n.clone(), h.clone())).collect::<Vec<_>>());
+        Ok(named.into_iter().zip(keys).map(|((path, name, _), key)| SetImage { path, name, key }).collect())
+    }
+
     fn checkpoint(&self, job: &str) -> PathBuf {
         self.checkpoints.join(format!("{job}.checkpoint"))
     }
@@ -292,6 +382,10 @@ mod tests {
         let mut out = vec![];
         img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
         out
+    }
+
+    fn settings() -> JobSettings {
+        JobSettings { device: DeviceChoice::Cpu, threads: 1, quality: Quality::Fast, refine: Refinement::default() }
     }
 
     /// Runs one recluster job with these settings, the model served on the CPU with 2 threads.
@@ -332,7 +426,7 @@ mod tests {
     async fn jobs_run_on_their_own_pool_with_the_servers_settings() {
         // The rayon pool the job ran in has the job threads, whatever the global pool has.
         for threads in [1, 3] {
-            let job = recluster_with(JobSettings { device: DeviceChoice::Cpu, threads }).await;
+            let job = recluster_with(JobSettings { device: DeviceChoice::Cpu, threads, ..settings() }).await;
             assert_eq!(job.state, JobState::Succeeded, "{job:?}");
             let r = job.result.unwrap();
             assert_eq!((r.job_threads, r.session_threads), (threads, threads), "{r:?}");
@@ -345,7 +439,7 @@ mod tests {
     async fn a_recluster_job_uses_the_servers_device() {
         // The server's model runs on the CPU, but the job was told CUDA: its session must ask
         // for CUDA (not fall back to `auto`), which on a CPU-only ONNX Runtime fails loudly.
-        let job = recluster_with(JobSettings { device: DeviceChoice::Cuda(0), threads: 1 }).await;
+        let job = recluster_with(JobSettings { device: DeviceChoice::Cuda(0), threads: 1, ..settings() }).await;
         match job.state {
             JobState::Failed => {
                 let e = job.error.unwrap_or_default();

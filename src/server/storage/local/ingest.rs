@@ -488,7 +488,7 @@ mod tests {
                 z.start_file(format!("{i}.txt"), zip::write::SimpleFileOptions::default()).unwrap();
                 z.write_all(b"hello").unwrap();
             }
-            z.set_comment("a comment after the end record");
+            z.set_comment("a comment after the end record").unwrap();
             z.finish().unwrap();
         }
         let mut f = tempfile::tempfile().unwrap();

@@ -27,6 +27,8 @@ pub struct LocalJobs {
 
 struct Inner {
     dir: PathBuf,
+    /// The data folder, for the segmentations' results.
+    data: Arc<DataDir>,
     jobs: Mutex<BTreeMap<String, Job>>,
     cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
     changes: broadcast::Sender<String>,
@@ -93,7 +95,7 @@ fn read_jobs(dir: &Path) -> Result<BTreeMap<String, Job>> {
 impl LocalJobs {
     /// Loads the jobs of an earlier run: running ones become interrupted, queued ones are queued
     /// again (in the order they were created).
-    pub async fn open(data: &DataDir) -> Result<Self> {
+    pub async fn open(data: &Arc<DataDir>) -> Result<Self> {
         let dir = data.jobs();
         let jobs = {
             let dir = dir.clone();
@@ -104,6 +106,7 @@ impl LocalJobs {
         let store = Self {
             inner: Arc::new(Inner {
                 dir,
+                data: data.clone(),
                 jobs: Mutex::new(jobs),
                 cancels: Default::default(),
                 changes,
@@ -203,7 +206,9 @@ impl JobStore for LocalJobs {
 
     async fn writes_model(&self, name: &str, except: Option<&str>) -> Result<bool> {
         let jobs = self.inner.jobs.lock().expect("jobs lock");
-        Ok(jobs.values().any(|j| !j.state.is_terminal() && Some(j.id.as_str()) != except && j.model_name() == name))
+        Ok(jobs
+            .values()
+            .any(|j| !j.state.is_terminal() && j.spec.writes_model() && Some(j.id.as_str()) != except && j.model_name() == name))
     }
 
     fn changes(&self) -> broadcast::Receiver<String> {
@@ -259,6 +264,19 @@ impl JobStore for LocalJobs {
     async fn drop_checkpoint(&self, _job: &str) -> Result<()> {
         Ok(())
     }
+
+    async fn save_results(&self, job: &str, dir: &Path) -> Result<()> {
+        let (data, job, dir) = (self.inner.data.clone(), job.to_string(), dir.to_path_buf());
+        blocking("keeping a job's results", move || data.keep_results(&job, &dir).map(|_| ())).await
+    }
+
+    async fn local_results(&self, job: &str) -> Result<PathBuf> {
+        let (data, job) = (self.inner.data.clone(), job.to_string());
+        blocking("finding a job's results", move || {
+            data.results_of(&job).ok_or_else(|| Error::NotFound(format!("job `{job}` has no results")))
+        })
+        .await
+    }
 }
 
 struct LocalLease {
@@ -297,9 +315,8 @@ mod tests {
         JobSpec::Recluster { dataset: "ds-1".into(), k: 3, seed: None, name: None }
     }
 
-    async fn store(dir: &Path) -> (LocalJobs, DataDir) {
+    async fn store(dir: &Path) -> (LocalJobs, Arc<DataDir>) {
         let (data, _lock) = DataDir::open(dir).unwrap();
-        let data = Arc::try_unwrap(data).unwrap();
         (LocalJobs::open(&data).await.unwrap(), data)
     }
 

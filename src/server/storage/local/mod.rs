@@ -7,6 +7,8 @@
 //! DATA_DIR/datasets/<id>/     uploaded image sets
 //! DATA_DIR/jobs/<id>.json     jobs and their state
 //! DATA_DIR/checkpoints/<job id>.checkpoint/   the last epoch of a fine-tuning job
+//! DATA_DIR/checkpoints/<job id>.segment/      a segmentation's masks while it runs
+//! DATA_DIR/results/<job id>/  a segmentation's masks, class fractions and gallery
 //! DATA_DIR/tmp/               scratch files of requests in flight
 //! ```
 //! A process killed in the middle of a write leaves only dot-named leftovers next to what it
@@ -69,7 +71,7 @@ impl DataDir {
             .and_then(|_| write!(lock, "process {}", std::process::id()))
             .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         let dir = Self { root: root.to_path_buf() };
-        for d in [dir.models(), dir.datasets(), dir.jobs(), dir.checkpoints(), dir.tmp()] {
+        for d in [dir.models(), dir.datasets(), dir.jobs(), dir.checkpoints(), dir.results(), dir.tmp()] {
             std::fs::create_dir_all(&d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
         }
         clean_leftovers(root);
@@ -96,6 +98,10 @@ impl DataDir {
         self.root.join("checkpoints")
     }
 
+    pub fn results(&self) -> PathBuf {
+        self.root.join("results")
+    }
+
     pub fn tmp(&self) -> PathBuf {
         self.root.join("tmp")
     }
@@ -103,17 +109,35 @@ impl DataDir {
     pub fn active_model_file(&self) -> PathBuf {
         self.root.join("active_model")
     }
+
+    /// Moves a complete result folder to `results/<job>`, replacing one there.
+    pub fn keep_results(&self, job: &str, dir: &Path) -> Result<PathBuf> {
+        let dest = self.results().join(job);
+        if dest.exists() {
+            // Out of the way under a leftover's name first, so the name never holds a mix.
+            let old = self.results().join(format!(".{job}.old-{}", crate::util::unique()));
+            std::fs::rename(&dest, &old).map_err(|e| Error::io(format!("replacing {}", dest.display()), e))?;
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        std::fs::rename(dir, &dest).map_err(|e| Error::io(format!("moving {} to {}", dir.display(), dest.display()), e))?;
+        Ok(dest)
+    }
+
+    /// `results/<job>` if it is there.
+    pub fn results_of(&self, job: &str) -> Option<PathBuf> {
+        Some(self.results().join(job)).filter(|d| d.is_dir())
+    }
 }
 
 /// Removes what a killed process left in `data_dir`: leftovers named as
 /// [`crate::util::is_leftover`] describes in the data folder, `models/`, `checkpoints/`,
-/// `jobs/`, `datasets/` and each dataset's folder and `images/`, and everything under `tmp/`.
+/// `results/`, `jobs/`, `datasets/` and each dataset's folder and `images/`, and everything under `tmp/`.
 /// Nothing else is touched (the shipped models folder neither: other processes may read it).
 /// Call it only with the folder's lock held, before the stores open. Returns the removed paths,
 /// each also logged.
 pub fn clean_leftovers(data_dir: &Path) -> Vec<PathBuf> {
     let mut folders = vec![data_dir.to_path_buf()];
-    for sub in ["models", "checkpoints", "jobs", "datasets"] {
+    for sub in ["models", "checkpoints", "results", "jobs", "datasets"] {
         folders.push(data_dir.join(sub));
     }
     if let Ok(rd) = std::fs::read_dir(data_dir.join("datasets")) {

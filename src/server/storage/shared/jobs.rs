@@ -12,7 +12,7 @@
 //! Workers wait for new jobs on the database's notifications, and look again every sync
 //! interval for leases that ran out.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,15 +24,19 @@ use tokio::sync::broadcast;
 use super::Shared;
 use crate::server::core::jobs::{Job, JobReport, JobState, Standing};
 use crate::server::core::Page;
+use crate::server::storage::blocking;
+use crate::server::storage::local::DataDir;
 use crate::server::storage::{Claimed, Error, JobStore, Lease, Result};
 
 pub struct SharedJobs {
     shared: Arc<Shared>,
+    /// This process's data folder: the cache of the segmentations' results it serves.
+    cache: Arc<DataDir>,
 }
 
 impl SharedJobs {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    pub fn new(shared: Arc<Shared>, cache: Arc<DataDir>) -> Self {
+        Self { shared, cache }
     }
 
     fn me(&self) -> &str {
@@ -297,6 +301,7 @@ impl JobStore for SharedJobs {
         // A job writes the name it asks for, else `<type>-<id without "job-">` (JobSpec::model_name).
         Ok(sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM jobs WHERE state IN ('queued', 'running') AND id <> coalesce($2, '') \
+             AND doc->'spec'->>'type' <> 'segment' \
              AND coalesce(doc->'spec'->>'name', (doc->'spec'->>'type') || '-' || substr(id, 5)) = $1)",
         )
         .bind(name)
@@ -336,6 +341,42 @@ impl JobStore for SharedJobs {
 
     async fn drop_checkpoint(&self, job: &str) -> Result<()> {
         self.shared.blobs.delete_prefix(&format!("checkpoints/{job}")).await.map(|_| ())
+    }
+
+    /// Uploads the results under `results/<job id>/`, then keeps the folder as this process's
+    /// cached copy.
+    async fn save_results(&self, job: &str, dir: &Path) -> Result<()> {
+        let prefix = format!("results/{job}");
+        // A job saved again (resumed after it had saved) replaces the whole set.
+        self.shared.blobs.delete_prefix(&prefix).await?;
+        self.shared.blobs.put_dir(&prefix, dir).await?;
+        let (cache, job, dir) = (self.cache.clone(), job.to_string(), dir.to_path_buf());
+        blocking("caching a job's results", move || cache.keep_results(&job, &dir).map(|_| ())).await
+    }
+
+    /// The cached copy, else the results downloaded into a leftover-named folder and renamed
+    /// into the cache.
+    async fn local_results(&self, job: &str) -> Result<PathBuf> {
+        if let Some(dir) = self.cache.results_of(job) {
+            return Ok(dir);
+        }
+        let partial = self.cache.results().join(format!(".{job}.partial-{}-{}", std::process::id(), crate::util::unique()));
+        let fetched = self.shared.blobs.get_dir(&format!("results/{job}"), &partial).await;
+        if !matches!(fetched, Ok(n) if n > 0) {
+            let _ = tokio::fs::remove_dir_all(&partial).await;
+            fetched?;
+            return Err(Error::NotFound(format!("job `{job}` has no results")));
+        }
+        let (cache, job) = (self.cache.clone(), job.to_string());
+        blocking("caching a job's results", move || {
+            // Another request may have fetched them meanwhile: either copy is whole.
+            if let Some(dir) = cache.results_of(&job) {
+                let _ = std::fs::remove_dir_all(&partial);
+                return Ok(dir);
+            }
+            cache.keep_results(&job, &partial)
+        })
+        .await
     }
 }
 

@@ -3,13 +3,17 @@
 //!   (b) 32 concurrent /segment clients for 20 s on a 480x360 JPEG (goal < 0.4 GB), with
 //!       requests/s, p50/p95 latency and the number of 429s;
 //!   (c) a recluster job (k = 11) over 500 and over 2000 uploaded images (goal: peak RSS
-//!       independent of the image count).
+//!       independent of the image count);
+//!   (d) a segment job over 200 and over 800 uploaded 480x360 images, against posting the same
+//!       200 images to /segment one by one at the same quality (goals: the job's images/s within
+//!       10 % of /segment's or above, peak RSS independent of the image count). The server runs
+//!       with `--job-threads` = all cores, as a worker would.
 //!
 //!     cargo build --release && cargo bench --bench memory            (about 10 minutes)
 //!     cargo bench --bench memory -- --quick                            (smaller sizes)
 //!
 //! The binary is `PICIE_BIN`, else target/release/picie; models come from `models/`. `PICIE_BENCH_QUICK=1`
-//! is `--quick`; `PICIE_BENCH_ONLY=a,b,c` picks scenarios.
+//! is `--quick`; `PICIE_BENCH_ONLY=a,b,c,d` picks scenarios.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -33,6 +37,10 @@ struct Server {
 
 impl Server {
     async fn start(bin: &Path, root: &Path) -> Result<Server> {
+        Self::start_with(bin, root, &[]).await
+    }
+
+    async fn start_with(bin: &Path, root: &Path, extra: &[&str]) -> Result<Server> {
         let data = tempfile::tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let log = std::fs::File::create(data.path().join("server.log"))?;
@@ -42,6 +50,7 @@ impl Server {
             .arg(data.path().join("data"))
             // The figures in docs/benchmarks.md were measured at this quality; PICIE_QUALITY overrides.
             .args(["--quality", &std::env::var("PICIE_QUALITY").unwrap_or_else(|_| "fast".into())])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -223,11 +232,16 @@ async fn scenario_segment(bin: &Path, root: &Path, quick: bool) -> Result<()> {
 
 /// Uploads `n` distinct 320x240 JPEGs as tar archives of 250 images each.
 async fn upload_images(s: &Server, client: &reqwest::Client, id: &str, n: usize) -> Result<usize> {
+    upload_sized(s, client, id, n, (320, 240)).await
+}
+
+/// Uploads `n` distinct JPEGs of this size (the image `i` is `textured_jpeg(w, h, 1000 + i)`).
+async fn upload_sized(s: &Server, client: &reqwest::Client, id: &str, n: usize, (w, h): (u32, u32)) -> Result<usize> {
     let mut added = 0;
     for batch in (0..n).collect::<Vec<_>>().chunks(250) {
         let mut b = tar::Builder::new(vec![]);
         for &i in batch {
-            let jpeg = textured_jpeg(320, 240, 1000 + i as u64)?;
+            let jpeg = textured_jpeg(w, h, 1000 + i as u64)?;
             let mut h = tar::Header::new_ustar();
             h.set_size(jpeg.len() as u64);
             h.set_mode(0o644);
@@ -289,10 +303,83 @@ async fn scenario_recluster(bin: &Path, root: &Path, quick: bool) -> Result<()> 
     Ok(())
 }
 
+/// Waits for a job to end; its final state, with the error when it did not succeed.
+async fn wait_job(s: &Server, client: &reqwest::Client, job: &Value) -> Result<String> {
+    let jid = job["id"].as_str().with_context(|| format!("no job id in {job}"))?.to_string();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let j: Value = client.get(s.url(&format!("/jobs/{jid}"))).send().await?.json().await?;
+        let st = j["state"].as_str().unwrap_or("").to_string();
+        if st != "queued" && st != "running" {
+            return Ok(if st == "succeeded" { st } else { format!("{st}: {}", j["error"]) });
+        }
+    }
+}
+
+/// A segment job over `n` 480x360 images: (images/s from submission to success, peak RSS in
+/// GB, and /segment's images/s posting the first `sequential` of them one by one, if asked).
+async fn segment_job(bin: &Path, root: &Path, n: usize, quality: &str, sequential: usize) -> Result<(f64, f64, Option<f64>)> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).to_string();
+    let s = Server::start_with(bin, root, &["--job-threads", &threads]).await?;
+    let client = reqwest::Client::new();
+    let id = s.create_dataset(&client, &format!("segment-{n}")).await?;
+    upload_sized(&s, &client, &id, n, (480, 360)).await?;
+    let one_by_one = if sequential > 0 {
+        let jpegs: Vec<Vec<u8>> = (0..sequential).map(|i| textured_jpeg(480, 360, 1000 + i as u64)).collect::<Result<_>>()?;
+        let t = Instant::now();
+        for jpeg in jpegs {
+            let r = client
+                .post(s.url(&format!("/segment?format=mask&quality={quality}")))
+                .header("content-type", "image/jpeg")
+                .body(jpeg)
+                .send()
+                .await?;
+            if r.status() != 200 {
+                bail!("/segment answered {}", r.status());
+            }
+            r.bytes().await?;
+        }
+        Some(sequential as f64 / t.elapsed().as_secs_f64())
+    } else {
+        None
+    };
+    let t = Instant::now();
+    let job: Value =
+        client.post(s.url("/jobs")).json(&json!({"type": "segment", "dataset": id, "quality": quality})).send().await?.json().await?;
+    let state = wait_job(&s, &client, &job).await?;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    if state != "succeeded" {
+        bail!("the segment job ended {state}");
+    }
+    Ok((rate, s.peak_gb(), one_by_one))
+}
+
+async fn scenario_segment_job(bin: &Path, root: &Path, quick: bool) -> Result<()> {
+    let sizes = if quick { [50, 200] } else { [200, 800] };
+    let quality = std::env::var("PICIE_QUALITY").unwrap_or_else(|_| "edges".into());
+    println!("(d) segment job at quality {quality} over {} and {} images (480x360 JPEGs) against /segment one by one", sizes[0], sizes[1]);
+    let (job_rate, small, Some(one_rate)) = segment_job(bin, root, sizes[0], &quality, sizes[0]).await? else { unreachable!() };
+    println!(
+        "    {} images: /segment one by one {one_rate:.2} images/s, the job {job_rate:.2} images/s ({:+.0}%)   goal within 10 %: {}",
+        sizes[0],
+        (job_rate / one_rate - 1.0) * 100.0,
+        verdict(job_rate >= 0.9 * one_rate)
+    );
+    let (large_rate, large, _) = segment_job(bin, root, sizes[1], &quality, 0).await?;
+    let diff = large - small;
+    println!(
+        "    peak RSS {small:.3} GB at {} images, {large:.3} GB at {} images ({large_rate:.2} images/s): difference {diff:+.3} GB   goal independent of the count: {}",
+        sizes[0],
+        sizes[1],
+        verdict(diff.abs() < 0.1 * small.max(0.1))
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let quick = std::env::args().any(|a| a == "--quick") || std::env::var("PICIE_BENCH_QUICK").is_ok_and(|v| v == "1");
-    let only = std::env::var("PICIE_BENCH_ONLY").unwrap_or_else(|_| "a,b,c".into());
+    let only = std::env::var("PICIE_BENCH_ONLY").unwrap_or_else(|_| "a,b,c,d".into());
     let bin = std::env::var_os("PICIE_BIN").map(PathBuf::from).unwrap_or_else(|| root.join("target/release/picie"));
     if !bin.exists() {
         bail!("{} is missing: run `cargo build --release` first, or set PICIE_BIN", bin.display());
@@ -308,6 +395,9 @@ fn main() -> Result<()> {
         }
         if only.contains('c') {
             scenario_recluster(&bin, &root, quick).await?;
+        }
+        if only.contains('d') {
+            scenario_segment_job(&bin, &root, quick).await?;
         }
         Ok(())
     })

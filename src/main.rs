@@ -55,6 +55,24 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Suggest how many classes a folder of images holds: k-means at each K of a range on one
+    /// sample of a package's pixel features; prints each K's distortion and silhouette, and the
+    /// K at the knee of the distortion curve.
+    SuggestK {
+        #[arg(long, default_value = "models/default")]
+        model: PathBuf,
+        #[arg(long)]
+        images: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        k_min: usize,
+        #[arg(long, default_value_t = 24)]
+        k_max: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Write the suggestion (the K picked and each K's score) as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Segment images with a package; writes one label-mask PNG per image.
     Segment {
         #[arg(long, default_value = "models/default")]
@@ -65,7 +83,7 @@ enum Command {
         device: DeviceChoice,
         /// fast, flip (average over a horizontal flip), edges (scores guided-filtered with the
         /// image), crf (dense CRF on the labels) or best (flip and crf).
-        #[arg(long, default_value = "crf")]
+        #[arg(long, default_value = "edges")]
         quality: Quality,
         /// Dense CRF settings, key=value pairs over the defaults (see `picie serve --help`).
         #[arg(long, default_value = "")]
@@ -369,6 +387,37 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export { model, out } => {
             picie::package::Package::load(&model)?.export_onnx(&out)?;
             println!("wrote {}", out.display());
+        }
+        Command::SuggestK { model, images, k_min, k_max, seed, json } => {
+            picie::train::ksuggest::check_range(k_min, k_max, picie::package::MAX_CLASSES).map_err(anyhow::Error::msg)?;
+            let pkg = picie::package::Package::load(&model)?;
+            let session = picie::infer::EmbedSession::load(&pkg.onnx_path(), DeviceChoice::Auto, None)?;
+            let paths = picie::train::cluster::list_images(&images)?;
+            let mut bar = picie::progress::Reporter::new("suggest K");
+            let features = picie::train::cluster::embed_sampled(
+                &session,
+                &pkg.manifest.input,
+                &paths,
+                picie::train::cluster::MAX_CLUSTER_VECTORS,
+                seed,
+                |done, total| {
+                    bar.update(0.5 * done as f64 / total.max(1) as f64, &format!("embedding image {done}/{total}"));
+                    true
+                },
+            )?;
+            let suggestion = picie::train::ksuggest::suggest_k(&features.vectors, features.dim, k_min, k_max, seed, |done, total| {
+                bar.update(0.5 + 0.5 * done as f64 / total as f64, &format!("k-means at K = {}", k_min + done - 1));
+                true
+            })?
+            .expect("never stopped");
+            bar.finish();
+            for s in &suggestion.scores {
+                let picked = if s.k == suggestion.k { "  <- picked (knee)" } else { "" };
+                println!("K = {:3}  distortion {:.4}  silhouette {:.4}{picked}", s.k, s.distortion, s.silhouette);
+            }
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&suggestion)?)?;
+            }
         }
         Command::Segment { model, out, device, quality, crf, guided, images } => {
             let seg = Segmenter::load(&model, device, None)?;

@@ -232,7 +232,8 @@ async function startJob() {
   const type = $("job-type").value;
   const k = parseInt($("job-k").value, 10);
   const quality = $("job-quality").value || undefined;
-  const spec = type === "recluster" ? { type, dataset, k }
+  // No K: the server suggests one (k-means at each K of its default range, scored by silhouette).
+  const spec = type === "recluster" ? (Number.isNaN(k) ? { type, dataset } : { type, dataset, k })
     : type === "segment" ? { type, dataset, quality }
     : { type, dataset, package_k: k, epochs: parseInt($("job-epochs").value, 10) };
   try {
@@ -258,6 +259,7 @@ function follow(id) {
         const name = j.result.model;
         $("job-result").innerHTML = `<p>New model <b></b> (K=${j.result.k}). <button id="activate-new">Activate it</button></p>`;
         $("job-result").querySelector("b").textContent = name;
+        if (j.result.k_scores) $("job-result").prepend(kCurve(j.result.k_scores, j.result.k));
         $("activate-new").onclick = () => activate(name);
         loadModels();
       } else if (j.error) {
@@ -267,6 +269,40 @@ function follow(id) {
   };
   es.addEventListener("progress", update);
   es.addEventListener("end", update);
+}
+
+// The suggestion's curve: each K's distortion (mean cosine distance to the nearest centroid),
+// the K picked at its knee marked.
+function kCurve(scores, picked) {
+  const w = 360, h = 140, pad = 28;
+  const ks = scores.map((s) => s.k), vs = scores.map((s) => s.distortion);
+  const [k0, k1] = [Math.min(...ks), Math.max(...ks)];
+  const [v0, v1] = [Math.min(...vs), Math.max(...vs)];
+  const x = (k) => pad + (w - 2 * pad) * (k - k0) / Math.max(1, k1 - k0);
+  const y = (v) => h - pad - (h - 2 * pad) * (v - v0) / Math.max(1e-9, v1 - v0);
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("id", "k-curve");
+  svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", `distortion by K; K=${picked} picked`);
+  const el = (name, attrs, text) => {
+    const e = document.createElementNS(ns, name);
+    for (const [a, v] of Object.entries(attrs)) e.setAttribute(a, v);
+    if (text !== undefined) e.textContent = text;
+    svg.appendChild(e);
+    return e;
+  };
+  el("polyline", { points: scores.map((s) => `${x(s.k)},${y(s.distortion)}`).join(" "), fill: "none", stroke: "#2563eb", "stroke-width": 2 });
+  for (const s of scores) {
+    el("circle", { cx: x(s.k), cy: y(s.distortion), r: s.k === picked ? 5 : 2.5, fill: s.k === picked ? "#dc2626" : "#2563eb", class: "k-point" })
+      .appendChild(document.createElementNS(ns, "title")).textContent =
+        `K=${s.k}: distortion ${s.distortion.toFixed(4)}, silhouette ${s.silhouette.toFixed(3)}`;
+  }
+  el("text", { x: pad, y: h - 6, "font-size": 11 }, `K ${k0}`);
+  el("text", { x: w - pad, y: h - 6, "font-size": 11, "text-anchor": "end" }, `${k1}`);
+  el("text", { x: pad, y: 14, "font-size": 11 }, `distortion by K (lower: tighter classes) · knee at K=${picked}`);
+  return svg;
 }
 
 // The classes of a segmented set: share, crops, and the fields to name them.

@@ -499,12 +499,24 @@ async fn a_dataset_is_segmented_into_an_archive_and_a_gallery() {
         assert_eq!(r.status(), 404, "{bad}");
     }
 
-    // A job of another kind has no masks.
-    let r = s.client.post(s.url("/jobs")).json(&json!({"type": "recluster", "dataset": id, "k": 3})).send().await.unwrap();
+    // A re-clustering that suggests K from a range; it has no masks.
+    for bad in [json!({"k": 3, "k_min": 2}), json!({"k_min": 5, "k_max": 3}), json!({"k_min": 2, "k_max": 60})] {
+        let mut body = json!({"type": "recluster", "dataset": id});
+        body.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
+        let r = s.client.post(s.url("/jobs")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+    }
+    let r = s.client.post(s.url("/jobs")).json(&json!({"type": "recluster", "dataset": id, "k_min": 2, "k_max": 5})).send().await.unwrap();
     let other: Value = r.json().await.unwrap();
     let r = s.client.get(s.url(&format!("/jobs/{}/masks.zip", other["id"].as_str().unwrap()))).send().await.unwrap();
     assert_eq!(error_code(r).await, (StatusCode::NOT_FOUND, "not_found".to_string()));
-    s.wait_job(other["id"].as_str().unwrap()).await;
+    let suggested = s.wait_job(other["id"].as_str().unwrap()).await;
+    assert_eq!(suggested["state"], "succeeded", "{suggested}");
+    let scores = suggested["result"]["k_scores"].as_array().unwrap();
+    assert_eq!(scores.iter().map(|s| s["k"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3, 4, 5]);
+    let curve: Vec<picie::train::ksuggest::KScore> = serde_json::from_value(suggested["result"]["k_scores"].clone()).unwrap();
+    assert_eq!(suggested["result"]["k"], picie::train::ksuggest::knee(&curve), "the K at the distortion's knee: {suggested}");
+    assert!(curve.windows(2).all(|w| w[1].distortion < w[0].distortion + 0.02), "more clusters, closer centroids: {suggested}");
     s.stop().await;
 }
 

@@ -271,9 +271,16 @@ fn eval_scores_a_package_against_labels() {
     let cluster_imgs = picie::train::cluster::list_images(&common::root().join("fixtures/images")).unwrap();
     let cpu = picie::infer::DeviceChoice::Cpu;
     let mut steps: Vec<(f64, String)> = vec![];
-    let both = evaluate(&model, &pairs, 11, Clusters::Fresh { images: &cluster_imgs, seeds: &[0, 1] }, cpu, &fast, &crf, &mut |f, what| {
-        steps.push((f, what.to_string()))
-    })
+    let both = evaluate(
+        &model,
+        &pairs,
+        11,
+        Clusters::Fresh { images: &cluster_imgs, seeds: &[0, 1], k: None },
+        cpu,
+        &fast,
+        &crf,
+        &mut |f, what| steps.push((f, what.to_string())),
+    )
     .unwrap();
     assert_eq!(both.len(), 2);
     // Progress goes forward through the cluster images, k-means and every scored image, to the end.
@@ -282,10 +289,18 @@ fn eval_scores_a_package_against_labels() {
         assert!(steps.iter().any(|(_, s)| s.contains(step)), "{step} missing from {steps:?}");
     }
     for (seed, r) in [0u64, 1].into_iter().zip(&both) {
-        let alone =
-            evaluate(&model, &pairs, 11, Clusters::Fresh { images: &cluster_imgs, seeds: &[seed] }, cpu, &fast, &crf, &mut |_, _| {})
-                .unwrap()
-                .remove(0);
+        let alone = evaluate(
+            &model,
+            &pairs,
+            11,
+            Clusters::Fresh { images: &cluster_imgs, seeds: &[seed], k: None },
+            cpu,
+            &fast,
+            &crf,
+            &mut |_, _| {},
+        )
+        .unwrap()
+        .remove(0);
         assert_eq!((r.k, &r.confusion), (alone.k, &alone.confusion), "seed {seed}");
     }
     assert_ne!(both[0].confusion, both[1].confusion, "the seeds give different clusterings");

@@ -121,8 +121,9 @@ fn score_at(confusion: Vec<Vec<u64>>, boundary: BoundaryCounts, model: String, q
 /// How clusters are chosen for evaluation.
 #[derive(Clone, Copy)]
 pub enum Clusters<'a> {
-    /// Fresh k-means with K = number of classes on these images' features, once per seed.
-    Fresh { images: &'a [PathBuf], seeds: &'a [u64] },
+    /// Fresh k-means on these images' features, once per seed, with K clusters (None: K = the
+    /// number of label classes, the PiCIE protocol).
+    Fresh { images: &'a [PathBuf], seeds: &'a [u64], k: Option<usize> },
     /// The package's own centroids.
     Package,
 }
@@ -162,7 +163,7 @@ pub fn evaluate(
     // Progress in embedder passes (see `refinement_cost`): the cluster images once per flip
     // setting, and every scored image with its refinements for each seed.
     let (seeds, cluster_images) = match clusters {
-        Clusters::Fresh { images, seeds } => (seeds.len(), images.len()),
+        Clusters::Fresh { images, seeds, .. } => (seeds.len(), images.len()),
         Clusters::Package => (1, 0),
     };
     let per_image =
@@ -182,7 +183,7 @@ pub fn evaluate(
         // Row-major k x dim centroid matrices, one per seed.
         let centroid_sets: Vec<(usize, Vec<f32>)> = match clusters {
             Clusters::Package => vec![(pkg.centroids.k(), pkg.centroids.matrix())],
-            Clusters::Fresh { images, seeds } => {
+            Clusters::Fresh { images, seeds, k } => {
                 let features = embed_images(seg.session(), &policy, images, |i, n| {
                     progress((done + i as f64) / total, &format!("{name}: embedding the cluster images {i}/{n}"));
                     true
@@ -192,7 +193,7 @@ pub fn evaluate(
                 seeds
                     .iter()
                     .map(|&seed| {
-                        let (c, _) = features.fit(KMeansConfig::new(classes, seed), MAX_CLUSTER_VECTORS)?;
+                        let (c, _) = features.fit(KMeansConfig::new(k.unwrap_or(classes), seed), MAX_CLUSTER_VECTORS)?;
                         Ok((c.k(), c.matrix()))
                     })
                     .collect::<Result<_>>()?

@@ -23,6 +23,10 @@ pub struct EvalArgs {
     /// Images whose features the fresh k-means runs on (default: the package's own centroids).
     #[arg(long)]
     pub cluster_images: Option<PathBuf>,
+    /// Clusters of the fresh k-means (default: the number of label classes, the PiCIE protocol);
+    /// the Hungarian matching leaves the surplus clusters or classes unmatched.
+    #[arg(long)]
+    pub cluster_k: Option<usize>,
     /// Number of label classes (default: the largest label + 1, 255 ignored).
     #[arg(long)]
     pub classes: Option<usize>,
@@ -90,7 +94,7 @@ pub fn run(e: &EvalArgs) -> Result<()> {
     for (m, model) in models.iter().copied().enumerate() {
         let name = model.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
         let clusters = match &cluster_paths {
-            Some(p) => Clusters::Fresh { images: p, seeds: &seed_list },
+            Some(p) => Clusters::Fresh { images: p, seeds: &seed_list, k: e.cluster_k },
             None => Clusters::Package,
         };
         let started = std::time::Instant::now();

@@ -34,6 +34,15 @@ pub struct ClusterReport {
     pub vectors: usize,
     /// Pixel features of all the images, before sampling.
     pub vectors_seen: u64,
+    /// Where K was suggested: the K picked and each K's score.
+    pub suggestion: Option<super::ksuggest::KSuggestion>,
+}
+
+/// The K of a re-clustering: given, or suggested from a range ([`super::ksuggest`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KChoice {
+    Fixed(usize),
+    Suggest { min: usize, max: usize },
 }
 
 /// Embeds every readable image (unreadable ones are skipped and named), keeping a uniform
@@ -179,7 +188,13 @@ pub fn cluster_images_with(
     let (centroids, vectors) = features.fit(config, max_vectors)?;
     Ok((
         centroids,
-        ClusterReport { images_used: features.images_used, skipped: features.skipped, vectors, vectors_seen: features.vectors_seen },
+        ClusterReport {
+            images_used: features.images_used,
+            skipped: features.skipped,
+            vectors,
+            vectors_seen: features.vectors_seen,
+            suggestion: None,
+        },
     ))
 }
 
@@ -389,21 +404,46 @@ impl VectorReservoir {
     }
 }
 
-/// A new package with the same embedder as `source` and centroids clustered on `paths`.
+/// A new package with the same embedder as `source` and centroids clustered on `paths`, at the K
+/// given or the one suggested from a range on the same feature sample. `progress` hears of the
+/// embedding, `on_k` of the suggestion's fits; None when either stops the work.
 #[allow(clippy::too_many_arguments)]
 pub fn recluster_package(
     source: &crate::package::Package,
     session: &EmbedSession,
     paths: &[PathBuf],
-    config: KMeansConfig,
+    choice: KChoice,
+    seed: u64,
     out: &Path,
     name: &str,
     command: &str,
     job: Option<&str>,
     progress: impl FnMut(usize, usize) -> bool,
-) -> Result<(crate::package::Package, ClusterReport)> {
+    on_k: impl FnMut(usize, usize) -> bool,
+) -> Result<Option<(crate::package::Package, ClusterReport)>> {
     use crate::package::{Manifest, Package, PackageContents};
-    let (centroids, report) = cluster_images(session, &source.manifest.input, paths, config, MAX_CLUSTER_VECTORS, progress)?;
+    let features = embed_sampled_with(session, &source.manifest.input, paths, MAX_CLUSTER_VECTORS, seed, EmbedPlan::default(), progress)?;
+    let suggestion = match choice {
+        KChoice::Fixed(_) => None,
+        KChoice::Suggest { min, max } => match super::ksuggest::suggest_k(&features.vectors, features.dim, min, max, seed, on_k)? {
+            Some(s) => Some(s),
+            None => return Ok(None),
+        },
+    };
+    let k = match (&choice, &suggestion) {
+        (KChoice::Fixed(k), _) => *k,
+        (_, Some(s)) => s.k,
+        _ => unreachable!("a suggestion or a fixed K"),
+    };
+    let config = KMeansConfig::new(k, seed);
+    let (centroids, vectors) = features.fit(config, MAX_CLUSTER_VECTORS)?;
+    let report = ClusterReport {
+        images_used: features.images_used,
+        skipped: features.skipped.clone(),
+        vectors,
+        vectors_seen: features.vectors_seen,
+        suggestion,
+    };
     let onnx = std::fs::read(source.onnx_path()).with_context(|| format!("reading {}", source.onnx_path().display()))?;
     let weights = source.load_weights()?;
     let mut provenance = source.manifest.provenance.clone();
@@ -414,6 +454,9 @@ pub fn recluster_package(
     provenance.details.insert("kmeans_seed".into(), serde_json::json!(config.seed));
     provenance.details.insert("cluster_images".into(), serde_json::json!(report.images_used));
     provenance.details.insert("cluster_vectors".into(), serde_json::json!(report.vectors));
+    if let Some(suggestion) = &report.suggestion {
+        provenance.details.insert("k_suggestion".into(), serde_json::json!(suggestion));
+    }
     let manifest = Manifest {
         name: name.to_string(),
         k: centroids.k(),
@@ -423,7 +466,7 @@ pub fn recluster_package(
         ..source.manifest.clone()
     };
     let pkg = Package::write(out, PackageContents { manifest, onnx: &onnx, weights: &weights, centroids: &centroids }, false)?;
-    Ok((pkg, report))
+    Ok(Some((pkg, report)))
 }
 
 /// At most this many pixel features go into one k-means fit.

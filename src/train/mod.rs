@@ -8,6 +8,7 @@ pub mod device;
 pub mod fpn_init;
 pub mod frames;
 pub mod kmeans;
+pub mod ksuggest;
 pub mod loss;
 pub mod memory;
 pub mod packaging;

@@ -137,16 +137,20 @@ test("runs a recluster job from the page and activates the result", async () => 
   await p.setInputFiles("#dataset-files", [fixture("chelsea.png"), fixture("coffee.jpg"), fixture("rocket.jpg")]);
   await p.click("#dataset-upload");
   await p.waitForFunction(() => document.getElementById("upload-report").textContent.includes("3 added"));
-  await p.fill("#job-k", "3");
+  await p.fill("#job-k", "");
   await p.click("#job-start");
-  await p.waitForSelector("#activate-new", { timeout: 120_000 });
+  await p.waitForSelector("#activate-new", { timeout: 240_000 });
+  // K was suggested: the curve shows every K of the default range, the picked one marked.
+  assert.equal(await p.$$eval("#k-curve .k-point", (c) => c.length), 21);
+  const picked = Number((await p.getAttribute("#k-curve", "aria-label")).match(/K=(\d+) picked/)[1]);
+  assert.match(await p.textContent("#job-result"), new RegExp(`K=${picked}\\)`));
   assert.match(await p.textContent("#job-status"), /succeeded/);
   assert.equal(await p.$eval("#job-bar", (b) => b.style.width), "100%");
   await p.screenshot({ path: path.join(artifacts, "recluster.png"), fullPage: true });
   await p.click("#activate-new");
-  await p.waitForFunction(() => document.getElementById("model-info").textContent.includes("K=3"));
+  await p.waitForFunction((k) => document.getElementById("model-info").textContent.includes(`K=${k}`), picked);
   const info = await fetch(`${base}/info`).then((r) => r.json());
-  assert.equal(info.num_classes, 3);
+  assert.equal(info.num_classes, picked);
   await fetch(`${base}/models/default/activate`, { method: "POST" });
 });
 

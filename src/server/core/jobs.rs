@@ -8,8 +8,14 @@ use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::ToSchema;
 
 use crate::infer::Quality;
+use crate::train::cluster::KChoice;
+use crate::train::ksuggest::{check_range, KScore};
 use crate::train::picie::{Phase, TrainConfig};
 use crate::train::selftrain::SelfTrainConfig;
+
+/// The range K is suggested from when a re-clustering job gives none.
+pub const DEFAULT_K_MIN: usize = 4;
+pub const DEFAULT_K_MAX: usize = 24;
 
 /// What one job may ask for: bounds that keep its memory and time within reason inside a
 /// serving process. The OpenAPI schema states them from these constants.
@@ -68,6 +74,8 @@ pub enum JobStage {
     Loading,
     /// Running the embedder over the dataset (re-clustering).
     Embedding,
+    /// Re-clustering at each K of a range to suggest one.
+    Suggesting,
     /// A PiCIE epoch's clustering pass.
     Cluster,
     /// A PiCIE epoch's labelling pass.
@@ -138,12 +146,24 @@ fn batch_schema() -> ObjectBuilder {
 #[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum JobSpec {
-    /// Cluster a dataset's pixels with the active model's embedder into `k` classes; writes a new model version.
+    /// Cluster a dataset's pixels with the active model's embedder into `k` classes; writes a new
+    /// model version. Without `k`, K is suggested: k-means at every K from `k_min` to `k_max`
+    /// (default 4 to 24) on one sample of the features, and the K at the knee of the distortion
+    /// curve (mean cosine distance to the nearest centroid) is picked; the result lists each K's
+    /// distortion and silhouette.
     Recluster {
         #[schema(pattern = "^ds-[0-9a-f]{12}$")]
         dataset: String,
+        #[serde(default)]
         #[schema(schema_with = classes_schema)]
-        k: usize,
+        k: Option<usize>,
+        /// The range K is suggested from when `k` is left out (at most 40 values).
+        #[serde(default)]
+        #[schema(schema_with = classes_schema)]
+        k_min: Option<usize>,
+        #[serde(default)]
+        #[schema(schema_with = classes_schema)]
+        k_max: Option<usize>,
         #[serde(default)]
         seed: Option<u64>,
         /// Name of the new model version (default `recluster-<job id>`).
@@ -261,6 +281,21 @@ impl JobSpec {
         self.requested_name().map(str::to_string).unwrap_or_else(|| format!("{kind}-{}", id.trim_start_matches("job-")))
     }
 
+    /// The K of a re-clustering job: given, or suggested from its range (defaults filled in).
+    pub fn k_choice(&self) -> Result<KChoice, String> {
+        let JobSpec::Recluster { k, k_min, k_max, .. } = self else { return Err("not a re-clustering job".into()) };
+        match (k, k_min, k_max) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err("give k, or a range k_min to k_max to suggest it from; not both".into()),
+            (Some(k), None, None) if (2..=limits::MAX_CLASSES).contains(k) => Ok(KChoice::Fixed(*k)),
+            (Some(k), None, None) => Err(format!("k must be between 2 and {} (got {k})", limits::MAX_CLASSES)),
+            (None, min, max) => {
+                let (min, max) = (min.unwrap_or(DEFAULT_K_MIN), max.unwrap_or(DEFAULT_K_MAX));
+                check_range(min, max, limits::MAX_CLASSES)?;
+                Ok(KChoice::Suggest { min, max })
+            }
+        }
+    }
+
     /// The training settings of a fine-tuning job, defaults filled in.
     pub fn finetune_config(&self) -> Option<TrainConfig> {
         let JobSpec::Finetune { k, k2, epochs, lr, seed, size, width, freeze_stride, batch, .. } = self else { return None };
@@ -308,7 +343,7 @@ impl JobSpec {
         };
         match self {
             JobSpec::Segment { .. } => Ok(()),
-            JobSpec::Recluster { k, .. } => classes("k", *k),
+            JobSpec::Recluster { .. } => self.k_choice().map(|_| ()),
             JobSpec::Finetune { package_k, epochs, lr, self_train_epochs, .. } => {
                 let config = self.finetune_config().expect("a finetune spec");
                 let (width, height) = config.frame();
@@ -359,6 +394,10 @@ pub struct JobReport {
     pub vectors: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vectors_seen: Option<u64>,
+    /// Re-clustering with K suggested: each K tried, its distortion and silhouette (`k` is the
+    /// one picked, at the distortion's knee).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k_scores: Option<Vec<KScore>>,
     /// Fine-tuning: PiCIE epochs and each epoch's mean loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epochs: Option<usize>,

@@ -16,8 +16,7 @@ use crate::package::Package;
 use crate::server::core::jobs::{Job, JobReport, JobSpec, JobStage, Standing};
 use crate::server::core::Page;
 use crate::server::storage::{DatasetStore, JobStore, Lease, ModelStore};
-use crate::train::cluster::recluster_package;
-use crate::train::kmeans::KMeansConfig;
+use crate::train::cluster::{recluster_package, KChoice};
 use crate::train::packaging::SessionSettings;
 use crate::train::pipeline::{train_with, TrainArgs, TrainInit};
 
@@ -139,7 +138,8 @@ impl Runner {
         out: PathBuf,
         ctx: JobContext,
     ) -> Result<JobReport, String> {
-        let JobSpec::Recluster { k, seed, dataset, .. } = job.spec.clone() else { unreachable!("a recluster spec") };
+        let JobSpec::Recluster { seed, dataset, .. } = job.spec.clone() else { unreachable!("a recluster spec") };
+        let choice = job.spec.k_choice()?;
         let (settings, name, id) = (self.settings, name.to_string(), job.id.clone());
         self.compute(move || {
             let source = Package::load(&source)?;
@@ -147,21 +147,37 @@ impl Runner {
             // session has its own threads, and sharing it would take them from /segment.
             let session = EmbedSession::load(&source.onnx_path(), settings.device, Some(settings.threads))?;
             let seed = seed.unwrap_or(0);
+            let k = match choice {
+                KChoice::Fixed(k) => k.to_string(),
+                KChoice::Suggest { min, max } => format!("suggested from {min}-{max}"),
+            };
             let command = format!("recluster dataset={dataset} k={k} seed={seed} (job {id})");
-            let (pkg, report) = recluster_package(
+            // With K to suggest, the fits at each K take about as long as the embedding.
+            let embedding_share = if matches!(choice, KChoice::Fixed(_)) { 0.9 } else { 0.5 };
+            let progress = ctx.clone();
+            let made = recluster_package(
                 &source,
                 &session,
                 &images,
-                KMeansConfig::new(k, seed),
+                choice,
+                seed,
                 &out,
                 &name,
                 &command,
                 Some(&id),
                 |done, total| {
-                    ctx.report(Standing::at(JobStage::Embedding, 0.9 * done as f64 / total.max(1) as f64));
+                    progress.report(Standing::at(JobStage::Embedding, embedding_share * done as f64 / total.max(1) as f64));
+                    !progress.canceled()
+                },
+                |done, total| {
+                    ctx.report(Standing::at(
+                        JobStage::Suggesting,
+                        embedding_share + (0.9 - embedding_share) * done as f64 / total.max(1) as f64,
+                    ));
                     !ctx.canceled()
                 },
             )?;
+            let Some((pkg, report)) = made else { anyhow::bail!("canceled") };
             Ok(JobReport {
                 model: name,
                 k: pkg.manifest.k,
@@ -169,6 +185,7 @@ impl Runner {
                 skipped: Some(report.skipped),
                 vectors: Some(report.vectors),
                 vectors_seen: Some(report.vectors_seen),
+                k_scores: report.suggestion.map(|s| s.scores),
                 provider: Some(session.provider().as_str().to_string()),
                 ..Default::default()
             })
@@ -408,7 +425,7 @@ mod tests {
         datasets.add(&ds.id, uploads).await.unwrap();
         let runner = Runner::new(catalog, models, datasets, jobs.clone(), dir.checkpoints(), settings).unwrap();
         let executor = super::super::start_executor(jobs.clone(), Arc::new(runner));
-        let spec = JobSpec::Recluster { dataset: ds.id.clone(), k: 3, seed: None, name: None };
+        let spec = JobSpec::Recluster { dataset: ds.id.clone(), k: Some(3), k_min: None, k_max: None, seed: None, name: None };
         let id = jobs.submit(Job::new(spec, "default".into())).await.unwrap().id;
         let mut changes = jobs.changes();
         let job = loop {

@@ -43,7 +43,7 @@ pub struct InitPackage {
 /// k-means on `images`. The manifest says the embedder is untrained.
 pub fn init_package(args: &InitPackage) -> Result<(Package, ClusterReport)> {
     let device = cpu_device();
-    let weights = TensorMap::load_safetensors(&args.backbone_weights)?;
+    let weights = crate::model::import::load_backbone_weights(args.backbone, &args.backbone_weights)?;
     let config = EmbedderConfig::new(args.backbone);
     let paths = list_images(&args.images)?;
     // The taps are measured on frames as training would see them; only the sampled images are

@@ -1,16 +1,20 @@
 //! A ViT backbone end to end: a DINO ViT-S/16 checkpoint file in the authors' layout (random
 //! values, the real architecture) trains with the backbone frozen, becomes a package, and the
-//! server segments with it.
+//! server segments with it; a DINOv2 file makes a package through `package init`.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
+use picie::infer::{DeviceChoice, Segmenter};
 use picie::model::embedder::Backbone;
 use picie::model::layers::SeededInit;
 use picie::model::{BackboneKind, NamedTensor, TensorMap};
+use picie::package::InputPolicy;
 use picie::server::ServeConfig;
+use picie::train::fpn_init::FpnInit;
 use picie::train::loss::Balance;
+use picie::train::packaging::{init_package, InitPackage};
 use picie::train::picie::TrainConfig;
 use picie::train::pipeline::{train, TrainArgs, TrainInit};
 use serde_json::Value;
@@ -85,4 +89,44 @@ async fn a_dino_checkpoint_trains_frozen_and_its_package_is_served() {
     let j: Value = r.json().await.unwrap();
     assert_eq!((j["width"].as_u64(), j["height"].as_u64(), j["num_classes"].as_u64()), (Some(451), Some(300), Some(PACKAGE_K as u64)));
     server.stop().await;
+}
+
+#[test]
+fn package_init_reads_the_released_file_and_measures_pca_laterals_on_the_vit() {
+    // `picie package init --backbone dinov2-vits14 --backbone-weights dinov2_vits14_pretrain.pth`:
+    // DINOv2's layout (layer scale, a mask token that is ignored), PCA laterals over the four
+    // taps at the patch grid, k-means, export; then the package segments.
+    let dir = tempfile::tempdir().unwrap();
+    let kind = BackboneKind::Dinov2Vits14;
+    let backbone = Backbone::load(kind, &SeededInit { seed: 12 }, &burn::tensor::Device::flex()).unwrap();
+    let mut map = TensorMap::new("seeded");
+    backbone.export(&mut map);
+    let dim = kind.tap_channels()[0];
+    map.insert("mask_token", NamedTensor::new(vec![1, dim], vec![0.0; dim]));
+    let checkpoint = dir.path().join("dinov2_vits14_pretrain.pth");
+    common::write_torch_zip(&checkpoint, &map.tensors.clone().into_iter().collect::<Vec<_>>());
+    let out = dir.path().join("pkg");
+    let (pkg, _) = init_package(&InitPackage {
+        backbone: kind,
+        backbone_weights: checkpoint,
+        images: common::root().join("fixtures/images"),
+        k: PACKAGE_K,
+        seed: 0,
+        out: out.clone(),
+        name: "vit".into(),
+        policy: InputPolicy { short_side: 128, ..InputPolicy::default() },
+        replace: false,
+        command: "test".into(),
+        fpn_init: FpnInit::Pca,
+    })
+    .unwrap();
+    assert_eq!(pkg.manifest.provenance.details["fpn_init"], "pca");
+    let weights = pkg.load_weights().unwrap();
+    assert!(!weights.tensors.contains_key("backbone.mask_token"), "the mask token is not part of the backbone");
+    assert_eq!(weights.tensors["backbone.blocks.11.ls2.gamma"], map.tensors["blocks.11.ls2.gamma"]);
+    let seg = Segmenter::load(&out, DeviceChoice::Cpu, None).unwrap();
+    let img = image::open(common::fixture("chelsea.png")).unwrap().to_rgb8();
+    let mask = seg.segment(&img).unwrap();
+    assert_eq!((mask.width, mask.height), (451, 300));
+    assert!(mask.labels.iter().all(|&l| (l as usize) < PACKAGE_K));
 }

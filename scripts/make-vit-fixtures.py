@@ -12,8 +12,8 @@ implementation independent of picie's, with the same tensor names.
 
   make-vit-fixtures.py tiny OUT_DIR   the small fixtures committed under fixtures/vit/
   make-vit-fixtures.py real OUT_DIR   ViT-S/8, ViT-S/16, DINOv2 ViT-S/14 (+reg4) at their real
-                                      sizes, each reference first checked against timm's own
-                                      VisionTransformer (some 350 MB, not committed; then
+                                      sizes, each reference but the registers' checked against
+                                      timm's own VisionTransformer (some 350 MB, not committed; then
                                       PICIE_VIT_REAL=OUT_DIR cargo test --test vit)
 
 Each variant NAME writes NAME.pth (the checkpoint), NAME.json (its architecture, as picie's

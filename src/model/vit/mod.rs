@@ -6,7 +6,7 @@
 //! released files load as they are; DINOv2's `mask_token` (masked-image training only) is
 //! ignored, its `register_tokens` are used by the `_reg` variants.
 //!
-//! The forward pass is the authors' `get_intermediate_layers(x, n=TAP_BLOCKS, norm=True)`: patch
+//! The forward pass is DINOv2's `get_intermediate_layers(x, n=[2, 5, 8, 11], norm=True)`: patch
 //! embedding (a p x p convolution of stride p), the class token, the positional embedding
 //! resampled to the input's grid ([`pos_embed`]), the registers after the class token,
 //! pre-norm blocks (multi-head attention and a GELU MLP, each added back through DINOv2's
@@ -40,7 +40,9 @@ use super::weights::{NamedTensor, TensorMap};
 /// The authors' layer norms (`partial(nn.LayerNorm, eps=1e-6)` in DINO and DINOv2).
 pub const LN_EPS: f64 = 1e-6;
 /// The four tapped blocks are evenly spaced: blocks (k + 1) * depth / 4 - 1, k = 0..4
-/// (2, 5, 8, 11 of twelve, the blocks DINOv2's dense heads read).
+/// (2, 5, 8, 11 of twelve, the blocks DINOv2's DPT depth head reads for ViT-S): a shallow
+/// block's finer, more local features beside the last block's semantic ones, as the CNN taps
+/// span strides.
 pub const TAPS: usize = 4;
 
 /// Which authors' code a checkpoint comes from: it decides which extra tensors it carries.

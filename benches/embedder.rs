@@ -7,6 +7,9 @@
 //!     cargo bench --bench embedder            (needs scripts/setup.sh --no-build first)
 //!     BENCH_MODELS=models/default,runs/other cargo bench --bench embedder
 //!     BENCH_ONLY=qualities,crf cargo bench --bench embedder     (parts: embedder, qualities, crf)
+//!     BENCH_VIT=1 cargo bench --bench embedder     (also the ViT backbones at 480x352 beside Lite0:
+//!                                                   seeded weights in the released architectures,
+//!                                                   whose cost does not depend on the values)
 
 use std::time::{Duration, Instant};
 
@@ -40,18 +43,25 @@ fn embedder_times(
     threads: usize,
     x: &[f32],
 ) -> anyhow::Result<([(Duration, Duration); 2], EmbedSession)> {
-    let st = dir.join(format!("{}.safetensors", kind.name()));
-    picie::model::import::import_weights(kind, &root.join(format!(".weights/{}.pth", kind.name())), &st)?;
     let config = EmbedderConfig::new(kind);
     let device = Device::flex();
-    let weights = picie::model::TensorMap::load_safetensors(&st)?;
-    let embedder = Embedder::from_backbone(config, &weights.sub("backbone"), 0, &device)?;
+    let embedder = if kind.vit_spec().is_some() {
+        // No ViT weights ship with the project; a forward costs the same whatever the values.
+        Embedder::seeded(config, 0, &device)?
+    } else {
+        let st = dir.join(format!("{}.safetensors", kind.name()));
+        picie::model::import::import_weights(kind, &root.join(format!(".weights/{}.pth", kind.name())), &st)?;
+        let weights = picie::model::TensorMap::load_safetensors(&st)?;
+        Embedder::from_backbone(config, &weights.sub("backbone"), 0, &device)?
+    };
     let onnx = dir.join(format!("{}.onnx", kind.name()));
     export::export_onnx(&embedder, config, &onnx)?;
     let session = EmbedSession::load(&onnx, DeviceChoice::Cpu, Some(threads))?;
     let arr = ndarray::Array4::from_shape_vec((1, 3, H, W), x.to_vec())?;
-    let ort = time(10, || session.run(&arr).unwrap());
-    let burn = time(3, || {
+    // A ViT-S/8 frame takes seconds on two cores: fewer runs.
+    let (ort_reps, burn_reps) = if kind.vit_spec().is_some() { (3, 1) } else { (10, 3) };
+    let ort = time(ort_reps, || session.run(&arr).unwrap());
+    let burn = time(burn_reps, || {
         let t = Tensor::<4>::from_data(TensorData::new(x.to_vec(), [1, 3, H, W]), &device);
         embedder.forward(t).into_data()
     });
@@ -91,11 +101,19 @@ fn embedders(root: &std::path::Path, dir: &std::path::Path, threads: usize, x: &
     println!("embedder {W}x{H}, batch 1, {threads} threads (median / best of runs)");
     println!("{:<52} {:>10} {:>10}", "", "median ms", "best ms");
     let mut lite0_session = None;
-    for kind in [BackboneKind::EfficientnetLite0, BackboneKind::EfficientnetLite2] {
+    let mut kinds = vec![BackboneKind::EfficientnetLite0, BackboneKind::EfficientnetLite2];
+    if std::env::var("BENCH_VIT").as_deref() == Ok("1") {
+        kinds.extend([BackboneKind::DinoVits16, BackboneKind::Dinov2Vits14, BackboneKind::DinoVits8]);
+    }
+    for kind in kinds {
         let ([ort, burn], session) = embedder_times(kind, root, dir, threads, x)?;
         row(&format!("{} ONNX Runtime 1.32 (CPU EP)", kind.name()), ort);
         row(&format!("{} burn 0.22 Flex (reference fwd)", kind.name()), burn);
         println!("{:<52} {:>10.2}x", format!("{} ratio burn / ONNX Runtime", kind.name()), burn.0.as_secs_f64() / ort.0.as_secs_f64());
+        if let Some(peak) = peak_resident_mib() {
+            // Monotone over the run: the rows go from the lightest backbone to the heaviest.
+            println!("{:<52} {:>10.0}", format!("{} process peak resident MiB so far", kind.name()), peak);
+        }
         lite0_session.get_or_insert(session);
     }
 
@@ -193,4 +211,11 @@ fn crf_profile(seg: &picie::infer::Segmenter, photo: &image::RgbImage) -> anyhow
     }
     println!("{:<44} {:>10.1}", "total", total);
     Ok(())
+}
+
+/// The process's peak resident set (VmHWM), where /proc has it.
+fn peak_resident_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024.0)
 }

@@ -11,6 +11,10 @@
 //! PICIE_TRAIN_DEVICE=vulkan (a build with `--features wgpu`) runs the step on a GPU.
 //! BENCH_BATCH, BENCH_SIZE, BENCH_STEPS (3: the fastest step counts) and BENCH_FREEZE ("16 0")
 //! change the settings; BENCH_KMEANS=0 skips k-means.
+//! BENCH_BACKBONE=dino-vits16 (any --backbone name) times that backbone's step instead of
+//! Lite0's: the EfficientNets from .weights/, the others with seeded weights (a step costs the
+//! same whatever the values; no ViT weights ship with the project). PyTorch's side is Lite0's only.
+//! The peak resident memory of the bench process is printed at the end (Linux).
 //! BENCH_BREAKDOWN=1 also times the step's operations one kind at a time (forward + backward of
 //! each layer of the network on its own shapes, summed per kind) to show where the time goes,
 //! beside the same layers on burn's own modules (Conv2d, BatchNorm, composed ReLU6).
@@ -88,13 +92,20 @@ fn main() -> anyhow::Result<()> {
     let freezes: Vec<usize> =
         std::env::var("BENCH_FREEZE").unwrap_or_else(|_| "16 0".into()).split_whitespace().filter_map(|v| v.parse().ok()).collect();
     let dir = tempfile::tempdir()?;
+    let kind = match std::env::var("BENCH_BACKBONE") {
+        Ok(name) => <BackboneKind as clap::ValueEnum>::from_str(&name, false).map_err(|e| anyhow::anyhow!("BENCH_BACKBONE: {e}"))?,
+        Err(_) => BackboneKind::EfficientnetLite0,
+    };
+    let config = EmbedderConfig::new(kind);
     let pth = root.join(".weights/efficientnet-lite0.pth");
-    let st = dir.path().join("lite0.safetensors");
-    picie::model::import::import_weights(BackboneKind::EfficientnetLite0, &pth, &st)?;
-    let backbone = TensorMap::load_safetensors(&st)?;
-    let config = EmbedderConfig::new(BackboneKind::EfficientnetLite0);
-    let init =
-        picie::model::Embedder::from_backbone(config, &backbone.sub("backbone"), 0, &burn::tensor::Device::flex())?.to_tensor_map("bench");
+    let init = if kind.lite_variant().is_some() {
+        let st = dir.path().join("backbone.safetensors");
+        picie::model::import::import_weights(kind, &root.join(format!(".weights/{}.pth", kind.name())), &st)?;
+        let backbone = TensorMap::load_safetensors(&st)?;
+        picie::model::Embedder::from_backbone(config, &backbone.sub("backbone"), 0, &burn::tensor::Device::flex())?.to_tensor_map("bench")
+    } else {
+        picie::model::Embedder::seeded(config, 0, &burn::tensor::Device::flex())?.to_tensor_map("bench")
+    };
 
     // Two steps on `batch` copies of the shipped photos (one epoch = clustering, labelling and
     // training passes).
@@ -107,7 +118,9 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|&f| measure(config, &init, &frames, size, batch, f, dir.path()).map(|t| (f, t)))
         .collect::<anyhow::Result<_>>()?;
-    let torch = if std::env::var("BENCH_TORCH").as_deref() == Ok("1") {
+    let torch = if kind != BackboneKind::EfficientnetLite0 {
+        Err("benches/torch_step.py builds Lite0 only".into())
+    } else if std::env::var("BENCH_TORCH").as_deref() == Ok("1") {
         torch_steps(&root, &pth, (size, batch, steps), threads, &freezes, kept)
     } else {
         Err("BENCH_TORCH=1 not set".into())
@@ -130,7 +143,7 @@ fn main() -> anyhow::Result<()> {
     let label = |f: usize| if f == 0 { "all layers trainable".to_string() } else { format!("frozen to stride {f}") };
     let backend =
         if picie::model::on_flex(&device) { format!("burn Flex (CPU, {threads} threads)") } else { format!("burn wgpu ({device:?})") };
-    println!("PiCIE training on {backend}, {size}x{size}, batch {batch}");
+    println!("PiCIE training of {} on {backend}, {size}x{size}, batch {batch}", kind.name());
     println!(
         "allocator: {}",
         if kept { "freed memory kept for reuse, on both sides (src/train/memory.rs)" } else { "the C library's defaults" }
@@ -159,6 +172,9 @@ fn main() -> anyhow::Result<()> {
             v.first().map(|_| torch_version(&root)).unwrap_or_default()
         ),
         Err(e) => println!("PyTorch: not measured ({e}); reference: {TORCH_REFERENCE}"),
+    }
+    if let Some(peak) = peak_resident_mib() {
+        println!("{:<58} {:>10.0}", "peak resident memory of this process, MiB", peak);
     }
     if let Some(rows) = breakdown {
         let total: f64 = rows.iter().map(|r| r.1).sum();
@@ -390,4 +406,11 @@ fn torch_steps(
             Ok((v["freeze_stride"].as_u64().unwrap_or(99) as usize, v["s_per_image"].as_f64().unwrap_or(f64::NAN)))
         })
         .collect()
+}
+
+/// The process's peak resident set (VmHWM), where /proc has it.
+fn peak_resident_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024.0)
 }

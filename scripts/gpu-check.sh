@@ -6,7 +6,10 @@
 #                                  build the release binary, pack both and split the pack into parts
 #                                  that fit one device call each (the working tree travels with every
 #                                  call and the whole call is capped at 64 MiB) under .gpu-check/
-#                                  (git-ignored); prints the calls to make
+#                                  (git-ignored); prints the calls to make.
+#                                  PICIE_VIT_WEIGHTS=FILE (PICIE_VIT_BACKBONE=dino-vits16 by default,
+#                                  any ViT --backbone name) also packs a package made with those
+#                                  weights, and `run` times /segment with it too
 #   scripts/gpu-check.sh plan      print those calls again
 #   scripts/gpu-check.sh clean     remove .gpu-check/ (and .ort-gpu/ with --all)
 #
@@ -72,6 +75,15 @@ prepare() {
   strip "$WORK/pack/bin/picie" "$WORK/pack/bin/train-bench" 2>/dev/null || true
   mkdir -p "$WORK/pack/weights"
   cp "$ROOT/.weights/efficientnet-lite0.pth" "$WORK/pack/weights/"
+  if [ -n "${PICIE_VIT_WEIGHTS:-}" ]; then
+    # A package with the user's ViT weights (docs/backbones.md), timed by `run` beside the
+    # default one. Its ONNX graph and weights are ~90 MB each: a few more parts to carry.
+    local vit_backbone="${PICIE_VIT_BACKBONE:-dino-vits16}"
+    [ -f "$PICIE_VIT_WEIGHTS" ] || die "PICIE_VIT_WEIGHTS=$PICIE_VIT_WEIGHTS: no such file"
+    "$bin" package init --backbone "$vit_backbone" --backbone-weights "$PICIE_VIT_WEIGHTS" --images "$ROOT/fixtures/images" \
+      --name vit --out "$WORK/pack/models/vit" || die "picie package init with $PICIE_VIT_WEIGHTS failed"
+    echo "$vit_backbone from $(basename "$PICIE_VIT_WEIGHTS")" >"$WORK/pack/VIT_BACKBONE"
+  fi
   echo "$ORT_GPU_VERSION" >"$WORK/pack/ORT_GPU_VERSION"
   git -C "$ROOT" rev-parse HEAD >"$WORK/pack/COMMIT" 2>/dev/null || true
   say "packing (gzip) ..."
@@ -233,14 +245,22 @@ EOF
 
   # /segment on a CUDA server, then a CPU one on the same machine for reference; the queue bound is
   # lifted so that 16 clients measure throughput, not 429s.
+  # A ViT package packed by `prepare` (PICIE_VIT_WEIGHTS) is timed the same way, at fast only
+  # (the refinements cost what they cost with any backbone).
+  local targets=("$ROOT/models:default") target models_dir model qualities
+  if [ -d "$app/models/vit" ]; then targets+=("$app/models:vit"); fi
   local device port pid
+  for target in "${targets[@]}"; do
+  models_dir="${target%%:*}" model="${target##*:}"
+  qualities="${GPU_CHECK_QUALITIES:-fast best}"
+  if [ "$model" = vit ]; then qualities=fast; echo "== the ViT package: $(cat "$app/VIT_BACKBONE" 2>/dev/null)"; fi
   for device in cuda cpu; do
     port=$((18080 + RANDOM % 1000))
-    echo "== picie serve --device $device (port $port)"
-    "$picie" serve --device "$device" --models-dir "$ROOT/models" --model default --data-dir "$tmp/data-$device" \
+    echo "== picie serve --device $device, model $model (port $port)"
+    "$picie" serve --device "$device" --models-dir "$models_dir" --model "$model" --data-dir "$tmp/data-$model-$device" \
       --host 127.0.0.1 --port "$port" --max-queue-ms 600000 --max-concurrent 64 >"$tmp/serve-$device.log" 2>&1 &
     pid=$!
-    if ! "$py" - "$port" "$tmp/bench.jpg" "$device" "${GPU_CHECK_REQUESTS:-192}" "$pid" "${GPU_CHECK_QUALITIES:-fast best}" <<'EOF'; then
+    if ! "$py" - "$port" "$tmp/bench.jpg" "$device" "${GPU_CHECK_REQUESTS:-192}" "$pid" "$qualities" <<'EOF'; then
 import http.client, json, statistics, sys, threading, time
 port, jpeg, device, total = int(sys.argv[1]), open(sys.argv[2], "rb").read(), sys.argv[3], int(sys.argv[4])
 pid = sys.argv[5]
@@ -321,11 +341,12 @@ for quality in qualities:
             sys.exit(f"{clients} clients: {errors[0]}")
         print(f"  quality={quality}: {clients:>2} concurrent clients: {clients * per / dt:8.2f} images/s ({clients * per} requests)")
 EOF
-      fail "/segment on the $device server (its log below)"
+      fail "/segment on the $device server, model $model (its log below)"
       tail -n 20 "$tmp/serve-$device.log"
     fi
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
+  done
   done
 
   # The training step through burn's wgpu backend on Vulkan, beside the CPU step on this

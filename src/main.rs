@@ -108,8 +108,9 @@ struct TrainCli {
     from: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "efficientnet-lite0")]
     backbone: BackboneKind,
-    /// Imported backbone weights (default: .weights/<backbone>.safetensors, where
-    /// scripts/setup.sh puts the EfficientNet-Lite ones).
+    /// Backbone weights: a file `picie weights import` wrote, or a torch checkpoint read as it
+    /// is (the DINO / DINOv2 release files; docs/backbones.md). Default:
+    /// .weights/<backbone>.safetensors, where scripts/setup.sh puts the EfficientNet-Lite ones.
     #[arg(long)]
     backbone_weights: Option<PathBuf>,
     #[arg(long, default_value_t = 27)]
@@ -222,7 +223,8 @@ enum PackageCommand {
     Init {
         #[arg(long, value_enum, default_value = "efficientnet-lite0")]
         backbone: BackboneKind,
-        /// Imported backbone weights (default: .weights/<backbone>.safetensors).
+        /// Backbone weights: imported safetensors or a torch checkpoint as released
+        /// (default: .weights/<backbone>.safetensors).
         #[arg(long)]
         backbone_weights: Option<PathBuf>,
         #[arg(long)]

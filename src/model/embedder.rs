@@ -12,6 +12,7 @@ use super::fpn::Fpn;
 use super::layers::{SeededInit, WeightSource};
 use super::onnx_graph::GraphBuilder;
 use super::resnet::{self, ResNet18};
+use super::vit::{self, Vit, VitSpec};
 use super::weights::TensorMap;
 
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -20,8 +21,11 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 pub const NORM_EPS: f32 = 1e-12;
 /// Feature maps are 1/4 of the input in height and width.
 pub const OUTPUT_STRIDE: usize = 4;
-/// Inputs must be multiples of this (the deepest tap is at stride 32).
+/// Inputs must be multiples of this (the deepest CNN tap is at stride 32; a ViT's patch grid,
+/// at stride 8 or 16, divides it too).
 pub const INPUT_MULTIPLE: usize = 32;
+/// Where the CNN backbones' four taps are: strides 4, 8, 16, 32.
+const CNN_TAP_STRIDES: [usize; 4] = [4, 8, 16, 32];
 pub const DEFAULT_DIM: usize = 128;
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -30,13 +34,44 @@ pub enum BackboneKind {
     EfficientnetLite0,
     EfficientnetLite2,
     Resnet18,
+    /// DINO ViT-S/8 (`dino_deitsmall8_pretrain.pth`, github.com/facebookresearch/dino).
+    DinoVits8,
+    /// DINO ViT-S/16 (`dino_deitsmall16_pretrain.pth`).
+    DinoVits16,
+    /// DINOv2 ViT-S/14 (`dinov2_vits14_pretrain.pth`, github.com/facebookresearch/dinov2).
+    Dinov2Vits14,
+    /// DINOv2 ViT-S/14 with 4 registers (`dinov2_vits14_reg4_pretrain.pth`).
+    Dinov2Vits14Reg,
 }
 
 impl BackboneKind {
     pub fn tap_channels(self) -> [usize; 4] {
+        if let Some(spec) = self.vit_spec() {
+            return [spec.dim; vit::TAPS];
+        }
         match self.lite_variant() {
             Some(v) => v.tap_channels(),
             None => resnet::TAP_CHANNELS,
+        }
+    }
+
+    /// The stride of each tap in the input: 4, 8, 16, 32 for the CNNs; a ViT's four taps all
+    /// carry its patch grid ([`VitSpec::stride`]).
+    pub fn tap_strides(self) -> [usize; 4] {
+        match self.vit_spec() {
+            Some(spec) => [spec.stride(); vit::TAPS],
+            None => CNN_TAP_STRIDES,
+        }
+    }
+
+    /// The architecture, for the ViT backbones.
+    pub fn vit_spec(self) -> Option<VitSpec> {
+        match self {
+            BackboneKind::DinoVits8 => Some(vit::DINO_VITS8),
+            BackboneKind::DinoVits16 => Some(vit::DINO_VITS16),
+            BackboneKind::Dinov2Vits14 => Some(vit::DINOV2_VITS14),
+            BackboneKind::Dinov2Vits14Reg => Some(vit::DINOV2_VITS14_REG),
+            _ => None,
         }
     }
 
@@ -56,7 +91,7 @@ impl BackboneKind {
         match self {
             BackboneKind::EfficientnetLite0 => Some(LiteVariant::Lite0),
             BackboneKind::EfficientnetLite2 => Some(LiteVariant::Lite2),
-            BackboneKind::Resnet18 => None,
+            _ => None,
         }
     }
 }
@@ -107,20 +142,27 @@ impl EmbedderConfig {
 pub enum Backbone {
     EfficientNet(EfficientNetLite),
     ResNet18(ResNet18),
+    Vit(Vit),
 }
 
 impl Backbone {
     pub fn load(kind: BackboneKind, src: &dyn WeightSource, device: &Device) -> Result<Self> {
+        if let Some(spec) = kind.vit_spec() {
+            return Ok(Backbone::Vit(Vit::load(spec, src, device)?));
+        }
         Ok(match kind.lite_variant() {
             Some(variant) => Backbone::EfficientNet(EfficientNetLite::load(variant, src, device)?),
             None => Backbone::ResNet18(ResNet18::load(src, device)?),
         })
     }
 
+    /// The four taps of an ImageNet-normalised input (H and W multiples of 32), at the
+    /// strides of [`BackboneKind::tap_strides`].
     pub fn forward(&self, x: Tensor<4>) -> [Tensor<4>; 4] {
         match self {
             Backbone::EfficientNet(m) => m.forward(x),
             Backbone::ResNet18(m) => m.forward(x),
+            Backbone::Vit(m) => m.forward_image(x),
         }
     }
 
@@ -128,11 +170,14 @@ impl Backbone {
         match self {
             Backbone::EfficientNet(m) => m.export(out),
             Backbone::ResNet18(m) => m.export(out),
+            Backbone::Vit(m) => m.export(out),
         }
     }
 
     /// Freezes (no gradient, batch norm on running statistics) every layer up to and including
-    /// the one that produces the tap at `stride` (4, 8, 16 or 32); 0 freezes nothing.
+    /// the one that produces the tap at `stride` (4, 8, 16 or 32); 0 freezes nothing. A ViT
+    /// has no layers below its patch stride, every block works at it: any stride but 0
+    /// freezes all of it (0 trains it all).
     pub fn freeze_through(self, stride: usize) -> Self {
         let taps = match stride {
             0 => return self,
@@ -154,6 +199,7 @@ impl Backbone {
                 m.blocks = m.blocks.into_iter().enumerate().map(|(i, b)| if i <= last { b.freeze() } else { b }).collect();
                 Backbone::ResNet18(m)
             }
+            Backbone::Vit(m) => Backbone::Vit(m.freeze()),
         }
     }
 
@@ -161,6 +207,7 @@ impl Backbone {
         match self {
             Backbone::EfficientNet(m) => m.emit(g, x),
             Backbone::ResNet18(m) => m.emit(g, x),
+            Backbone::Vit(m) => m.emit(g, x),
         }
     }
 }
@@ -175,7 +222,7 @@ impl Embedder {
     /// Loads a full embedder from one tensor map (`backbone.*`, `fpn.*`).
     pub fn load(config: EmbedderConfig, weights: &TensorMap, device: &Device) -> Result<Self> {
         let backbone = Backbone::load(config.backbone, &weights.sub("backbone"), device)?;
-        let fpn = Fpn::load(&weights.sub("fpn"), config.backbone.tap_channels(), config.dim, device)?;
+        let fpn = Fpn::load(&weights.sub("fpn"), config.backbone.tap_channels(), config.backbone.tap_strides(), config.dim, device)?;
         Ok(Self { backbone, fpn })
     }
 
@@ -183,7 +230,8 @@ impl Embedder {
     pub fn from_backbone(config: EmbedderConfig, backbone: &TensorMap, fpn_seed: u64, device: &Device) -> Result<Self> {
         let backbone =
             Backbone::load(config.backbone, backbone, device).with_context(|| format!("loading the {:?} backbone", config.backbone))?;
-        let fpn = Fpn::load(&SeededInit { seed: fpn_seed }, config.backbone.tap_channels(), config.dim, device)?;
+        let fpn =
+            Fpn::load(&SeededInit { seed: fpn_seed }, config.backbone.tap_channels(), config.backbone.tap_strides(), config.dim, device)?;
         Ok(Self { backbone, fpn })
     }
 
@@ -192,7 +240,7 @@ impl Embedder {
         let src = SeededInit { seed };
         Ok(Self {
             backbone: Backbone::load(config.backbone, &src, device)?,
-            fpn: Fpn::load(&src, config.backbone.tap_channels(), config.dim, device)?,
+            fpn: Fpn::load(&src, config.backbone.tap_channels(), config.backbone.tap_strides(), config.dim, device)?,
         })
     }
 

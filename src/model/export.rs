@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use protobuf::Message;
 
-use super::embedder::{Embedder, EmbedderConfig, IMAGENET_MEAN, IMAGENET_STD, NORM_EPS};
+use super::embedder::{Embedder, EmbedderConfig, IMAGENET_MEAN, IMAGENET_STD, NORM_EPS, OUTPUT_STRIDE};
 use super::onnx_graph::{attr_int, attr_string, value_info_f32, Dim, GraphBuilder};
 
 pub const INPUT_NAME: &str = "image";
@@ -25,13 +25,13 @@ pub fn to_onnx_bytes(embedder: &Embedder, config: EmbedderConfig) -> Result<Vec<
     let raw = embedder.fpn.emit(&mut g, &taps);
     if config.tap_weight > 0.0 {
         // Hypercolumn (Embedder::forward_served): normalised FPN features, then each normalised
-        // tap upsampled to stride 4 (by exactly 2, 4 or 8: H and W stay dynamic) and weighted.
+        // tap upsampled to stride 4 (by an exact factor: H and W stay dynamic) and weighted.
         let mut parts = vec![l2_normalize(&mut g, &raw)];
         let weight = g.constant_f32("tap_weight", &[], vec![config.tap_weight]);
-        for (i, tap) in taps.iter().enumerate() {
+        for (tap, stride) in taps.iter().zip(embedder.fpn.tap_strides) {
             let mut t = l2_normalize(&mut g, tap);
-            if i > 0 {
-                let s = (1u32 << i) as f32;
+            if stride > OUTPUT_STRIDE {
+                let s = (stride / OUTPUT_STRIDE) as f32;
                 let scales = g.constant_f32("scales", &[4], vec![1.0, 1.0, s, s]);
                 t = g.node(
                     "Resize",

@@ -50,11 +50,26 @@ pub fn read_torch_checkpoint(path: &Path) -> Result<TensorMap> {
 pub fn import_backbone(kind: BackboneKind, path: &Path) -> Result<TensorMap> {
     let map = read_torch_checkpoint(path)?;
     let device = burn::tensor::Device::flex();
-    super::embedder::Backbone::load(kind, &map as &dyn WeightSource, &device)
-        .with_context(|| format!("{} is not a {kind:?} checkpoint", path.display()))?;
+    let checked = match kind.vit_spec() {
+        // The ViTs' files hold nothing but the backbone: anything else is another model's.
+        Some(spec) => super::vit::Vit::load_strict(spec, &map, &device).map(|_| ()),
+        None => super::embedder::Backbone::load(kind, &map as &dyn WeightSource, &device).map(|_| ()),
+    };
+    checked.with_context(|| format!("{} is not a {kind:?} checkpoint", path.display()))?;
     let mut out = TensorMap::new(map.source.clone());
     out.extend_prefixed("backbone", map);
     Ok(out)
+}
+
+/// The file of `--backbone-weights`, under `backbone.`: a safetensors file that `picie weights
+/// import` wrote as it is, or any other file read as a torch checkpoint and imported on the way
+/// ([`import_backbone`]), so that the authors' released files (DINO's, DINOv2's) load as they are.
+pub fn load_backbone_weights(kind: BackboneKind, path: &Path) -> Result<TensorMap> {
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        TensorMap::load_safetensors(path)
+    } else {
+        import_backbone(kind, path)
+    }
 }
 
 /// `picie weights import`: a torch checkpoint to safetensors with `backbone.` names. Returns the

@@ -14,6 +14,7 @@ pub mod layers;
 pub mod onnx_graph;
 pub mod relu6;
 pub mod resnet;
+pub mod vit;
 pub mod weights;
 
 pub use embedder::{BackboneKind, Embedder, EmbedderConfig};

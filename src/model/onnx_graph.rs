@@ -45,11 +45,17 @@ impl GraphBuilder {
     }
 
     pub fn constant_i64(&mut self, hint: &str, data: Vec<i64>) -> String {
+        let shape = [data.len()];
+        self.constant_i64_shaped(hint, &shape, data)
+    }
+
+    /// An int64 constant of any shape (`&[]`: a scalar, as `Gather` takes to drop an axis).
+    pub fn constant_i64_shaped(&mut self, hint: &str, shape: &[usize], data: Vec<i64>) -> String {
         let name = self.fresh(hint);
         let mut t = TensorProto::new();
         t.name = name.clone();
         t.data_type = DataType::INT64 as i32;
-        t.dims = vec![data.len() as i64];
+        t.dims = shape.iter().map(|&d| d as i64).collect();
         t.raw_data = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.initializers.push(t);
         name
@@ -130,6 +136,14 @@ pub fn attr_int(name: &str, value: i64) -> AttributeProto {
     a.name = name.into();
     a.type_ = AttributeType::INT.into();
     a.i = value;
+    a
+}
+
+pub fn attr_float(name: &str, value: f32) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::FLOAT.into();
+    a.f = value;
     a
 }
 

@@ -64,7 +64,7 @@ fn embedding_progress(progress: PackagingProgress<'_>) -> impl FnMut(usize, usiz
 /// k-means on `images`. The manifest says the embedder is untrained.
 pub fn init_package(args: &InitPackage, progress: PackagingProgress<'_>) -> Result<(Package, ClusterReport)> {
     let device = cpu_device();
-    let weights = TensorMap::load_safetensors(&args.backbone_weights)?;
+    let weights = crate::model::import::load_backbone_weights(args.backbone, &args.backbone_weights)?;
     let config = EmbedderConfig::new(args.backbone);
     let paths = list_images(&args.images)?;
     // The taps are measured on frames as training would see them; only the sampled images are

@@ -13,7 +13,7 @@ use super::packaging::{package_from_embedder, starting_weights, PackageTarget, S
 use super::picie::{Frames, TrainConfig};
 use burn::module::Module;
 
-use crate::model::{export, BackboneKind, EmbedderConfig, TensorMap};
+use crate::model::{export, BackboneKind, EmbedderConfig};
 use crate::package::{InputPolicy, Package, PackageContents, Provenance};
 
 /// Where `picie train` starts from.
@@ -94,7 +94,7 @@ pub fn train_with(
             let embedder = EmbedderConfig::new(*kind);
             // A resumed run loads its checkpoint's weights: no need to measure the taps again.
             let fpn = if resuming { FpnInit::Random } else { config.fpn_init };
-            let backbone = TensorMap::load_safetensors(weights)?;
+            let backbone = crate::model::import::load_backbone_weights(*kind, weights)?;
             let init = starting_weights(embedder, &backbone.sub("backbone"), config.seed, fpn, &frames)?;
             (embedder, init, weights.display().to_string(), InputPolicy { normalize: config.normalize, ..InputPolicy::default() })
         }

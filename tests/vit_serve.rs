@@ -106,19 +106,22 @@ fn package_init_reads_the_released_file_and_measures_pca_laterals_on_the_vit() {
     let checkpoint = dir.path().join("dinov2_vits14_pretrain.pth");
     common::write_torch_zip(&checkpoint, &map.tensors.clone().into_iter().collect::<Vec<_>>());
     let out = dir.path().join("pkg");
-    let (pkg, _) = init_package(&InitPackage {
-        backbone: kind,
-        backbone_weights: checkpoint,
-        images: common::root().join("fixtures/images"),
-        k: PACKAGE_K,
-        seed: 0,
-        out: out.clone(),
-        name: "vit".into(),
-        policy: InputPolicy { short_side: 128, ..InputPolicy::default() },
-        replace: false,
-        command: "test".into(),
-        fpn_init: FpnInit::Pca,
-    })
+    let (pkg, _) = init_package(
+        &InitPackage {
+            backbone: kind,
+            backbone_weights: checkpoint,
+            images: common::root().join("fixtures/images"),
+            k: PACKAGE_K,
+            seed: 0,
+            out: out.clone(),
+            name: "vit".into(),
+            policy: InputPolicy { short_side: 128, ..InputPolicy::default() },
+            replace: false,
+            command: "test".into(),
+            fpn_init: FpnInit::Pca,
+        },
+        &mut |_, _| {},
+    )
     .unwrap();
     assert_eq!(pkg.manifest.provenance.details["fpn_init"], "pca");
     let weights = pkg.load_weights().unwrap();

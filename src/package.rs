@@ -17,7 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::infer::preprocess::Normalize;
+use crate::infer::normalize::Normalize;
 use crate::model::{EmbedderConfig, TensorMap};
 use crate::util::write_synced;
 
@@ -46,7 +46,7 @@ pub struct InputPolicy {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub flip: bool,
     /// How each image's colours are normalised before the network, so that a dusk frame and a
-    /// noon frame of the same street reach it alike ([`crate::infer::preprocess::Normalize`];
+    /// noon frame of the same street reach it alike ([`crate::infer::normalize::Normalize`];
     /// absent: none).
     #[serde(default, skip_serializing_if = "Normalize::is_none")]
     pub normalize: Normalize,

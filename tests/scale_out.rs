@@ -215,6 +215,28 @@ async fn two_replicas_and_two_workers() {
     let r = b.client.delete(b.url("/models/streets-k5")).send().await.unwrap();
     assert_eq!(r.status(), 409);
 
+    // The set segmented by the worker; its masks downloaded from replica B, which fetches the
+    // results from the object store.
+    let (status, job) = a.post("/jobs", json!({"type": "segment", "dataset": id})).await;
+    assert_eq!(status, 202, "{job}");
+    let seg_id = job["id"].as_str().unwrap().to_string();
+    let done = until("the worker to segment the set", Duration::from_secs(180), async || {
+        let (_, j) = a.get(&format!("/jobs/{seg_id}")).await;
+        (!["queued", "running"].contains(&j["state"].as_str().unwrap_or(""))).then_some(j)
+    })
+    .await;
+    assert_eq!((done["state"].as_str(), done["result"]["masks"].as_u64()), (Some("succeeded"), Some(N as u64)), "{done}");
+    assert_eq!(done["result"]["model"], "streets-k5");
+    let r = b.client.get(b.url(&format!("/jobs/{seg_id}/masks.zip"))).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", b.log_text());
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(r.bytes().await.unwrap().to_vec())).unwrap();
+    assert_eq!(zip.len(), 2 + N as usize, "classes.json, fractions.csv and a mask per image");
+    let mut mask = vec![];
+    std::io::Read::read_to_end(&mut zip.by_name("masks/f3.png").unwrap(), &mut mask).unwrap();
+    assert!(mask == mask_b, "the job's mask of an image is the one /segment answers");
+    let (status, gallery) = b.get(&format!("/jobs/{seg_id}/gallery")).await;
+    assert_eq!((status, gallery["classes"].as_array().map(|c| c.len())), (200, Some(5)), "{gallery}");
+
     eprintln!(
         "scale-out: {N} images of 480x360 re-clustered (k = 5): {job_secs:.1} s from submission, with a worker killed mid-job and a 3 s lease; \
          the second worker's run {rerun_secs:.1} s ({:.1} images/s, one job thread, debug build)",

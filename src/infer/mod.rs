@@ -4,6 +4,7 @@ pub mod assign;
 pub mod crf;
 pub mod guided;
 pub mod lattice;
+pub mod normalize;
 pub mod preprocess;
 pub mod runtime;
 pub mod session;

@@ -19,8 +19,7 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// Guard against division by zero in the L2 normalisation (PyTorch's F.normalize default).
 pub const NORM_EPS: f32 = 1e-12;
-/// Feature maps are 1/4 of the input in height and width.
-pub const OUTPUT_STRIDE: usize = 4;
+pub use super::fpn::OUTPUT_STRIDE;
 /// Inputs must be multiples of this (the deepest CNN tap is at stride 32; a ViT's patch grid,
 /// at stride 8 or 16, divides it too).
 pub const INPUT_MULTIPLE: usize = 32;

@@ -14,12 +14,13 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 
 use super::conv;
-#[cfg(doc)]
-use super::embedder::BackboneKind;
-use super::embedder::OUTPUT_STRIDE;
 use super::layers::{emit_conv_bias, export_conv_bias, load_conv_bias, ConvSpec, WeightSource};
 use super::onnx_graph::{attr_string, GraphBuilder};
 use super::weights::TensorMap;
+
+/// The stride of the FPN's output, whatever the backbone's taps: 4, as in PiCIE (feature maps
+/// are 1/4 of the input in height and width).
+pub const OUTPUT_STRIDE: usize = 4;
 
 #[derive(Module, Debug)]
 pub struct Fpn {
@@ -46,8 +47,8 @@ fn lateral_key(i: usize) -> String {
 }
 
 impl Fpn {
-    /// `tap_channels` and `tap_strides`: the backbone's ([`BackboneKind::tap_channels`],
-    /// [`BackboneKind::tap_strides`]), deepest last.
+    /// `tap_channels` and `tap_strides`: the backbone's (`BackboneKind::tap_channels` and
+    /// `tap_strides` in the embedder), deepest last.
     pub fn load(src: &dyn WeightSource, tap_channels: [usize; 4], tap_strides: [usize; 4], dim: usize, device: &Device) -> Result<Self> {
         let laterals = tap_channels
             .iter()

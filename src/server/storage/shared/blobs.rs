@@ -3,7 +3,8 @@
 //! every replica mounts (`file:///path`) or memory (`memory://`, tests). Keys are relative to
 //! the URL's prefix: `models/<name>/<publication>/<file>` (each publication of a version under
 //! a prefix of its own, recorded in the database, so readers of the old one never see a mix),
-//! `datasets/<id>/images/<file>`, `checkpoints/<job id>/<file>`.
+//! `datasets/<id>/images/<file>`, `checkpoints/<job id>/<file>`, `results/<job id>/<file>` (a
+//! segmentation's masks, fraction table and gallery).
 //!
 //! Downloads land in a temporary file next to their target and are renamed into place, so a
 //! reader never sees half a file.

@@ -7,6 +7,10 @@
 //!     cargo bench --bench embedder            (needs scripts/setup.sh --no-build first)
 //!     BENCH_MODELS=models/default,runs/other cargo bench --bench embedder
 //!     BENCH_ONLY=qualities,crf cargo bench --bench embedder     (parts: embedder, qualities, crf)
+//!     BENCH_ONLY=crf BENCH_CRF_DUMP=DIR [BENCH_CRF_IMAGES=DIR] cargo bench --bench embedder
+//!                                                  (also writes each frame, the logits the CRF gets
+//!                                                   and its labels and time, for the reference
+//!                                                   dense CRF: scripts/crf-reference.sh)
 //!     BENCH_VIT=1 cargo bench --bench embedder     (also the ViT backbones at 480x352 beside Lite0:
 //!                                                   seeded weights in the released architectures,
 //!                                                   whose cost does not depend on the values)
@@ -88,6 +92,9 @@ fn main() -> anyhow::Result<()> {
         }
         if part("crf") {
             crf_profile(&seg, &photo)?;
+            if let Ok(dump) = std::env::var("BENCH_CRF_DUMP") {
+                crf_dump(&seg, &photo, std::path::Path::new(&dump))?;
+            }
         }
     }
     Ok(())
@@ -210,6 +217,52 @@ fn crf_profile(seg: &picie::infer::Segmenter, photo: &image::RgbImage) -> anyhow
         println!("{name:<44} {:>10.1} {:>7.0}%", ms(d), 100.0 * ms(d) / total);
     }
     println!("{:<44} {:>10.1}", "total", total);
+    Ok(())
+}
+
+/// Frames to compare with the reference dense CRF (`scripts/crf-reference.sh`): the first 10
+/// images of `BENCH_CRF_IMAGES` (else the bench photo) at 480x360, each with the logits the CRF
+/// is given (pixel-major f32, little-endian), the labels it returns and its time (best of 3).
+fn crf_dump(seg: &picie::infer::Segmenter, photo: &image::RgbImage, dir: &std::path::Path) -> anyhow::Result<()> {
+    use picie::infer::crf::{refine, CrfConfig};
+    std::fs::create_dir_all(dir)?;
+    let frames: Vec<image::RgbImage> = match std::env::var("BENCH_CRF_IMAGES") {
+        Ok(images) => picie::train::cluster::list_images(std::path::Path::new(&images))?
+            .iter()
+            .take(10)
+            .map(|p| preprocess::decode_file(p))
+            .collect::<anyhow::Result<_>>()?,
+        Err(_) => vec![photo.clone()],
+    };
+    let config = CrfConfig::default();
+    let centroids = seg.package.centroids.matrix();
+    let k = seg.k();
+    println!(
+        "
+dense CRF frames for the reference, K = {k}, {} iterations, into {}",
+        config.iterations,
+        dir.display()
+    );
+    for (i, frame) in frames.iter().enumerate() {
+        let frame = image::imageops::resize(frame, 480, 360, image::imageops::FilterType::Triangle);
+        let f = seg.embed(std::slice::from_ref(&frame))?.remove(0);
+        let scores = assign::similarities(&f.data, f.dim, f.width * f.height, &centroids);
+        let mut logits = assign::scores_at_size(&scores, k, (f.width, f.height), &f.geometry, (480, 360));
+        logits.iter_mut().for_each(|v| *v *= config.temperature);
+        let mut labels = vec![];
+        let mut best = Duration::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            labels = refine(&frame, &logits, k, &config);
+            best = best.min(t.elapsed());
+        }
+        frame.save(dir.join(format!("frame-{i}.png")))?;
+        std::fs::write(dir.join(format!("logits-{i}.f32")), logits.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+        image::GrayImage::from_raw(480, 360, labels).expect("480x360 labels").save(dir.join(format!("rust-{i}.png")))?;
+        let meta = serde_json::json!({"width": 480, "height": 360, "k": k, "rust_ms": best.as_secs_f64() * 1e3, "config": config});
+        std::fs::write(dir.join(format!("meta-{i}.json")), serde_json::to_vec_pretty(&meta)?)?;
+        println!("frame {i}: picie's CRF {:.1} ms", best.as_secs_f64() * 1e3);
+    }
     Ok(())
 }
 

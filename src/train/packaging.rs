@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::Device;
 
 use super::augment::Photometric;
-use super::cluster::{cluster_images, list_images, ClusterReport, MAX_CLUSTER_VECTORS};
+use super::cluster::{cluster_images, embed_sampled, list_images, ClusterReport, KChoice, MAX_CLUSTER_VECTORS};
 use super::fpn_init::{self, FpnInit};
 use super::kmeans::KMeansConfig;
 use super::picie::{Frames, TrainConfig};
@@ -243,4 +243,68 @@ pub fn starting_weights(
         fpn_init::init_pca_laterals(&embedder, &sample, (frames.width, frames.height), config.dim, &mut weights)?;
     }
     Ok(weights)
+}
+
+/// A new package with the same embedder as `source` and centroids clustered on `paths`, at the K
+/// given or the one suggested from a range on the same feature sample. `progress` hears of the
+/// embedding, `on_k` of the suggestion's fits; None when either stops the work.
+#[allow(clippy::too_many_arguments)]
+pub fn recluster_package(
+    source: &Package,
+    session: &EmbedSession,
+    paths: &[PathBuf],
+    choice: KChoice,
+    seed: u64,
+    out: &Path,
+    name: &str,
+    command: &str,
+    job: Option<&str>,
+    progress: impl FnMut(usize, usize) -> bool,
+    on_k: impl FnMut(usize, usize) -> bool,
+) -> Result<Option<(Package, ClusterReport)>> {
+    let features = embed_sampled(session, &source.manifest.input, paths, MAX_CLUSTER_VECTORS, seed, progress)?;
+    let suggestion = match choice {
+        KChoice::Fixed(_) => None,
+        KChoice::Suggest { min, max } => match super::ksuggest::suggest_k(&features.vectors, features.dim, min, max, seed, on_k)? {
+            Some(s) => Some(s),
+            None => return Ok(None),
+        },
+    };
+    let k = match (&choice, &suggestion) {
+        (KChoice::Fixed(k), _) => *k,
+        (_, Some(s)) => s.k,
+        _ => unreachable!("a suggestion or a fixed K"),
+    };
+    let config = KMeansConfig::new(k, seed);
+    let (centroids, vectors) = features.fit(config, MAX_CLUSTER_VECTORS)?;
+    let report = ClusterReport {
+        images_used: features.images_used,
+        skipped: features.skipped.clone(),
+        vectors,
+        vectors_seen: features.vectors_seen,
+        suggestion,
+    };
+    let onnx = std::fs::read(source.onnx_path()).with_context(|| format!("reading {}", source.onnx_path().display()))?;
+    let weights = source.load_weights()?;
+    let mut provenance = source.manifest.provenance.clone();
+    provenance.created_at = crate::package::now_rfc3339();
+    provenance.command = command.to_string();
+    provenance.parent = Some(source.version());
+    provenance.job = job.map(str::to_string);
+    provenance.details.insert("kmeans_seed".into(), serde_json::json!(config.seed));
+    provenance.details.insert("cluster_images".into(), serde_json::json!(report.images_used));
+    provenance.details.insert("cluster_vectors".into(), serde_json::json!(report.vectors));
+    if let Some(suggestion) = &report.suggestion {
+        provenance.details.insert("k_suggestion".into(), serde_json::json!(suggestion));
+    }
+    let manifest = Manifest {
+        name: name.to_string(),
+        k: centroids.k(),
+        provenance,
+        metrics: Default::default(),
+        sha256: Default::default(),
+        ..source.manifest.clone()
+    };
+    let pkg = Package::write(out, PackageContents { manifest, onnx: &onnx, weights: &weights, centroids: &centroids }, false)?;
+    Ok(Some((pkg, report)))
 }

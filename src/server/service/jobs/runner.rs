@@ -16,7 +16,8 @@ use crate::package::Package;
 use crate::server::core::jobs::{Job, JobReport, JobSpec, JobStage, Standing};
 use crate::server::core::Page;
 use crate::server::storage::{DatasetStore, JobStore, Lease, ModelStore};
-use crate::train::cluster::{recluster_package, KChoice};
+use crate::train::cluster::KChoice;
+use crate::train::packaging::recluster_package;
 use crate::train::packaging::SessionSettings;
 use crate::train::pipeline::{train_with, TrainArgs, TrainInit};
 

@@ -3,7 +3,7 @@
 # drive left out, with CamVid val and the training frames beside it (never alone: val is the
 # drive 0016E5 filmed between train's own frames, so it measures the scenes a model trained on).
 #
-#   scripts/leave-drive-out.sh --drive 0006R0 --tag recipe [--baseline PKG] [--quality fast,crf]
+#   scripts/leave-drive-out.sh --drive 0006R0 --tag recipe [--baseline PKG] [--quality fast,edges]
 #       [--seeds 5] [--model PKG] [-- picie train flags...]
 #
 # Without --model it trains `picie train --images <the other drives> --out runs/loo/<drive>/<tag>
@@ -21,7 +21,7 @@ DATA=../shared/data/camvid
 TAG=""
 MODEL=""
 BASELINE=""
-QUALITY=fast,crf
+QUALITY=fast,edges
 SEEDS=5
 BIN=${PICIE_BIN:-target/release/picie}
 while [ $# -gt 0 ]; do

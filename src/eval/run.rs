@@ -51,8 +51,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub record_metrics: Option<String>,
     /// Qualities to score, comma-separated (fast, flip, edges, crf, best: as `/segment?quality=`);
-    /// each is a row. Default: crf, the server's default.
-    #[arg(long, value_delimiter = ',', default_value = "crf")]
+    /// each is a row. Default: edges, the server's default.
+    #[arg(long, value_delimiter = ',', default_value = "edges")]
     pub quality: Vec<Quality>,
     /// Dense CRF settings, key=value pairs over the defaults (e.g. "iterations=5,appearance_srgb=13").
     #[arg(long, default_value = "")]

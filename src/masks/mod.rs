@@ -133,16 +133,14 @@ pub fn keys_for(names_and_hashes: &[(String, String)]) -> Vec<String> {
             if stem.is_empty() || stem.starts_with('.') {
                 stem.insert_str(0, "image");
             }
-            let mut key = stem.clone();
-            let mut n = 8;
-            while !seen.insert(key.clone()) {
-                key = format!("{stem}-{}", &hash[..n.min(hash.len())]);
-                n += 4;
-                if n > hash.len() + 4 {
-                    key = format!("{stem}-{}", seen.len());
-                }
-            }
-            key
+            // The stem, then the stem with more and more of the hash, then with a counter.
+            let hash: String = hash.chars().filter(char::is_ascii_alphanumeric).collect();
+            let hashed = (8..=hash.len().max(8))
+                .step_by(4)
+                .filter(|_| !hash.is_empty())
+                .map(|n| format!("{stem}-{}", hash.chars().take(n).collect::<String>()));
+            let counted = (1..).map(|i| format!("{stem}-{i}"));
+            std::iter::once(stem.clone()).chain(hashed).chain(counted).find(|k| seen.insert(k.clone())).expect("an endless supply of keys")
         })
         .collect()
 }
@@ -340,5 +338,8 @@ mod tests {
             ("ünï.jpg".into(), h('f')),
         ]);
         assert_eq!(keys, ["frame_01", "frame_01-bbbbbbbb", "passwd", "image.hidden", "frame_01-eeeeeeee", "_n_"]);
+        // Names that collide whatever their hashes say still get keys of their own.
+        let same: Vec<(String, String)> = (0..4).map(|_| ("a.jpg".to_string(), "ü".to_string())).collect();
+        assert_eq!(keys_for(&same), ["a", "a-1", "a-2", "a-3"]);
     }
 }

@@ -186,14 +186,9 @@ fn qualities(seg: &picie::infer::Segmenter, model: &str, photo: &image::RgbImage
 /// Where the dense CRF's time goes on a street frame, phase by phase over its iterations.
 fn crf_profile(seg: &picie::infer::Segmenter, photo: &image::RgbImage) -> anyhow::Result<()> {
     use picie::infer::crf::{refine_profiled, CrfConfig, CrfProfile};
-    let frame = image::imageops::resize(photo, 480, 360, image::imageops::FilterType::Triangle);
-    let f = seg.embed(std::slice::from_ref(&frame))?.remove(0);
     let config = CrfConfig::default();
-    let centroids = seg.package.centroids.matrix();
     let k = seg.k();
-    let scores = assign::similarities(&f.data, f.dim, f.width * f.height, &centroids);
-    let mut logits = assign::scores_at_size(&scores, k, (f.width, f.height), &f.geometry, (480, 360));
-    logits.iter_mut().for_each(|v| *v *= config.temperature);
+    let (frame, logits) = crf_input(seg, photo, &config)?;
     let runs = 5;
     let mut profile = CrfProfile::default();
     for _ in 0..runs {
@@ -220,6 +215,21 @@ fn crf_profile(seg: &picie::infer::Segmenter, photo: &image::RgbImage) -> anyhow
     Ok(())
 }
 
+/// A photo at 480x360 and the logits the dense CRF gets for it (pixel-major, K per pixel): the
+/// scaled cosine similarities to the centroids at every pixel, as the `crf` quality makes them.
+fn crf_input(
+    seg: &picie::infer::Segmenter,
+    photo: &image::RgbImage,
+    config: &picie::infer::crf::CrfConfig,
+) -> anyhow::Result<(image::RgbImage, Vec<f32>)> {
+    let frame = image::imageops::resize(photo, 480, 360, image::imageops::FilterType::Triangle);
+    let f = seg.embed(std::slice::from_ref(&frame))?.remove(0);
+    let scores = assign::similarities(&f.data, f.dim, f.width * f.height, &seg.package.centroids.matrix());
+    let mut logits = assign::scores_at_size(&scores, seg.k(), (f.width, f.height), &f.geometry, (480, 360));
+    logits.iter_mut().for_each(|v| *v *= config.temperature);
+    Ok((frame, logits))
+}
+
 /// Frames to compare with the reference dense CRF (`scripts/crf-reference.sh`): the first 10
 /// images of `BENCH_CRF_IMAGES` (else the bench photo) at 480x360, each with the logits the CRF
 /// is given (pixel-major f32, little-endian), the labels it returns and its time (best of 3).
@@ -235,20 +245,10 @@ fn crf_dump(seg: &picie::infer::Segmenter, photo: &image::RgbImage, dir: &std::p
         Err(_) => vec![photo.clone()],
     };
     let config = CrfConfig::default();
-    let centroids = seg.package.centroids.matrix();
     let k = seg.k();
-    println!(
-        "
-dense CRF frames for the reference, K = {k}, {} iterations, into {}",
-        config.iterations,
-        dir.display()
-    );
+    println!("\ndense CRF frames for the reference, K = {k}, {} iterations, into {}", config.iterations, dir.display());
     for (i, frame) in frames.iter().enumerate() {
-        let frame = image::imageops::resize(frame, 480, 360, image::imageops::FilterType::Triangle);
-        let f = seg.embed(std::slice::from_ref(&frame))?.remove(0);
-        let scores = assign::similarities(&f.data, f.dim, f.width * f.height, &centroids);
-        let mut logits = assign::scores_at_size(&scores, k, (f.width, f.height), &f.geometry, (480, 360));
-        logits.iter_mut().for_each(|v| *v *= config.temperature);
+        let (frame, logits) = crf_input(seg, frame, &config)?;
         let mut labels = vec![];
         let mut best = Duration::MAX;
         for _ in 0..3 {

@@ -37,6 +37,17 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// after a crash the file is the old or the new one. The temporary file is named
 /// `.NAME.tmp-XXXXXX` ([`is_leftover`] knows it) and removed on every error.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_through_temporary(path, bytes, true)
+}
+
+/// [`write_atomic`] without the fsyncs: readers still see the old file or the new one, but after
+/// a crash the file may be missing or empty. For files cheap to make again, written by the
+/// thousand (a segmentation's masks), where two fsyncs each would dominate.
+pub fn write_replacing(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_through_temporary(path, bytes, false)
+}
+
+fn write_through_temporary(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
     let dir = parent_of(path);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
@@ -45,9 +56,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     tmp.write_all(bytes).with_context(|| format!("writing {}", tmp.path().display()))?;
-    tmp.as_file().sync_all().with_context(|| format!("syncing {}", tmp.path().display()))?;
+    if durable {
+        tmp.as_file().sync_all().with_context(|| format!("syncing {}", tmp.path().display()))?;
+    }
     tmp.persist(path).map_err(|e| e.error).with_context(|| format!("renaming into {}", path.display()))?;
-    sync_dir(dir).with_context(|| format!("syncing {}", dir.display()))?;
+    if durable {
+        sync_dir(dir).with_context(|| format!("syncing {}", dir.display()))?;
+    }
     Ok(())
 }
 

@@ -71,19 +71,21 @@ pub fn segment_images(
     for batch in todo.chunks(BATCH) {
         let decoded: Vec<(&SetImage, Result<image::RgbImage>)> =
             batch.par_iter().map(|i| (*i, crate::infer::preprocess::decode_file(&i.path))).collect();
-        let mut readable = vec![];
+        let (mut readable, mut pixels) = (vec![], vec![]);
         for (img, d) in decoded {
             match d {
-                Ok(pixels) => readable.push((img, pixels)),
+                Ok(p) => {
+                    readable.push(img);
+                    pixels.push(p);
+                }
                 Err(e) => {
                     tracing::warn!(image = %img.name, error = %format!("{e:#}"), "skipping an unreadable image");
                     report.skipped.push(img.name.clone());
                 }
             }
         }
-        let pixels: Vec<image::RgbImage> = readable.iter().map(|(_, p)| p.clone()).collect();
         let masks = segment_batch(seg, &pixels, quality, refine)?;
-        readable.par_iter().zip(masks).try_for_each(|((img, _), mask)| write_mask(&mask_path(dir, &img.key), &mask))?;
+        readable.par_iter().zip(masks).try_for_each(|(img, mask)| write_mask(&mask_path(dir, &img.key), &mask))?;
         report.segmented += readable.len();
         if !progress(report.kept + report.segmented + report.skipped.len(), total) {
             return Ok(None);
@@ -104,12 +106,7 @@ fn segment_batch(seg: &Segmenter, images: &[image::RgbImage], quality: Quality, 
 /// Writes a mask as a grayscale PNG through a temporary file renamed into place. Not fsynced:
 /// a mask lost to a power cut is found unreadable by [`write_results`] and made again.
 fn write_mask(path: &Path, mask: &LabelMask) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("mask");
-    let mut tmp = tempfile::Builder::new().prefix(&format!(".{name}.tmp-")).tempfile_in(dir)?;
-    std::io::Write::write_all(&mut tmp, &mask.to_png()?)?;
-    tmp.persist(path).map_err(|e| e.error).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    crate::util::write_replacing(path, &mask.to_png()?)
 }
 
 /// Reads a mask file back.

@@ -77,21 +77,24 @@ impl ImageFeatures {
     /// k-means seed. Returns the centroids and the number of vectors used.
     pub fn fit(&self, config: KMeansConfig, max_vectors: usize) -> Result<(Centroids, usize)> {
         let dim = self.dim;
-        let n = self.vectors.len() / dim;
-        let sampled;
-        let vectors = if n > max_vectors {
-            let mut idx: Vec<usize> = (0..n).collect();
-            idx.shuffle(&mut ChaCha8Rng::seed_from_u64(config.seed));
-            idx.truncate(max_vectors);
-            idx.sort_unstable();
-            sampled = idx.iter().flat_map(|&i| self.vectors[i * dim..(i + 1) * dim].to_vec()).collect::<Vec<f32>>();
-            &sampled
-        } else {
-            &self.vectors
-        };
-        let km = SphericalKMeans::fit(vectors, dim, config)?;
+        let vectors = sample_rows(&self.vectors, dim, max_vectors, config.seed);
+        let km = SphericalKMeans::fit(&vectors, dim, config)?;
         Ok((Centroids::from_vectors(dim, km.centroid_rows()), vectors.len() / dim))
     }
+}
+
+/// At most `max` of the rows of `data` (`dim` wide), drawn uniformly with `seed` and kept in
+/// their order; all of them (borrowed) when there are no more than `max`.
+pub fn sample_rows(data: &[f32], dim: usize, max: usize, seed: u64) -> std::borrow::Cow<'_, [f32]> {
+    let n = data.len() / dim;
+    if n <= max {
+        return std::borrow::Cow::Borrowed(data);
+    }
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    idx.truncate(max);
+    idx.sort_unstable();
+    std::borrow::Cow::Owned(idx.iter().flat_map(|&i| data[i * dim..(i + 1) * dim].iter().copied()).collect())
 }
 
 /// Embeds every readable image and keeps all of its pixel features; unreadable ones are

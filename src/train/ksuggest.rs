@@ -18,9 +18,6 @@
 //! itself), so the exact silhouette of N features costs N x K dot products, not N^2.
 
 use anyhow::{bail, Result};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::kmeans::{assign, KMeansConfig, SphericalKMeans};
@@ -132,17 +129,7 @@ pub fn suggest_k(
     if n <= max {
         bail!("{n} features cannot be clustered into up to {max} classes");
     }
-    let sampled: Vec<f32>;
-    let sample = if n > SUGGEST_VECTORS {
-        let mut idx: Vec<usize> = (0..n).collect();
-        idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x6b5f_7375_6767));
-        idx.truncate(SUGGEST_VECTORS);
-        idx.sort_unstable();
-        sampled = idx.iter().flat_map(|&i| data[i * dim..(i + 1) * dim].iter().copied()).collect();
-        &sampled
-    } else {
-        data
-    };
+    let sample = &*super::cluster::sample_rows(data, dim, SUGGEST_VECTORS, seed ^ 0x6b5f_7375_6767);
     let ks: Vec<usize> = (min..=max).collect();
     let mut scores = Vec::with_capacity(ks.len());
     for (i, &k) in ks.iter().enumerate() {
@@ -160,7 +147,8 @@ pub fn suggest_k(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::Rng;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
 
     /// `k` tight groups of unit vectors around random directions in `dim` dimensions.
     fn groups(k: usize, per: usize, dim: usize, spread: f32, seed: u64) -> Vec<f32> {

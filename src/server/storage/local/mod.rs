@@ -110,16 +110,11 @@ impl DataDir {
         self.root.join("active_model")
     }
 
-    /// Moves a complete result folder to `results/<job>`, replacing one there.
+    /// Moves a complete result folder to `results/<job>`, replacing one there
+    /// ([`crate::util::replace_dir`]: the name never holds a mix).
     pub fn keep_results(&self, job: &str, dir: &Path) -> Result<PathBuf> {
         let dest = self.results().join(job);
-        if dest.exists() {
-            // Out of the way under a leftover's name first, so the name never holds a mix.
-            let old = self.results().join(format!(".{job}.old-{}", crate::util::unique()));
-            std::fs::rename(&dest, &old).map_err(|e| Error::io(format!("replacing {}", dest.display()), e))?;
-            let _ = std::fs::remove_dir_all(&old);
-        }
-        std::fs::rename(dir, &dest).map_err(|e| Error::io(format!("moving {} to {}", dir.display(), dest.display()), e))?;
+        crate::util::replace_dir(dir, &dest).map_err(|e| Error::Internal(format!("{e:#}")))?;
         Ok(dest)
     }
 

@@ -185,6 +185,28 @@ fn the_crf_shrinks_what_does_not_fit_its_budget() {
     assert!(same > 0.8 && same < 1.0, "{same}");
 }
 
+/// `edges` through the ONNX graph (what a GPU server runs) gives the Rust filter's masks, at the
+/// photo's own size and at a size over the output budget; the CPU default stays the Rust filter.
+#[test]
+fn edges_through_the_onnx_graph_matches_the_rust_filter() {
+    use picie::infer::{GuidedConfig, Quality, Refinement};
+    let seg = Segmenter::load(package_dir(), DeviceChoice::Cpu, None).unwrap();
+    assert!(!seg.guided_in_graph(), "on the CPU the Rust filter is the default");
+    let budget = Refinement { guided: GuidedConfig { max_output_pixels: 100_000, ..GuidedConfig::default() }, ..Refinement::default() };
+    for (name, refine) in [("coffee.jpg", Refinement::default()), ("astronaut.jpg", budget)] {
+        let img = load_fixture(name);
+        let edges = |graph: bool| {
+            seg.set_guided_in_graph(graph);
+            seg.segment_batch_at(std::slice::from_ref(&img), Quality::Edges, &refine).unwrap().remove(0)
+        };
+        let (rust, graph) = (edges(false), edges(true));
+        assert_eq!((graph.width, graph.height), (img.width(), img.height()));
+        let same = rust.labels.iter().zip(&graph.labels).filter(|(a, b)| a == b).count() as f64 / rust.labels.len() as f64;
+        assert!(same > 0.999, "{name}: {same}");
+        assert!(seg.guided_in_graph(), "the graph did not fail");
+    }
+}
+
 #[test]
 fn package_problems_are_reported_by_file() {
     // Broken manifest.

@@ -9,6 +9,8 @@
 //! labels) scaled back up and applied to the full-resolution colours (the "fast guided filter",
 //! He and Sun 2015), so the edges stay sharp at any size.
 
+use std::borrow::Cow;
+
 use image::RgbImage;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -92,10 +94,69 @@ pub fn fit(w: usize, h: usize, max_pixels: usize) -> (usize, usize) {
     (((w as f64 * s).floor() as usize).max(1), ((h as f64 * s).floor() as usize).max(1))
 }
 
+/// What the filter starts from, wherever it runs: the working size and the window radius there,
+/// the guide (the image at the working size), the class scores at the working size (pixel-major,
+/// K per pixel; probabilities when the temperature is above 0), and the output size with the
+/// image at it.
+pub(crate) struct Prepared<'a> {
+    pub work: (usize, usize),
+    pub radius: usize,
+    pub guide: Cow<'a, RgbImage>,
+    pub scores: Vec<f32>,
+    pub target: Cow<'a, RgbImage>,
+}
+
+impl GuidedConfig {
+    /// The window radius at the working size.
+    pub fn working_radius(&self) -> usize {
+        ((self.radius * self.scale.clamp(0.05, 1.0)).round() as usize).max(1)
+    }
+}
+
+pub(crate) fn prepare<'a>(
+    scores: &[f32],
+    k: usize,
+    feat: (usize, usize),
+    geom: &Geometry,
+    image: &'a RgbImage,
+    config: &GuidedConfig,
+) -> Prepared<'a> {
+    let (ow, oh) = (geom.original.0 as usize, geom.original.1 as usize);
+    debug_assert_eq!((image.width() as usize, image.height() as usize), (ow, oh));
+    let resize = |w: usize, h: usize| {
+        if (w, h) == (ow, oh) {
+            Cow::Borrowed(image)
+        } else {
+            Cow::Owned(image::imageops::resize(image, w as u32, h as u32, image::imageops::FilterType::Triangle))
+        }
+    };
+    let scale = config.scale.clamp(0.05, 1.0);
+    let (ww, wh) =
+        (((geom.resized.0 as f32 * scale).round() as usize).clamp(1, ow), ((geom.resized.1 as f32 * scale).round() as usize).clamp(1, oh));
+    let mut interleaved = scores_at_size(scores, k, feat, geom, (ww, wh));
+    if config.temperature > 0.0 {
+        interleaved.par_chunks_mut(k).for_each(|px| softmax(px, config.temperature));
+    }
+    let (tw, th) = fit(ow, oh, config.max_output_pixels);
+    Prepared { work: (ww, wh), radius: config.working_radius(), guide: resize(ww, wh), scores: interleaved, target: resize(tw, th) }
+}
+
+/// Labels made at the output size `(tw, th)` scaled up to the original size (nearest) when the
+/// output size is smaller.
+pub(crate) fn to_original(labels: Vec<u8>, (tw, th): (usize, usize), (ow, oh): (usize, usize)) -> LabelMask {
+    let labels = if (tw, th) != (ow, oh) {
+        let source = |i: usize| ((i / ow) * th / oh) * tw + (i % ow) * tw / ow;
+        (0..ow * oh).into_par_iter().map(|i| labels[source(i)]).collect()
+    } else {
+        labels
+    };
+    LabelMask { width: ow as u32, height: oh as u32, labels }
+}
+
 /// Labels at the original image size: K score maps of size `feat` on the stride-4 feature grid,
 /// each guided-filtered with `image` (the original the features were made from) at the working
 /// size, the filter's coefficients scaled up to the output size and applied to its colours,
-/// then the argmax per pixel.
+/// then the argmax per pixel. (`guided_graph` does the same as an ONNX graph, for the GPU.)
 pub fn labels_guided(
     scores: &[f32],
     k: usize,
@@ -104,24 +165,8 @@ pub fn labels_guided(
     image: &RgbImage,
     config: &GuidedConfig,
 ) -> LabelMask {
-    let (ow, oh) = (geom.original.0 as usize, geom.original.1 as usize);
-    debug_assert_eq!((image.width() as usize, image.height() as usize), (ow, oh));
-    let resize = |w: usize, h: usize| {
-        if (w, h) == (ow, oh) {
-            std::borrow::Cow::Borrowed(image)
-        } else {
-            std::borrow::Cow::Owned(image::imageops::resize(image, w as u32, h as u32, image::imageops::FilterType::Triangle))
-        }
-    };
-    let scale = config.scale.clamp(0.05, 1.0);
-    let (ww, wh) =
-        (((geom.resized.0 as f32 * scale).round() as usize).clamp(1, ow), ((geom.resized.1 as f32 * scale).round() as usize).clamp(1, oh));
-    let radius = ((config.radius * scale).round() as usize).max(1);
-    let guide = Guide::new(&resize(ww, wh), radius, config.eps);
-    let mut interleaved = scores_at_size(scores, k, feat, geom, (ww, wh));
-    if config.temperature > 0.0 {
-        interleaved.par_chunks_mut(k).for_each(|px| softmax(px, config.temperature));
-    }
+    let Prepared { work: (ww, wh), radius, guide, scores: interleaved, target } = prepare(scores, k, feat, geom, image, config);
+    let guide = Guide::new(&guide, radius, config.eps);
     let p = planes(&interleaved, k, ww * wh);
     // The coefficients of every class (classes in parallel), then interleaved working pixel after
     // working pixel: [a0 a1 a2 b] per class.
@@ -134,8 +179,7 @@ pub fn labels_guided(
             }
         }
     });
-    let (tw, th) = fit(ow, oh, config.max_output_pixels);
-    let target = resize(tw, th);
+    let (tw, th) = (target.width() as usize, target.height() as usize);
     let colours = rgb(&target);
     let (sx, sy) = (ww as f32 / tw as f32, wh as f32 / th as f32);
     let xs: Vec<(usize, usize, f32)> = (0..tw).map(|x| sample(x, sx, ww)).collect();
@@ -166,11 +210,7 @@ pub fn labels_guided(
             *out = best.1;
         }
     });
-    if (tw, th) != (ow, oh) {
-        let source = |i: usize| ((i / ow) * th / oh) * tw + (i % ow) * tw / ow;
-        labels = (0..ow * oh).into_par_iter().map(|i| labels[source(i)]).collect();
-    }
-    LabelMask { width: ow as u32, height: oh as u32, labels }
+    to_original(labels, (tw, th), (geom.original.0 as usize, geom.original.1 as usize))
 }
 
 /// A pixel of an output axis of `n_out` on a working axis of `n` (`scale` = n / n_out), with
@@ -193,7 +233,7 @@ fn softmax(values: &mut [f32], t: f32) {
 }
 
 /// Pixel-major K-interleaved values to K planes.
-fn planes(interleaved: &[f32], k: usize, n: usize) -> Vec<f32> {
+pub(crate) fn planes(interleaved: &[f32], k: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0f32; k * n];
     out.par_chunks_mut(n).enumerate().for_each(|(c, plane)| {
         for (i, v) in plane.iter_mut().enumerate() {

@@ -3,6 +3,7 @@
 pub mod assign;
 pub mod crf;
 pub mod guided;
+pub mod guided_graph;
 pub mod lattice;
 pub mod normalize;
 pub mod preprocess;
@@ -10,6 +11,8 @@ pub mod runtime;
 pub mod session;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use image::RgbImage;
@@ -19,6 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use assign::LabelMask;
 pub use crf::CrfConfig;
 pub use guided::GuidedConfig;
+pub use guided_graph::GuidedGraph;
 pub use preprocess::{decode_image, DecodeError, Geometry};
 pub use session::{DeviceChoice, EmbedSession, Provider};
 
@@ -233,6 +237,14 @@ pub struct Segmenter {
     pub package: Package,
     session: EmbedSession,
     centroids: Vec<f32>,
+    /// The device the embedder runs on, resolved (`cpu` or `cuda:N`), and its threads: the
+    /// guided-filter graph runs there too.
+    device: DeviceChoice,
+    threads: Option<usize>,
+    /// Whether `edges` filters through the ONNX graph (on by default where the embedder runs on a
+    /// GPU; the CPU keeps the faster Rust filter), and the graph for the settings last asked for.
+    guided_in_graph: AtomicBool,
+    guided_graph: Mutex<Option<Arc<GuidedGraph>>>,
 }
 
 impl Segmenter {
@@ -244,7 +256,53 @@ impl Segmenter {
     pub fn from_package(package: Package, device: DeviceChoice, threads: Option<usize>) -> Result<Self> {
         let session = EmbedSession::load(&package.onnx_path(), device, threads)?;
         let centroids = package.centroids.matrix();
-        Ok(Self { package, session, centroids })
+        let device = match (session.provider(), device) {
+            (Provider::Cpu, _) => DeviceChoice::Cpu,
+            (Provider::Cuda, DeviceChoice::Cuda(id)) => DeviceChoice::Cuda(id),
+            (Provider::Cuda, _) => DeviceChoice::Cuda(0),
+        };
+        let on_gpu = session.provider() == Provider::Cuda;
+        Ok(Self { package, session, centroids, device, threads, guided_in_graph: AtomicBool::new(on_gpu), guided_graph: Mutex::new(None) })
+    }
+
+    /// Whether `edges` runs the guided filter as an ONNX graph on the embedder's device.
+    pub fn guided_in_graph(&self) -> bool {
+        self.guided_in_graph.load(Ordering::Relaxed)
+    }
+
+    /// Runs `edges` through the ONNX graph (or not) from now on: on by default on a GPU; on the
+    /// CPU only to compare the two (benches, tests).
+    pub fn set_guided_in_graph(&self, on: bool) {
+        self.guided_in_graph.store(on, Ordering::Relaxed);
+    }
+
+    /// The guided-filter graph for `config`, built on first use and again when the settings change.
+    fn guided_graph(&self, config: &GuidedConfig) -> Result<Arc<GuidedGraph>> {
+        let mut slot = self.guided_graph.lock().map_err(|_| anyhow::anyhow!("guided-filter graph lock poisoned"))?;
+        match slot.as_ref() {
+            Some(g) if g.config() == config => Ok(g.clone()),
+            _ => {
+                let g = Arc::new(GuidedGraph::load(*config, self.device, self.threads)?);
+                *slot = Some(g.clone());
+                Ok(g)
+            }
+        }
+    }
+
+    /// `edges` through the graph; `None` (and the graph switched off, with a warning) if it fails,
+    /// so the Rust filter answers instead.
+    fn assign_guided_in_graph(&self, features: &FeatureMap, image: &RgbImage, config: &GuidedConfig) -> Option<LabelMask> {
+        let hw = features.width * features.height;
+        let scores = assign::similarities(&features.data, features.dim, hw, &self.centroids);
+        let feat = (features.width, features.height);
+        match self.guided_graph(config).and_then(|g| g.labels(&scores, self.k(), feat, &features.geometry, image)) {
+            Ok(mask) => Some(mask),
+            Err(e) => {
+                tracing::warn!(error = %e, "the guided-filter graph failed; edges filters on the CPU from now on");
+                self.set_guided_in_graph(false);
+                None
+            }
+        }
     }
 
     pub fn provider(&self) -> Provider {
@@ -276,6 +334,11 @@ impl Segmenter {
 
     /// The labels `quality` asks for from features made as it asks (see [`assign_at`]).
     pub fn assign_at(&self, features: &FeatureMap, image: &RgbImage, quality: Quality, refine: &Refinement) -> LabelMask {
+        if quality.guided() && self.guided_in_graph() {
+            if let Some(mask) = self.assign_guided_in_graph(features, image, &refine.guided) {
+                return mask;
+            }
+        }
         assign_at(features, &self.centroids, self.k(), image, quality, refine)
     }
 

@@ -84,38 +84,54 @@ fn builder(threads: Option<usize>) -> Result<ort::session::builder::SessionBuild
     Ok(b)
 }
 
-impl EmbedSession {
-    pub fn load(onnx: &Path, device: DeviceChoice, threads: Option<usize>) -> Result<Self> {
-        // Loads the ONNX Runtime library; every ort call below needs it.
-        super::runtime::environment()?;
-        let cuda = |id: i32| ort::ep::CUDA::default().with_device_id(id).build().error_on_failure();
-        let (builder, provider) = match device {
-            DeviceChoice::Cpu => (builder(threads)?, Provider::Cpu),
-            DeviceChoice::Cuda(id) => {
-                let b = builder(threads)?
-                    .with_execution_providers([cuda(id)])
-                    .map_err(|e| anyhow!("CUDA execution provider (device {id}) failed to register: {e}"))?;
-                (b, Provider::Cuda)
-            }
-            DeviceChoice::Auto => {
-                let available = ort::ep::CUDA::is_available().unwrap_or(false);
-                if !available {
-                    tracing::warn!("CUDA execution provider not available in this ONNX Runtime; using CPU");
-                    (builder(threads)?, Provider::Cpu)
-                } else {
-                    match builder(threads)?.with_execution_providers([cuda(0)]) {
-                        Ok(b) => (b, Provider::Cuda),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "CUDA execution provider failed to register; falling back to CPU");
-                            (builder(threads)?, Provider::Cpu)
-                        }
+/// Where a session's graph comes from: a file (the embedder) or bytes built in memory (the
+/// refinement graphs).
+pub enum GraphSource<'a> {
+    File(&'a Path),
+    Bytes(&'a [u8]),
+}
+
+/// A session on `source` on the hardware `device` asks for, and the provider it got.
+pub fn open_session(source: GraphSource<'_>, device: DeviceChoice, threads: Option<usize>, what: &str) -> Result<(Session, Provider)> {
+    // Loads the ONNX Runtime library; every ort call below needs it.
+    super::runtime::environment()?;
+    let cuda = |id: i32| ort::ep::CUDA::default().with_device_id(id).build().error_on_failure();
+    let (mut builder, provider) = match device {
+        DeviceChoice::Cpu => (builder(threads)?, Provider::Cpu),
+        DeviceChoice::Cuda(id) => {
+            let b = builder(threads)?
+                .with_execution_providers([cuda(id)])
+                .map_err(|e| anyhow!("CUDA execution provider (device {id}) failed to register: {e}"))?;
+            (b, Provider::Cuda)
+        }
+        DeviceChoice::Auto => {
+            let available = ort::ep::CUDA::is_available().unwrap_or(false);
+            if !available {
+                tracing::warn!("CUDA execution provider not available in this ONNX Runtime; using CPU");
+                (builder(threads)?, Provider::Cpu)
+            } else {
+                match builder(threads)?.with_execution_providers([cuda(0)]) {
+                    Ok(b) => (b, Provider::Cuda),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "CUDA execution provider failed to register; falling back to CPU");
+                        (builder(threads)?, Provider::Cpu)
                     }
                 }
             }
-        };
-        let mut builder = builder;
-        let session =
-            builder.commit_from_file(onnx).map_err(|e| anyhow!("{}: ONNX Runtime cannot load the embedder: {e}", onnx.display()))?;
+        }
+    };
+    let session = match source {
+        GraphSource::File(path) => {
+            builder.commit_from_file(path).map_err(|e| anyhow!("{}: ONNX Runtime cannot load the {what}: {e}", path.display()))?
+        }
+        GraphSource::Bytes(bytes) => builder.commit_from_memory(bytes).map_err(|e| anyhow!("ONNX Runtime cannot load the {what}: {e}"))?,
+    };
+    Ok((session, provider))
+}
+
+impl EmbedSession {
+    pub fn load(onnx: &Path, device: DeviceChoice, threads: Option<usize>) -> Result<Self> {
+        let (session, provider) = open_session(GraphSource::File(onnx), device, threads, "embedder")?;
         tracing::info!(provider = provider.as_str(), model = %onnx.display(), "embedder session ready");
         Ok(Self { session: Mutex::new(session), provider })
     }

@@ -60,7 +60,7 @@ pub fn to_onnx_bytes(embedder: &Embedder, config: EmbedderConfig) -> Result<Vec<
         if config.tap_weight > 0.0 { format!(", hypercolumn with tap weight {}", config.tap_weight) } else { String::new() },
         config.output_dim()
     );
-    let model = g.finish(vec![input], vec![output], &doc);
+    let model = g.finish("picie_embedder", vec![input], vec![output], &doc);
     model.write_to_bytes().context("serialising the ONNX model")
 }
 

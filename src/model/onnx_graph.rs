@@ -81,9 +81,9 @@ impl GraphBuilder {
         name.to_string()
     }
 
-    pub fn finish(self, inputs: Vec<ValueInfoProto>, outputs: Vec<ValueInfoProto>, doc: &str) -> ModelProto {
+    pub fn finish(self, name: &str, inputs: Vec<ValueInfoProto>, outputs: Vec<ValueInfoProto>, doc: &str) -> ModelProto {
         let mut graph = GraphProto::new();
-        graph.name = "picie_embedder".into();
+        graph.name = name.into();
         graph.node = self.nodes;
         graph.initializer = self.initializers;
         graph.input = inputs;
@@ -103,6 +103,11 @@ impl GraphBuilder {
 }
 
 pub fn value_info_f32(name: &str, dims: &[Dim]) -> ValueInfoProto {
+    value_info(name, DataType::FLOAT, dims)
+}
+
+/// A graph input or output of element type `elem` (e.g. `DataType::UINT8` for 8-bit images).
+pub fn value_info(name: &str, elem: DataType, dims: &[Dim]) -> ValueInfoProto {
     let mut shape = TensorShapeProto::new();
     for d in dims {
         let mut dim = onnx_protobuf::tensor_shape_proto::Dimension::new();
@@ -113,7 +118,7 @@ pub fn value_info_f32(name: &str, dims: &[Dim]) -> ValueInfoProto {
         shape.dim.push(dim);
     }
     let mut tensor = onnx_protobuf::type_proto::Tensor::new();
-    tensor.elem_type = DataType::FLOAT as i32;
+    tensor.elem_type = elem as i32;
     tensor.shape = protobuf::MessageField::some(shape);
     let mut ty = TypeProto::new();
     ty.value = Some(onnx_protobuf::type_proto::Value::TensorType(tensor));

@@ -25,7 +25,7 @@ use std::time::Instant;
 use picie::model::layers::Activation;
 use picie::model::{BackboneKind, EmbedderConfig, TensorMap};
 use picie::train::kmeans::{KMeansConfig, SphericalKMeans};
-use picie::train::picie::{Frames, Phase, TrainConfig, Trainer};
+use picie::train::picie::{Frames, PassRuntime, Phase, TrainConfig, Trainer};
 use rand::{Rng, SeedableRng};
 
 /// PyTorch 2.15, 2 threads, on this project's 2-core machine type, 288x384 batch 8, all layers
@@ -45,9 +45,9 @@ fn measure(
     config: EmbedderConfig,
     init: &TensorMap,
     frames: &Frames,
-    size: usize,
-    batch: usize,
+    (size, batch): (usize, usize),
     freeze_stride: usize,
+    passes: PassRuntime,
     dir: &Path,
 ) -> anyhow::Result<Timing> {
     let cfg = TrainConfig {
@@ -62,6 +62,7 @@ fn measure(
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(cfg, config, init)?;
+    trainer.passes = passes;
     let mut train_times = vec![];
     let (mut cluster, mut label) = (0.0, 0.0);
     let mut last = Instant::now();
@@ -116,8 +117,15 @@ fn main() -> anyhow::Result<()> {
     let threads = rayon::current_num_threads();
     let timings: Vec<(usize, Timing)> = freezes
         .iter()
-        .map(|&f| measure(config, &init, &frames, size, batch, f, dir.path()).map(|t| (f, t)))
+        .map(|&f| measure(config, &init, &frames, (size, batch), f, PassRuntime::from_env()?, dir.path()).map(|t| (f, t)))
         .collect::<anyhow::Result<_>>()?;
+    // The passes once more with burn's forward, the reference the ONNX Runtime passes replace.
+    let burn_passes = match (freezes.first(), PassRuntime::from_env()?) {
+        (Some(&f), PassRuntime::Onnx) if picie::model::on_flex(&device) => {
+            Some(measure(config, &init, &frames, (size, batch), f, PassRuntime::Burn, dir.path())?)
+        }
+        _ => None,
+    };
     let torch = if kind != BackboneKind::EfficientnetLite0 {
         Err("benches/torch_step.py builds Lite0 only".into())
     } else if std::env::var("BENCH_TORCH").as_deref() == Ok("1") {
@@ -159,9 +167,15 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some((_, t)) = timings.first() {
         let images = (steps * batch) as f64;
-        println!("{:<58} {:>10.2}", "clustering pass (2 views, no grad), per image", t.cluster / images);
-        println!("{:<58} {:>10.2}", "labelling pass (2 views, no grad), per image", t.label / images);
+        let passes = if PassRuntime::from_env()? == PassRuntime::Onnx && picie::model::on_flex(&device) { "ONNX Runtime" } else { "burn" };
+        println!("{:<58} {:>10.2}", format!("clustering pass (2 views, no grad, {passes}), per image"), t.cluster / images);
+        println!("{:<58} {:>10.2}", format!("labelling pass (2 views, no grad, {passes}), per image"), t.label / images);
         println!("{:<58} {:>10.2}", format!("whole epoch incl. checkpoint, {}, per image", label(timings[0].0)), t.total / images);
+        if let Some(b) = &burn_passes {
+            println!("{:<58} {:>10.2}", "clustering pass (2 views, no grad, burn), per image", b.cluster / images);
+            println!("{:<58} {:>10.2}", "labelling pass (2 views, no grad, burn), per image", b.label / images);
+            println!("{:<58} {:>10.2}", "whole epoch incl. checkpoint, passes in burn, per image", b.total / images);
+        }
     }
     if let Some(km) = km {
         println!("{:<58} {:>10.2}", "spherical k-means 1M x 128, K=27, ++ + 20 iters", km);

@@ -136,6 +136,12 @@ impl EmbedSession {
         Ok(Self { session: Mutex::new(session), provider })
     }
 
+    /// A session on an embedder graph made in memory (training's passes run the current weights).
+    pub fn from_bytes(onnx: &[u8], device: DeviceChoice, threads: Option<usize>) -> Result<Self> {
+        let (session, provider) = open_session(GraphSource::Bytes(onnx), device, threads, "embedder")?;
+        Ok(Self { session: Mutex::new(session), provider })
+    }
+
     pub fn provider(&self) -> Provider {
         self.provider
     }

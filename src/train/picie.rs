@@ -27,7 +27,9 @@ pub use super::frames::Frames;
 use super::kmeans::{assign, KMeansConfig, SphericalKMeans};
 use super::loss::{head_loss, head_weights, pixels, Balance, HeadTargets};
 use crate::infer::preprocess::Normalize;
+use crate::infer::{DeviceChoice, EmbedSession};
 use crate::model::embedder::OUTPUT_STRIDE;
+use crate::model::export::to_onnx_bytes;
 use crate::model::{Embedder, EmbedderConfig, TensorMap};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -333,14 +335,83 @@ fn views(model: &Embedder, p1: Tensor<4>, p2: Tensor<4>, geos: &[Geometric]) -> 
     Views { z1, z2, z2_frame, taps }
 }
 
-/// Both views of a batch through the clustering model (no gradient), as pixel rows:
-/// [view] -> (N cells) x D, image-major. The clustering and labelling passes see the same.
-fn view_rows(model: &Embedder, device: &Device, frames: &Frames, idx: &[usize], draws: &[Draw]) -> Result<[Vec<f32>; 2]> {
-    let (p1, p2) = photometric_batch(frames, idx, draws, device)?;
-    let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
-    let Views { z1, z2, .. } = views(model, p1, p2, &geos);
-    let rows = |z: Tensor<4>| pixels(z).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"));
-    Ok([rows(z1)?, rows(z2)?])
+/// The network an epoch's clustering and labelling passes run, without gradients. On the CPU
+/// it is the epoch's weights exported to ONNX Runtime, which runs the same network several
+/// times faster than burn's forward (batch norm folded, tuned convolutions): the passes were
+/// most of an epoch's time. On a GPU device, or where ONNX Runtime cannot load, burn runs them.
+enum PassNetwork {
+    Burn(Box<Embedder>),
+    Onnx(EmbedSession),
+}
+
+/// Which runtime the passes use: `onnx` (on the CPU; burn on a GPU device) or `burn`, read from
+/// this variable when a trainer starts. `burn` is there to compare the two (`benches/train.rs`)
+/// and as a way out should ONNX Runtime misbehave.
+pub const TRAIN_PASSES_ENV: &str = "PICIE_TRAIN_PASSES";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassRuntime {
+    Onnx,
+    Burn,
+}
+
+impl PassRuntime {
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(TRAIN_PASSES_ENV).ok().as_deref() {
+            None | Some("") | Some("onnx") => Ok(PassRuntime::Onnx),
+            Some("burn") => Ok(PassRuntime::Burn),
+            Some(other) => bail!("{TRAIN_PASSES_ENV}={other}: expected onnx or burn"),
+        }
+    }
+}
+
+/// What an epoch's clustering and labelling passes share.
+struct EpochInputs<'a> {
+    net: &'a PassNetwork,
+    frames: &'a Frames,
+    draws: &'a [Draw],
+    batches: &'a [Vec<usize>],
+}
+
+impl PassNetwork {
+    fn for_epoch(model: &Embedder, config: EmbedderConfig, device: &Device, runtime: PassRuntime) -> Self {
+        let valid = model.valid();
+        if runtime == PassRuntime::Onnx && crate::model::on_flex(device) {
+            // The passes cluster the FPN's features, never the served hypercolumn.
+            let plain = EmbedderConfig { tap_weight: 0.0, ..config };
+            let session = to_onnx_bytes(&valid, plain).and_then(|bytes| EmbedSession::from_bytes(&bytes, DeviceChoice::Cpu, None));
+            match session {
+                Ok(session) => return PassNetwork::Onnx(session),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "ONNX Runtime cannot run the training passes; burn runs them (slower)"),
+            }
+        }
+        PassNetwork::Burn(Box::new(valid))
+    }
+
+    /// f(x) for N x 3 x H x W images in [0, 1].
+    fn forward(&self, x: Tensor<4>) -> Result<Tensor<4>> {
+        match self {
+            PassNetwork::Burn(model) => Ok(model.forward(x)),
+            PassNetwork::Onnx(session) => {
+                let device = x.device();
+                let [n, c, h, w] = x.dims();
+                let data = x.into_data().try_into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let ([n2, d, fh, fw], features) = session.run(&ndarray::Array4::from_shape_vec((n, c, h, w), data)?)?;
+                Ok(Tensor::from_data(TensorData::new(features, [n2, d, fh, fw]), &device))
+            }
+        }
+    }
+
+    /// Both views of a batch, as pixel rows: [view] -> (N cells) x D, image-major. The clustering
+    /// and labelling passes see the same.
+    fn view_rows(&self, device: &Device, frames: &Frames, idx: &[usize], draws: &[Draw]) -> Result<[Vec<f32>; 2]> {
+        let (p1, p2) = photometric_batch(frames, idx, draws, device)?;
+        let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
+        let z1 = self.forward(apply_geometric(p1, &geos, OUTPUT_STRIDE))?;
+        let z2 = apply_geometric(self.forward(p2)?, &geos, 1);
+        let rows = |z: Tensor<4>| pixels(z).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"));
+        Ok([rows(z1)?, rows(z2)?])
+    }
 }
 
 /// Everything needed to continue a run.
@@ -390,6 +461,8 @@ pub struct Trainer {
     device: Device,
     pub epochs_done: usize,
     pub losses: Vec<f32>,
+    /// Where the clustering and labelling passes run ([`PassRuntime`]).
+    pub passes: PassRuntime,
 }
 
 impl Trainer {
@@ -398,7 +471,8 @@ impl Trainer {
         let device = super::device::training_device()?.autodiff();
         let mut model = Embedder::load(embedder_config, weights, &device)?;
         model.backbone = model.backbone.freeze_through(config.freeze_stride);
-        Ok(Self { config, embedder_config, model, optim: new_optimizer(), device, epochs_done: 0, losses: vec![] })
+        let passes = PassRuntime::from_env()?;
+        Ok(Self { config, embedder_config, model, optim: new_optimizer(), device, epochs_done: 0, losses: vec![], passes })
     }
 
     /// Continues from a checkpoint folder; its settings must match `config` (the epoch count may grow).
@@ -455,13 +529,10 @@ impl Trainer {
     /// The clustering pass: four mini-batch k-means (two views x two heads) on this epoch's views.
     fn cluster(
         &self,
-        frames: &Frames,
-        draws: &[Draw],
-        batches: &[Vec<usize>],
+        EpochInputs { net, frames, draws, batches }: &EpochInputs<'_>,
         epoch: usize,
         on: &mut dyn FnMut(&Progress) -> bool,
     ) -> Result<Option<[[SphericalKMeans; 2]; 2]>> {
-        let model = self.model.valid();
         let dim = self.embedder_config.dim;
         let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ 0xC1u64 ^ epoch as u64);
         let mut sample = [Vec::<f32>::new(), Vec::<f32>::new()];
@@ -472,7 +543,7 @@ impl Trainer {
         let start = Instant::now();
         for (b, idx) in batches.iter().enumerate() {
             let mut rows = [vec![], vec![]];
-            for (v, data) in view_rows(&model, &self.device.clone().inner(), frames, idx, draws)?.into_iter().enumerate() {
+            for (v, data) in net.view_rows(&self.device.clone().inner(), frames, idx, draws)?.into_iter().enumerate() {
                 for img in 0..idx.len() {
                     for _ in 0..per_image {
                         let p = img * per + rng.random_range(0..per);
@@ -512,14 +583,11 @@ impl Trainer {
     /// The labelling pass: each view's pixels against the final centroids of both heads.
     fn label(
         &self,
-        frames: &Frames,
-        draws: &[Draw],
-        batches: &[Vec<usize>],
+        EpochInputs { net, frames, draws, batches }: &EpochInputs<'_>,
         km: &[[SphericalKMeans; 2]; 2],
         epoch: usize,
         on: &mut dyn FnMut(&Progress) -> bool,
     ) -> Result<Option<EpochLabels>> {
-        let model = self.model.valid();
         let dim = self.embedder_config.dim;
         let per = self.config.cells_per_image();
         let n = frames.len();
@@ -527,7 +595,7 @@ impl Trainer {
         let mut counts: [[Vec<u64>; 2]; 2] = std::array::from_fn(|h| std::array::from_fn(|v| vec![0u64; km[h][v].k]));
         let start = Instant::now();
         for (b, idx) in batches.iter().enumerate() {
-            for (v, data) in view_rows(&model, &self.device.clone().inner(), frames, idx, draws)?.into_iter().enumerate() {
+            for (v, data) in net.view_rows(&self.device.clone().inner(), frames, idx, draws)?.into_iter().enumerate() {
                 for h in 0..2 {
                     let (nearest, _) = assign(&data, dim, &km[h][v].centroids);
                     for (j, &i) in idx.iter().enumerate() {
@@ -560,8 +628,11 @@ impl Trainer {
             let epoch = self.epochs_done;
             let draws = self.draws(epoch, frames.len());
             let batches = self.batches(epoch, frames.len());
-            let Some(km) = self.cluster(frames, &draws, &batches, epoch, on)? else { return Ok(false) };
-            let Some(labels) = self.label(frames, &draws, &batches, &km, epoch, on)? else { return Ok(false) };
+            let net = PassNetwork::for_epoch(&self.model, self.embedder_config, &self.device.clone().inner(), self.passes);
+            let inputs = EpochInputs { net: &net, frames, draws: &draws, batches: &batches };
+            let Some(km) = self.cluster(&inputs, epoch, on)? else { return Ok(false) };
+            let Some(labels) = self.label(&inputs, &km, epoch, on)? else { return Ok(false) };
+            drop(net);
             let targets: Vec<HeadTargets> = km
                 .iter()
                 .enumerate()
@@ -648,5 +719,25 @@ mod tests {
         assert_eq!(read.frame(), (320, 320));
         let wide = TrainConfig { size: 352, width: Some(480), ..TrainConfig::default() };
         assert_eq!((wide.frame(), wide.cells(), wide.cells_per_image()), ((480, 352), (120, 88), 120 * 88));
+    }
+
+    /// The passes run the epoch's weights through ONNX Runtime on the CPU, and see the features
+    /// burn's forward gives, hypercolumn settings or not.
+    #[test]
+    fn the_passes_run_the_current_weights_in_onnx_runtime() {
+        use crate::model::BackboneKind;
+        let device = Device::flex();
+        let config = EmbedderConfig { tap_weight: 0.5, ..EmbedderConfig::new(BackboneKind::EfficientnetLite0) };
+        let model = Embedder::seeded(config, 7, &device.clone().autodiff()).unwrap();
+        let net = PassNetwork::for_epoch(&model, config, &device, PassRuntime::Onnx);
+        assert!(matches!(net, PassNetwork::Onnx(_)), "on the CPU the passes run in ONNX Runtime");
+        let n = 2 * 3 * 64 * 96;
+        let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
+        let x = || Tensor::<4>::from_data(TensorData::new(x.clone(), [2, 3, 64, 96]), &device);
+        let onnx = net.forward(x()).unwrap();
+        let burn = model.valid().forward(x());
+        assert_eq!(onnx.dims(), [2, config.dim, 16, 24]);
+        let worst = (onnx - burn).abs().max().into_scalar::<f32>();
+        assert!(worst < 1e-4, "ONNX Runtime and burn differ by {worst}");
     }
 }

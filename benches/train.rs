@@ -119,7 +119,8 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|&f| measure(config, &init, &frames, (size, batch), f, PassRuntime::from_env()?, dir.path()).map(|t| (f, t)))
         .collect::<anyhow::Result<_>>()?;
-    // The passes once more with burn's forward, the reference the ONNX Runtime passes replace.
+    // The epoch once more all in burn (passes and frozen layers), the reference ONNX Runtime
+    // replaces there.
     let burn_passes = match (freezes.first(), PassRuntime::from_env()?) {
         (Some(&f), PassRuntime::Onnx) if picie::model::on_flex(&device) => {
             Some(measure(config, &init, &frames, (size, batch), f, PassRuntime::Burn, dir.path())?)
@@ -172,9 +173,10 @@ fn main() -> anyhow::Result<()> {
         println!("{:<58} {:>10.2}", format!("labelling pass (2 views, no grad, {passes}), per image"), t.label / images);
         println!("{:<58} {:>10.2}", format!("whole epoch incl. checkpoint, {}, per image", label(timings[0].0)), t.total / images);
         if let Some(b) = &burn_passes {
+            println!("{:<58} {:>10.2}", format!("train step, {}, all in burn, per image", label(timings[0].0)), b.step / batch as f64);
             println!("{:<58} {:>10.2}", "clustering pass (2 views, no grad, burn), per image", b.cluster / images);
             println!("{:<58} {:>10.2}", "labelling pass (2 views, no grad, burn), per image", b.label / images);
-            println!("{:<58} {:>10.2}", "whole epoch incl. checkpoint, passes in burn, per image", b.total / images);
+            println!("{:<58} {:>10.2}", "whole epoch incl. checkpoint, all in burn, per image", b.total / images);
         }
     }
     if let Some(km) = km {

@@ -231,10 +231,29 @@ impl EfficientNetLite {
     }
 
     pub fn emit(&self, g: &mut GraphBuilder, x: &str) -> [String; 4] {
+        self.emit_taps(g, x, 4).try_into().expect("four taps")
+    }
+
+    /// The graph up to the `n`-th tap (1 to 4): the first `n` taps.
+    pub fn emit_taps(&self, g: &mut GraphBuilder, x: &str, n: usize) -> Vec<String> {
         let mut x = self.stem.emit(g, x);
-        let mut taps = Vec::with_capacity(4);
-        for (i, block) in self.blocks.iter().enumerate() {
+        let mut taps = Vec::with_capacity(n);
+        for (i, block) in self.blocks.iter().enumerate().take(self.tap_blocks[n - 1] + 1) {
             x = block.emit(g, &x);
+            if self.tap_blocks.contains(&i) {
+                taps.push(x.clone());
+            }
+        }
+        taps
+    }
+
+    /// [`EfficientNetLite::forward`] given its first `taps` (computed elsewhere, e.g. by ONNX
+    /// Runtime for frozen layers): the blocks after them run here.
+    pub fn forward_from(&self, mut taps: Vec<Tensor<4>>) -> [Tensor<4>; 4] {
+        let n = taps.len();
+        let mut x = taps.last().expect("at least one tap").clone();
+        for (i, block) in self.blocks.iter().enumerate().skip(self.tap_blocks[n - 1] + 1) {
+            x = block.forward(x);
             if self.tap_blocks.contains(&i) {
                 taps.push(x.clone());
             }

@@ -178,13 +178,10 @@ impl Backbone {
     /// has no layers below its patch stride, every block works at it: any stride but 0
     /// freezes all of it (0 trains it all).
     pub fn freeze_through(self, stride: usize) -> Self {
-        let taps = match stride {
-            0 => return self,
-            4 => 1,
-            8 => 2,
-            16 => 3,
-            _ => 4,
-        };
+        let taps = self.frozen_taps(stride);
+        if taps == 0 {
+            return self;
+        }
         match self {
             Backbone::EfficientNet(mut m) => {
                 m.stem = m.stem.freeze();
@@ -207,6 +204,41 @@ impl Backbone {
             Backbone::EfficientNet(m) => m.emit(g, x),
             Backbone::ResNet18(m) => m.emit(g, x),
             Backbone::Vit(m) => m.emit(g, x),
+        }
+    }
+
+    /// How many of the four taps [`Backbone::freeze_through`] at `stride` leaves with nothing
+    /// trainable before them (a ViT's blocks all work at its patch stride: all four or none).
+    pub fn frozen_taps(&self, stride: usize) -> usize {
+        match (self, stride) {
+            (_, 0) => 0,
+            (Backbone::Vit(_), _) => 4,
+            (_, 4) => 1,
+            (_, 8) => 2,
+            (_, 16) => 3,
+            _ => 4,
+        }
+    }
+
+    /// The graph of the first `n` taps (1 to 4) of an ImageNet-normalised input.
+    pub fn emit_taps(&self, g: &mut GraphBuilder, x: &str, n: usize) -> Vec<String> {
+        match self {
+            Backbone::EfficientNet(m) => m.emit_taps(g, x, n),
+            Backbone::ResNet18(m) => m.emit_taps(g, x, n),
+            Backbone::Vit(m) => {
+                assert_eq!(n, 4, "a ViT's taps come all together");
+                m.emit(g, x).to_vec()
+            }
+        }
+    }
+
+    /// The four taps given the first ones (1 to 4 of them, computed elsewhere): the layers
+    /// after them run here.
+    pub fn forward_from(&self, taps: Vec<Tensor<4>>) -> [Tensor<4>; 4] {
+        match self {
+            Backbone::EfficientNet(m) => m.forward_from(taps),
+            Backbone::ResNet18(m) => m.forward_from(taps),
+            Backbone::Vit(_) => taps.try_into().expect("a ViT's four taps"),
         }
     }
 }

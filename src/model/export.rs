@@ -64,6 +64,33 @@ pub fn to_onnx_bytes(embedder: &Embedder, config: EmbedderConfig) -> Result<Vec<
     model.write_to_bytes().context("serialising the ONNX model")
 }
 
+/// The name of the `i`-th output of [`frozen_taps_onnx_bytes`].
+pub fn tap_output_name(i: usize) -> String {
+    format!("tap{i}")
+}
+
+/// A graph of the backbone's first `n` taps (1 to 4) from the same `image` input as the
+/// embedder's graph (ImageNet normalisation inside): training runs its frozen layers here.
+/// Outputs `tap0` .. `tap{n-1}`, N x C x H/s x W/s at the taps' strides.
+pub fn frozen_taps_onnx_bytes(embedder: &Embedder, n: usize) -> Result<Vec<u8>> {
+    let mut g = GraphBuilder::new();
+    let mean = g.constant_f32("imagenet_mean", &[1, 3, 1, 1], IMAGENET_MEAN.to_vec());
+    let std = g.constant_f32("imagenet_std", &[1, 3, 1, 1], IMAGENET_STD.to_vec());
+    let centred = g.node("Sub", &[INPUT_NAME, &mean], vec![]);
+    let x = g.node("Div", &[&centred, &std], vec![]);
+    let taps = embedder.backbone.emit_taps(&mut g, &x, n);
+    let mut outputs = vec![];
+    for (i, tap) in taps.iter().enumerate() {
+        let name = tap_output_name(i);
+        g.node("Identity", &[tap], vec![]);
+        g.rename_last_output(&name);
+        outputs.push(value_info_f32(&name, &[Dim::Symbol("N"), Dim::Symbol("C"), Dim::Symbol("h"), Dim::Symbol("w")]));
+    }
+    let input = value_info_f32(INPUT_NAME, &[Dim::Symbol("N"), Dim::Fixed(3), Dim::Symbol("H"), Dim::Symbol("W")]);
+    let model = g.finish("picie_frozen_taps", vec![input], outputs, &format!("picie backbone's first {n} taps (frozen layers)"));
+    model.write_to_bytes().context("serialising the ONNX model")
+}
+
 /// L2 normalisation over channels: x / max(sqrt(sum(x^2)), eps), as in burn's forward.
 fn l2_normalize(g: &mut GraphBuilder, x: &str) -> String {
     let sq = g.node("Mul", &[x, x], vec![]);

@@ -130,15 +130,33 @@ impl ResNet18 {
     }
 
     pub fn emit(&self, g: &mut GraphBuilder, x: &str) -> [String; 4] {
+        self.emit_taps(g, x, 4).try_into().expect("four taps")
+    }
+
+    /// The graph up to the `n`-th tap (1 to 4): the first `n` taps.
+    pub fn emit_taps(&self, g: &mut GraphBuilder, x: &str, n: usize) -> Vec<String> {
         let s = self.stem.emit(g, x);
         let mut x = g.node(
             "MaxPool",
             &[&s],
             vec![attr_ints("kernel_shape", &[3, 3]), attr_ints("strides", &[2, 2]), attr_ints("pads", &[1, 1, 1, 1])],
         );
-        let mut taps = Vec::with_capacity(4);
-        for (i, b) in self.blocks.iter().enumerate() {
+        let mut taps = Vec::with_capacity(n);
+        for (i, b) in self.blocks.iter().enumerate().take(n * BLOCKS_PER_STAGE) {
             x = b.emit(g, &x);
+            if i % BLOCKS_PER_STAGE == BLOCKS_PER_STAGE - 1 {
+                taps.push(x.clone());
+            }
+        }
+        taps
+    }
+
+    /// [`ResNet18::forward`] given its first taps (computed elsewhere): the later stages run here.
+    pub fn forward_from(&self, mut taps: Vec<Tensor<4>>) -> [Tensor<4>; 4] {
+        let n = taps.len();
+        let mut x = taps.last().expect("at least one tap").clone();
+        for (i, b) in self.blocks.iter().enumerate().skip(n * BLOCKS_PER_STAGE) {
+            x = b.forward(x);
             if i % BLOCKS_PER_STAGE == BLOCKS_PER_STAGE - 1 {
                 taps.push(x.clone());
             }

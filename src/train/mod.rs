@@ -7,6 +7,7 @@ pub mod correspond;
 pub mod device;
 pub mod fpn_init;
 pub mod frames;
+mod frozen;
 pub mod kmeans;
 pub mod ksuggest;
 pub mod loss;

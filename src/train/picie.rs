@@ -24,11 +24,12 @@ use super::augment::{Geometric, Photometric, PhotometricConfig};
 use super::correspond::{correspondence_loss, CorrespondenceConfig};
 use super::fpn_init::FpnInit;
 pub use super::frames::Frames;
+use super::frozen::FrozenTaps;
 use super::kmeans::{assign, KMeansConfig, SphericalKMeans};
 use super::loss::{head_loss, head_weights, pixels, Balance, HeadTargets};
 use crate::infer::preprocess::Normalize;
 use crate::infer::{DeviceChoice, EmbedSession};
-use crate::model::embedder::OUTPUT_STRIDE;
+use crate::model::embedder::{imagenet_normalize, l2_normalize, OUTPUT_STRIDE};
 use crate::model::export::to_onnx_bytes;
 use crate::model::{Embedder, EmbedderConfig, TensorMap};
 
@@ -328,11 +329,19 @@ struct Views {
     taps: [Tensor<4>; 4],
 }
 
-fn views(model: &Embedder, p1: Tensor<4>, p2: Tensor<4>, geos: &[Geometric]) -> Views {
-    let z1 = model.forward(apply_geometric(p1, geos, OUTPUT_STRIDE));
-    let (z2_frame, taps) = model.forward_with_taps(p2);
+/// The training step's views; the frozen taps from ONNX Runtime when given.
+fn views(model: &Embedder, frozen: Option<&FrozenTaps>, p1: Tensor<4>, p2: Tensor<4>, geos: &[Geometric]) -> Result<Views> {
+    let taps = |x: Tensor<4>| -> Result<[Tensor<4>; 4]> {
+        Ok(match frozen {
+            Some(f) => model.backbone.forward_from(f.run(x)?),
+            None => model.backbone.forward(imagenet_normalize(x)),
+        })
+    };
+    let z1 = l2_normalize(model.fpn.forward(taps(apply_geometric(p1, geos, OUTPUT_STRIDE))?));
+    let taps = taps(p2)?;
+    let z2_frame = l2_normalize(model.fpn.forward(taps.clone()));
     let z2 = apply_geometric(z2_frame.clone(), geos, 1);
-    Views { z1, z2, z2_frame, taps }
+    Ok(Views { z1, z2, z2_frame, taps })
 }
 
 /// The network an epoch's clustering and labelling passes run, without gradients. On the CPU
@@ -624,6 +633,7 @@ impl Trainer {
     pub fn run_to(&mut self, epochs: usize, frames: &Frames, checkpoint_dir: &Path, on: &mut dyn FnMut(&Progress) -> bool) -> Result<bool> {
         self.config.validate(frames.len())?;
         let (w1, w2) = head_weights(self.config.k, self.config.k2);
+        let frozen = self.frozen_taps();
         while self.epochs_done < epochs.min(self.config.epochs) {
             let epoch = self.epochs_done;
             let draws = self.draws(epoch, frames.len());
@@ -655,7 +665,7 @@ impl Trainer {
             for (b, idx) in batches.iter().enumerate() {
                 let (p1, p2) = photometric_batch(frames, idx, &draws, &self.device)?;
                 let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
-                let Views { z1, z2, z2_frame, taps } = views(&self.model, p1, p2, &geos);
+                let Views { z1, z2, z2_frame, taps } = views(&self.model, frozen.as_ref(), p1, p2, &geos)?;
                 let (z1, z2) = (pixels(z1), pixels(z2));
                 let y = |h: usize| [labels.batch(h, 0, idx, &self.device), labels.batch(h, 1, idx, &self.device)];
                 let mut loss = head_loss([&z1, &z2], y(0), &targets[0]) * w1 + head_loss([&z1, &z2], y(1), &targets[1]) * w2;
@@ -686,6 +696,22 @@ impl Trainer {
             self.save_checkpoint(checkpoint_dir)?;
         }
         Ok(true)
+    }
+
+    /// The frozen layers in ONNX Runtime, where the passes run there too and something is frozen
+    /// (their weights never change during a run, so one session serves it all).
+    fn frozen_taps(&self) -> Option<FrozenTaps> {
+        let n = self.model.backbone.frozen_taps(self.config.freeze_stride);
+        if n == 0 || self.passes != PassRuntime::Onnx || !crate::model::on_flex(&self.device.clone().inner()) {
+            return None;
+        }
+        match FrozenTaps::new(&self.model.valid(), n) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "ONNX Runtime cannot run the frozen layers; burn runs them (slower)");
+                None
+            }
+        }
     }
 
     /// Writes weights, optimizer state and progress to a temporary folder, then swaps it in.

@@ -162,6 +162,10 @@ struct TrainCli {
     /// spread) or gain (each channel's mean, by a gain).
     #[arg(long, value_enum, default_value = "none")]
     normalize: picie::infer::preprocess::Normalize,
+    /// Range of the photometric views' brightness, contrast and saturation factors, 1 +- this
+    /// (default 0.3, the authors'): wider asks the embedder to ignore larger exposure changes.
+    #[arg(long)]
+    jitter: Option<f32>,
     /// Checkpoint folder (default: OUT.checkpoint).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
@@ -458,6 +462,7 @@ fn train(t: TrainCli) -> Result<()> {
         },
         fpn_init: t.fpn_init,
         normalize: t.normalize,
+        jitter: t.jitter,
         ..TrainConfig::default()
     };
     let init = match t.from {

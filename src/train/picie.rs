@@ -72,6 +72,11 @@ pub struct TrainConfig {
     /// input policy then does for every image it segments ([`Normalize`]).
     #[serde(default, skip_serializing_if = "Normalize::is_none")]
     pub normalize: Normalize,
+    /// The range of the photometric views' brightness, contrast and saturation factors,
+    /// 1 +- this (unset: [`PhotometricConfig`]'s 0.3, the authors'). Wider ranges ask the
+    /// embedder to ignore larger changes of exposure, as between day and dusk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jitter: Option<f32>,
 }
 
 /// The defaults are the recipe measured best on CamVid (docs/quality.md): it made
@@ -95,6 +100,7 @@ impl Default for TrainConfig {
             correspondence: CorrespondenceConfig::default(),
             fpn_init: FpnInit::Pca,
             normalize: Normalize::None,
+            jitter: None,
         }
     }
 }
@@ -122,6 +128,9 @@ impl TrainConfig {
         }
         if ![0, 4, 8, 16, 32].contains(&self.freeze_stride) {
             bail!("freeze stride must be 0, 4, 8, 16 or 32 (got {})", self.freeze_stride);
+        }
+        if let Some(j) = self.jitter.filter(|j| !(j.is_finite() && *j >= 0.0 && *j < 1.0)) {
+            bail!("jitter must be at least 0 and below 1 (got {j})");
         }
         self.correspondence.check()?;
         Ok(())
@@ -508,7 +517,8 @@ impl Trainer {
     }
 
     fn draws(&self, epoch: usize, n: usize) -> Vec<Draw> {
-        let c = PhotometricConfig::default();
+        let default = PhotometricConfig::default();
+        let c = PhotometricConfig { jitter: self.config.jitter.unwrap_or(default.jitter), ..default };
         let (cells_w, cells_h) = self.config.cells();
         (0..n)
             .map(|i| {
@@ -745,6 +755,32 @@ mod tests {
         assert_eq!(read.frame(), (320, 320));
         let wide = TrainConfig { size: 352, width: Some(480), ..TrainConfig::default() };
         assert_eq!((wide.frame(), wide.cells(), wide.cells_per_image()), ((480, 352), (120, 88), 120 * 88));
+    }
+
+    #[test]
+    fn jitter_widens_the_photometric_range_and_is_checked() {
+        for bad in [1.0, -0.1, f32::NAN] {
+            assert!(TrainConfig { jitter: Some(bad), ..TrainConfig::default() }.check().is_err(), "{bad}");
+        }
+        let wide = TrainConfig { jitter: Some(0.6), ..TrainConfig::default() };
+        wide.check().unwrap();
+        let trainer = |config: TrainConfig| Trainer {
+            config,
+            embedder_config: EmbedderConfig::new(crate::model::BackboneKind::EfficientnetLite0),
+            model: Embedder::seeded(EmbedderConfig::new(crate::model::BackboneKind::EfficientnetLite0), 0, &Device::flex().autodiff())
+                .unwrap(),
+            optim: new_optimizer(),
+            device: Device::flex().autodiff(),
+            epochs_done: 0,
+            losses: vec![],
+            passes: PassRuntime::Onnx,
+        };
+        let factors = |t: &Trainer| -> Vec<f32> { t.draws(0, 200).iter().filter_map(|d| d.p1.brightness).collect() };
+        let (narrow, wide) = (factors(&trainer(TrainConfig::default())), factors(&trainer(wide)));
+        assert!(narrow.iter().all(|f| (0.7..=1.3).contains(f)));
+        assert!(wide.iter().all(|f| (0.4..=1.6).contains(f)) && wide.iter().any(|f| !(0.7..=1.3).contains(f)));
+        // Unset, it is not written: checkpoints and manifests read as before.
+        assert!(serde_json::to_value(TrainConfig::default()).unwrap().get("jitter").is_none());
     }
 
     /// The passes run the epoch's weights through ONNX Runtime on the CPU, and see the features

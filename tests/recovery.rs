@@ -232,6 +232,14 @@ async fn startup_removes_leftovers_and_keeps_real_data() {
         (j["state"] == "succeeded").then_some(())
     })
     .await;
+    // The API reports the end as soon as it is in memory; its file is written just after. Wait
+    // for the file, or the edit below could be overwritten by that write on a slow machine.
+    let job_file = d.join(format!("jobs/{job_id}.json"));
+    common::until("the job's file to record its end", Duration::from_secs(60), || async {
+        let stored: Value = serde_json::from_slice(&std::fs::read(&job_file).ok()?).ok()?;
+        (stored["state"] == "succeeded").then_some(())
+    })
+    .await;
     let _ = tx.send(());
     server.await.unwrap().unwrap();
     let real_checkpoint = d.join("checkpoints/job-000000000001.checkpoint");
@@ -274,7 +282,6 @@ async fn startup_removes_leftovers_and_keeps_real_data() {
     ];
     // The job that wrote `kept` as if the process had died just after writing it, before
     // marking the job done.
-    let job_file = d.join(format!("jobs/{job_id}.json"));
     let mut stored: Value = serde_json::from_slice(&std::fs::read(&job_file).unwrap()).unwrap();
     stored["state"] = json!("running");
     std::fs::write(&job_file, serde_json::to_vec(&stored).unwrap()).unwrap();

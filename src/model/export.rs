@@ -16,10 +16,7 @@ pub const OUTPUT_NAME: &str = "features";
 
 pub fn to_onnx_bytes(embedder: &Embedder, config: EmbedderConfig) -> Result<Vec<u8>> {
     let mut g = GraphBuilder::new();
-    let mean = g.constant_f32("imagenet_mean", &[1, 3, 1, 1], IMAGENET_MEAN.to_vec());
-    let std = g.constant_f32("imagenet_std", &[1, 3, 1, 1], IMAGENET_STD.to_vec());
-    let centred = g.node("Sub", &[INPUT_NAME, &mean], vec![]);
-    let x = g.node("Div", &[&centred, &std], vec![]);
+    let x = imagenet_normalized_input(&mut g);
 
     let taps = embedder.backbone.emit(&mut g, &x);
     let raw = embedder.fpn.emit(&mut g, &taps);
@@ -49,7 +46,7 @@ pub fn to_onnx_bytes(embedder: &Embedder, config: EmbedderConfig) -> Result<Vec<
     }
     g.rename_last_output(OUTPUT_NAME);
 
-    let input = value_info_f32(INPUT_NAME, &[Dim::Symbol("N"), Dim::Fixed(3), Dim::Symbol("H"), Dim::Symbol("W")]);
+    let input = input_info();
     let output =
         value_info_f32(OUTPUT_NAME, &[Dim::Symbol("N"), Dim::Fixed(config.output_dim() as i64), Dim::Symbol("H/4"), Dim::Symbol("W/4")]);
     let doc = format!(
@@ -74,10 +71,7 @@ pub fn tap_output_name(i: usize) -> String {
 /// Outputs `tap0` .. `tap{n-1}`, N x C x H/s x W/s at the taps' strides.
 pub fn frozen_taps_onnx_bytes(embedder: &Embedder, n: usize) -> Result<Vec<u8>> {
     let mut g = GraphBuilder::new();
-    let mean = g.constant_f32("imagenet_mean", &[1, 3, 1, 1], IMAGENET_MEAN.to_vec());
-    let std = g.constant_f32("imagenet_std", &[1, 3, 1, 1], IMAGENET_STD.to_vec());
-    let centred = g.node("Sub", &[INPUT_NAME, &mean], vec![]);
-    let x = g.node("Div", &[&centred, &std], vec![]);
+    let x = imagenet_normalized_input(&mut g);
     let taps = embedder.backbone.emit_taps(&mut g, &x, n);
     let mut outputs = vec![];
     for (i, tap) in taps.iter().enumerate() {
@@ -86,9 +80,22 @@ pub fn frozen_taps_onnx_bytes(embedder: &Embedder, n: usize) -> Result<Vec<u8>> 
         g.rename_last_output(&name);
         outputs.push(value_info_f32(&name, &[Dim::Symbol("N"), Dim::Symbol("C"), Dim::Symbol("h"), Dim::Symbol("w")]));
     }
-    let input = value_info_f32(INPUT_NAME, &[Dim::Symbol("N"), Dim::Fixed(3), Dim::Symbol("H"), Dim::Symbol("W")]);
+    let input = input_info();
     let model = g.finish("picie_frozen_taps", vec![input], outputs, &format!("picie backbone's first {n} taps (frozen layers)"));
     model.write_to_bytes().context("serialising the ONNX model")
+}
+
+/// The `image` input with ImageNet's mean and spread applied, as both graphs begin.
+fn imagenet_normalized_input(g: &mut GraphBuilder) -> String {
+    let mean = g.constant_f32("imagenet_mean", &[1, 3, 1, 1], IMAGENET_MEAN.to_vec());
+    let std = g.constant_f32("imagenet_std", &[1, 3, 1, 1], IMAGENET_STD.to_vec());
+    let centred = g.node("Sub", &[INPUT_NAME, &mean], vec![]);
+    g.node("Div", &[&centred, &std], vec![])
+}
+
+/// The `image` input: float32 N x 3 x H x W.
+fn input_info() -> onnx_protobuf::ValueInfoProto {
+    value_info_f32(INPUT_NAME, &[Dim::Symbol("N"), Dim::Fixed(3), Dim::Symbol("H"), Dim::Symbol("W")])
 }
 
 /// L2 normalisation over channels: x / max(sqrt(sum(x^2)), eps), as in burn's forward.

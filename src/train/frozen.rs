@@ -33,9 +33,7 @@ impl FrozenTaps {
     /// no gradient flows into them).
     pub fn run(&self, x: Tensor<4>) -> Result<Vec<Tensor<4>>> {
         let device = x.device();
-        let [n, c, h, w] = x.dims();
-        let data = x.into_data().try_into_vec::<f32>().map_err(|e| anyhow!("{e:?}"))?;
-        let input = ndarray::Array4::from_shape_vec((n, c, h, w), data)?;
+        let input = to_array(x)?;
         let tensor = TensorRef::from_array_view(&input).map_err(|e| anyhow!("frozen layers' input: {e}"))?;
         let mut session = self.session.lock().map_err(|_| anyhow!("frozen-layer session poisoned"))?;
         let outputs = session.run(ort::inputs![INPUT_NAME => tensor]).map_err(|e| anyhow!("ONNX Runtime run of the frozen layers: {e}"))?;
@@ -48,6 +46,13 @@ impl FrozenTaps {
             })
             .collect()
     }
+}
+
+/// A burn tensor's values as an ndarray of the same shape, as ONNX Runtime takes them.
+pub(crate) fn to_array(x: Tensor<4>) -> Result<ndarray::Array4<f32>> {
+    let [n, c, h, w] = x.dims();
+    let data = x.into_data().try_into_vec::<f32>().map_err(|e| anyhow!("{e:?}"))?;
+    Ok(ndarray::Array4::from_shape_vec((n, c, h, w), data)?)
 }
 
 #[cfg(test)]

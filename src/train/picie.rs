@@ -24,7 +24,7 @@ use super::augment::{Geometric, Photometric, PhotometricConfig};
 use super::correspond::{correspondence_loss, CorrespondenceConfig};
 use super::fpn_init::FpnInit;
 pub use super::frames::Frames;
-use super::frozen::FrozenTaps;
+use super::frozen::{to_array, FrozenTaps};
 use super::kmeans::{assign, KMeansConfig, SphericalKMeans};
 use super::loss::{head_loss, head_weights, pixels, Balance, HeadTargets};
 use crate::infer::preprocess::Normalize;
@@ -412,10 +412,8 @@ impl PassNetwork {
             PassNetwork::Burn(model) => Ok(model.forward(x)),
             PassNetwork::Onnx(session) => {
                 let device = x.device();
-                let [n, c, h, w] = x.dims();
-                let data = x.into_data().try_into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                let ([n2, d, fh, fw], features) = session.run(&ndarray::Array4::from_shape_vec((n, c, h, w), data)?)?;
-                Ok(Tensor::from_data(TensorData::new(features, [n2, d, fh, fw]), &device))
+                let (shape, features) = session.run(&to_array(x)?)?;
+                Ok(Tensor::from_data(TensorData::new(features, shape), &device))
             }
         }
     }

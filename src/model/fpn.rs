@@ -9,14 +9,12 @@
 use anyhow::Result;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 
-use super::conv;
 use super::layers::{emit_conv_bias, export_conv_bias, load_conv_bias, ConvSpec, WeightSource};
 use super::onnx_graph::{attr_string, GraphBuilder};
 use super::weights::TensorMap;
+use super::{conv, resample};
 
 /// The stride of the FPN's output, whatever the backbone's taps: 4, as in PiCIE (feature maps
 /// are 1/4 of the input in height and width).
@@ -31,7 +29,7 @@ pub struct Fpn {
 }
 
 fn upsample(x: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
-    interpolate(x, InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size(size))
+    resample::resize(x, size)
 }
 
 /// ONNX: Resize by an exact factor (the inputs are multiples of 32, so every level is an exact

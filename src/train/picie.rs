@@ -12,8 +12,6 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -31,6 +29,7 @@ use crate::infer::preprocess::Normalize;
 use crate::infer::{DeviceChoice, EmbedSession};
 use crate::model::embedder::{imagenet_normalize, l2_normalize, OUTPUT_STRIDE};
 use crate::model::export::to_onnx_bytes;
+use crate::model::resample::{resample, Window};
 use crate::model::{Embedder, EmbedderConfig, TensorMap};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -295,22 +294,10 @@ impl EpochLabels {
 /// the full size (bilinear, half-pixel), and flips it when drawn: G on images (scale 4) and on
 /// feature maps (scale 1).
 pub(crate) fn apply_geometric(x: Tensor<4>, geos: &[Geometric], scale: usize) -> Tensor<4> {
-    let [n, c, h, w] = x.dims();
-    let parts: Vec<Tensor<4>> = (0..n)
-        .map(|i| {
-            let g = geos[i];
-            let (y0, x0, bh, bw) = (g.y0 * scale, g.x0 * scale, g.h * scale, g.w * scale);
-            let mut t = x.clone().slice([i..i + 1, 0..c, y0..y0 + bh, x0..x0 + bw]);
-            if bh != h || bw != w {
-                t = interpolate(t, InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([h, w]));
-            }
-            if g.flip {
-                t = t.flip([3]);
-            }
-            t
-        })
-        .collect();
-    Tensor::cat(parts, 0)
+    let [_, _, h, w] = x.dims();
+    let windows: Vec<Window> =
+        geos.iter().map(|g| Window { y0: g.y0 * scale, x0: g.x0 * scale, h: g.h * scale, w: g.w * scale, flip: g.flip }).collect();
+    resample(x, &windows, [h, w])
 }
 
 /// The two network inputs of a batch: P1(x) (G applied later, on the tensor) and P2(x).

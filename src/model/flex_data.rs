@@ -5,7 +5,7 @@ use burn_flex::FlexTensor;
 
 /// A contiguous f32 copy-or-view of a Flex tensor, with its first two dimensions (N, C) and the
 /// elements of one (sample, channel) plane.
-pub(super) fn planes(x: &FlexTensor) -> (FlexTensor, usize, usize, usize) {
+pub(crate) fn planes(x: &FlexTensor) -> (FlexTensor, usize, usize, usize) {
     assert_eq!(x.dtype(), DType::F32, "the training kernels run on f32");
     let x = x.to_contiguous();
     let dims = x.layout().shape().clone();
@@ -15,6 +15,6 @@ pub(super) fn planes(x: &FlexTensor) -> (FlexTensor, usize, usize, usize) {
 }
 
 /// A Flex tensor of `shape` holding `values`.
-pub(super) fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+pub(crate) fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }

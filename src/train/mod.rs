@@ -8,6 +8,7 @@ pub mod device;
 pub mod fpn_init;
 pub mod frames;
 mod frozen;
+pub mod fused_loss;
 pub mod kmeans;
 pub mod ksuggest;
 pub mod loss;

@@ -7,12 +7,13 @@
 //! after every epoch.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -23,8 +24,9 @@ use super::correspond::{correspondence_loss, CorrespondenceConfig};
 use super::fpn_init::FpnInit;
 pub use super::frames::Frames;
 use super::frozen::{to_array, FrozenTaps};
+use super::fused_loss::{HeadValues, StepTargets};
 use super::kmeans::{assign, KMeansConfig, SphericalKMeans};
-use super::loss::{head_loss, head_weights, pixels, Balance, HeadTargets};
+use super::loss::{head_weights, pixels, Balance};
 use crate::infer::preprocess::Normalize;
 use crate::infer::{DeviceChoice, EmbedSession};
 use crate::model::embedder::{imagenet_normalize, l2_normalize, OUTPUT_STRIDE};
@@ -282,11 +284,10 @@ struct EpochLabels {
 }
 
 impl EpochLabels {
-    fn batch(&self, head: usize, view: usize, idx: &[usize], device: &Device) -> Tensor<1, Int> {
+    /// The batch's labels of one head and view, image after image.
+    fn batch(&self, head: usize, view: usize, idx: &[usize]) -> Arc<[u16]> {
         let per = self.per_image;
-        let rows: Vec<i64> = idx.iter().flat_map(|&i| self.labels[head][view][i * per..(i + 1) * per].iter().map(|&l| l as i64)).collect();
-        let n = rows.len();
-        Tensor::from_data(TensorData::new(rows, [n]), device)
+        idx.iter().flat_map(|&i| self.labels[head][view][i * per..(i + 1) * per].iter().copied()).collect()
     }
 }
 
@@ -638,21 +639,16 @@ impl Trainer {
             let Some(km) = self.cluster(&inputs, epoch, on)? else { return Ok(false) };
             let Some(labels) = self.label(&inputs, &km, epoch, on)? else { return Ok(false) };
             drop(net);
-            let targets: Vec<HeadTargets> = km
+            let heads = km
                 .iter()
                 .enumerate()
-                .map(|(h, head)| {
-                    let c = |v: usize| {
-                        let km = &head[v];
-                        Tensor::<2>::from_data(TensorData::new(km.centroids.clone(), [km.k, km.dim]), &self.device)
-                    };
-                    let w = |v: usize| {
-                        let ws = self.config.balance.weights(&labels.counts[h][v]);
-                        Tensor::<1>::from_data(TensorData::new(ws.clone(), [ws.len()]), &self.device)
-                    };
-                    HeadTargets { centroids: [c(0), c(1)], weights: [w(0), w(1)] }
+                .map(|(h, head)| HeadValues {
+                    centroids: [head[0].centroids.clone(), head[1].centroids.clone()],
+                    weights: [self.config.balance.weights(&labels.counts[h][0]), self.config.balance.weights(&labels.counts[h][1])],
+                    k: head[0].k,
                 })
                 .collect();
+            let targets = StepTargets::new(heads, vec![w1, w2], self.embedder_config.dim, &self.device);
 
             let start = Instant::now();
             let mut total = 0.0f64;
@@ -661,9 +657,8 @@ impl Trainer {
                 let (p1, p2) = photometric_batch(frames, idx, &draws, &self.device)?;
                 let geos: Vec<Geometric> = idx.iter().map(|&i| draws[i].g).collect();
                 let Views { z1, z2, z2_frame, taps } = views(&self.model, frozen.as_ref(), p1, p2, &geos)?;
-                let (z1, z2) = (pixels(z1), pixels(z2));
-                let y = |h: usize| [labels.batch(h, 0, idx, &self.device), labels.batch(h, 1, idx, &self.device)];
-                let mut loss = head_loss([&z1, &z2], y(0), &targets[0]) * w1 + head_loss([&z1, &z2], y(1), &targets[1]) * w2;
+                let y = |h: usize| [labels.batch(h, 0, idx), labels.batch(h, 1, idx)];
+                let mut loss = targets.loss([z1, z2], &[y(0), y(1)]);
                 if self.config.correspondence.enabled() {
                     let term = correspondence_loss(z2_frame, &taps, &self.config.correspondence, &mut pair_rng);
                     tracing::debug!(

@@ -160,10 +160,10 @@ fn main() -> anyhow::Result<()> {
     println!("{:<58} {:>10} {:>10}", "", "burn s", "PyTorch s");
     for (f, t) in &timings {
         let theirs = match &torch {
-            Ok(v) => v.iter().find(|(tf, _)| tf == f).map(|(_, s)| format!("{s:>10.2}")).unwrap_or_else(|| format!("{:>10}", "-")),
+            Ok(v) => v.iter().find(|(tf, _)| tf == f).map(|(_, s)| format!("{s:>10.3}")).unwrap_or_else(|| format!("{:>10}", "-")),
             Err(_) => format!("{:>10}", "-"),
         };
-        println!("{:<58} {:>10.2} {theirs}", format!("train step, {}, per image", label(*f)), t.step / batch as f64);
+        println!("{:<58} {:>10.3} {theirs}", format!("train step, {}, per image", label(*f)), t.step / batch as f64);
         println!("{:<58} {:>10.2}", format!("train step, {}, per batch", label(*f)), t.step);
     }
     if let Some((_, t)) = timings.first() {

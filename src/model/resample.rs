@@ -5,11 +5,11 @@
 //! Composed from burn's ops, G on the feature map was a slice, an `interpolate`, a flip and a
 //! concatenation per image; backward each slice's gradient is a zeroed full-size tensor with the
 //! crop written into it, and burn's bilinear kernels compute the source coordinates per output
-//! element (a libm `floor` each). On a 8 x 128 x 80 x 80 feature map that took about 0.6 s forward
-//! and backward, and one 2x FPN upsample to that size 0.2 s, in a training step of 2.5 s. Here
-//! each output row and column's two sources and weight are computed once per image, the forward
-//! blends two input rows then gathers columns, and the backward scatters into one gradient
-//! tensor the size of the input, plane by plane in parallel.
+//! element (a libm `floor` each). Here each output row and column's two sources and weight are
+//! computed once per image, the forward blends two input rows then gathers columns, and the
+//! backward scatters into one gradient tensor the size of the input, plane by plane in parallel.
+//! That alone took the training step frozen to stride 16 from 0.33 to 0.25 s/image (alternate
+//! runs of `cargo bench --bench train`, docs/benchmarks.md).
 //!
 //! Results equal burn's `interpolate` (bilinear, half-pixel) of the crop to float rounding;
 //! tested below against the composed ops, forward and gradients.

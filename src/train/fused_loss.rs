@@ -4,9 +4,9 @@
 //! centroid sets (two heads, each view's centroids) in eight cross-entropies: eight matrix
 //! products of the (N H W) x D pixel rows, a permuted copy of the view to make those rows, and
 //! per term a log-softmax, gather, select and weighted sum, each a pass that allocates, and as
-//! many again backward. Here a view is scored once against the four sets stacked (one matrix product per image,
-//! in the view's own N x D x H x W layout, no permute), the four cross-entropies are reduced row
-//! by row, and the gradient is one matrix product back. The backward recomputes the logits
+//! many again backward. Here a view is scored once against the four sets stacked (one matrix
+//! product per image, in the view's own N x D x H x W layout, no permute), the four
+//! cross-entropies are reduced row by row, and the gradient is one matrix product back. The backward recomputes the logits
 //! rather than keeping them (one more product, no N x K x H x W buffer held between passes).
 //! With `model::resample`, this took the training step frozen to stride 16 from 0.22 to 0.145
 //! s/image (alternate runs of `cargo bench --bench train`, docs/benchmarks.md).

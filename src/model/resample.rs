@@ -27,6 +27,8 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
+use burn_flex::FlexTensor;
+
 use super::flex_data::{flex, planes};
 
 /// The region of one image that is resampled: rows `y0..y0 + h`, columns `x0..x0 + w`, the
@@ -148,36 +150,45 @@ pub trait ResampleBackend: Backend {
     fn resample_grad(dy: FloatTensor<Self>, plan: Resampling) -> FloatTensor<Self>;
 }
 
+/// An N x C x `to` tensor from the N x C x `from` tensor `src`, plane by plane in parallel:
+/// `f(source plane, the image's row and column taps, its window, scratch row, zeroed destination
+/// plane)`. Checks `src` and the plan against each other first.
+fn per_plane(
+    src: &FlexTensor,
+    plan: &Resampling,
+    from: [usize; 2],
+    to: [usize; 2],
+    f: impl Fn(&[f32], &(Vec<Tap>, Vec<Tap>), &Window, &mut Vec<f32>, &mut [f32]) + Sync,
+) -> FlexTensor {
+    let shape = src.layout().shape().clone();
+    let (src, n, c, _) = planes(src);
+    assert_eq!([shape[2], shape[3]], from, "resample: the tensor is not the planned size");
+    plan.check([n, c, plan.input[0], plan.input[1]]);
+    let ss = src.as_slice::<f32>().expect("contiguous");
+    let taps = image_taps(plan);
+    let (plane_in, plane_out) = (from[0] * from[1], to[0] * to[1]);
+    let mut out = vec![0f32; n * c * plane_out];
+    out.par_chunks_mut(plane_out).enumerate().for_each_init(Vec::new, |scratch, (i, o)| {
+        let win = &plan.windows[i / c];
+        scratch.resize(win.w, 0.0);
+        f(&ss[i * plane_in..(i + 1) * plane_in], &taps[i / c], win, scratch, o);
+    });
+    flex(out, vec![n, c, to[0], to[1]])
+}
+
 impl ResampleBackend for Flex {
     fn resample(x: FloatTensor<Self>, plan: Resampling) -> FloatTensor<Self> {
-        let (x, n, c, _) = planes(&x);
-        plan.check([n, c, plan.input[0], plan.input[1]]);
-        let xs = x.as_slice::<f32>().expect("contiguous");
-        let ([in_h, in_w], [out_h, out_w]) = (plan.input, plan.output);
-        let taps = image_taps(&plan);
-        let mut out = vec![0f32; n * c * out_h * out_w];
-        out.par_chunks_mut(out_h * out_w).enumerate().for_each_init(Vec::new, |blend, (i, o)| {
-            let (img, win) = (i / c, &plan.windows[i / c]);
-            blend.resize(win.w, 0.0);
-            let (rows, cols) = &taps[img];
-            forward_plane(&xs[i * in_h * in_w..(i + 1) * in_h * in_w], in_w, rows, cols, span(win), blend, o);
-        });
-        flex(out, vec![n, c, out_h, out_w])
+        let in_w = plan.input[1];
+        per_plane(&x, &plan, plan.input, plan.output, |x, (rows, cols), win, blend, out| {
+            forward_plane(x, in_w, rows, cols, span(win), blend, out)
+        })
     }
 
     fn resample_grad(dy: FloatTensor<Self>, plan: Resampling) -> FloatTensor<Self> {
-        let (dy, n, c, _) = planes(&dy);
-        let ds = dy.as_slice::<f32>().expect("contiguous");
-        let ([in_h, in_w], [out_h, out_w]) = (plan.input, plan.output);
-        let taps = image_taps(&plan);
-        let mut dx = vec![0f32; n * c * in_h * in_w];
-        dx.par_chunks_mut(in_h * in_w).enumerate().for_each_init(Vec::new, |scatter, (i, d)| {
-            let (img, win) = (i / c, &plan.windows[i / c]);
-            scatter.resize(win.w, 0.0);
-            let (rows, cols) = &taps[img];
-            grad_plane(&ds[i * out_h * out_w..(i + 1) * out_h * out_w], in_w, rows, cols, span(win), scatter, d);
-        });
-        flex(dx, vec![n, c, in_h, in_w])
+        let in_w = plan.input[1];
+        per_plane(&dy, &plan, plan.output, plan.input, |dy, (rows, cols), win, scatter, dx| {
+            grad_plane(dy, in_w, rows, cols, span(win), scatter, dx)
+        })
     }
 }
 

@@ -151,6 +151,10 @@ struct TrainCli {
     /// Shift for pairs across two frames.
     #[arg(long, default_value_t = picie::train::correspond::CorrespondenceConfig::default().inter_shift)]
     correspondence_inter_shift: f32,
+    /// Which frame each frame's cross-frame correspondence pairs come from: `batch` (a random
+    /// frame) or `nearest` (its nearest neighbour by the backbone's pooled features, as STEGO).
+    #[arg(long, value_enum, default_value = "batch")]
+    correspondence_partners: picie::train::correspond::Partners,
     /// How the FPN's laterals start: pca (each tap projected onto its principal components on
     /// the training frames, so training starts from the backbone's own features) or random
     /// (seeded, the authors' choice).
@@ -459,6 +463,7 @@ fn train(t: TrainCli) -> Result<()> {
             weight: t.correspondence,
             intra_shift: t.correspondence_intra_shift,
             inter_shift: t.correspondence_inter_shift,
+            partners: t.correspondence_partners,
         },
         fpn_init: t.fpn_init,
         normalize: t.normalize,

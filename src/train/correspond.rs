@@ -12,7 +12,10 @@
 //! b a shift in those units: pairs the teacher rates above it are pulled together, the rest
 //! pushed apart until orthogonal. Pairs come from the same frame and from another frame of the
 //! batch; the shift for the second kind is higher, as in STEGO, since most cells of two frames
-//! belong to different things.
+//! belong to different things. The other frame is the next one in the shuffled batch, a random
+//! frame, or ([`Partners::Nearest`]) the frame whose pooled teacher features are closest, as
+//! STEGO draws its cross-image positives from nearest neighbours: two views of much the same
+//! scene, where the teacher's cross-frame similarities mean what they say.
 
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::Rng;
@@ -29,6 +32,18 @@ const TEACHER_TAPS: [usize; 2] = [2, 3];
 /// Keeps the spread's division finite on a constant teacher.
 const SPREAD_EPS: f32 = 1e-6;
 
+/// Where each frame's cross-frame partner comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Partners {
+    /// The next frame of the shuffled batch: a random frame.
+    #[default]
+    Batch,
+    /// The training frames matched in pairs, each with one of its nearest neighbours by the
+    /// teacher's pooled features ([`nearest_pairs`]); the pairs are shuffled and batched whole.
+    Nearest,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CorrespondenceConfig {
     /// Weight of the term next to the PiCIE loss (0: off).
@@ -37,11 +52,14 @@ pub struct CorrespondenceConfig {
     pub intra_shift: f32,
     /// Shift b for pairs across two frames.
     pub inter_shift: f32,
+    /// Which frame a frame is compared with.
+    #[serde(default)]
+    pub partners: Partners,
 }
 
 impl Default for CorrespondenceConfig {
     fn default() -> Self {
-        Self { weight: 0.0, intra_shift: 0.0, inter_shift: 0.5 }
+        Self { weight: 0.0, intra_shift: 0.0, inter_shift: 0.5, partners: Partners::Batch }
     }
 }
 
@@ -137,13 +155,69 @@ pub fn correspondence_loss(z: Tensor<4>, taps: &[Tensor<4>; 4], config: &Corresp
     if n < 2 {
         return intra * config.weight;
     }
-    // Each frame against the next one in the batch.
+    // Each frame against its partner in the batch.
     let device = student.device();
-    let next: Vec<i64> = (0..n).map(|i| ((i + 1) % n) as i64).collect();
+    let next: Vec<i64> = (0..n).map(|i| partner(config.partners, i, n) as i64).collect();
     let next = Tensor::<1, Int>::from_data(TensorData::new(next, [n]), &device);
     let (student_b, teacher_b) = (student.clone().select(0, next.clone()), teacher.clone().select(0, next));
     let inter = pair_loss(sim(&student, &student_b), teacher_targets(sim(&teacher, &teacher_b), config.inter_shift));
     (intra + inter) * (config.weight / 2.0)
+}
+
+/// The index in a batch of `n` of frame `i`'s partner: the next frame, or for nearest-neighbour
+/// pairs, which are batched side by side, the other of its pair (the next frame for an odd
+/// one out at the end).
+fn partner(partners: Partners, i: usize, n: usize) -> usize {
+    match partners {
+        Partners::Nearest if (i ^ 1) < n => i ^ 1,
+        _ => (i + 1) % n,
+    }
+}
+
+/// The frames matched in pairs by their descriptors (unit vectors, row-major, `dim` wide):
+/// greedily, the most similar two unmatched frames first, so each frame is in one pair and most
+/// are with their nearest neighbour. An odd frame out is paired with its nearest neighbour,
+/// which then trains twice an epoch.
+pub fn nearest_pairs(descriptors: &[f32], dim: usize) -> Vec<(usize, usize)> {
+    let n = descriptors.len() / dim;
+    let row = |i: usize| &descriptors[i * dim..(i + 1) * dim];
+    let sim = |i: usize, j: usize| row(i).iter().zip(row(j)).map(|(a, b)| a * b).sum::<f32>();
+    let mut candidates: Vec<(f32, usize, usize)> =
+        (0..n).flat_map(|i| (i + 1..n).map(move |j| (i, j))).map(|(i, j)| (sim(i, j), i, j)).collect();
+    // Most similar first; ties in index order, so the pairs do not depend on the sort.
+    candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+    let mut matched = vec![false; n];
+    let mut pairs = vec![];
+    for (_, i, j) in candidates {
+        if !matched[i] && !matched[j] {
+            matched[i] = true;
+            matched[j] = true;
+            pairs.push((i, j));
+        }
+    }
+    if let Some(odd) = matched.iter().position(|m| !m) {
+        if let Some(nearest) = (0..n).filter(|&j| j != odd).max_by(|&a, &b| sim(odd, a).total_cmp(&sim(odd, b))) {
+            pairs.push((odd, nearest));
+        }
+    }
+    pairs
+}
+
+/// A frame's descriptor for [`nearest_pairs`]: its teacher taps' cells (each L2-normalised)
+/// averaged over the frame, concatenated and normalised. `taps` are the backbone's four taps of
+/// N frames; returns N x (the teacher taps' channels), row-major.
+pub fn frame_descriptors(taps: &[Tensor<4>; 4]) -> Result<Vec<f32>, burn::tensor::DataError> {
+    let parts: Vec<Tensor<2>> = TEACHER_TAPS
+        .iter()
+        .map(|&t| {
+            let [n, c, _, _] = taps[t].dims();
+            l2_normalize(taps[t].clone()).mean_dim(3).mean_dim(2).reshape([n, c])
+        })
+        .collect();
+    let joined = Tensor::cat(parts, 1);
+    let norm = joined.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(SPREAD_EPS);
+    let [n, d] = joined.dims();
+    (joined / norm.expand([n, d])).into_data().try_to_vec::<f32>()
 }
 
 #[cfg(test)]
@@ -171,6 +245,24 @@ mod tests {
             Tensor::<4>::from_data(TensorData::new(v, [n, c, th, tw]), &Device::flex())
         };
         [tap(4, 2), tap(8, 2), tap(16, 3), tap(32, 4)]
+    }
+
+    #[test]
+    fn nearest_pairs_match_each_frame_once_most_similar_first() {
+        // Frames 0 and 2 alike, 1 and 3 alike, 4 nearest to 2 but left over.
+        let d: Vec<f32> = [[1.0, 0.0], [0.0, 1.0], [0.99, 0.141], [0.141, 0.99], [0.9, 0.436]].concat();
+        let pairs = nearest_pairs(&d, 2);
+        assert_eq!(&pairs[..2], &[(0, 2), (1, 3)]);
+        assert_eq!(pairs[2], (4, 2));
+        assert_eq!(nearest_pairs(&[1.0, 0.0], 2), vec![]);
+    }
+
+    #[test]
+    fn nearest_partners_are_the_other_of_each_pair() {
+        let of = |n: usize| (0..n).map(|i| partner(Partners::Nearest, i, n)).collect::<Vec<_>>();
+        assert_eq!(of(4), vec![1, 0, 3, 2]);
+        assert_eq!(of(5), vec![1, 0, 3, 2, 0]);
+        assert_eq!((0..3).map(|i| partner(Partners::Batch, i, 3)).collect::<Vec<_>>(), vec![1, 2, 0]);
     }
 
     #[test]

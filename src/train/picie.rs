@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::augment::{Geometric, Photometric, PhotometricConfig};
-use super::correspond::{correspondence_loss, CorrespondenceConfig};
+use super::correspond::{correspondence_loss, frame_descriptors, nearest_pairs, CorrespondenceConfig, Partners};
 use super::fpn_init::FpnInit;
 pub use super::frames::Frames;
 use super::frozen::{to_array, FrozenTaps};
@@ -134,6 +134,9 @@ impl TrainConfig {
             bail!("jitter must be at least 0 and below 1 (got {j})");
         }
         self.correspondence.check()?;
+        if self.correspondence.enabled() && self.correspondence.partners == Partners::Nearest && !self.batch.is_multiple_of(2) {
+            bail!("nearest-neighbour correspondence pairs need an even batch (got {})", self.batch);
+        }
         Ok(())
     }
 
@@ -467,6 +470,9 @@ pub struct Trainer {
     pub losses: Vec<f32>,
     /// Where the clustering and labelling passes run ([`PassRuntime`]).
     pub passes: PassRuntime,
+    /// The frames in nearest-neighbour pairs, for the correspondence term's
+    /// [`Partners::Nearest`]; worked out when a run starts.
+    pairs: Option<Vec<(usize, usize)>>,
 }
 
 impl Trainer {
@@ -476,7 +482,7 @@ impl Trainer {
         let mut model = Embedder::load(embedder_config, weights, &device)?;
         model.backbone = model.backbone.freeze_through(config.freeze_stride);
         let passes = PassRuntime::from_env()?;
-        Ok(Self { config, embedder_config, model, optim: new_optimizer(), device, epochs_done: 0, losses: vec![], passes })
+        Ok(Self { config, embedder_config, model, optim: new_optimizer(), device, epochs_done: 0, losses: vec![], passes, pairs: None })
     }
 
     /// Continues from a checkpoint folder; its settings must match `config` (the epoch count may grow).
@@ -518,10 +524,43 @@ impl Trainer {
             .collect()
     }
 
+    /// The epoch's batches: the frames shuffled, or with nearest-neighbour pairs the pairs
+    /// shuffled and each kept side by side (the batch is even, so a pair never straddles two).
     fn batches(&self, epoch: usize, n: usize) -> Vec<Vec<usize>> {
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(self.config.seed.wrapping_add(epoch as u64 * 7919)));
+        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed.wrapping_add(epoch as u64 * 7919));
+        let order: Vec<usize> = match &self.pairs {
+            Some(pairs) => {
+                let mut pairs = pairs.clone();
+                pairs.shuffle(&mut rng);
+                pairs.into_iter().flat_map(|(a, b)| [a, b]).collect()
+            }
+            None => {
+                let mut order: Vec<usize> = (0..n).collect();
+                order.shuffle(&mut rng);
+                order
+            }
+        };
         order.chunks(self.config.batch).map(|c| c.to_vec()).collect()
+    }
+
+    /// The training frames in nearest-neighbour pairs ([`nearest_pairs`]) by the backbone's
+    /// teacher taps of each frame as it is, before any view is drawn.
+    fn frame_pairs(&self, frames: &Frames) -> Result<Vec<(usize, usize)>> {
+        let model = self.model.valid();
+        let device = self.device.clone().inner();
+        let (w, h) = (frames.width, frames.height);
+        let all: Vec<usize> = (0..frames.len()).collect();
+        let mut descriptors = vec![];
+        for idx in all.chunks(self.config.batch) {
+            let mut x = Vec::with_capacity(idx.len() * 3 * w * h);
+            for frame in frames.batch(idx)? {
+                x.extend(frames.view(frame, &Photometric::IDENTITY));
+            }
+            let x = Tensor::from_data(TensorData::new(x, [idx.len(), 3, h, w]), &device);
+            let taps = model.backbone.forward(imagenet_normalize(x));
+            descriptors.extend(frame_descriptors(&taps).map_err(|e| anyhow::anyhow!("{e:?}"))?);
+        }
+        Ok(nearest_pairs(&descriptors, descriptors.len() / frames.len().max(1)))
     }
 
     /// Progress after `step` batches of a pass begun at `start` (two views per image).
@@ -630,6 +669,12 @@ impl Trainer {
         self.config.validate(frames.len())?;
         let (w1, w2) = head_weights(self.config.k, self.config.k2);
         let frozen = self.frozen_taps();
+        let c = &self.config.correspondence;
+        if c.enabled() && c.partners == Partners::Nearest && self.pairs.is_none() && self.epochs_done < epochs.min(self.config.epochs) {
+            let pairs = self.frame_pairs(frames)?;
+            tracing::info!(pairs = pairs.len(), "frames paired with their nearest neighbours for the correspondence term");
+            self.pairs = Some(pairs);
+        }
         while self.epochs_done < epochs.min(self.config.epochs) {
             let epoch = self.epochs_done;
             let draws = self.draws(epoch, frames.len());
@@ -737,6 +782,42 @@ mod tests {
         assert_eq!((wide.frame(), wide.cells(), wide.cells_per_image()), ((480, 352), (120, 88), 120 * 88));
     }
 
+    /// A trainer on a seeded embedder, for what needs no frames.
+    fn test_trainer(config: TrainConfig) -> Trainer {
+        let embedder_config = EmbedderConfig::new(crate::model::BackboneKind::EfficientnetLite0);
+        Trainer {
+            config,
+            embedder_config,
+            model: Embedder::seeded(embedder_config, 0, &Device::flex().autodiff()).unwrap(),
+            optim: new_optimizer(),
+            device: Device::flex().autodiff(),
+            epochs_done: 0,
+            losses: vec![],
+            passes: PassRuntime::Onnx,
+            pairs: None,
+        }
+    }
+
+    #[test]
+    fn nearest_neighbour_pairs_are_batched_side_by_side() {
+        let pairs = vec![(0, 3), (1, 2), (4, 5), (6, 7)];
+        let paired = Trainer { pairs: Some(pairs.clone()), ..test_trainer(TrainConfig { batch: 4, ..TrainConfig::default() }) };
+        for epoch in 0..3 {
+            let batches = paired.batches(epoch, 8);
+            assert_eq!(batches.len(), 2);
+            for b in &batches {
+                assert!(b.chunks(2).all(|p| pairs.contains(&(p[0], p[1]))), "{b:?}");
+            }
+            let mut all: Vec<usize> = batches.concat();
+            all.sort_unstable();
+            assert_eq!(all, (0..8).collect::<Vec<_>>());
+        }
+        // An odd batch would split a pair.
+        let nearest = CorrespondenceConfig { weight: 1.0, partners: Partners::Nearest, ..Default::default() };
+        assert!(TrainConfig { batch: 3, correspondence: nearest, ..TrainConfig::default() }.check().is_err());
+        TrainConfig { batch: 4, correspondence: nearest, ..TrainConfig::default() }.check().unwrap();
+    }
+
     #[test]
     fn jitter_widens_the_photometric_range_and_is_checked() {
         for bad in [1.0, -0.1, f32::NAN] {
@@ -744,19 +825,8 @@ mod tests {
         }
         let wide = TrainConfig { jitter: Some(0.6), ..TrainConfig::default() };
         wide.check().unwrap();
-        let trainer = |config: TrainConfig| Trainer {
-            config,
-            embedder_config: EmbedderConfig::new(crate::model::BackboneKind::EfficientnetLite0),
-            model: Embedder::seeded(EmbedderConfig::new(crate::model::BackboneKind::EfficientnetLite0), 0, &Device::flex().autodiff())
-                .unwrap(),
-            optim: new_optimizer(),
-            device: Device::flex().autodiff(),
-            epochs_done: 0,
-            losses: vec![],
-            passes: PassRuntime::Onnx,
-        };
         let factors = |t: &Trainer| -> Vec<f32> { t.draws(0, 200).iter().filter_map(|d| d.p1.brightness).collect() };
-        let (narrow, wide) = (factors(&trainer(TrainConfig::default())), factors(&trainer(wide)));
+        let (narrow, wide) = (factors(&test_trainer(TrainConfig::default())), factors(&test_trainer(wide)));
         assert!(narrow.iter().all(|f| (0.7..=1.3).contains(f)));
         assert!(wide.iter().all(|f| (0.4..=1.6).contains(f)) && wide.iter().any(|f| !(0.7..=1.3).contains(f)));
         // Unset, it is not written: checkpoints and manifests read as before.

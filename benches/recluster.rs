@@ -14,8 +14,7 @@ use std::time::Instant;
 
 use picie::infer::{DeviceChoice, EmbedSession};
 use picie::package::Package;
-use picie::train::cluster::{cluster_images_with, EmbedPlan, MAX_CLUSTER_VECTORS};
-use picie::train::kmeans::KMeansConfig;
+use picie::train::cluster::{cluster_images_with, ClassFit, EmbedPlan, MAX_CLUSTER_VECTORS};
 use rand::{Rng, SeedableRng};
 
 fn main() -> anyhow::Result<()> {
@@ -55,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     let package = Package::load(&root.join("models/default"))?;
     let session = EmbedSession::load(&package.onnx_path(), DeviceChoice::Cpu, Some(threads))?;
     let policy = package.manifest.input;
-    let config = KMeansConfig::new(11, 0);
+    let config = ClassFit::new(11, 0);
     println!("re-clustering {n} JPEGs of 320x240 (made in {made:.1} s), models/default (input short side {}{}), K=11, ONNX Runtime {threads} thread(s), {} cores", policy.short_side, if policy.flip { ", flip averaging" } else { "" }, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     // What a decoding thread can take off the embedder's path: decode + resize per image.
     let t = Instant::now();

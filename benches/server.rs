@@ -181,8 +181,7 @@ fn peak_rss_mb() -> f64 {
 /// the recluster path) or keeping every feature first (`all`, the eval path); prints the
 /// growth of peak RSS over the loaded session.
 fn recluster_child(spec: &str) -> anyhow::Result<()> {
-    use picie::train::cluster::{cluster_images, embed_images};
-    use picie::train::kmeans::KMeansConfig;
+    use picie::train::cluster::{cluster_images, embed_images, ClassFit};
     let (mode, n) = spec.split_once(':').ok_or_else(|| anyhow::anyhow!("mode:n"))?;
     let n: usize = n.parse()?;
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -200,7 +199,7 @@ fn recluster_child(spec: &str) -> anyhow::Result<()> {
     let session = picie::infer::EmbedSession::load(&root.join("models/default/embedder.onnx"), picie::infer::DeviceChoice::Cpu, Some(1))?;
     let policy =
         picie::package::InputPolicy { short_side: 64, max_long_side: 64, multiple: 32, flip: false, normalize: Default::default() };
-    let config = KMeansConfig::new(8, 0);
+    let config = ClassFit::new(8, 0);
     let base = peak_rss_mb();
     match mode {
         "sampled" => {

@@ -4,7 +4,7 @@
 # drive 0016E5 filmed between train's own frames, so it measures the scenes a model trained on).
 #
 #   scripts/leave-drive-out.sh --drive 0006R0 --tag recipe [--baseline PKG] [--quality fast,edges]
-#       [--seeds 5] [--model PKG] [-- picie train flags...]
+#       [--seeds 5] [--model PKG] [--eval-args "more picie eval flags"] [-- picie train flags...]
 #
 # Without --model it trains `picie train --images <the other drives> --out runs/loo/<drive>/<tag>
 # --package-k 11 <flags>` (skipped when that package exists, so a run can be repeated to score
@@ -23,6 +23,7 @@ MODEL=""
 BASELINE=""
 QUALITY=fast,edges
 SEEDS=5
+EVAL_ARGS=""
 BIN=${PICIE_BIN:-target/release/picie}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -33,8 +34,9 @@ while [ $# -gt 0 ]; do
     --baseline) BASELINE=$2; shift 2 ;;
     --quality) QUALITY=$2; shift 2 ;;
     --seeds) SEEDS=$2; shift 2 ;;
+    --eval-args) EVAL_ARGS=$2; shift 2 ;;
     --) shift; break ;;
-    *) echo "usage: $0 --drive DRIVE --tag NAME [--model PKG] [--baseline PKG] [--quality Q] [--seeds N] [--data DIR] [-- train flags]" >&2; exit 2 ;;
+    *) echo "usage: $0 --drive DRIVE --tag NAME [--model PKG] [--baseline PKG] [--quality Q] [--seeds N] [--eval-args FLAGS] [--data DIR] [-- train flags]" >&2; exit 2 ;;
   esac
 done
 [ -n "$TAG" ] || { echo "leave-drive-out: --tag names the run (runs/loo/$DRIVE/TAG)" >&2; exit 2; }
@@ -77,6 +79,8 @@ score() { # name images labels
     --seeds "$SEEDS" --quality "$QUALITY" --json "$EVAL/$name.json"
     --class-names sky,building,pole,road,pavement,tree,sign,fence,car,pedestrian,bicyclist)
   [ -z "$BASELINE" ] || args+=(--baseline "$BASELINE")
+  # shellcheck disable=SC2206 # split on purpose: several flags in one argument
+  [ -z "$EVAL_ARGS" ] || args+=($EVAL_ARGS)
   echo "leave-drive-out: scoring on $name: $BIN ${args[*]}" >&2
   "$BIN" "${args[@]}" > "$EVAL/$name.log"
 }
@@ -87,8 +91,9 @@ score train-frames "$SPLIT/train-images" "$SPLIT/train-labels"
 # The "mean over N k-means seeds" rows of each log, side by side.
 {
   echo "left out: $DRIVE; model: $MODEL${BASELINE:+; baseline: $BASELINE}; $SEEDS k-means seeds (pixel acc / mIoU / boundary F)"
-  printf '%-36s | %-20s | %-20s | %-20s\n' "model [quality]" "left-out $DRIVE" "val" "training frames"
-  means() { awk '/^mean over/ {on=1; getline; next} on && NF >= 4 {printf "%s\t%s / %s / %s\n", $1" "$2, $(NF-2), $(NF-1), $NF}' "$EVAL/$1.log"; }
+  printf '%-44s | %-21s | %-21s | %-21s\n' "model [quality]" "left-out $DRIVE" "val" "training frames"
+  # The label is every field before the three scores ("name [quality]" or "name [quality, 100 by similarity]").
+  means() { awk '/^mean over/ {on=1; getline; next} on && NF >= 4 {l=$1; for (i = 2; i <= NF-3; i++) l = l " " $i; printf "%s\t%s / %s / %s\n", l, $(NF-2), $(NF-1), $NF}' "$EVAL/$1.log"; }
   paste <(means left-out) <(means val | cut -f2) <(means train-frames | cut -f2) |
-    awk -F'\t' '{printf "%-36s | %-20s | %-20s | %-20s\n", $1, $2, $3, $4}'
+    awk -F'\t' '{printf "%-44s | %-21s | %-21s | %-21s\n", $1, $2, $3, $4}'
 } | tee "$EVAL/summary.txt"

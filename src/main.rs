@@ -120,6 +120,10 @@ struct TrainCli {
     /// K of the written package's centroids (default: --k).
     #[arg(long)]
     package_k: Option<usize>,
+    /// The written package's classes are merged from this many k-means clusters by their
+    /// centroids' similarity (0, or not above its K: k-means at K).
+    #[arg(long, default_value_t = picie::train::cluster::DEFAULT_OVER_CLUSTER)]
+    over_cluster: usize,
     #[arg(long, default_value_t = 8)]
     epochs: usize,
     /// Training frame height, and width unless --width is given (square centre crops).
@@ -260,8 +264,8 @@ enum PackageCommand {
     },
     /// Load and validate a package, print its manifest.
     Check { dir: PathBuf },
-    /// A package's trained embedder with other output settings (hypercolumn features), its
-    /// centroids clustered again on the new features.
+    /// A package's trained embedder, with other output settings (hypercolumn features) or the
+    /// same, its classes fit again on --images (e.g. with another --over-cluster).
     Rebuild {
         #[arg(long)]
         from: PathBuf,
@@ -275,6 +279,10 @@ enum PackageCommand {
         k: Option<usize>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The new classes are merged from this many k-means clusters by their centroids'
+        /// similarity (0, or not above K: k-means at K).
+        #[arg(long, default_value_t = picie::train::cluster::DEFAULT_OVER_CLUSTER)]
+        over_cluster: usize,
         #[arg(long)]
         out: PathBuf,
         /// Name of the new package (default: the source's).
@@ -366,7 +374,7 @@ fn run(cli: Cli) -> Result<()> {
                 if report.skipped.is_empty() { String::new() } else { format!(", skipped: {}", report.skipped.join(", ")) }
             );
         }
-        Command::Package { command: PackageCommand::Rebuild { from, tap_weight, images, k, seed, out, name, force } } => {
+        Command::Package { command: PackageCommand::Rebuild { from, tap_weight, images, k, seed, over_cluster, out, name, force } } => {
             let command = std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
             let mut progress = picie::progress::Reporter::new("package rebuild");
             let (pkg, report) = picie::train::packaging::rebuild_package(
@@ -375,6 +383,7 @@ fn run(cli: Cli) -> Result<()> {
                 &images,
                 k,
                 seed,
+                over_cluster,
                 &out,
                 name.as_deref(),
                 force,
@@ -484,6 +493,7 @@ fn train(t: TrainCli) -> Result<()> {
         init,
         config,
         package_k: t.package_k,
+        package_over_cluster: t.over_cluster,
         resume: t.resume,
         name: t.name,
         replace: t.force,

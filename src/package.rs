@@ -30,6 +30,8 @@ pub const CENTROIDS_FILE: &str = "centroids.json";
 pub const MAX_CLASSES: usize = 255;
 /// How far from unit length a stored centroid may be.
 const UNIT_TOLERANCE: f32 = 1e-3;
+/// Over-clusters a package's classes may hold in all: each is scored at every pixel.
+pub const MAX_MEMBERS: usize = 1024;
 /// How long `Package::load` keeps reading a package that is being replaced under it.
 const REPLACED_RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -100,7 +102,14 @@ pub struct ClassInfo {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub color: Option<[u8; 3]>,
+    /// The class's direction: its members' mean, weighted by their pixels, as a unit vector
+    /// (what reads one vector per class takes, e.g. self-training's targets).
     pub centroid: Vec<f32>,
+    /// The over-clusters merged into this class ([`crate::train::merge`]): a pixel's score for
+    /// the class is its best similarity to any of them. Empty: the class is its centroid alone.
+    /// Packages written before this field read as that.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<Vec<f32>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -111,11 +120,45 @@ pub struct Centroids {
 
 impl Centroids {
     pub fn from_vectors(dim: usize, vectors: Vec<Vec<f32>>) -> Self {
-        Self { dim, classes: vectors.into_iter().map(|c| ClassInfo { name: None, color: None, centroid: c }).collect() }
+        Self { dim, classes: vectors.into_iter().map(|c| ClassInfo { name: None, color: None, centroid: c, members: vec![] }).collect() }
+    }
+
+    /// Classes of merged over-clusters: `vectors` (unit) with `sizes` pixels each, cluster `i`
+    /// in class `groups[i]` (every class from 0 to the largest holding at least one).
+    pub fn merged(dim: usize, vectors: Vec<Vec<f32>>, sizes: &[u64], groups: &[usize]) -> Result<Self> {
+        let k = groups.iter().max().map_or(0, |g| g + 1);
+        if vectors.len() != groups.len() || sizes.len() != groups.len() {
+            bail!("{} over-clusters, {} sizes and {} groups", vectors.len(), sizes.len(), groups.len());
+        }
+        let mut classes: Vec<ClassInfo> =
+            (0..k).map(|_| ClassInfo { name: None, color: None, centroid: vec![0.0; dim], members: vec![] }).collect();
+        for ((v, &n), &g) in vectors.into_iter().zip(sizes).zip(groups) {
+            // An empty over-cluster still counts a little, so a class of empty ones has a direction.
+            let w = n.max(1) as f32;
+            classes[g].centroid.iter_mut().zip(&v).for_each(|(c, x)| *c += w * x);
+            classes[g].members.push(v);
+        }
+        for (g, c) in classes.iter_mut().enumerate() {
+            if c.members.is_empty() {
+                bail!("class {g} has no over-clusters");
+            }
+            crate::train::kmeans::normalize(&mut c.centroid);
+            // A class of one is its centroid: nothing to take the best of.
+            if c.members.len() == 1 {
+                c.members.clear();
+            }
+        }
+        Ok(Self { dim, classes })
     }
 
     pub fn k(&self) -> usize {
         self.classes.len()
+    }
+
+    /// The over-clusters the classes were merged from, where they were (a class of one
+    /// over-cluster holds it as its centroid).
+    pub fn over_clusters(&self) -> Option<usize> {
+        self.classes.iter().any(|c| !c.members.is_empty()).then(|| self.classes.iter().map(|c| c.members.len().max(1)).sum())
     }
 
     /// Row-major K x dim matrix.
@@ -146,10 +189,22 @@ impl Centroids {
             if c.centroid.iter().any(|v| !v.is_finite()) {
                 bail!("{source}: centroid {i} holds a non-finite value");
             }
-            let norm = c.centroid.iter().map(|v| v * v).sum::<f32>().sqrt();
-            if (norm - 1.0).abs() > UNIT_TOLERANCE {
-                bail!("{source}: centroid {i} has norm {norm:.4}; centroids must be unit vectors");
+            for v in std::iter::once(&c.centroid).chain(&c.members) {
+                if v.len() != self.dim {
+                    bail!("{source}: class {i} has a vector of {} values, expected {}", v.len(), self.dim);
+                }
+                if v.iter().any(|x| !x.is_finite()) {
+                    bail!("{source}: class {i} holds a non-finite value");
+                }
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                if (norm - 1.0).abs() > UNIT_TOLERANCE {
+                    bail!("{source}: class {i} has a vector of norm {norm:.4}; centroids must be unit vectors");
+                }
             }
+        }
+        let members: usize = self.classes.iter().map(|c| c.members.len()).sum();
+        if members > MAX_MEMBERS {
+            bail!("{source}: {members} over-clusters; a package holds at most {MAX_MEMBERS}");
         }
         Ok(())
     }
@@ -483,6 +538,39 @@ mod tests {
         let mut c = pkg.centroids.clone();
         c.classes[0].name = Some(format!("name {n}"));
         c
+    }
+
+    #[test]
+    fn merged_classes_keep_their_over_clusters_through_a_write() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("m");
+        let mut pkg = small_package(&dir, 2);
+        let unit = |v: [f32; 4]| {
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.iter().map(|x| x / n).collect::<Vec<f32>>()
+        };
+        let vectors = vec![unit([1.0, 0.1, 0.0, 0.0]), unit([0.0, 0.0, 1.0, 0.0]), unit([1.0, 0.0, 0.1, 0.0])];
+        // Clusters 0 and 2 form class 0, the larger one weighing more in its direction.
+        let merged = Centroids::merged(4, vectors.clone(), &[30, 5, 10], &[0, 1, 0]).unwrap();
+        assert_eq!((merged.k(), merged.over_clusters()), (2, Some(3)));
+        assert_eq!(merged.classes[0].members, vec![vectors[0].clone(), vectors[2].clone()]);
+        assert!(merged.classes[1].members.is_empty(), "a class of one is its centroid");
+        assert_eq!(merged.classes[1].centroid, vectors[1]);
+        let c0 = &merged.classes[0].centroid;
+        assert!((c0.iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-6 && c0[1] > c0[2]);
+        pkg.update_centroids(merged.clone()).unwrap();
+        assert_eq!(Package::load(&dir).unwrap().centroids, merged);
+        // Packages without over-clusters read and write as before.
+        let plain = serde_json::to_value(Centroids::from_vectors(4, vec![vectors[1].clone()])).unwrap();
+        assert!(plain["classes"][0].get("members").is_none());
+        // Bad over-clusters are refused like bad centroids.
+        let mut bad = merged.clone();
+        bad.classes[0].members[1] = vec![2.0, 0.0, 0.0, 0.0];
+        assert!(bad.validate("t", 4).unwrap_err().to_string().contains("norm"));
+        bad.classes[0].members[1] = vec![1.0, 0.0, 0.0];
+        assert!(bad.validate("t", 4).is_err());
+        assert!(Centroids::merged(4, vectors.clone(), &[1, 1, 1], &[0, 2, 0]).is_err(), "class 1 has no over-clusters");
+        assert!(Centroids::merged(4, vectors, &[1, 1], &[0, 1, 0]).is_err());
     }
 
     #[test]

@@ -280,7 +280,15 @@ async fn leases() {
     let (w1, w2) = (SharedJobs::new(s1.clone(), dir.clone()), SharedJobs::new(s2, dir.clone()));
     let local = Arc::new(LocalDatasets::new(dir, Default::default()));
     let dataset = SharedDatasets::new(s1, local).create("leases").await.unwrap().id;
-    let spec = || JobSpec::Recluster { dataset: dataset.clone(), k: Some(3), k_min: None, k_max: None, seed: None, name: None };
+    let spec = || JobSpec::Recluster {
+        dataset: dataset.clone(),
+        k: Some(3),
+        k_min: None,
+        k_max: None,
+        seed: None,
+        over_cluster: None,
+        name: None,
+    };
     let lease_out = Duration::from_secs(10);
 
     // One claim per job: the second worker finds nothing while the lease holds.

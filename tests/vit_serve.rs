@@ -61,6 +61,7 @@ async fn a_dino_checkpoint_trains_frozen_and_its_package_is_served() {
             ..TrainConfig::default()
         },
         package_k: Some(PACKAGE_K),
+        package_over_cluster: picie::train::cluster::DEFAULT_OVER_CLUSTER,
         checkpoint: dir.path().join("ckpt"),
         resume: false,
         name: "vit".into(),

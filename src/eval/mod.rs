@@ -13,10 +13,11 @@ use anyhow::{bail, Context, Result};
 use pathfinding::prelude::{kuhn_munkres, Matrix};
 use serde::Serialize;
 
-use crate::infer::{assign_at, preprocess, DeviceChoice, Quality, Refinement, Segmenter};
+use crate::infer::assign::ClassScorer;
+use crate::infer::{labels_at, preprocess, DeviceChoice, Quality, Refinement, Segmenter};
 use crate::package::{InputPolicy, Package};
-use crate::train::cluster::{embed_images, list_images, MAX_CLUSTER_VECTORS};
-use crate::train::kmeans::KMeansConfig;
+use crate::train::cluster::{embed_images, list_images, ClassFit, MAX_CLUSTER_VECTORS};
+pub use crate::train::merge::OverCluster;
 use boundary::BoundaryCounts;
 
 pub const IGNORE_LABEL: u8 = 255;
@@ -27,6 +28,8 @@ pub struct EvalReport {
     /// Flip averaging and CRF, as `/segment?quality=` runs them.
     pub quality: Quality,
     pub k: usize,
+    /// Clusters of the k-means whose clusters were merged into these K, where they were.
+    pub merged_from: Option<usize>,
     pub classes: usize,
     pub pixels: u64,
     pub pixel_accuracy: f64,
@@ -106,6 +109,7 @@ fn score_at(confusion: Vec<Vec<u64>>, boundary: BoundaryCounts, model: String, q
         model,
         quality,
         k,
+        merged_from: None,
         classes: c,
         pixels: total,
         pixel_accuracy: if total == 0 { 0.0 } else { matched as f64 / total as f64 },
@@ -122,8 +126,9 @@ fn score_at(confusion: Vec<Vec<u64>>, boundary: BoundaryCounts, model: String, q
 #[derive(Clone, Copy)]
 pub enum Clusters<'a> {
     /// Fresh k-means on these images' features, once per seed, with K clusters (None: K = the
-    /// number of label classes, the PiCIE protocol).
-    Fresh { images: &'a [PathBuf], seeds: &'a [u64], k: Option<usize> },
+    /// number of label classes, the PiCIE protocol); with `over`, k-means at its larger K
+    /// merged down to K.
+    Fresh { images: &'a [PathBuf], seeds: &'a [u64], k: Option<usize>, over: Option<OverCluster> },
     /// The package's own centroids.
     Package,
 }
@@ -180,21 +185,24 @@ pub fn evaluate(
             continue;
         }
         let policy = InputPolicy { flip, ..pkg.manifest.input };
-        // Row-major k x dim centroid matrices, one per seed.
-        let centroid_sets: Vec<(usize, Vec<f32>)> = match clusters {
-            Clusters::Package => vec![(pkg.centroids.k(), pkg.centroids.matrix())],
-            Clusters::Fresh { images, seeds, k } => {
+        // The classes of each seed.
+        // Each seed's classes, and the over-clusters they were merged from.
+        let class_sets: Vec<(ClassScorer, Option<usize>)> = match clusters {
+            Clusters::Package => vec![(ClassScorer::new(&pkg.centroids), pkg.centroids.over_clusters())],
+            Clusters::Fresh { images, seeds, k, over } => {
                 let features = embed_images(seg.session(), &policy, images, |i, n| {
                     progress((done + i as f64) / total, &format!("{name}: embedding the cluster images {i}/{n}"));
                     true
                 })?;
                 done += images.len() as f64;
                 progress(done / total, &format!("{name}: k-means, {} seeds", seeds.len()));
+                let k = k.unwrap_or(classes);
                 seeds
                     .iter()
                     .map(|&seed| {
-                        let (c, _) = features.fit(KMeansConfig::new(k.unwrap_or(classes), seed), MAX_CLUSTER_VECTORS)?;
-                        Ok((c.k(), c.matrix()))
+                        let fit = ClassFit { over, ..ClassFit::plain(k, seed) };
+                        let (centroids, _) = features.fit(fit, MAX_CLUSTER_VECTORS)?;
+                        Ok((ClassScorer::new(&centroids), centroids.over_clusters()))
                     })
                     .collect::<Result<_>>()?
             }
@@ -202,7 +210,7 @@ pub fn evaluate(
         // confusions[quality][seed], with the boundary counts beside each
         let mut confusions: Vec<Vec<(Vec<Vec<u64>>, BoundaryCounts)>> = wanted
             .iter()
-            .map(|_| centroid_sets.iter().map(|(k, _)| (vec![vec![0u64; classes]; *k], BoundaryCounts::default())).collect())
+            .map(|_| class_sets.iter().map(|(set, _)| (vec![vec![0u64; classes]; set.k()], BoundaryCounts::default())).collect())
             .collect();
         for (i, (img_path, label_path)) in pairs.iter().enumerate() {
             progress(done / total, &format!("{name}: scoring {}/{}", i + 1, pairs.len()));
@@ -221,8 +229,9 @@ pub fn evaluate(
             }
             let features = seg.embed_with(std::slice::from_ref(&img), flip)?.remove(0);
             for ((_, quality), per_seed) in wanted.iter().zip(&mut confusions) {
-                for ((k, centroids), (confusion, edges)) in centroid_sets.iter().zip(per_seed.iter_mut()) {
-                    let mask = assign_at(&features, centroids, *k, &img, *quality, refine);
+                for ((set, _), (confusion, edges)) in class_sets.iter().zip(per_seed.iter_mut()) {
+                    let scores = set.scores(&features.data, features.dim, features.width * features.height);
+                    let mask = labels_at(&features, &scores, set.k(), &img, *quality, refine);
                     let (w, h) = (labels.width() as usize, labels.height() as usize);
                     edges.add(boundary::boundary_counts(&mask.labels, labels.as_raw(), w, h, IGNORE_LABEL, boundary::DEFAULT_TOLERANCE));
                     for (&p, l) in mask.labels.iter().zip(labels.pixels()) {
@@ -239,7 +248,9 @@ pub fn evaluate(
             }
         }
         for ((order, quality), per_seed) in wanted.into_iter().zip(confusions) {
-            reports.extend(per_seed.into_iter().map(|(c, b)| (order, score_at(c, b, name.clone(), quality))));
+            reports.extend(per_seed.into_iter().zip(&class_sets).map(|((c, b), (_, merged_from))| {
+                (order, EvalReport { merged_from: *merged_from, ..score_at(c, b, name.clone(), quality) })
+            }));
         }
     }
     progress(1.0, &format!("{name}: scored"));

@@ -4,9 +4,12 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use clap::ValueEnum;
 
-use super::{evaluate, paired_files, table, Clusters, EvalReport, IGNORE_LABEL};
+use super::{evaluate, paired_files, table, Clusters, EvalReport, OverCluster, IGNORE_LABEL};
 use crate::infer::{CrfConfig, DeviceChoice, GuidedConfig, Quality, Refinement};
+use crate::package::Package;
+use crate::train::merge::MergeBy;
 
 /// `picie eval`'s settings.
 #[derive(clap::Args, Clone, Debug)]
@@ -27,6 +30,15 @@ pub struct EvalArgs {
     /// the Hungarian matching leaves the surplus clusters or classes unmatched.
     #[arg(long)]
     pub cluster_k: Option<usize>,
+    /// Over-cluster: the fresh k-means runs with this many clusters, which are then merged down
+    /// to the K above (with --cluster-images). Default: as each package's own classes were
+    /// made (merged from as many over-clusters, or plain k-means); 0: plain k-means.
+    #[arg(long, requires = "cluster_images")]
+    pub over_cluster: Option<usize>,
+    /// How an --over-cluster is merged: by the centroids' similarity (as packages are made), by
+    /// Ward's criterion, or by how often the clusters' pixels touch in the cluster images.
+    #[arg(long, value_enum, default_value = "similarity", requires = "over_cluster")]
+    pub merge: MergeBy,
     /// Number of label classes (default: the largest label + 1, 255 ignored).
     #[arg(long)]
     pub classes: Option<usize>,
@@ -93,8 +105,13 @@ pub fn run(e: &EvalArgs) -> Result<()> {
     let mut progress = crate::progress::Reporter::new("eval");
     for (m, model) in models.iter().copied().enumerate() {
         let name = model.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
+        let over = match e.over_cluster {
+            Some(0) => None,
+            Some(k) => Some(OverCluster { k, merge: e.merge }),
+            None => Package::load(model)?.centroids.over_clusters().map(|k| OverCluster { k, merge: MergeBy::Similarity }),
+        };
         let clusters = match &cluster_paths {
-            Some(p) => Clusters::Fresh { images: p, seeds: &seed_list, k: e.cluster_k },
+            Some(p) => Clusters::Fresh { images: p, seeds: &seed_list, k: e.cluster_k, over },
             None => Clusters::Package,
         };
         let started = std::time::Instant::now();
@@ -104,7 +121,10 @@ pub fn run(e: &EvalArgs) -> Result<()> {
         })?;
         progress.milestone(&format!("scored {name} in {:.0} s", started.elapsed().as_secs_f64()));
         for quality in &e.quality {
-            let label = format!("{name} [{quality}]");
+            let label = match over.filter(|_| cluster_paths.is_some()) {
+                Some(o) => format!("{name} [{quality}, {} by {}]", o.k, o.merge.to_possible_value().expect("a named value").get_name()),
+                None => format!("{name} [{quality}]"),
+            };
             let mut these: Vec<_> = runs.iter().filter(|r| r.quality == *quality).cloned().collect();
             these.iter_mut().for_each(|r| r.model = label.clone());
             let n = these.len() as f64;

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use super::preprocess::Geometry;
 use crate::model::embedder::OUTPUT_STRIDE;
+use crate::package::Centroids;
 
 /// A label per pixel, row-major, at the original image size.
 #[derive(Clone, Debug, PartialEq)]
@@ -44,6 +45,56 @@ impl LabelMask {
         w.write_image_data(&self.labels)?;
         w.finish()?;
         Ok(out)
+    }
+}
+
+/// The classes as scoring sees them: every vector a class holds (its centroid, or the
+/// over-clusters merged into it), row-major, and which class each belongs to. A pixel's score
+/// for a class is its best cosine similarity to the class's vectors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassScorer {
+    k: usize,
+    vectors: Vec<f32>,
+    /// The class of each vector; None: vector i is class i.
+    class_of: Option<Vec<usize>>,
+}
+
+impl ClassScorer {
+    pub fn new(centroids: &Centroids) -> Self {
+        if centroids.over_clusters().is_none() {
+            return Self { k: centroids.k(), vectors: centroids.matrix(), class_of: None };
+        }
+        let mut vectors = vec![];
+        let mut class_of = vec![];
+        for (class, c) in centroids.classes.iter().enumerate() {
+            let own = if c.members.is_empty() { std::slice::from_ref(&c.centroid) } else { &c.members[..] };
+            for v in own {
+                vectors.extend_from_slice(v);
+                class_of.push(class);
+            }
+        }
+        Self { k: centroids.k(), vectors, class_of: Some(class_of) }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// K x (h x w) class scores of a dim x h x w feature map (unit vectors).
+    pub fn scores(&self, features: &[f32], dim: usize, hw: usize) -> Vec<f32> {
+        let sims = similarities(features, dim, hw, &self.vectors);
+        match &self.class_of {
+            None => sims,
+            Some(class_of) => {
+                let mut out = vec![f32::NEG_INFINITY; self.k * hw];
+                for (v, &class) in class_of.iter().enumerate() {
+                    for (o, &s) in out[class * hw..(class + 1) * hw].iter_mut().zip(&sims[v * hw..(v + 1) * hw]) {
+                        *o = o.max(s);
+                    }
+                }
+                out
+            }
+        }
     }
 }
 
@@ -149,4 +200,29 @@ pub fn labels_at_original_size(scores: &[f32], k: usize, feat: (usize, usize), g
         }
     });
     LabelMask { width: ow as u32, height: oh as u32, labels }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_merged_class_scores_its_best_over_cluster() {
+        // Three 2-D over-clusters, 0 and 2 merged into class 0; four pixels, dim-major.
+        let at = |deg: f32| vec![deg.to_radians().cos(), deg.to_radians().sin()];
+        let (a, b, c) = (at(0.0), at(90.0), at(45.0));
+        let merged = Centroids::merged(2, vec![a.clone(), b.clone(), c.clone()], &[1, 1, 1], &[0, 1, 0]).unwrap();
+        let scorer = ClassScorer::new(&merged);
+        let pixels = [at(10.0), at(50.0), at(80.0), at(100.0)];
+        let features: Vec<f32> = (0..2).flat_map(|d| pixels.iter().map(move |p| p[d])).collect();
+        let scores = scorer.scores(&features, 2, 4);
+        let cos = |u: &[f32], v: &[f32]| u[0] * v[0] + u[1] * v[1];
+        for (i, p) in pixels.iter().enumerate() {
+            assert!((scores[i] - cos(p, &a).max(cos(p, &c))).abs() < 1e-6, "pixel {i}");
+            assert!((scores[4 + i] - cos(p, &b)).abs() < 1e-6, "pixel {i}");
+        }
+        // Without over-clusters the scores are the similarities to the centroids.
+        let plain = Centroids::from_vectors(2, vec![a.clone(), b.clone()]);
+        assert_eq!(ClassScorer::new(&plain).scores(&features, 2, 4), similarities(&features, 2, 4, &[a, b].concat()));
+    }
 }

@@ -19,7 +19,7 @@ use image::RgbImage;
 use ndarray::Array4;
 use serde::{Deserialize, Serialize};
 
-pub use assign::LabelMask;
+pub use assign::{ClassScorer, LabelMask};
 pub use crf::CrfConfig;
 pub use guided::GuidedConfig;
 pub use guided_graph::GuidedGraph;
@@ -40,10 +40,17 @@ pub struct FeatureMap {
 }
 
 impl FeatureMap {
+    /// The (width, height) in cells of the part that covers the image itself.
+    pub fn valid_size(&self) -> (usize, usize) {
+        (
+            (self.geometry.resized.0 as usize).div_ceil(OUTPUT_STRIDE).min(self.width),
+            (self.geometry.resized.1 as usize).div_ceil(OUTPUT_STRIDE).min(self.height),
+        )
+    }
+
     /// The feature cells that cover the image itself, not the padding, as row vectors.
     pub fn valid_vectors(&self) -> Vec<f32> {
-        let vw = (self.geometry.resized.0 as usize).div_ceil(OUTPUT_STRIDE).min(self.width);
-        let vh = (self.geometry.resized.1 as usize).div_ceil(OUTPUT_STRIDE).min(self.height);
+        let (vw, vh) = self.valid_size();
         let hw = self.width * self.height;
         let mut out = Vec::with_capacity(vw * vh * self.dim);
         for y in 0..vh {
@@ -177,48 +184,35 @@ impl std::str::FromStr for Quality {
     }
 }
 
-/// Assigns each pixel of the original image to its nearest of `k` centroids (row-major k x dim).
-pub fn assign_to(features: &FeatureMap, centroids: &[f32], k: usize) -> LabelMask {
-    let hw = features.width * features.height;
-    let scores = assign::similarities(&features.data, features.dim, hw, centroids);
-    assign::labels_at_original_size(&scores, k, (features.width, features.height), &features.geometry)
-}
-
-/// The labels `quality` asks for from features made as it asks (flip averaging is the caller's):
-/// nearest centroid, then the CRF or the guided filter where the quality refines.
-pub fn assign_at(features: &FeatureMap, centroids: &[f32], k: usize, image: &RgbImage, quality: Quality, refine: &Refinement) -> LabelMask {
+/// The labels `quality` asks for from features made as it asks (flip averaging is the caller's)
+/// and their `k` class score maps (class-major, on `features`' grid): the highest score, then
+/// the CRF or the guided filter where the quality refines.
+pub fn labels_at(features: &FeatureMap, scores: &[f32], k: usize, image: &RgbImage, quality: Quality, refine: &Refinement) -> LabelMask {
+    let grid = (features.width, features.height);
     if quality.crf() {
-        assign_refined(features, centroids, k, image, &refine.crf)
+        refine_scores_with_confidence(features, scores, k, image, &refine.crf).0
     } else if quality.guided() {
-        let hw = features.width * features.height;
-        let scores = assign::similarities(&features.data, features.dim, hw, centroids);
-        guided::labels_guided(&scores, k, (features.width, features.height), &features.geometry, image, &refine.guided)
+        guided::labels_guided(scores, k, grid, &features.geometry, image, &refine.guided)
     } else {
-        assign_to(features, centroids, k)
+        assign::labels_at_original_size(scores, k, grid, &features.geometry)
     }
 }
 
-/// Like [`assign_to`], then refined by the dense CRF on `image` (the original image the features
-/// were made from). Images over the CRF's `max_pixels` (or pixels x K over `max_values`) are
-/// refined at a reduced size and the labels scaled back up (nearest).
-pub fn assign_refined(features: &FeatureMap, centroids: &[f32], k: usize, image: &RgbImage, crf: &CrfConfig) -> LabelMask {
-    assign_refined_with_confidence(features, centroids, k, image, crf).0
-}
-
-/// [`assign_refined`], with the CRF's marginal probability of each pixel's label.
-pub fn assign_refined_with_confidence(
+/// The dense CRF over `k` score maps on `features`' grid, on `image` (the original image the
+/// features were made from): labels and their marginal probability. Images over the CRF's
+/// `max_pixels` (or pixels x K over `max_values`) are refined at a reduced size and the labels
+/// scaled back up (nearest).
+pub fn refine_scores_with_confidence(
     features: &FeatureMap,
-    centroids: &[f32],
+    scores: &[f32],
     k: usize,
     image: &RgbImage,
     crf: &CrfConfig,
 ) -> (LabelMask, Vec<f32>) {
     let (ow, oh) = features.geometry.original;
     debug_assert_eq!((image.width(), image.height()), (ow, oh), "the image the features were made from");
-    let hw = features.width * features.height;
-    let scores = assign::similarities(&features.data, features.dim, hw, centroids);
     let (tw, th) = crf::working_size(ow, oh, k, crf);
-    let mut logits = assign::scores_at_size(&scores, k, (features.width, features.height), &features.geometry, (tw as usize, th as usize));
+    let mut logits = assign::scores_at_size(scores, k, (features.width, features.height), &features.geometry, (tw as usize, th as usize));
     logits.iter_mut().for_each(|v| *v *= crf.temperature);
     let (labels, confidence) = if (tw, th) == (ow, oh) {
         crf::refine_with_confidence(image, &logits, k, crf)
@@ -236,7 +230,7 @@ pub fn assign_refined_with_confidence(
 pub struct Segmenter {
     pub package: Package,
     session: EmbedSession,
-    centroids: Vec<f32>,
+    classes: ClassScorer,
     /// The device the embedder runs on, resolved (`cpu` or `cuda:N`), and its threads: the
     /// guided-filter graph runs there too.
     device: DeviceChoice,
@@ -255,14 +249,14 @@ impl Segmenter {
 
     pub fn from_package(package: Package, device: DeviceChoice, threads: Option<usize>) -> Result<Self> {
         let session = EmbedSession::load(&package.onnx_path(), device, threads)?;
-        let centroids = package.centroids.matrix();
+        let classes = ClassScorer::new(&package.centroids);
         let device = match (session.provider(), device) {
             (Provider::Cpu, _) => DeviceChoice::Cpu,
             (Provider::Cuda, DeviceChoice::Cuda(id)) => DeviceChoice::Cuda(id),
             (Provider::Cuda, _) => DeviceChoice::Cuda(0),
         };
         let on_gpu = session.provider() == Provider::Cuda;
-        Ok(Self { package, session, centroids, device, threads, guided_in_graph: AtomicBool::new(on_gpu), guided_graph: Mutex::new(None) })
+        Ok(Self { package, session, classes, device, threads, guided_in_graph: AtomicBool::new(on_gpu), guided_graph: Mutex::new(None) })
     }
 
     /// Whether `edges` runs the guided filter as an ONNX graph on the embedder's device.
@@ -292,8 +286,7 @@ impl Segmenter {
     /// `edges` through the graph; `None` (and the graph switched off, with a warning) if it fails,
     /// so the Rust filter answers instead.
     fn assign_guided_in_graph(&self, features: &FeatureMap, image: &RgbImage, config: &GuidedConfig) -> Option<LabelMask> {
-        let hw = features.width * features.height;
-        let scores = assign::similarities(&features.data, features.dim, hw, &self.centroids);
+        let scores = self.scores(features);
         let feat = (features.width, features.height);
         match self.guided_graph(config).and_then(|g| g.labels(&scores, self.k(), feat, &features.geometry, image)) {
             Ok(mask) => Some(mask),
@@ -327,9 +320,14 @@ impl Segmenter {
         embed_batch(&self.session, &InputPolicy { flip, ..self.package.manifest.input }, images)
     }
 
-    /// Assigns each pixel of the original image to its nearest centroid.
+    /// The K class score maps of a feature map (each class's best similarity, [`ClassScorer`]).
+    pub fn scores(&self, features: &FeatureMap) -> Vec<f32> {
+        self.classes.scores(&features.data, features.dim, features.width * features.height)
+    }
+
+    /// Assigns each pixel of the original image to the class it scores highest for.
     pub fn assign(&self, features: &FeatureMap) -> LabelMask {
-        assign_to(features, &self.centroids, self.k())
+        assign::labels_at_original_size(&self.scores(features), self.k(), (features.width, features.height), &features.geometry)
     }
 
     /// The labels `quality` asks for from features made as it asks (see [`assign_at`]).
@@ -339,7 +337,7 @@ impl Segmenter {
                 return mask;
             }
         }
-        assign_at(features, &self.centroids, self.k(), image, quality, refine)
+        labels_at(features, &self.scores(features), self.k(), image, quality, refine)
     }
 
     /// Masks under the package's own policy, no CRF.

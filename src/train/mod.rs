@@ -13,6 +13,7 @@ pub mod kmeans;
 pub mod ksuggest;
 pub mod loss;
 pub mod memory;
+pub mod merge;
 pub mod packaging;
 pub mod picie;
 pub mod pipeline;

@@ -8,9 +8,8 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::Device;
 
 use super::augment::Photometric;
-use super::cluster::{cluster_images, embed_sampled, list_images, ClusterReport, KChoice, MAX_CLUSTER_VECTORS};
+use super::cluster::{cluster_images, embed_sampled, list_images, ClassFit, ClusterReport, KChoice, MAX_CLUSTER_VECTORS};
 use super::fpn_init::{self, FpnInit};
-use super::kmeans::KMeansConfig;
 use super::picie::{Frames, TrainConfig};
 use crate::infer::{DeviceChoice, EmbedSession};
 use crate::model::embedder::BackboneKind;
@@ -99,7 +98,7 @@ pub fn init_package(args: &InitPackage, progress: PackagingProgress<'_>) -> Resu
         &embedder,
         config,
         &paths,
-        KMeansConfig::new(args.k, args.seed),
+        ClassFit::new(args.k, args.seed),
         provenance,
         &target,
         &mut embedding_progress(progress),
@@ -137,7 +136,7 @@ pub fn package_from_embedder(
     embedder: &Embedder,
     config: EmbedderConfig,
     paths: &[PathBuf],
-    kmeans: KMeansConfig,
+    fit: ClassFit,
     mut provenance: Provenance,
     target: &PackageTarget<'_>,
     on_embed: &mut dyn FnMut(usize, usize) -> bool,
@@ -159,13 +158,11 @@ pub fn package_from_embedder(
     }
     let clustered = (|| {
         let session = EmbedSession::load(&scratch, target.sessions.device, target.sessions.threads)?;
-        cluster_images(&session, &target.policy, paths, kmeans, MAX_CLUSTER_VECTORS, on_embed)
+        cluster_images(&session, &target.policy, paths, fit, MAX_CLUSTER_VECTORS, on_embed)
     })();
     let _ = std::fs::remove_file(&scratch);
     let (centroids, report) = clustered?;
-    provenance.details.insert("kmeans_seed".into(), serde_json::json!(kmeans.seed));
-    provenance.details.insert("cluster_images".into(), serde_json::json!(report.images_used));
-    provenance.details.insert("cluster_vectors".into(), serde_json::json!(report.vectors));
+    record_fit(&mut provenance, fit, &centroids, &report);
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         name: target.name.to_string(),
@@ -182,6 +179,19 @@ pub fn package_from_embedder(
     Ok((pkg, report))
 }
 
+/// What a package's provenance says of how its classes were fit: the k-means seed, the images
+/// and vectors, and the over-clusters its classes were merged from (none: k-means at K).
+fn record_fit(provenance: &mut Provenance, fit: ClassFit, centroids: &crate::package::Centroids, report: &ClusterReport) {
+    let details = &mut provenance.details;
+    details.insert("kmeans_seed".into(), serde_json::json!(fit.seed()));
+    details.insert("cluster_images".into(), serde_json::json!(report.images_used));
+    details.insert("cluster_vectors".into(), serde_json::json!(report.vectors));
+    match centroids.over_clusters() {
+        Some(k2) => details.insert("merged_from".into(), serde_json::json!(k2)),
+        None => details.remove("merged_from"),
+    };
+}
+
 /// `picie package rebuild`: a package's embedder with `tap_weight` (hypercolumn output, see
 /// [`EmbedderConfig::tap_weight`]), exported again and its centroids clustered on `images`.
 #[allow(clippy::too_many_arguments)]
@@ -191,6 +201,7 @@ pub fn rebuild_package(
     images: &Path,
     k: Option<usize>,
     seed: u64,
+    over_cluster: usize,
     out: &Path,
     name: Option<&str>,
     replace: bool,
@@ -220,8 +231,8 @@ pub fn rebuild_package(
     let name = name.unwrap_or(&source.manifest.name).to_string();
     let target = PackageTarget { out, name: &name, policy: source.manifest.input, replace, sessions: SessionSettings::default() };
     progress(EMBEDDING_SHARE.0, "exporting the embedder");
-    let kmeans = KMeansConfig::new(k.unwrap_or(source.manifest.k), seed);
-    package_from_embedder(&embedder, config, &paths, kmeans, provenance, &target, &mut embedding_progress(progress))
+    let fit = ClassFit::with_over_cluster(k.unwrap_or(source.manifest.k), seed, over_cluster);
+    package_from_embedder(&embedder, config, &paths, fit, provenance, &target, &mut embedding_progress(progress))
 }
 
 /// An untrained embedder's weights: the pretrained backbone and the FPN's laterals, seeded or
@@ -246,7 +257,8 @@ pub fn starting_weights(
 }
 
 /// A new package with the same embedder as `source` and centroids clustered on `paths`, at the K
-/// given or the one suggested from a range on the same feature sample. `progress` hears of the
+/// given or the one suggested from a range on the same feature sample, merged from
+/// `over_cluster` clusters ([`ClassFit::with_over_cluster`]). `progress` hears of the
 /// embedding, `on_k` of the suggestion's fits; None when either stops the work.
 #[allow(clippy::too_many_arguments)]
 pub fn recluster_package(
@@ -255,6 +267,7 @@ pub fn recluster_package(
     paths: &[PathBuf],
     choice: KChoice,
     seed: u64,
+    over_cluster: usize,
     out: &Path,
     name: &str,
     command: &str,
@@ -275,7 +288,7 @@ pub fn recluster_package(
         (_, Some(s)) => s.k,
         _ => unreachable!("a suggestion or a fixed K"),
     };
-    let config = KMeansConfig::new(k, seed);
+    let config = ClassFit::with_over_cluster(k, seed, over_cluster);
     let (centroids, vectors) = features.fit(config, MAX_CLUSTER_VECTORS)?;
     let report = ClusterReport {
         images_used: features.images_used,
@@ -291,9 +304,7 @@ pub fn recluster_package(
     provenance.command = command.to_string();
     provenance.parent = Some(source.version());
     provenance.job = job.map(str::to_string);
-    provenance.details.insert("kmeans_seed".into(), serde_json::json!(config.seed));
-    provenance.details.insert("cluster_images".into(), serde_json::json!(report.images_used));
-    provenance.details.insert("cluster_vectors".into(), serde_json::json!(report.vectors));
+    record_fit(&mut provenance, config, &centroids, &report);
     if let Some(suggestion) = &report.suggestion {
         provenance.details.insert("k_suggestion".into(), serde_json::json!(suggestion));
     }

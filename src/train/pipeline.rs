@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
-use super::cluster::ClusterReport;
+use super::cluster::{ClassFit, ClusterReport};
 use super::fpn_init::FpnInit;
-use super::kmeans::KMeansConfig;
 use super::packaging::{package_from_embedder, starting_weights, PackageTarget, SessionSettings};
 use super::picie::{Frames, TrainConfig};
 use burn::module::Module;
@@ -32,6 +31,9 @@ pub struct TrainArgs {
     pub config: super::picie::TrainConfig,
     /// K of the written package (default: the training K).
     pub package_k: Option<usize>,
+    /// Clusters the package's K classes are merged from ([`ClassFit::with_over_cluster`];
+    /// 0: k-means at K).
+    pub package_over_cluster: usize,
     pub checkpoint: PathBuf,
     pub resume: bool,
     pub name: String,
@@ -148,7 +150,7 @@ pub fn train_with(
             &trainer.model.valid(),
             embedder_config,
             frames.paths(),
-            KMeansConfig::new(k, config.seed),
+            ClassFit::with_over_cluster(k, config.seed, args.package_over_cluster),
             provenance(&trainer)?,
             &target,
             &mut |_, _| true,
@@ -166,7 +168,7 @@ pub fn train_with(
             &model,
             embedder_config,
             frames.paths(),
-            KMeansConfig::new(k, config.seed),
+            ClassFit::with_over_cluster(k, config.seed, args.package_over_cluster),
             provenance,
             &target,
             &mut |_, _| true,
@@ -180,7 +182,7 @@ pub fn train_with(
         &model,
         embedder_config,
         frames.paths(),
-        KMeansConfig::new(k, config.seed),
+        ClassFit::with_over_cluster(k, config.seed, args.package_over_cluster),
         provenance,
         &stage_target,
         &mut |_, _| true,

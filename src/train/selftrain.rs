@@ -25,7 +25,7 @@ use super::loss::{pixels, scaled_cluster_loss, Balance};
 use super::picie::{
     apply_geometric, load_optimizer, new_optimizer, write_checkpoint, Frames, Progress, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS,
 };
-use crate::infer::{assign_refined_with_confidence, assign_to, CrfConfig, Quality, Segmenter};
+use crate::infer::{assign, refine_scores_with_confidence, CrfConfig, Quality, Segmenter};
 use crate::model::embedder::OUTPUT_STRIDE;
 use crate::model::{Embedder, EmbedderConfig, TensorMap};
 
@@ -130,15 +130,16 @@ pub fn pseudo_labels(
 ) -> Result<Option<PseudoLabels>> {
     let (w, h) = (frames.width, frames.height);
     let k = seg.k();
-    let centroids = seg.package.centroids.matrix();
     let mut labels = Vec::with_capacity(frames.len() * (w / OUTPUT_STRIDE) * (h / OUTPUT_STRIDE));
     for i in 0..frames.len() {
         let img = frame_image(&frames.frame(i)?, w, h);
         let features = seg.embed_with(std::slice::from_ref(&img), config.quality.flip())?.remove(0);
+        // The classes as the package scores them (merged over-clusters included).
+        let scores = seg.scores(&features);
         let (mask, confidence) = if config.quality.crf() {
-            assign_refined_with_confidence(&features, &centroids, k, &img, crf)
+            refine_scores_with_confidence(&features, &scores, k, &img, crf)
         } else {
-            let mask = assign_to(&features, &centroids, k);
+            let mask = assign::labels_at_original_size(&scores, k, (features.width, features.height), &features.geometry);
             let n = mask.labels.len();
             (mask, vec![1.0; n])
         };

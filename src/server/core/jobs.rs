@@ -23,6 +23,8 @@ pub mod limits {
     /// Clusters of a model (class indices are 8-bit in masks).
     pub const MAX_CLASSES: usize = crate::package::MAX_CLASSES;
     pub const MAX_K2: usize = 1000;
+    /// Over-clusters a new model's classes may be merged from (each is scored at every pixel).
+    pub const MAX_OVER_CLUSTER: usize = crate::package::MAX_MEMBERS;
     pub const MAX_EPOCHS: usize = 100;
     /// The longest side of a fine-tuning job's training frames.
     pub const MAX_SIDE: usize = 2048;
@@ -126,6 +128,10 @@ fn k2_schema() -> ObjectBuilder {
     at_most(limits::MAX_K2, 3)
 }
 
+fn over_cluster_schema() -> ObjectBuilder {
+    at_most(limits::MAX_OVER_CLUSTER, 0)
+}
+
 fn epochs_schema() -> ObjectBuilder {
     at_most(limits::MAX_EPOCHS, 1)
 }
@@ -166,6 +172,11 @@ pub enum JobSpec {
         k_max: Option<usize>,
         #[serde(default)]
         seed: Option<u64>,
+        /// The new model's K classes are merged from this many k-means clusters by their
+        /// centroids' similarity (default 100; 0 or at most K: k-means at K).
+        #[serde(default)]
+        #[schema(schema_with = over_cluster_schema)]
+        over_cluster: Option<usize>,
         /// Name of the new model version (default `recluster-<job id>`).
         #[serde(default)]
         #[schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")]
@@ -216,6 +227,11 @@ pub enum JobSpec {
         #[serde(default)]
         #[schema(schema_with = classes_schema)]
         package_k: Option<usize>,
+        /// The new model's classes are merged from this many k-means clusters by their
+        /// centroids' similarity (default 100; 0 or at most its K: k-means at K).
+        #[serde(default)]
+        #[schema(schema_with = over_cluster_schema)]
+        over_cluster: Option<usize>,
         /// Name of the new model version (default `finetune-<job id>`).
         #[serde(default)]
         #[schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")]
@@ -296,6 +312,16 @@ impl JobSpec {
         }
     }
 
+    /// The over-clusters a new model's classes are merged from (0: none), default filled in.
+    pub fn over_cluster(&self) -> usize {
+        match self {
+            JobSpec::Recluster { over_cluster, .. } | JobSpec::Finetune { over_cluster, .. } => {
+                over_cluster.unwrap_or(crate::train::cluster::DEFAULT_OVER_CLUSTER)
+            }
+            JobSpec::Segment { .. } => 0,
+        }
+    }
+
     /// The training settings of a fine-tuning job, defaults filled in.
     pub fn finetune_config(&self) -> Option<TrainConfig> {
         let JobSpec::Finetune { k, k2, epochs, lr, seed, size, width, freeze_stride, batch, .. } = self else { return None };
@@ -333,6 +359,9 @@ impl JobSpec {
         }
         if images == 0 {
             return Err(format!("dataset `{}` has no images", self.dataset()));
+        }
+        if self.over_cluster() > MAX_OVER_CLUSTER {
+            return Err(format!("over_cluster is at most {MAX_OVER_CLUSTER} (got {})", self.over_cluster()));
         }
         let classes = |what: &str, k: usize| {
             if (2..=MAX_CLASSES).contains(&k) {
@@ -566,6 +595,7 @@ mod tests {
             freeze_stride: None,
             batch: Some(batch),
             package_k: None,
+            over_cluster: None,
             name: None,
             self_train_epochs: None,
         }

@@ -140,6 +140,7 @@ impl Runner {
         ctx: JobContext,
     ) -> Result<JobReport, String> {
         let JobSpec::Recluster { seed, dataset, .. } = job.spec.clone() else { unreachable!("a recluster spec") };
+        let over_cluster = job.spec.over_cluster();
         let choice = job.spec.k_choice()?;
         let (settings, name, id) = (self.settings, name.to_string(), job.id.clone());
         self.compute(move || {
@@ -152,7 +153,7 @@ impl Runner {
                 KChoice::Fixed(k) => k.to_string(),
                 KChoice::Suggest { min, max } => format!("suggested from {min}-{max}"),
             };
-            let command = format!("recluster dataset={dataset} k={k} seed={seed} (job {id})");
+            let command = format!("recluster dataset={dataset} k={k} seed={seed} over_cluster={over_cluster} (job {id})");
             // With K to suggest, the fits at each K take about as long as the embedding.
             let embedding_share = if matches!(choice, KChoice::Fixed(_)) { 0.9 } else { 0.5 };
             let progress = ctx.clone();
@@ -162,6 +163,7 @@ impl Runner {
                 &images,
                 choice,
                 seed,
+                over_cluster,
                 &out,
                 &name,
                 &command,
@@ -222,6 +224,7 @@ impl Runner {
                 JobSpec::Finetune { package_k, .. } => *package_k,
                 _ => None,
             },
+            package_over_cluster: job.spec.over_cluster(),
             // Kept when the job fails or the process dies, so that a resumed job continues from
             // its last epoch; removed once the package is published or the job canceled.
             checkpoint: checkpoint.clone(),
@@ -426,7 +429,8 @@ mod tests {
         datasets.add(&ds.id, uploads).await.unwrap();
         let runner = Runner::new(catalog, models, datasets, jobs.clone(), dir.checkpoints(), settings).unwrap();
         let executor = super::super::start_executor(jobs.clone(), Arc::new(runner));
-        let spec = JobSpec::Recluster { dataset: ds.id.clone(), k: Some(3), k_min: None, k_max: None, seed: None, name: None };
+        let spec =
+            JobSpec::Recluster { dataset: ds.id.clone(), k: Some(3), k_min: None, k_max: None, seed: None, over_cluster: None, name: None };
         let id = jobs.submit(Job::new(spec, "default".into())).await.unwrap().id;
         let mut changes = jobs.changes();
         let job = loop {

@@ -312,7 +312,7 @@ mod tests {
     use crate::server::core::jobs::JobSpec;
 
     fn spec() -> JobSpec {
-        JobSpec::Recluster { dataset: "ds-1".into(), k: Some(3), k_min: None, k_max: None, seed: None, name: None }
+        JobSpec::Recluster { dataset: "ds-1".into(), k: Some(3), k_min: None, k_max: None, seed: None, over_cluster: None, name: None }
     }
 
     async fn store(dir: &Path) -> (LocalJobs, Arc<DataDir>) {

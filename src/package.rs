@@ -4,7 +4,8 @@
 //! manifest.json        format version, embedder config, K, input policy, provenance, metrics, checksums
 //! embedder.onnx        the embedder for ONNX Runtime (batch norm folded)
 //! weights.safetensors  the same embedder's burn weights, to train on
-//! centroids.json       K unit vectors (dim each), with optional names and colours
+//! centroids.json       K classes: a unit vector each (dim wide) and, where they were merged from
+//!                      an over-clustering, the over-clusters; optional names and colours
 //! ```
 //!
 //! Packages are written to a temporary sibling folder and renamed into place, and every load

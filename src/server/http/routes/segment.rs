@@ -117,7 +117,8 @@ async fn image_bytes(headers: &HeaderMap, request: Request, state: &AppState) ->
     Ok((bytes, held))
 }
 
-/// Segment an image: every pixel gets the class of its nearest centroid.
+/// Segment an image: every pixel gets the class it is most similar to (by cosine similarity to
+/// the class's centroid, or to the nearest of the over-clusters merged into it).
 #[utoipa::path(
     post,
     path = "/segment",

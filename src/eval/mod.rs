@@ -185,7 +185,6 @@ pub fn evaluate(
             continue;
         }
         let policy = InputPolicy { flip, ..pkg.manifest.input };
-        // The classes of each seed.
         // Each seed's classes, and the over-clusters they were merged from.
         let class_sets: Vec<(ClassScorer, Option<usize>)> = match clusters {
             Clusters::Package => vec![(ClassScorer::new(&pkg.centroids), pkg.centroids.over_clusters())],

@@ -52,7 +52,7 @@ impl Affinity {
     }
 
     /// Cosine similarities of `n` unit centroids (row-major n x dim), weighted by `sizes`.
-    pub fn similarity(centroids: &[f32], dim: usize, sizes: &[u64]) -> Self {
+    fn similarity(centroids: &[f32], dim: usize, sizes: &[u64]) -> Self {
         let n = centroids.len() / dim;
         let row = |i: usize| &centroids[i * dim..(i + 1) * dim];
         let mut pairs = vec![0f64; n * n];

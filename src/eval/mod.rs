@@ -227,9 +227,11 @@ pub fn evaluate(
                 );
             }
             let features = seg.embed_with(std::slice::from_ref(&img), flip)?.remove(0);
-            for ((_, quality), per_seed) in wanted.iter().zip(&mut confusions) {
-                for ((set, _), (confusion, edges)) in class_sets.iter().zip(per_seed.iter_mut()) {
-                    let scores = set.scores(&features.data, features.dim, features.width * features.height);
+            // Each seed's class scores once, shared by the qualities.
+            for (seed, (set, _)) in class_sets.iter().enumerate() {
+                let scores = set.scores(&features.data, features.dim, features.width * features.height);
+                for ((_, quality), per_seed) in wanted.iter().zip(&mut confusions) {
+                    let (confusion, edges) = &mut per_seed[seed];
                     let mask = labels_at(&features, &scores, set.k(), &img, *quality, refine);
                     let (w, h) = (labels.width() as usize, labels.height() as usize);
                     edges.add(boundary::boundary_counts(&mask.labels, labels.as_raw(), w, h, IGNORE_LABEL, boundary::DEFAULT_TOLERANCE));

@@ -285,10 +285,9 @@ impl Segmenter {
 
     /// `edges` through the graph; `None` (and the graph switched off, with a warning) if it fails,
     /// so the Rust filter answers instead.
-    fn assign_guided_in_graph(&self, features: &FeatureMap, image: &RgbImage, config: &GuidedConfig) -> Option<LabelMask> {
-        let scores = self.scores(features);
+    fn assign_guided_in_graph(&self, features: &FeatureMap, scores: &[f32], image: &RgbImage, config: &GuidedConfig) -> Option<LabelMask> {
         let feat = (features.width, features.height);
-        match self.guided_graph(config).and_then(|g| g.labels(&scores, self.k(), feat, &features.geometry, image)) {
+        match self.guided_graph(config).and_then(|g| g.labels(scores, self.k(), feat, &features.geometry, image)) {
             Ok(mask) => Some(mask),
             Err(e) => {
                 tracing::warn!(error = %e, "the guided-filter graph failed; edges filters on the CPU from now on");
@@ -330,14 +329,15 @@ impl Segmenter {
         assign::labels_at_original_size(&self.scores(features), self.k(), (features.width, features.height), &features.geometry)
     }
 
-    /// The labels `quality` asks for from features made as it asks (see [`assign_at`]).
+    /// The labels `quality` asks for from features made as it asks (see [`labels_at`]).
     pub fn assign_at(&self, features: &FeatureMap, image: &RgbImage, quality: Quality, refine: &Refinement) -> LabelMask {
+        let scores = self.scores(features);
         if quality.guided() && self.guided_in_graph() {
-            if let Some(mask) = self.assign_guided_in_graph(features, image, &refine.guided) {
+            if let Some(mask) = self.assign_guided_in_graph(features, &scores, image, &refine.guided) {
                 return mask;
             }
         }
-        labels_at(features, &self.scores(features), self.k(), image, quality, refine)
+        labels_at(features, &scores, self.k(), image, quality, refine)
     }
 
     /// Masks under the package's own policy, no CRF.

@@ -68,6 +68,11 @@ impl CorrespondenceConfig {
         self.weight > 0.0
     }
 
+    /// On, with nearest-neighbour partners: the frames must be paired before training.
+    pub fn pairs_neighbours(&self) -> bool {
+        self.enabled() && self.partners == Partners::Nearest
+    }
+
     /// Off: settings written before the term existed read back as this.
     pub fn is_off(&self) -> bool {
         *self == Self::default()

@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::augment::{Geometric, Photometric, PhotometricConfig};
-use super::correspond::{correspondence_loss, frame_descriptors, nearest_pairs, CorrespondenceConfig, Partners};
+use super::correspond::{correspondence_loss, frame_descriptors, nearest_pairs, CorrespondenceConfig};
 use super::fpn_init::FpnInit;
 pub use super::frames::Frames;
 use super::frozen::{to_array, FrozenTaps};
@@ -134,7 +134,7 @@ impl TrainConfig {
             bail!("jitter must be at least 0 and below 1 (got {j})");
         }
         self.correspondence.check()?;
-        if self.correspondence.enabled() && self.correspondence.partners == Partners::Nearest && !self.batch.is_multiple_of(2) {
+        if self.correspondence.pairs_neighbours() && !self.batch.is_multiple_of(2) {
             bail!("nearest-neighbour correspondence pairs need an even batch (got {})", self.batch);
         }
         Ok(())
@@ -471,7 +471,7 @@ pub struct Trainer {
     /// Where the clustering and labelling passes run ([`PassRuntime`]).
     pub passes: PassRuntime,
     /// The frames in nearest-neighbour pairs, for the correspondence term's
-    /// [`Partners::Nearest`]; worked out when a run starts.
+    /// [`super::correspond::Partners::Nearest`]; worked out when a run starts.
     pairs: Option<Vec<(usize, usize)>>,
 }
 
@@ -669,8 +669,7 @@ impl Trainer {
         self.config.validate(frames.len())?;
         let (w1, w2) = head_weights(self.config.k, self.config.k2);
         let frozen = self.frozen_taps();
-        let c = &self.config.correspondence;
-        if c.enabled() && c.partners == Partners::Nearest && self.pairs.is_none() && self.epochs_done < epochs.min(self.config.epochs) {
+        if self.config.correspondence.pairs_neighbours() && self.pairs.is_none() && self.epochs_done < epochs.min(self.config.epochs) {
             let pairs = self.frame_pairs(frames)?;
             tracing::info!(pairs = pairs.len(), "frames paired with their nearest neighbours for the correspondence term");
             self.pairs = Some(pairs);
@@ -813,7 +812,7 @@ mod tests {
             assert_eq!(all, (0..8).collect::<Vec<_>>());
         }
         // An odd batch would split a pair.
-        let nearest = CorrespondenceConfig { weight: 1.0, partners: Partners::Nearest, ..Default::default() };
+        let nearest = CorrespondenceConfig { weight: 1.0, partners: crate::train::correspond::Partners::Nearest, ..Default::default() };
         assert!(TrainConfig { batch: 3, correspondence: nearest, ..TrainConfig::default() }.check().is_err());
         TrainConfig { batch: 4, correspondence: nearest, ..TrainConfig::default() }.check().unwrap();
     }

@@ -119,7 +119,8 @@ pub fn train_with(
         }
         Trainer::new(config.clone(), embedder_config, &weights)?
     };
-    let k = args.package_k.unwrap_or(config.k);
+    // How every package this run writes fits its classes (snapshots, the final one, the PiCIE stage).
+    let fit = ClassFit::with_over_cluster(args.package_k.unwrap_or(config.k), config.seed, args.package_over_cluster);
     let provenance = |trainer: &Trainer| -> Result<Provenance> {
         Ok(Provenance {
             created_at: crate::package::now_rfc3339(),
@@ -150,7 +151,7 @@ pub fn train_with(
             &trainer.model.valid(),
             embedder_config,
             frames.paths(),
-            ClassFit::with_over_cluster(k, config.seed, args.package_over_cluster),
+            fit,
             provenance(&trainer)?,
             &target,
             &mut |_, _| true,
@@ -164,29 +165,12 @@ pub fn train_with(
     let provenance = provenance(&trainer)?;
     let Some(st) = &args.self_train else {
         let target = PackageTarget { out: &args.out, name: &args.name, policy, replace: args.replace, sessions };
-        return package_from_embedder(
-            &model,
-            embedder_config,
-            frames.paths(),
-            ClassFit::with_over_cluster(k, config.seed, args.package_over_cluster),
-            provenance,
-            &target,
-            &mut |_, _| true,
-        )
-        .map(Some);
+        return package_from_embedder(&model, embedder_config, frames.paths(), fit, provenance, &target, &mut |_, _| true).map(Some);
     };
     // The PiCIE stage's package: the self-training targets and the final centroids.
     let stage_dir = args.checkpoint.join(STAGE_PACKAGE);
     let stage_target = PackageTarget { out: &stage_dir, name: &args.name, policy, replace: true, sessions };
-    let (stage, report) = package_from_embedder(
-        &model,
-        embedder_config,
-        frames.paths(),
-        ClassFit::with_over_cluster(k, config.seed, args.package_over_cluster),
-        provenance,
-        &stage_target,
-        &mut |_, _| true,
-    )?;
+    let (stage, report) = package_from_embedder(&model, embedder_config, frames.paths(), fit, provenance, &stage_target, &mut |_, _| true)?;
     let seg = crate::infer::Segmenter::from_package(stage.clone(), sessions.device, sessions.threads)?;
     let mut label_progress = |done: usize, all: usize| {
         on(&super::picie::Progress {

@@ -76,6 +76,19 @@ pub struct EvalArgs {
 
 /// `picie eval`: scores the model (and the baseline) and prints the tables; writes JSON, metrics
 /// and class names where asked.
+/// A result row's name: the model, the quality and, for fresh clusters merged from an
+/// over-clustering, how they were merged. The merge is named only where every seed's fit made
+/// one (`merged_from`): a fit with too few features per over-cluster falls back to k-means at K.
+fn row_label(name: &str, quality: Quality, over: Option<OverCluster>, merged_from: &[Option<usize>]) -> String {
+    match over {
+        Some(o) if merged_from.iter().all(|&m| m == Some(o.k)) => {
+            format!("{name} [{quality}, {} by {}]", o.k, o.merge.to_possible_value().expect("a named value").get_name())
+        }
+        Some(_) => format!("{name} [{quality}, k-means at K: too few features to merge]"),
+        None => format!("{name} [{quality}]"),
+    }
+}
+
 pub fn run(e: &EvalArgs) -> Result<()> {
     let pairs = paired_files(&e.images, &e.labels)?;
     let classes = match e.classes {
@@ -121,11 +134,9 @@ pub fn run(e: &EvalArgs) -> Result<()> {
         })?;
         progress.milestone(&format!("scored {name} in {:.0} s", started.elapsed().as_secs_f64()));
         for quality in &e.quality {
-            let label = match over.filter(|_| cluster_paths.is_some()) {
-                Some(o) => format!("{name} [{quality}, {} by {}]", o.k, o.merge.to_possible_value().expect("a named value").get_name()),
-                None => format!("{name} [{quality}]"),
-            };
             let mut these: Vec<_> = runs.iter().filter(|r| r.quality == *quality).cloned().collect();
+            let merged_from: Vec<Option<usize>> = these.iter().map(|r| r.merged_from).collect();
+            let label = row_label(&name, *quality, over.filter(|_| cluster_paths.is_some()), &merged_from);
             these.iter_mut().for_each(|r| r.model = label.clone());
             let n = these.len() as f64;
             let mean = |f: fn(&EvalReport) -> f64| these.iter().map(f).sum::<f64>() / n;
@@ -182,4 +193,17 @@ pub fn run(e: &EvalArgs) -> Result<()> {
         println!("named the classes of {}", pkg.dir.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_names_the_merge_only_where_every_seed_merged() {
+        let over = Some(OverCluster { k: 100, merge: MergeBy::Similarity });
+        assert_eq!(row_label("m", Quality::Edges, over, &[Some(100), Some(100)]), "m [edges, 100 by similarity]");
+        assert_eq!(row_label("m", Quality::Fast, over, &[Some(100), None]), "m [fast, k-means at K: too few features to merge]");
+        assert_eq!(row_label("m", Quality::Fast, None, &[None]), "m [fast]");
+    }
 }

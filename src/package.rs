@@ -104,7 +104,7 @@ pub struct ClassInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub color: Option<[u8; 3]>,
     /// The class's direction: its members' mean, weighted by their pixels, as a unit vector
-    /// (what reads one vector per class takes, e.g. self-training's targets).
+    /// (what reads one vector per class takes, e.g. an older binary).
     pub centroid: Vec<f32>,
     /// The over-clusters merged into this class ([`crate::train::merge`]): a pixel's score for
     /// the class is its best similarity to any of them. Empty: the class is its centroid alone.

@@ -3,7 +3,9 @@
 //! weight per cluster; two heads (K1 and the over-clustering K2) weighted by log K.
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::package::{Centroids, ClassInfo};
 
 /// How each cluster's weight follows from its size n_k (N pixels in all).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -54,8 +56,75 @@ pub fn scaled_cluster_loss(
     class_weights: Tensor<1>,
     temperature: f32,
 ) -> Tensor<1> {
+    scaled_class_loss(z, labels, &ClassVectors::single(centroids), class_weights, temperature)
+}
+
+/// The classes a loss scores against: one unit vector per class, or classes of several (the
+/// over-clusters merged into one class, [`Centroids::merged`]) where a pixel's similarity to a
+/// class is its best over the class's vectors, as inference scores it
+/// ([`crate::infer::assign::ClassScorer`]). Training towards a merged class's mean instead
+/// would pull its pixels to a direction between its members that none of them holds.
+#[derive(Clone, Debug)]
+pub struct ClassVectors {
+    /// M x dim unit vectors.
+    vectors: Tensor<2>,
+    /// Classes of several vectors: the vector in each of a class's slots (K x slots, row-major;
+    /// a class of fewer vectors repeats its first), then K and the slots per class.
+    slots: Option<(Tensor<1, Int>, usize, usize)>,
+}
+
+impl ClassVectors {
+    /// One vector per class: K x dim.
+    pub fn single(centroids: Tensor<2>) -> Self {
+        Self { vectors: centroids, slots: None }
+    }
+
+    /// A package's classes, with their members where they were merged.
+    pub fn from_centroids(centroids: &Centroids, device: &Device) -> Self {
+        let dim = centroids.dim;
+        if centroids.over_clusters().is_none() {
+            let k = centroids.k();
+            return Self::single(Tensor::from_data(TensorData::new(centroids.matrix(), [k, dim]), device));
+        }
+        let own = |c: &ClassInfo| if c.members.is_empty() { std::slice::from_ref(&c.centroid).to_vec() } else { c.members.clone() };
+        let per_class = centroids.classes.iter().map(|c| c.members.len().max(1)).max().unwrap_or(1);
+        let (mut vectors, mut slots) = (vec![], vec![]);
+        for class in &centroids.classes {
+            let first = vectors.len() / dim;
+            let members = own(class);
+            slots.extend((0..per_class).map(|s| (first + s.min(members.len() - 1)) as i64));
+            members.iter().for_each(|v| vectors.extend_from_slice(v));
+        }
+        let (m, k) = (vectors.len() / dim, centroids.k());
+        Self {
+            vectors: Tensor::from_data(TensorData::new(vectors, [m, dim]), device),
+            slots: Some((Tensor::from_data(TensorData::new(slots, [k * per_class]), device), k, per_class)),
+        }
+    }
+
+    /// N x K: every row's cosine similarity to every class (rows and vectors unit).
+    pub fn similarities(&self, z: Tensor<2>) -> Tensor<2> {
+        let sims = z.matmul(self.vectors.clone().transpose());
+        match &self.slots {
+            None => sims,
+            Some((slots, k, per_class)) => {
+                let [n, _] = sims.dims();
+                sims.select(1, slots.clone()).reshape([n, *k, *per_class]).max_dim(2).reshape([n, *k])
+            }
+        }
+    }
+}
+
+/// [`scaled_cluster_loss`] against [`ClassVectors`]: logits (s(z, class) - 1) / t.
+pub fn scaled_class_loss(
+    z: Tensor<2>,
+    labels: Tensor<1, Int>,
+    classes: &ClassVectors,
+    class_weights: Tensor<1>,
+    temperature: f32,
+) -> Tensor<1> {
     let [p, _] = z.dims();
-    let logits = (z.matmul(centroids.transpose()) - 1.0) / temperature;
+    let logits = (classes.similarities(z) - 1.0) / temperature;
     let logp = log_softmax(logits, 1);
     let nll = logp.gather(1, labels.clone().reshape([p as i32, 1])).reshape([p as i32]).neg();
     let w = class_weights.select(0, labels);
@@ -87,7 +156,6 @@ pub fn head_weights(k1: usize, k2: usize) -> (f32, f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, TensorData};
 
     /// Nearest centroid of each row (no gradient).
     fn nearest_labels(z: &Tensor<2>, centroids: &Tensor<2>) -> Tensor<1, Int> {
@@ -187,5 +255,45 @@ mod tests {
         // Swapping the views' labels changes the loss: the labels are not recomputed inside.
         let swapped: f32 = head_loss([&z1, &z2], [y2, y1], &head).into_scalar();
         assert!((swapped - got).abs() > 1e-3);
+    }
+
+    #[test]
+    fn a_merged_class_scores_its_best_member_not_its_mean() {
+        // Class 0 holds two members on the x and y axes (mean on the diagonal), class 1 the
+        // z axis. A pixel on the x axis is fully in class 0: similarity 1, not the mean's 0.71.
+        let info = |centroid: Vec<f32>, members: Vec<Vec<f32>>| ClassInfo { name: None, color: None, centroid, members };
+        let h = std::f32::consts::FRAC_1_SQRT_2;
+        let centroids = Centroids {
+            dim: 3,
+            classes: vec![info(vec![h, h, 0.0], vec![vec![1.0, 0.0, 0.0], vec![0.0, 1.0, 0.0]]), info(vec![0.0, 0.0, 1.0], vec![])],
+        };
+        let classes = ClassVectors::from_centroids(&centroids, &Device::flex());
+        let z = t2(vec![1.0, 0.0, 0.0, 0.0, 0.6, 0.8], [2, 3]);
+        let sims: Vec<f32> = classes.similarities(z.clone()).into_data().convert::<f32>().try_to_vec().unwrap();
+        assert_eq!(sims, vec![1.0, 0.0, 0.6, 0.8]);
+        // The loss of the x-axis pixel labelled class 0 is that of a pixel on its own centroid.
+        let label = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64], [1]), &Device::flex());
+        let w = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 1.0], [2]), &Device::flex());
+        let x = t2(vec![1.0, 0.0, 0.0], [1, 3]);
+        let got: f32 = scaled_class_loss(x.clone(), label.clone(), &classes, w.clone(), 1.0).into_scalar();
+        assert!((got - (1.0f32 + (-1.0f32).exp()).ln()).abs() < 1e-6, "{got}");
+        // Towards the mean the same pixel sits at similarity 0.71: a loss of log(1 + e^-0.71).
+        let to_mean: f32 = cluster_loss(x, label, t2(centroids.matrix(), [2, 3]), w).into_scalar();
+        assert!((to_mean - (1.0f32 + (-h).exp()).ln()).abs() < 1e-6, "{to_mean}");
+    }
+
+    #[test]
+    fn the_gradient_reaches_only_the_best_member() {
+        // A pixel between class 0's two members: the gradient of its similarity to class 0
+        // follows the nearer member (the max's argument), so it moves towards that one.
+        let info = |centroid: Vec<f32>, members: Vec<Vec<f32>>| ClassInfo { name: None, color: None, centroid, members };
+        let centroids =
+            Centroids { dim: 2, classes: vec![info(vec![0.8, 0.6], vec![vec![1.0, 0.0], vec![0.0, 1.0]]), info(vec![-1.0, 0.0], vec![])] };
+        let device = Device::flex().autodiff();
+        let classes = ClassVectors::from_centroids(&centroids, &device);
+        let z = Tensor::<2>::from_data(TensorData::new(vec![0.8f32, 0.6], [1, 2]), &device).require_grad();
+        let s = classes.similarities(z.clone()).slice([0..1, 0..1]).sum();
+        let grad: Vec<f32> = z.grad(&s.backward()).unwrap().into_data().convert::<f32>().try_to_vec().unwrap();
+        assert_eq!(grad, vec![1.0, 0.0]);
     }
 }

@@ -195,7 +195,7 @@ pub fn train_with(
         &stage.load_weights()?,
         &args.checkpoint.join(SELF_TRAIN_CHECKPOINT),
     )?;
-    if !trainer.run(&frames, &targets, &stage.centroids.matrix(), &args.checkpoint.join(SELF_TRAIN_CHECKPOINT), on)? {
+    if !trainer.run(&frames, &targets, &stage.centroids, &args.checkpoint.join(SELF_TRAIN_CHECKPOINT), on)? {
         return Ok(None);
     }
     // The self-trained embedder with the PiCIE stage's centroids (names and colours kept).

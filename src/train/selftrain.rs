@@ -2,8 +2,8 @@
 //! training frame is segmented once by the PiCIE package at a quality with the dense CRF (so
 //! the labels follow the image's edges), the confident pixels become per-cell targets, and the
 //! embedder is trained with the clustering loss (cross-entropy over -cosine-distance logits)
-//! towards the package's centroids, which stay fixed: the result is still features + those
-//! centroids, and the classes keep their names. Each step sees a photometric view and a random
+//! towards the package's classes, which stay fixed (a class merged from over-clusters by its
+//! nearest member): the result is still features + those classes, and they keep their names. Each step sees a photometric view and a random
 //! crop and flip of the frame, the targets cropped and flipped with it. This is the step U2Seg
 //! and CUPS use to turn cluster labels into a sharper segmenter.
 
@@ -21,13 +21,14 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::augment::{Geometric, Photometric, PhotometricConfig};
-use super::loss::{pixels, scaled_cluster_loss, Balance};
+use super::loss::{pixels, scaled_class_loss, Balance, ClassVectors};
 use super::picie::{
     apply_geometric, load_optimizer, new_optimizer, write_checkpoint, Frames, Progress, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS,
 };
 use crate::infer::{assign, refine_scores_with_confidence, CrfConfig, Quality, Segmenter};
 use crate::model::embedder::OUTPUT_STRIDE;
 use crate::model::{Embedder, EmbedderConfig, TensorMap};
+use crate::package::Centroids;
 
 /// A cell whose target is unknown (its pixels disagree or the CRF is unsure).
 const IGNORE: u16 = u16::MAX;
@@ -234,22 +235,25 @@ impl SelfTrainer {
         self.model.valid().to_tensor_map("picie self-train")
     }
 
-    /// Trains the remaining epochs towards `centroids` (k x dim, fixed) on the targets. `on`
-    /// returns false to stop (the last epoch's checkpoint is kept). Returns whether all ran.
+    /// Trains the remaining epochs towards the package's classes (fixed; a merged class scored
+    /// by its best member, as inference scores it) on the targets. `on` returns false to stop
+    /// (the last epoch's checkpoint is kept). Returns whether all ran.
     pub fn run(
         &mut self,
         frames: &Frames,
         targets: &PseudoLabels,
-        centroids: &[f32],
+        centroids: &Centroids,
         checkpoint: &Path,
         on: &mut dyn FnMut(&Progress) -> bool,
     ) -> Result<bool> {
         let k = targets.counts.len();
-        let dim = centroids.len() / k.max(1);
+        if centroids.k() != k {
+            bail!("self-training targets {k} classes, the package has {}", centroids.k());
+        }
         if targets.counts.iter().all(|&c| c == 0) {
             bail!("self-training found no confident pixels to learn from");
         }
-        let mu = Tensor::<2>::from_data(TensorData::new(centroids.to_vec(), [k, dim]), &self.device);
+        let classes = ClassVectors::from_centroids(centroids, &self.device);
         let ws = self.config.balance.weights(&targets.counts);
         let weights = Tensor::<1>::from_data(TensorData::new(ws.clone(), [k]), &self.device);
         let (cw, ch) = targets.cells;
@@ -284,7 +288,7 @@ impl SelfTrainer {
                 let n = keep.len();
                 let rows = Tensor::<1, Int>::from_data(TensorData::new(keep, [n]), &self.device);
                 let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [n]), &self.device);
-                let loss = scaled_cluster_loss(z.select(0, rows), labels, mu.clone(), weights.clone(), self.config.temperature);
+                let loss = scaled_class_loss(z.select(0, rows), labels, &classes, weights.clone(), self.config.temperature);
                 let value: f32 = loss.clone().into_scalar();
                 if !value.is_finite() {
                     bail!("the self-training loss became {value} at epoch {} step {}; lower the learning rate", epoch + 1, b + 1);

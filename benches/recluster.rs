@@ -1,8 +1,10 @@
 //! Re-clustering throughput: images per second of clustering 1,000 images (320x240 JPEGs cut
 //! from the shipped photos) with the shipped model's embedder and input policy, K = 11, the
 //! way a recluster job does it (a seeded sample of at most 500,000 pixel features drawn while
-//! embedding, then spherical k-means), once per embedding plan, side by side in one run: one
-//! image per ONNX Runtime call decoded in turn (before), batches, a decoding thread, both.
+//! embedding, then spherical k-means at 100 merged to 11), once per embedding plan, side by side
+//! in one run: one image per ONNX Runtime call decoded in turn (before), batches, a decoding
+//! thread, both. Then the clustering alone on one sample: merged from 100 against plain k-means
+//! at 11.
 //!
 //!     cargo bench --bench recluster        (needs scripts/setup.sh --no-build first)
 //!
@@ -90,6 +92,18 @@ fn main() -> anyhow::Result<()> {
         if first.is_none() {
             first = Some((secs, m));
         }
+    }
+
+    // The clustering alone, on one sample of the features: the classes as packages make them
+    // (k-means at 100 merged to K) against plain k-means at K, in the same run.
+    let features = picie::train::cluster::embed_sampled(&session, &policy, &paths, MAX_CLUSTER_VECTORS, 0, |_, _| true)?;
+    println!("\nclustering alone, {} features of {} dimensions", features.vectors.len() / features.dim, features.dim);
+    println!("{:<44} {:>10}", "fit", "seconds");
+    for (name, fit) in [("k-means at 11", ClassFit::plain(11, 0)), ("k-means at 100, merged to 11 (the default)", config)] {
+        let t = Instant::now();
+        let (centroids, _) = features.fit(fit, MAX_CLUSTER_VECTORS)?;
+        anyhow::ensure!(centroids.k() == 11, "{name}: {} classes", centroids.k());
+        println!("{name:<44} {:>10.2}", t.elapsed().as_secs_f64());
     }
     Ok(())
 }

@@ -124,7 +124,7 @@ struct TrainCli {
     /// centroids' similarity (0, or not above its K: k-means at K).
     #[arg(long, default_value_t = picie::train::cluster::DEFAULT_OVER_CLUSTER)]
     over_cluster: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = picie::train::picie::TrainConfig::default().epochs)]
     epochs: usize,
     /// Training frame height, and width unless --width is given (square centre crops).
     #[arg(long, default_value_t = 320)]
@@ -167,8 +167,9 @@ struct TrainCli {
     /// Normalise each image's colours before the network, in training and in the written
     /// package's input policy, so exposure and colour cast (dusk against noon) matter less:
     /// none, channels (each channel's mean and spread), luminance (brightness's mean and
-    /// spread) or gain (each channel's mean, by a gain).
-    #[arg(long, value_enum, default_value = "none")]
+    /// spread) or gain (each channel's mean, by a gain). Fine-tuning (--from) keeps the
+    /// package's own.
+    #[arg(long, value_enum, default_value = "luminance")]
     normalize: picie::infer::preprocess::Normalize,
     /// Range of the photometric views' brightness, contrast and saturation factors, 1 +- this
     /// (default 0.3, the authors'): wider asks the embedder to ignore larger exposure changes.

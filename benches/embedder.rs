@@ -163,6 +163,12 @@ fn qualities(seg: &picie::infer::Segmenter, model: &str, photo: &image::RgbImage
         let large = cost(&phone, q, &default, 3);
         println!("{:<10} {:>12.1} {:>10.2} {:>14.1} {:>10.1}", q.as_str(), small, small / fast, large, large / 12.0);
     }
+    // The class scores alone (each class's best similarity over the vectors it holds): what
+    // classes merged from over-clusters add to every quality over one centroid per class.
+    let features = seg.embed(std::slice::from_ref(&frame))?.remove(0);
+    let scoring = time(21, || seg.scores(&features)).0.as_secs_f64() * 1e3;
+    let vectors = seg.package.centroids.over_clusters().unwrap_or(seg.k());
+    println!("class scores alone at 480x360, {} classes from {vectors} vectors: {scoring:.2} ms", seg.k());
     println!("\nrefinement variants at 480x360 (the embedding and assignment included), median of runs");
     println!("{:<40} {:>10} {:>10}", "variant", "ms", "x fast");
     let crf = |c: &str| Refinement { crf: c.parse::<CrfConfig>().unwrap(), ..default };

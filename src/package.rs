@@ -113,6 +113,18 @@ pub struct ClassInfo {
     pub members: Vec<Vec<f32>>,
 }
 
+impl ClassInfo {
+    /// The vectors a pixel's score for the class is its best similarity to: the members, or
+    /// the centroid alone.
+    pub fn vectors(&self) -> &[Vec<f32>] {
+        if self.members.is_empty() {
+            std::slice::from_ref(&self.centroid)
+        } else {
+            &self.members
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Centroids {
     pub dim: usize,

@@ -74,8 +74,6 @@ pub struct EvalArgs {
     pub guided: GuidedConfig,
 }
 
-/// `picie eval`: scores the model (and the baseline) and prints the tables; writes JSON, metrics
-/// and class names where asked.
 /// A result row's name: the model, the quality and, for fresh clusters merged from an
 /// over-clustering, how they were merged. The merge is named only where every seed's fit made
 /// one (`merged_from`): a fit with too few features per over-cluster falls back to k-means at K.
@@ -89,6 +87,8 @@ fn row_label(name: &str, quality: Quality, over: Option<OverCluster>, merged_fro
     }
 }
 
+/// `picie eval`: scores the model (and the baseline) and prints the tables; writes JSON, metrics
+/// and class names where asked.
 pub fn run(e: &EvalArgs) -> Result<()> {
     let pairs = paired_files(&e.images, &e.labels)?;
     let classes = match e.classes {

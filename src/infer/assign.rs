@@ -67,8 +67,7 @@ impl ClassScorer {
         let mut vectors = vec![];
         let mut class_of = vec![];
         for (class, c) in centroids.classes.iter().enumerate() {
-            let own = if c.members.is_empty() { std::slice::from_ref(&c.centroid) } else { &c.members[..] };
-            for v in own {
+            for v in c.vectors() {
                 vectors.extend_from_slice(v);
                 class_of.push(class);
             }

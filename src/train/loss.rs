@@ -5,7 +5,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::package::{Centroids, ClassInfo};
+use crate::package::Centroids;
 
 /// How each cluster's weight follows from its size n_k (N pixels in all).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -86,12 +86,11 @@ impl ClassVectors {
             let k = centroids.k();
             return Self::single(Tensor::from_data(TensorData::new(centroids.matrix(), [k, dim]), device));
         }
-        let own = |c: &ClassInfo| if c.members.is_empty() { std::slice::from_ref(&c.centroid).to_vec() } else { c.members.clone() };
-        let per_class = centroids.classes.iter().map(|c| c.members.len().max(1)).max().unwrap_or(1);
+        let per_class = centroids.classes.iter().map(|c| c.vectors().len()).max().unwrap_or(1);
         let (mut vectors, mut slots) = (vec![], vec![]);
         for class in &centroids.classes {
             let first = vectors.len() / dim;
-            let members = own(class);
+            let members = class.vectors();
             slots.extend((0..per_class).map(|s| (first + s.min(members.len() - 1)) as i64));
             members.iter().for_each(|v| vectors.extend_from_slice(v));
         }
@@ -156,6 +155,7 @@ pub fn head_weights(k1: usize, k2: usize) -> (f32, f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::package::ClassInfo;
 
     /// Nearest centroid of each row (no gradient).
     fn nearest_labels(z: &Tensor<2>, centroids: &Tensor<2>) -> Tensor<1, Int> {

@@ -3,9 +3,10 @@
 //! the labels follow the image's edges), the confident pixels become per-cell targets, and the
 //! embedder is trained with the clustering loss (cross-entropy over -cosine-distance logits)
 //! towards the package's classes, which stay fixed (a class merged from over-clusters by its
-//! nearest member): the result is still features + those classes, and they keep their names. Each step sees a photometric view and a random
-//! crop and flip of the frame, the targets cropped and flipped with it. This is the step U2Seg
-//! and CUPS use to turn cluster labels into a sharper segmenter.
+//! nearest member): the result is still features + those classes, and they keep their names.
+//! Each step sees a photometric view and a random crop and flip of the frame, the targets
+//! cropped and flipped with it. This is the step U2Seg and CUPS use to turn cluster labels into
+//! a sharper segmenter.
 
 use std::path::Path;
 use std::time::Instant;

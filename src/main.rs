@@ -175,6 +175,10 @@ struct TrainCli {
     /// (default 0.3, the authors'): wider asks the embedder to ignore larger exposure changes.
     #[arg(long)]
     jitter: Option<f32>,
+    /// Smallest side of the geometric crop G as a fraction of the frame (0.5: crops of a
+    /// quarter to all of its area; lower zooms in further, so a class is seen at more scales).
+    #[arg(long, default_value_t = picie::train::picie::TrainConfig::default().min_crop)]
+    min_crop: f32,
     /// Checkpoint folder (default: OUT.checkpoint).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
@@ -478,6 +482,7 @@ fn train(t: TrainCli) -> Result<()> {
         fpn_init: t.fpn_init,
         normalize: t.normalize,
         jitter: t.jitter,
+        min_crop: t.min_crop,
         ..TrainConfig::default()
     };
     let init = match t.from {

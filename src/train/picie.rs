@@ -135,6 +135,9 @@ impl TrainConfig {
         if let Some(j) = self.jitter.filter(|j| !(j.is_finite() && *j >= 0.0 && *j < 1.0)) {
             bail!("jitter must be at least 0 and below 1 (got {j})");
         }
+        if !(self.min_crop > 0.0 && self.min_crop <= 1.0) {
+            bail!("min crop must be above 0 and at most 1 (got {})", self.min_crop);
+        }
         self.correspondence.check()?;
         if self.correspondence.pairs_neighbours() && !self.batch.is_multiple_of(2) {
             bail!("nearest-neighbour correspondence pairs need an even batch (got {})", self.batch);
@@ -832,6 +835,23 @@ mod tests {
         assert!(wide.iter().all(|f| (0.4..=1.6).contains(f)) && wide.iter().any(|f| !(0.7..=1.3).contains(f)));
         // Unset, it is not written: checkpoints and manifests read as before.
         assert!(serde_json::to_value(TrainConfig::default()).unwrap().get("jitter").is_none());
+    }
+
+    #[test]
+    fn min_crop_bounds_the_crop_and_is_checked() {
+        for bad in [0.0, -0.5, 1.01, f32::NAN] {
+            assert!(TrainConfig { min_crop: bad, ..TrainConfig::default() }.check().is_err(), "{bad}");
+        }
+        let (_, cells_h) = TrainConfig::default().cells();
+        let heights = |min_crop: f32| -> Vec<usize> {
+            test_trainer(TrainConfig { min_crop, ..TrainConfig::default() }).draws(0, 200).iter().map(|d| d.g.h).collect()
+        };
+        let (half, fifth) = (heights(0.5), heights(0.2));
+        let floor = |f: f32| (cells_h as f32 * f).round() as usize;
+        assert!(half.iter().all(|h| (floor(0.5)..=cells_h).contains(h)));
+        assert!(fifth.iter().all(|h| (floor(0.2)..=cells_h).contains(h)) && fifth.iter().any(|h| *h < floor(0.5)));
+        // 1 keeps the whole frame: only the flip varies.
+        assert!(heights(1.0).iter().all(|h| *h == cells_h));
     }
 
     /// The passes run the epoch's weights through ONNX Runtime on the CPU, and see the features

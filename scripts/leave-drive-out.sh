@@ -89,11 +89,12 @@ score val "$DATA/val/images" "$DATA/val/labels"
 score train-frames "$SPLIT/train-images" "$SPLIT/train-labels"
 
 # The "mean over N k-means seeds" rows of each log, side by side.
+# The label is every field before the three scores ("name [quality]" or "name [quality, 100 by similarity]").
+means() { awk '/^mean over/ {on=1; getline; next} on && NF >= 4 {l=$1; for (i = 2; i <= NF-3; i++) l = l " " $i; printf "%s\t%s / %s / %s\n", l, $(NF-2), $(NF-1), $NF}' "$EVAL/$1.log"; }
+rows=$(paste <(means left-out) <(means val | cut -f2) <(means train-frames | cut -f2))
 {
   echo "left out: $DRIVE; model: $MODEL${BASELINE:+; baseline: $BASELINE}; $SEEDS k-means seeds (pixel acc / mIoU / boundary F)"
-  printf '%-44s | %-21s | %-21s | %-21s\n' "model [quality]" "left-out $DRIVE" "val" "training frames"
-  # The label is every field before the three scores ("name [quality]" or "name [quality, 100 by similarity]").
-  means() { awk '/^mean over/ {on=1; getline; next} on && NF >= 4 {l=$1; for (i = 2; i <= NF-3; i++) l = l " " $i; printf "%s\t%s / %s / %s\n", l, $(NF-2), $(NF-1), $NF}' "$EVAL/$1.log"; }
-  paste <(means left-out) <(means val | cut -f2) <(means train-frames | cut -f2) |
-    awk -F'\t' '{printf "%-44s | %-21s | %-21s | %-21s\n", $1, $2, $3, $4}'
+  # The first column as wide as its longest label, so long run names keep the columns aligned.
+  printf 'model [quality]\tleft-out %s\tval\ttraining frames\n%s\n' "$DRIVE" "$rows" |
+    awk -F'\t' '{l[NR] = $0; if (length($1) > w) w = length($1)} END {for (i = 1; i <= NR; i++) {split(l[i], f, "\t"); printf "%-*s | %-21s | %-21s | %-21s\n", w, f[1], f[2], f[3], f[4]}}'
 } | tee "$EVAL/summary.txt"

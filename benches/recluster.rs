@@ -1,9 +1,9 @@
 //! Re-clustering throughput: images per second of clustering 1,000 images (320x240 JPEGs cut
 //! from the shipped photos) with the shipped model's embedder and input policy, K = 11, the
 //! way a recluster job does it (a seeded sample of at most 500,000 pixel features drawn while
-//! embedding, then spherical k-means at 100 merged to 11), once per embedding plan, side by side
+//! embedding, then spherical k-means at 50 merged to 11), once per embedding plan, side by side
 //! in one run: one image per ONNX Runtime call decoded in turn (before), batches, a decoding
-//! thread, both. Then the clustering alone on one sample: merged from 100 against plain k-means
+//! thread, both. Then the clustering alone on one sample: merged from 50 against plain k-means
 //! at 11.
 //!
 //!     cargo bench --bench recluster        (needs scripts/setup.sh --no-build first)
@@ -95,11 +95,12 @@ fn main() -> anyhow::Result<()> {
     }
 
     // The clustering alone, on one sample of the features: the classes as packages make them
-    // (k-means at 100 merged to K) against plain k-means at K, in the same run.
+    // (over-clustered and merged to K) against plain k-means at K, in the same run.
     let features = picie::train::cluster::embed_sampled(&session, &policy, &paths, MAX_CLUSTER_VECTORS, 0, |_, _| true)?;
     println!("\nclustering alone, {} features of {} dimensions", features.vectors.len() / features.dim, features.dim);
     println!("{:<44} {:>10}", "fit", "seconds");
-    for (name, fit) in [("k-means at 11", ClassFit::plain(11, 0)), ("k-means at 100, merged to 11 (the default)", config)] {
+    let merged = format!("k-means at {}, merged to 11 (the default)", picie::train::cluster::DEFAULT_OVER_CLUSTER);
+    for (name, fit) in [("k-means at 11", ClassFit::plain(11, 0)), (merged.as_str(), config)] {
         let t = Instant::now();
         let (centroids, _) = features.fit(fit, MAX_CLUSTER_VECTORS)?;
         anyhow::ensure!(centroids.k() == 11, "{name}: {} classes", centroids.k());

@@ -173,7 +173,7 @@ pub enum JobSpec {
         #[serde(default)]
         seed: Option<u64>,
         /// The new model's K classes are merged from this many k-means clusters by their
-        /// centroids' similarity (default 100; 0 or at most K: k-means at K).
+        /// centroids' similarity (default 50; 0 or at most K: k-means at K).
         #[serde(default)]
         #[schema(schema_with = over_cluster_schema)]
         over_cluster: Option<usize>,
@@ -228,7 +228,7 @@ pub enum JobSpec {
         #[schema(schema_with = classes_schema)]
         package_k: Option<usize>,
         /// The new model's classes are merged from this many k-means clusters by their
-        /// centroids' similarity (default 100; 0 or at most its K: k-means at K).
+        /// centroids' similarity (default 50; 0 or at most its K: k-means at K).
         #[serde(default)]
         #[schema(schema_with = over_cluster_schema)]
         over_cluster: Option<usize>,

@@ -307,6 +307,15 @@ async fn serve(cfg: picie::server::ServeConfig) -> Result<()> {
 
 fn main() {
     let cli = Cli::parse();
+    // Commands that print end quietly when their reader goes away (`picie openapi | head`), as
+    // Unix tools do, rather than panicking in println!. The server and the health check keep
+    // Rust's ignored SIGPIPE: a peer closing a socket is an error to handle there, not the end.
+    if !matches!(cli.command, Command::Serve(_) | Command::Healthcheck { .. }) {
+        // SAFETY: no other thread runs yet, and SIG_DFL is a valid disposition for SIGPIPE.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // A process that trains keeps freed memory for reuse (see `memory`); set before any thread
     // starts. A server that also serves (`--role all`) keeps glibc's defaults and shrinks back.
     let trains = match &cli.command {

@@ -1,10 +1,10 @@
 //! Re-clustering throughput: images per second of clustering 1,000 images (320x240 JPEGs cut
 //! from the shipped photos) with the shipped model's embedder and input policy, K = 11, the
 //! way a recluster job does it (a seeded sample of at most 500,000 pixel features drawn while
-//! embedding, then spherical k-means at 50 merged to 11), once per embedding plan, side by side
-//! in one run: one image per ONNX Runtime call decoded in turn (before), batches, a decoding
-//! thread, both. Then the clustering alone on one sample: merged from 50 against plain k-means
-//! at 11.
+//! embedding, then spherical k-means at `DEFAULT_OVER_CLUSTER` merged to 11), once per embedding
+//! plan, side by side in one run: one image per ONNX Runtime call decoded in turn (before),
+//! batches, a decoding thread, both. Then the clustering alone on one sample: merged that way
+//! against plain k-means at 11.
 //!
 //!     cargo bench --bench recluster        (needs scripts/setup.sh --no-build first)
 //!

@@ -269,14 +269,23 @@ enum PackageCommand {
     },
     /// Load and validate a package, print its manifest.
     Check { dir: PathBuf },
-    /// A package's trained embedder, with other output settings (hypercolumn features) or the
-    /// same, its classes fit again on --images (e.g. with another --over-cluster).
+    /// A package's trained embedder, with other output settings (hypercolumn features), its
+    /// weights blended toward another package's (--blend-with), or the same, its classes fit
+    /// again on --images (e.g. with another --over-cluster).
     Rebuild {
         #[arg(long)]
         from: PathBuf,
         /// Weight of the backbone's four taps concatenated to the FPN's features (0: none).
         #[arg(long, default_value_t = 0.0)]
         tap_weight: f32,
+        /// Blend the embedder's weights toward this package's (same backbone and input; typically
+        /// the untrained start of the training run, `picie train --epochs 0` with the same
+        /// images, seed and normalisation), by the share --blend.
+        #[arg(long, requires = "blend")]
+        blend_with: Option<PathBuf>,
+        /// Share of the way toward --blend-with: 0 keeps --from's weights, 1 gives --blend-with's.
+        #[arg(long, requires = "blend_with")]
+        blend: Option<f32>,
         #[arg(long)]
         images: PathBuf,
         /// K of the new centroids (default: the source package's).
@@ -388,22 +397,24 @@ fn run(cli: Cli) -> Result<()> {
                 if report.skipped.is_empty() { String::new() } else { format!(", skipped: {}", report.skipped.join(", ")) }
             );
         }
-        Command::Package { command: PackageCommand::Rebuild { from, tap_weight, images, k, seed, over_cluster, out, name, force } } => {
-            let command = std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
-            let mut progress = picie::progress::Reporter::new("package rebuild");
-            let (pkg, report) = picie::train::packaging::rebuild_package(
-                &from,
+        Command::Package {
+            command: PackageCommand::Rebuild { from, tap_weight, blend_with, blend, images, k, seed, over_cluster, out, name, force },
+        } => {
+            let args = picie::train::packaging::RebuildPackage {
+                from,
                 tap_weight,
-                &images,
+                blend: blend_with.zip(blend),
+                images,
                 k,
                 seed,
                 over_cluster,
-                &out,
-                name.as_deref(),
-                force,
-                command,
-                &mut |f, what| progress.update(f, what),
-            )?;
+                out,
+                name,
+                replace: force,
+                command: std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
+            };
+            let mut progress = picie::progress::Reporter::new("package rebuild");
+            let (pkg, report) = picie::train::packaging::rebuild_package(&args, &mut |f, what| progress.update(f, what))?;
             progress.finish();
             println!(
                 "wrote {} (K = {}, {} features per pixel, {} vectors clustered)",

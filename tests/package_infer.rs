@@ -9,7 +9,7 @@ use picie::infer::{decode_image, DecodeError, DeviceChoice, Segmenter};
 use picie::model::BackboneKind;
 use picie::package::{InputPolicy, Package, MANIFEST_FILE, ONNX_FILE};
 use picie::train::fpn_init::FpnInit;
-use picie::train::packaging::{init_package, InitPackage};
+use picie::train::packaging::{init_package, rebuild_package, InitPackage, RebuildPackage};
 
 const K: usize = 5;
 
@@ -28,6 +28,11 @@ fn package_dir() -> &'static Path {
 /// An untrained package of the fixture photos at short side 128, K clusters. The progress it
 /// reports goes forward, names each step and ends at k-means.
 fn init_fixture_package(out: &Path, backbone: BackboneKind, fpn_init: FpnInit) -> Package {
+    init_fixture_package_with(out, backbone, fpn_init, 0, InputPolicy { short_side: 128, ..InputPolicy::default() })
+}
+
+/// [`init_fixture_package`] with another FPN seed or input policy.
+fn init_fixture_package_with(out: &Path, backbone: BackboneKind, fpn_init: FpnInit, seed: u64, policy: InputPolicy) -> Package {
     let mut steps: Vec<(f64, String)> = vec![];
     let weights = match backbone {
         BackboneKind::EfficientnetLite0 => common::lite0_safetensors(),
@@ -40,10 +45,10 @@ fn init_fixture_package(out: &Path, backbone: BackboneKind, fpn_init: FpnInit) -
             backbone_weights: weights.to_path_buf(),
             images: common::root().join("fixtures/images"),
             k: K,
-            seed: 0,
+            seed,
             out: out.to_path_buf(),
             name: "test".into(),
-            policy: InputPolicy { short_side: 128, ..InputPolicy::default() },
+            policy,
             replace: false,
             command: "test".into(),
             fpn_init,
@@ -264,6 +269,67 @@ fn export_command_reproduces_the_package_onnx() {
     let out = dir.path().join("again.onnx");
     picie::package::Package::load(package_dir()).unwrap().export_onnx(&out).unwrap();
     assert_eq!(std::fs::read(out).unwrap(), std::fs::read(package_dir().join(ONNX_FILE)).unwrap());
+}
+
+/// `package rebuild --blend-with`: every weight moves the given share of the way toward the
+/// other package's, the ONNX graph is the blended embedder's, the provenance says so, and what
+/// cannot be blended is refused before anything is written.
+#[test]
+fn rebuild_blends_the_weights_toward_another_package() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = InputPolicy { short_side: 128, ..InputPolicy::default() };
+    let other = dir.path().join("other");
+    init_fixture_package_with(&other, BackboneKind::EfficientnetLite0, FpnInit::Random, 1, policy);
+    let rebuild = |blend: Option<(PathBuf, f32)>, out: &Path| {
+        rebuild_package(
+            &RebuildPackage {
+                from: package_dir().to_path_buf(),
+                tap_weight: 0.0,
+                blend,
+                images: common::root().join("fixtures/images"),
+                k: None,
+                seed: 0,
+                over_cluster: 0,
+                out: out.to_path_buf(),
+                name: None,
+                replace: false,
+                command: "test".into(),
+            },
+            &mut |_, _| {},
+        )
+    };
+    let blended = rebuild(Some((other.clone(), 0.25)), &dir.path().join("blended")).unwrap().0;
+
+    let (from, toward) =
+        (Package::load(package_dir()).unwrap().load_weights().unwrap(), Package::load(&other).unwrap().load_weights().unwrap());
+    let weights = blended.load_weights().unwrap();
+    assert_eq!(weights.len(), from.len());
+    let mut moved = 0;
+    for (name, t) in &weights.tensors {
+        let (a, b) = (&from.tensors[name].data, &toward.tensors[name].data);
+        moved += usize::from(a != b);
+        for ((v, x), y) in t.data.iter().zip(a).zip(b) {
+            assert!((v - (x + 0.25 * (y - x))).abs() <= 1e-6 * (1.0 + x.abs() + y.abs()), "{name}: {v} from {x} toward {y}");
+        }
+    }
+    assert!(moved > 0, "the two packages' laterals differ (seeds 0 and 1)");
+    let onnx = dir.path().join("again.onnx");
+    blended.export_onnx(&onnx).unwrap();
+    assert_eq!(std::fs::read(onnx).unwrap(), std::fs::read(blended.onnx_path()).unwrap());
+    let record = &blended.manifest.provenance.details["blended_with"];
+    assert_eq!(record["share"], serde_json::json!(0.25));
+    assert_eq!(record["package"], serde_json::json!(Package::load(&other).unwrap().version()));
+
+    // A share outside [0, 1], or embedders made for other input, is refused and writes nothing.
+    let refused = dir.path().join("refused");
+    let err = rebuild(Some((other.clone(), 1.5)), &refused).unwrap_err();
+    assert!(err.to_string().contains("[0, 1]"), "{err:#}");
+    let luminance = dir.path().join("luminance");
+    let normalize = picie::infer::preprocess::Normalize::Luminance;
+    init_fixture_package_with(&luminance, BackboneKind::EfficientnetLite0, FpnInit::Random, 1, InputPolicy { normalize, ..policy });
+    let err = rebuild(Some((luminance, 0.5)), &refused).unwrap_err();
+    assert!(err.to_string().contains("same input"), "{err:#}");
+    assert!(!refused.exists());
 }
 
 /// A JPEG with an EXIF APP1 segment carrying `orientation`.

@@ -84,6 +84,31 @@ impl TensorMap {
         }
     }
 
+    /// The weights a share `t` of the way from `self` to `other`, tensor by tensor:
+    /// `self + t * (other - self)`. Both must hold the same names with the same shapes (one
+    /// architecture), as two embedders trained from one start do.
+    pub fn interpolate(&self, other: &TensorMap, t: f32) -> Result<TensorMap> {
+        if !(0.0..=1.0).contains(&t) {
+            bail!("interpolation share must be in [0, 1] (got {t})");
+        }
+        if let Some(name) = other.tensors.keys().find(|k| !self.tensors.contains_key(*k)) {
+            bail!("{} has tensor `{name}` that {} lacks: not the same architecture", other.source, self.source);
+        }
+        let mut out = TensorMap::new(format!("{} + {t} * ({} - {})", self.source, other.source, self.source));
+        for (name, a) in &self.tensors {
+            let b = other
+                .tensors
+                .get(name)
+                .ok_or_else(|| anyhow!("{} has tensor `{name}` that {} lacks: not the same architecture", self.source, other.source))?;
+            if a.shape != b.shape {
+                bail!("tensor `{name}` has shape {:?} in {} and {:?} in {}", a.shape, self.source, b.shape, other.source);
+            }
+            let data = a.data.iter().zip(&b.data).map(|(x, y)| x + t * (y - x)).collect();
+            out.insert(name.clone(), NamedTensor::new(a.shape.clone(), data));
+        }
+        Ok(out)
+    }
+
     pub fn load_safetensors(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_safetensors_bytes(&bytes, &path.display().to_string())
@@ -130,4 +155,43 @@ fn bytes_to_f32(dtype: safetensors::Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
         Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         other => bail!("unsupported dtype {other:?} (expected a floating-point tensor)"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(source: &str, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> TensorMap {
+        let mut m = TensorMap::new(source);
+        for (name, shape, data) in tensors {
+            m.insert(*name, NamedTensor::new(shape.clone(), data.clone()));
+        }
+        m
+    }
+
+    #[test]
+    fn interpolate_moves_every_tensor_the_same_share() {
+        let a = map("a", &[("w", vec![2], vec![0.0, 4.0]), ("b", vec![1], vec![1.0])]);
+        let b = map("b", &[("w", vec![2], vec![2.0, 0.0]), ("b", vec![1], vec![3.0])]);
+        let mid = a.interpolate(&b, 0.25).unwrap();
+        assert_eq!(mid.tensors["w"].data, vec![0.5, 3.0]);
+        assert_eq!(mid.tensors["b"].data, vec![1.5]);
+        assert_eq!(a.interpolate(&b, 0.0).unwrap().tensors, a.tensors);
+        assert_eq!(a.interpolate(&b, 1.0).unwrap().tensors, b.tensors);
+    }
+
+    #[test]
+    fn interpolate_refuses_other_architectures_and_shares() {
+        let a = map("a", &[("w", vec![2], vec![0.0, 4.0])]);
+        let reshaped = map("r", &[("w", vec![1, 2], vec![0.0, 4.0])]);
+        let renamed = map("n", &[("v", vec![2], vec![0.0, 4.0])]);
+        let extra = map("e", &[("w", vec![2], vec![0.0, 4.0]), ("x", vec![1], vec![0.0])]);
+        assert!(a.interpolate(&reshaped, 0.5).unwrap_err().to_string().contains("shape"));
+        assert!(a.interpolate(&renamed, 0.5).unwrap_err().to_string().contains("lacks"));
+        assert!(a.interpolate(&extra, 0.5).unwrap_err().to_string().contains("`x`"));
+        assert!(extra.interpolate(&a, 0.5).unwrap_err().to_string().contains("`x`"));
+        for t in [-0.1, 1.5, f32::NAN] {
+            assert!(a.interpolate(&a, t).is_err(), "{t}");
+        }
+    }
 }

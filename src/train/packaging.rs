@@ -192,46 +192,95 @@ fn record_fit(provenance: &mut Provenance, fit: ClassFit, centroids: &crate::pac
     };
 }
 
-/// `picie package rebuild`: a package's embedder with `tap_weight` (hypercolumn output, see
-/// [`EmbedderConfig::tap_weight`]), exported again and its centroids clustered on `images`.
-#[allow(clippy::too_many_arguments)]
-pub fn rebuild_package(
-    from: &Path,
-    tap_weight: f32,
-    images: &Path,
-    k: Option<usize>,
-    seed: u64,
-    over_cluster: usize,
-    out: &Path,
-    name: Option<&str>,
-    replace: bool,
-    command: String,
-    progress: PackagingProgress<'_>,
-) -> Result<(Package, ClusterReport)> {
+/// `picie package rebuild`: what to make of a package's embedder.
+pub struct RebuildPackage {
+    pub from: PathBuf,
+    /// Hypercolumn output, see [`EmbedderConfig::tap_weight`] (0: the FPN's features alone).
+    pub tap_weight: f32,
+    /// Another package of the same architecture (typically the untrained start the source was
+    /// trained from) and the share of the way the weights move toward it: `(1 - share) * from +
+    /// share * other`, tensor by tensor (weight-space ensembling, as WiSE-FT blends a
+    /// fine-tuned model with its start).
+    pub blend: Option<(PathBuf, f32)>,
+    pub images: PathBuf,
+    /// K of the new centroids (None: the source package's).
+    pub k: Option<usize>,
+    pub seed: u64,
+    pub over_cluster: usize,
+    pub out: PathBuf,
+    /// Name of the new package (None: the source's).
+    pub name: Option<String>,
+    pub replace: bool,
+    pub command: String,
+}
+
+/// `picie package rebuild`: a package's embedder, with another output (`tap_weight`) or its
+/// weights blended toward another package's, exported again and its centroids clustered on
+/// `images`.
+pub fn rebuild_package(args: &RebuildPackage, progress: PackagingProgress<'_>) -> Result<(Package, ClusterReport)> {
+    let tap_weight = args.tap_weight;
     if !(tap_weight >= 0.0 && tap_weight.is_finite()) {
         bail!("--tap-weight must be 0 or more (got {tap_weight})");
     }
-    let source = Package::load(from)?;
+    let source = Package::load(&args.from)?;
     let config = EmbedderConfig { tap_weight, ..source.manifest.embedder };
-    let embedder = Embedder::load(config, &source.load_weights()?, &cpu_device())?;
-    let paths = list_images(images)?;
+    let mut weights = source.load_weights()?;
     let p = &source.manifest.provenance;
     let mut details = p.details.clone();
     details.insert("rebuilt_from".into(), serde_json::json!(source.version()));
+    details.remove("blended_with");
+    if let Some((other_dir, share)) = &args.blend {
+        if !(0.0..=1.0).contains(share) {
+            bail!("--blend must be in [0, 1] (got {share})");
+        }
+        let other = Package::load(other_dir)?;
+        let (a, b) = (&source.manifest, &other.manifest);
+        if (a.embedder.backbone, a.embedder.dim) != (b.embedder.backbone, b.embedder.dim) {
+            bail!(
+                "{} ({:?}, {} dims) and {} ({:?}, {} dims) are not the same architecture",
+                args.from.display(),
+                a.embedder.backbone,
+                a.embedder.dim,
+                other_dir.display(),
+                b.embedder.backbone,
+                b.embedder.dim
+            );
+        }
+        if a.input.normalize != b.input.normalize {
+            // The two embedders were made for differently prepared images; a blend serves neither.
+            bail!(
+                "{} normalises its input as {:?} and {} as {:?}: blend embedders made for the same input",
+                args.from.display(),
+                a.input.normalize,
+                other_dir.display(),
+                b.input.normalize
+            );
+        }
+        weights = weights.interpolate(&other.load_weights()?, *share)?;
+        details.insert("blended_with".into(), serde_json::json!({ "package": other.version(), "share": share }));
+    }
+    let embedder = Embedder::load(config, &weights, &cpu_device())?;
+    let paths = list_images(&args.images)?;
     let provenance = Provenance {
         created_at: crate::package::now_rfc3339(),
         picie_version: env!("CARGO_PKG_VERSION").into(),
-        command,
+        command: args.command.clone(),
         backbone_weights: p.backbone_weights.clone(),
         trained: p.trained,
         parent: Some(source.version()),
         job: None,
         details,
     };
-    let name = name.unwrap_or(&source.manifest.name).to_string();
-    let target = PackageTarget { out, name: &name, policy: source.manifest.input, replace, sessions: SessionSettings::default() };
+    let name = args.name.clone().unwrap_or_else(|| source.manifest.name.clone());
+    let target = PackageTarget {
+        out: &args.out,
+        name: &name,
+        policy: source.manifest.input,
+        replace: args.replace,
+        sessions: SessionSettings::default(),
+    };
     progress(EMBEDDING_SHARE.0, "exporting the embedder");
-    let fit = ClassFit::with_over_cluster(k.unwrap_or(source.manifest.k), seed, over_cluster);
+    let fit = ClassFit::with_over_cluster(args.k.unwrap_or(source.manifest.k), args.seed, args.over_cluster);
     package_from_embedder(&embedder, config, &paths, fit, provenance, &target, &mut embedding_progress(progress))
 }
 

@@ -278,9 +278,9 @@ enum PackageCommand {
         /// Weight of the backbone's four taps concatenated to the FPN's features (0: none).
         #[arg(long, default_value_t = 0.0)]
         tap_weight: f32,
-        /// Blend the embedder's weights toward this package's (same backbone and input; typically
-        /// the untrained start of the training run, `picie train --epochs 0` with the same
-        /// images, seed and normalisation), by the share --blend.
+        /// Blend the embedder's weights toward this package's, by the share --blend (same
+        /// backbone and input; another training run from the same start: the same images,
+        /// backbone and --normalize, any --seed; --blend 0.5 averages the two, a model soup).
         #[arg(long, requires = "blend")]
         blend_with: Option<PathBuf>,
         /// Share of the way toward --blend-with: 0 keeps --from's weights, 1 gives --blend-with's.

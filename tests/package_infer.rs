@@ -271,6 +271,25 @@ fn export_command_reproduces_the_package_onnx() {
     assert_eq!(std::fs::read(out).unwrap(), std::fs::read(package_dir().join(ONNX_FILE)).unwrap());
 }
 
+/// `picie package rebuild` of `from` on the fixture photos, K and seed as they were, blended
+/// toward another package where `blend` says.
+fn rebuild(from: &Path, blend: Option<(PathBuf, f32)>, out: &Path) -> anyhow::Result<Package> {
+    let args = RebuildPackage {
+        from: from.to_path_buf(),
+        tap_weight: 0.0,
+        blend,
+        images: common::root().join("fixtures/images"),
+        k: None,
+        seed: 0,
+        over_cluster: 0,
+        out: out.to_path_buf(),
+        name: None,
+        replace: false,
+        command: "test".into(),
+    };
+    Ok(rebuild_package(&args, &mut |_, _| {})?.0)
+}
+
 /// `package rebuild --blend-with`: every weight moves the given share of the way toward the
 /// other package's, the ONNX graph is the blended embedder's, the provenance says so, and what
 /// cannot be blended is refused before anything is written.
@@ -280,25 +299,7 @@ fn rebuild_blends_the_weights_toward_another_package() {
     let policy = InputPolicy { short_side: 128, ..InputPolicy::default() };
     let other = dir.path().join("other");
     init_fixture_package_with(&other, BackboneKind::EfficientnetLite0, FpnInit::Random, 1, policy);
-    let rebuild = |blend: Option<(PathBuf, f32)>, out: &Path| {
-        rebuild_package(
-            &RebuildPackage {
-                from: package_dir().to_path_buf(),
-                tap_weight: 0.0,
-                blend,
-                images: common::root().join("fixtures/images"),
-                k: None,
-                seed: 0,
-                over_cluster: 0,
-                out: out.to_path_buf(),
-                name: None,
-                replace: false,
-                command: "test".into(),
-            },
-            &mut |_, _| {},
-        )
-    };
-    let blended = rebuild(Some((other.clone(), 0.25)), &dir.path().join("blended")).unwrap().0;
+    let blended = rebuild(package_dir(), Some((other.clone(), 0.25)), &dir.path().join("blended")).unwrap();
 
     let (from, toward) =
         (Package::load(package_dir()).unwrap().load_weights().unwrap(), Package::load(&other).unwrap().load_weights().unwrap());
@@ -320,14 +321,22 @@ fn rebuild_blends_the_weights_toward_another_package() {
     assert_eq!(record["share"], serde_json::json!(0.25));
     assert_eq!(record["package"], serde_json::json!(Package::load(&other).unwrap().version()));
 
+    // Blended again (a soup of three), the record keeps the earlier blend inside the new one;
+    // rebuilt without a blend, the record stays (the weights are still the blend).
+    let three = rebuild(&blended.dir, Some((package_dir().to_path_buf(), 1.0 / 3.0)), &dir.path().join("three")).unwrap();
+    let record = &three.manifest.provenance.details["blended_with"];
+    assert_eq!(record["earlier"]["share"], serde_json::json!(0.25));
+    let kept = rebuild(&three.dir, None, &dir.path().join("kept")).unwrap();
+    assert_eq!(&kept.manifest.provenance.details["blended_with"], record);
+
     // A share outside [0, 1], or embedders made for other input, is refused and writes nothing.
     let refused = dir.path().join("refused");
-    let err = rebuild(Some((other.clone(), 1.5)), &refused).unwrap_err();
+    let err = rebuild(package_dir(), Some((other.clone(), 1.5)), &refused).unwrap_err();
     assert!(err.to_string().contains("[0, 1]"), "{err:#}");
     let luminance = dir.path().join("luminance");
     let normalize = picie::infer::preprocess::Normalize::Luminance;
     init_fixture_package_with(&luminance, BackboneKind::EfficientnetLite0, FpnInit::Random, 1, InputPolicy { normalize, ..policy });
-    let err = rebuild(Some((luminance, 0.5)), &refused).unwrap_err();
+    let err = rebuild(package_dir(), Some((luminance, 0.5)), &refused).unwrap_err();
     assert!(err.to_string().contains("same input"), "{err:#}");
     assert!(!refused.exists());
 }

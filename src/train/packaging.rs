@@ -197,10 +197,10 @@ pub struct RebuildPackage {
     pub from: PathBuf,
     /// Hypercolumn output, see [`EmbedderConfig::tap_weight`] (0: the FPN's features alone).
     pub tap_weight: f32,
-    /// Another package of the same architecture (typically the untrained start the source was
-    /// trained from) and the share of the way the weights move toward it: `(1 - share) * from +
-    /// share * other`, tensor by tensor (weight-space ensembling, as WiSE-FT blends a
-    /// fine-tuned model with its start).
+    /// Another package of the same architecture and input and the share of the way the weights
+    /// move toward it: `(1 - share) * from + share * other`, tensor by tensor. With another
+    /// training run from the same start at 0.5, the two runs' average (a model soup); with the
+    /// untrained start, WiSE-FT's blend of a fine-tuned model with its start.
     pub blend: Option<(PathBuf, f32)>,
     pub images: PathBuf,
     /// K of the new centroids (None: the source package's).
@@ -228,7 +228,6 @@ pub fn rebuild_package(args: &RebuildPackage, progress: PackagingProgress<'_>) -
     let p = &source.manifest.provenance;
     let mut details = p.details.clone();
     details.insert("rebuilt_from".into(), serde_json::json!(source.version()));
-    details.remove("blended_with");
     if let Some((other_dir, share)) = &args.blend {
         if !(0.0..=1.0).contains(share) {
             bail!("--blend must be in [0, 1] (got {share})");
@@ -257,7 +256,12 @@ pub fn rebuild_package(args: &RebuildPackage, progress: PackagingProgress<'_>) -
             );
         }
         weights = weights.interpolate(&other.load_weights()?, *share)?;
-        details.insert("blended_with".into(), serde_json::json!({ "package": other.version(), "share": share }));
+        // A blend of a blend (a soup of three) keeps the record of the earlier one inside.
+        let mut record = serde_json::json!({ "package": other.version(), "share": share });
+        if let Some(earlier) = details.remove("blended_with") {
+            record["earlier"] = earlier;
+        }
+        details.insert("blended_with".into(), record);
     }
     let embedder = Embedder::load(config, &weights, &cpu_device())?;
     let paths = list_images(&args.images)?;

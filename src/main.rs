@@ -308,6 +308,11 @@ enum PackageCommand {
     },
 }
 
+/// This run's command line as a package's provenance records it (`picie ...`).
+fn invocation() -> String {
+    std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ")
+}
+
 /// The server on Tokio's multi-threaded runtime.
 #[tokio::main]
 async fn serve(cfg: picie::server::ServeConfig) -> Result<()> {
@@ -382,7 +387,7 @@ fn run(cli: Cli) -> Result<()> {
                 name,
                 policy: InputPolicy { short_side, normalize, ..InputPolicy::default() },
                 replace: force,
-                command: std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
+                command: invocation(),
                 fpn_init,
             };
             let mut progress = picie::progress::Reporter::new("package init");
@@ -411,7 +416,7 @@ fn run(cli: Cli) -> Result<()> {
                 out,
                 name,
                 replace: force,
-                command: std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
+                command: invocation(),
             };
             let mut progress = picie::progress::Reporter::new("package rebuild");
             let (pkg, report) = picie::train::packaging::rebuild_package(&args, &mut |f, what| progress.update(f, what))?;
@@ -523,7 +528,7 @@ fn train(t: TrainCli) -> Result<()> {
         resume: t.resume,
         name: t.name,
         replace: t.force,
-        command: std::iter::once("picie".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
+        command: invocation(),
         self_train: (t.self_train_epochs > 0).then(|| picie::train::selftrain::SelfTrainConfig {
             epochs: t.self_train_epochs,
             lr: t.self_train_lr,

@@ -229,9 +229,6 @@ pub fn rebuild_package(args: &RebuildPackage, progress: PackagingProgress<'_>) -
     let mut details = p.details.clone();
     details.insert("rebuilt_from".into(), serde_json::json!(source.version()));
     if let Some((other_dir, share)) = &args.blend {
-        if !(0.0..=1.0).contains(share) {
-            bail!("--blend must be in [0, 1] (got {share})");
-        }
         let other = Package::load(other_dir)?;
         let (a, b) = (&source.manifest, &other.manifest);
         if (a.embedder.backbone, a.embedder.dim) != (b.embedder.backbone, b.embedder.dim) {

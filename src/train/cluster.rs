@@ -142,7 +142,7 @@ impl ImageFeatures {
         let mut sizes = vec![0u64; over.k];
         labels.iter().for_each(|&l| sizes[l as usize] += 1);
         let affinity = match over.merge {
-            MergeBy::Similarity | MergeBy::Ward => Affinity::centroids(over.merge, &km.centroids, dim, &sizes)?,
+            MergeBy::Similarity | MergeBy::Average | MergeBy::Complete | MergeBy::Ward => Affinity::centroids(over.merge, &km.centroids, dim, &sizes)?,
             MergeBy::Cooccurrence => {
                 if self.shapes.iter().map(|(w, h)| w * h).sum::<usize>() != labels.len() {
                     bail!("merging by co-occurrence needs every cell of the images as maps");

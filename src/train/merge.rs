@@ -15,6 +15,14 @@ use anyhow::{bail, Result};
 pub enum MergeBy {
     /// Average cosine similarity of the groups' centroids, each weighted by its pixels.
     Similarity,
+    /// Average cosine similarity of the groups' centroids, each centroid counted once whatever
+    /// its pixels (average linkage), so a large class's many clusters do not outweigh a small
+    /// one's few.
+    Average,
+    /// The least cosine similarity between a centroid of one group and one of the other
+    /// (complete linkage): a group joins another only if all their centroids are alike, which
+    /// keeps groups compact.
+    Complete,
     /// Ward's criterion: the pair whose joining adds the least to the pixels' squared distance
     /// from their group's mean centroid, which keeps groups of like size (k-means' objective,
     /// bottom-up).
@@ -112,6 +120,10 @@ impl Affinity {
                     return sum(g, h, &|_| 1.0) / (g.len() * h.len()) as f64;
                 }
                 sum(g, h, &weight) / (wg * wh)
+            }
+            MergeBy::Average => sum(g, h, &|_| 1.0) / (g.len() * h.len()) as f64,
+            MergeBy::Complete => {
+                g.iter().flat_map(|&i| h.iter().map(move |&j| self.pairs[i * n + j])).fold(f64::INFINITY, f64::min)
             }
             MergeBy::Ward => {
                 // With group means m = sum(n_i c_i) / N: N_g N_h / (N_g + N_h) |m_g - m_h|^2,
@@ -216,6 +228,23 @@ mod tests {
         assert_eq!(Affinity::centroids(MergeBy::Ward, &flat, 2, &sizes).unwrap().merge(2).unwrap(), vec![0, 1, 1]);
         assert_eq!(Affinity::centroids(MergeBy::Similarity, &flat, 2, &sizes).unwrap().merge(2).unwrap(), vec![0, 0, 1]);
         assert!(Affinity::centroids(MergeBy::Cooccurrence, &flat, 2, &sizes).is_err());
+    }
+
+    #[test]
+    fn complete_linkage_keeps_groups_compact() {
+        // A chain at 0, 18, 40 and 75 degrees; 0 and 18 join first under every linkage. Average
+        // linkage then adds 40 to them (mean of cos 40 and cos 22 beats cos 35); complete linkage
+        // joins 40 with 75, as 40 is 40 degrees from 0.
+        let at = |deg: f32| vec![deg.to_radians().cos(), deg.to_radians().sin()];
+        let flat: Vec<f32> = [at(0.0), at(18.0), at(40.0), at(75.0)].concat();
+        let merge = |by, sizes: &[u64]| Affinity::centroids(by, &flat, 2, sizes).unwrap().merge(2).unwrap();
+        assert_eq!(merge(MergeBy::Average, &[1, 1, 1, 1]), vec![0, 0, 0, 1]);
+        assert_eq!(merge(MergeBy::Complete, &[1, 1, 1, 1]), vec![0, 0, 1, 1]);
+        // Sizes move the pixel-weighted similarity and neither linkage: with 0 heavy, {0, 18}
+        // is 40 degrees from 40 by weight, further than 75 is.
+        assert_eq!(merge(MergeBy::Average, &[1000, 1, 1, 1000]), vec![0, 0, 0, 1]);
+        assert_eq!(merge(MergeBy::Complete, &[1000, 1, 1, 1000]), vec![0, 0, 1, 1]);
+        assert_eq!(merge(MergeBy::Similarity, &[1000, 1, 1, 1000]), vec![0, 0, 1, 1]);
     }
 
     #[test]

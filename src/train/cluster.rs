@@ -142,7 +142,6 @@ impl ImageFeatures {
         let mut sizes = vec![0u64; over.k];
         labels.iter().for_each(|&l| sizes[l as usize] += 1);
         let affinity = match over.merge {
-            MergeBy::Similarity | MergeBy::Average | MergeBy::Complete | MergeBy::Ward => Affinity::centroids(over.merge, &km.centroids, dim, &sizes)?,
             MergeBy::Cooccurrence => {
                 if self.shapes.iter().map(|(w, h)| w * h).sum::<usize>() != labels.len() {
                     bail!("merging by co-occurrence needs every cell of the images as maps");
@@ -154,6 +153,7 @@ impl ImageFeatures {
                 });
                 Affinity::cooccurrence(over.k, maps)?
             }
+            by => Affinity::centroids(by, &km.centroids, dim, &sizes)?,
         };
         let groups = affinity.merge(config.k())?;
         Ok((Centroids::merged(dim, km.centroid_rows(), &sizes, &groups)?, vectors.len() / dim))

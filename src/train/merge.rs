@@ -15,9 +15,8 @@ use anyhow::{bail, Result};
 pub enum MergeBy {
     /// Average cosine similarity of the groups' centroids, each weighted by its pixels.
     Similarity,
-    /// Average cosine similarity of the groups' centroids, each centroid counted once whatever
-    /// its pixels (average linkage), so a large class's many clusters do not outweigh a small
-    /// one's few.
+    /// Average cosine similarity of the groups' centroids, each counted once whatever its pixels
+    /// (average linkage): a cluster of many pixels weighs no more in a group than one of few.
     Average,
     /// The least cosine similarity between a centroid of one group and one of the other
     /// (complete linkage): a group joins another only if all their centroids are alike, which
@@ -122,9 +121,7 @@ impl Affinity {
                 sum(g, h, &weight) / (wg * wh)
             }
             MergeBy::Average => sum(g, h, &|_| 1.0) / (g.len() * h.len()) as f64,
-            MergeBy::Complete => {
-                g.iter().flat_map(|&i| h.iter().map(move |&j| self.pairs[i * n + j])).fold(f64::INFINITY, f64::min)
-            }
+            MergeBy::Complete => g.iter().flat_map(|&i| h.iter().map(move |&j| self.pairs[i * n + j])).fold(f64::INFINITY, f64::min),
             MergeBy::Ward => {
                 // With group means m = sum(n_i c_i) / N: N_g N_h / (N_g + N_h) |m_g - m_h|^2,
                 // from the centroids' dot products alone. Empty clusters weigh nothing and join

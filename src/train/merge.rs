@@ -110,17 +110,18 @@ impl Affinity {
         let sum = |a: &[usize], b: &[usize], w: &dyn Fn(usize) -> f64| -> f64 {
             a.iter().flat_map(|&i| b.iter().map(move |&j| (i, j))).map(|(i, j)| w(i) * w(j) * self.pairs[i * n + j]).sum()
         };
+        let average = || sum(g, h, &|_| 1.0) / (g.len() * h.len()) as f64;
         match self.by {
             MergeBy::Similarity => {
                 let weight = |i: usize| self.sizes[i];
                 let (wg, wh): (f64, f64) = (g.iter().map(|&i| weight(i)).sum(), h.iter().map(|&i| weight(i)).sum());
                 if wg <= 0.0 || wh <= 0.0 {
-                    // An empty cluster joins whatever its centroid is closest to.
-                    return sum(g, h, &|_| 1.0) / (g.len() * h.len()) as f64;
+                    // An empty cluster joins whatever its centroid is closest to: average linkage.
+                    return average();
                 }
                 sum(g, h, &weight) / (wg * wh)
             }
-            MergeBy::Average => sum(g, h, &|_| 1.0) / (g.len() * h.len()) as f64,
+            MergeBy::Average => average(),
             MergeBy::Complete => g.iter().flat_map(|&i| h.iter().map(move |&j| self.pairs[i * n + j])).fold(f64::INFINITY, f64::min),
             MergeBy::Ward => {
                 // With group means m = sum(n_i c_i) / N: N_g N_h / (N_g + N_h) |m_g - m_h|^2,

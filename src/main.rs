@@ -518,7 +518,7 @@ fn train(t: TrainCli) -> Result<()> {
         }
     };
     let args = TrainArgs {
-        checkpoint: t.checkpoint.unwrap_or_else(|| t.out.with_extension("checkpoint")),
+        checkpoint: t.checkpoint.unwrap_or_else(|| picie::train::pipeline::default_checkpoint(&t.out)),
         images: picie::train::cluster::list_images(&t.images)?,
         out: t.out,
         init,

@@ -59,6 +59,14 @@ pub fn snapshot_path(out: &Path, epoch: usize) -> PathBuf {
     out.with_file_name(format!("{name}-e{epoch}"))
 }
 
+/// Where a run writing `out` keeps its checkpoint unless told otherwise: `OUT.checkpoint` beside
+/// it, the suffix added to the whole name rather than in place of an extension, so that runs
+/// named `lr0.1` and `lr0.3` do not share `lr0.checkpoint` (and resume each other's state).
+pub fn default_checkpoint(out: &Path) -> PathBuf {
+    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("package");
+    out.with_file_name(format!("{name}.checkpoint"))
+}
+
 /// `picie train`: PiCIE on the images, then a package clustered with the trained embedder.
 /// Returns None when `on` stopped it (the last epoch's checkpoint is kept).
 pub fn train(args: &TrainArgs, on: &mut dyn FnMut(&super::picie::Progress) -> bool) -> Result<Option<(Package, ClusterReport)>> {
@@ -212,4 +220,17 @@ pub fn train_with(
     let pkg =
         Package::write(&args.out, PackageContents { manifest, onnx: &onnx, weights: &tensors, centroids: &stage.centroids }, args.replace)?;
     Ok(Some((pkg, report)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_and_snapshots_keep_the_whole_package_name() {
+        assert_eq!(default_checkpoint(Path::new("runs/recipe")), Path::new("runs/recipe.checkpoint"));
+        assert_eq!(default_checkpoint(Path::new("runs/lr0.1")), Path::new("runs/lr0.1.checkpoint"));
+        assert_ne!(default_checkpoint(Path::new("runs/lr0.1")), default_checkpoint(Path::new("runs/lr0.3")));
+        assert_eq!(snapshot_path(Path::new("runs/lr0.1"), 2), Path::new("runs/lr0.1-e2"));
+    }
 }

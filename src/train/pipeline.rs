@@ -55,16 +55,20 @@ pub const SELF_TRAIN_CHECKPOINT: &str = "selftrain";
 
 /// Where a snapshot of `out` after `epoch` epochs goes: `OUT-eN` beside it.
 pub fn snapshot_path(out: &Path, epoch: usize) -> PathBuf {
-    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("package");
-    out.with_file_name(format!("{name}-e{epoch}"))
+    beside(out, &format!("-e{epoch}"))
 }
 
 /// Where a run writing `out` keeps its checkpoint unless told otherwise: `OUT.checkpoint` beside
-/// it, the suffix added to the whole name rather than in place of an extension, so that runs
-/// named `lr0.1` and `lr0.3` do not share `lr0.checkpoint` (and resume each other's state).
+/// it, so that runs named `lr0.1` and `lr0.3` do not share `lr0.checkpoint` (and resume each
+/// other's state).
 pub fn default_checkpoint(out: &Path) -> PathBuf {
+    beside(out, ".checkpoint")
+}
+
+/// `out`'s sibling named its whole name and `suffix`: appended, never in place of an extension.
+fn beside(out: &Path, suffix: &str) -> PathBuf {
     let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("package");
-    out.with_file_name(format!("{name}.checkpoint"))
+    out.with_file_name(format!("{name}{suffix}"))
 }
 
 /// `picie train`: PiCIE on the images, then a package clustered with the trained embedder.
